@@ -1,0 +1,135 @@
+"""Conversion profiles: one declarative TOML file per source dataset (see conversion/ and docs/conversion.md)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "conversion"
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used, with the reason."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    class_names: tuple[str, ...]
+    label_patterns: tuple[str, ...]
+    value_map: dict[int, int]
+    name_map: dict[str, int]
+    unmapped: str
+    keep_classes: tuple[int, ...]
+    margin: int
+    split_sizes: dict[str, int]
+    layout: str = "case_folders"
+    image_dirs: tuple[str, ...] = ()
+    label_dirs: tuple[str, ...] = ()
+    source_text: str = field(default="", repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source_text.encode()).hexdigest()
+
+    def is_label_file(self, file_name: str) -> bool:
+        lowered = file_name.lower()
+        return any(fnmatch.fnmatch(lowered, p.lower()) for p in self.label_patterns)
+
+    def class_of(self, raw_value: int, description_names: dict[int, str] | None = None) -> int | None:
+        """Class index for a raw label value, by value first, then by the label description's name."""
+        if raw_value in self.value_map:
+            return self.value_map[raw_value]
+        name = (description_names or {}).get(raw_value)
+        if name is not None:
+            lowered = name.lower()
+            for key, cls in self.name_map.items():
+                if key in lowered:
+                    return cls
+        if self.unmapped == "background":
+            return 0
+        return None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "toml": self.source_text}
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a profile by name (a file in conversion/) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise ProfileError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
+    if not path.is_file():
+        raise ProfileError(f"profile file {path} does not exist")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ProfileError(f"profile {path.name}: invalid TOML ({err})") from None
+    return parse_profile(raw, text, path.name)
+
+
+def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profile:
+    def need(section: str, key: str):
+        try:
+            return raw[section][key]
+        except KeyError:
+            raise ProfileError(f"profile {origin}: missing [{section}] {key}") from None
+
+    class_names = tuple(str(n) for n in need("classes", "names"))
+    if len(class_names) < 2 or class_names[0].lower() != "background":
+        raise ProfileError(f"profile {origin}: [classes] names must start with 'background' and name at least one class")
+    labels = raw.get("labels", {})
+    value_map = {int(k): int(v) for k, v in labels.get("values", {}).items()}
+    name_map = {str(k).lower(): int(v) for k, v in labels.get("names", {}).items()}
+    for cls in [*value_map.values(), *name_map.values()]:
+        if not 0 <= cls < len(class_names):
+            raise ProfileError(f"profile {origin}: class index {cls} outside 0..{len(class_names) - 1}")
+    unmapped = labels.get("unmapped", "error")
+    if unmapped not in ("error", "background"):
+        raise ProfileError(f"profile {origin}: [labels] unmapped must be 'error' or 'background', not {unmapped!r}")
+    keep = tuple(int(c) for c in raw.get("slices", {}).get("keep_classes", range(1, len(class_names))))
+    if not keep or any(not 1 <= c < len(class_names) for c in keep):
+        raise ProfileError(f"profile {origin}: [slices] keep_classes must name foreground classes")
+    split = {str(k): int(v) for k, v in raw.get("split", {"train": 4, "test": 1}).items()}
+    if not split or any(v < 0 for v in split.values()) or sum(split.values()) == 0:
+        raise ProfileError(f"profile {origin}: [split] sizes must be non-negative and not all zero")
+    layout = raw.get("layout", {})
+    kind = layout.get("kind", "case_folders")
+    if kind not in ("case_folders", "paired_folders"):
+        raise ProfileError(f"profile {origin}: [layout] kind must be 'case_folders' or 'paired_folders'")
+    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)  # noqa: E731
+    return Profile(
+        name=str(raw.get("name", Path(origin).stem)),
+        description=str(raw.get("description", "")),
+        class_names=class_names,
+        label_patterns=as_tuple(labels.get("patterns", ["*seg*", "*label*"])),
+        value_map=value_map,
+        name_map=name_map,
+        unmapped=unmapped,
+        keep_classes=keep,
+        margin=int(raw.get("slices", {}).get("margin", 0)),
+        split_sizes=split,
+        layout=kind,
+        image_dirs=as_tuple(layout.get("images", ())),
+        label_dirs=as_tuple(layout.get("labels", ())),
+        source_text=text,
+    )

@@ -1,0 +1,249 @@
+"""Slice storage: one group per case (zarr v3 with sharding, or HDF5) and one reader for both.
+
+Physical layout under a converted folder (see docs/format.md):
+
+    slices.zarr/<case_id>/{image,label}   zarr v3 arrays, one slice per chunk, one shard per case
+    slices_h5/<case_id>.h5:{image,label}  HDF5 datasets, one slice per chunk
+
+``image`` is int16 HU with shape (n, H, W), ``label`` uint8 with the same shape; ``n`` counts the kept
+axial slices of the case in the canonical orientation (row 0 = patient anterior, column 0 = patient right).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "care-slices"
+FORMAT_VERSION = "1.0"
+STORAGE_FORMATS = ("zarr", "h5")
+ZARR_DIR = "slices.zarr"
+H5_DIR = "slices_h5"
+TMP_DIR = ".tmp"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as sorted, indented JSON through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def content_checksum(image: np.ndarray, label: np.ndarray) -> str:
+    """SHA-256 of the arrays' C-order bytes (image then label): identical for zarr and HDF5 copies."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(image).tobytes())
+    digest.update(np.ascontiguousarray(label).tobytes())
+    return digest.hexdigest()
+
+
+def _case_path(root: Path, storage: str, case_id: str) -> Path:
+    if storage == "zarr":
+        return root / ZARR_DIR / case_id
+    if storage == "h5":
+        return root / H5_DIR / f"{case_id}.h5"
+    raise ValueError(f"unknown storage format {storage!r}; expected one of {STORAGE_FORMATS}")
+
+
+def init_store(root: Path, storage: str) -> None:
+    """Create the storage container (idempotent)."""
+    root = Path(root)
+    (root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    if storage == "zarr":
+        import zarr
+
+        if not (root / ZARR_DIR / "zarr.json").exists():
+            zarr.open_group(str(root / ZARR_DIR), mode="a", zarr_format=3,
+                            attributes={"format": FORMAT_NAME, "format_version": FORMAT_VERSION})
+    elif storage == "h5":
+        (root / H5_DIR).mkdir(parents=True, exist_ok=True)
+    else:
+        raise ValueError(f"unknown storage format {storage!r}; expected one of {STORAGE_FORMATS}")
+
+
+def case_exists(root: Path, storage: str, case_id: str) -> bool:
+    return _case_path(Path(root), storage, case_id).exists()
+
+
+def remove_case(root: Path, storage: str, case_id: str) -> None:
+    path = _case_path(Path(root), storage, case_id)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def write_case(root: Path, storage: str, case_id: str, image: np.ndarray, label: np.ndarray) -> None:
+    """Write one case's kept slices atomically: built under ``.tmp/`` then renamed into place.
+
+    image: (n, H, W) int16 HU; label: (n, H, W) uint8.
+    """
+    root = Path(root)
+    if image.dtype != np.int16 or label.dtype != np.uint8:
+        raise TypeError(f"case {case_id}: expected int16 image and uint8 label, got {image.dtype} and {label.dtype}")
+    if image.shape != label.shape or image.ndim != 3 or image.shape[0] == 0:
+        raise ValueError(f"case {case_id}: image {image.shape} and label {label.shape} must be equal, 3-D, non-empty")
+    final = _case_path(root, storage, case_id)
+    tmp = root / TMP_DIR / final.name
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if storage == "zarr":
+        _write_zarr_group(tmp, image, label)
+    else:
+        _write_h5_file(tmp, image, label)
+    if final.exists():
+        remove_case(root, storage, case_id)
+    os.replace(tmp, final)
+
+
+def _write_zarr_group(path: Path, image: np.ndarray, label: np.ndarray) -> None:
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    n, h, w = image.shape
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, data, shuffle in (("image", image, "bitshuffle"), ("label", label, "bitshuffle")):
+        array = group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=(1, h, w), shards=(n, h, w),
+            compressors=BloscCodec(cname="zstd", clevel=3, shuffle=shuffle), fill_value=0,
+        )
+        array[...] = data  # the whole shard in one write
+
+
+def _write_h5_file(path: Path, image: np.ndarray, label: np.ndarray) -> None:
+    import h5py
+
+    n, h, w = image.shape
+    with h5py.File(path, "w", track_order=True) as f:
+        for name, data in (("image", image), ("label", label)):
+            f.create_dataset(name, data=data, chunks=(1, h, w), compression="gzip", compression_opts=1,
+                             shuffle=True, track_times=False)
+
+
+class CareDataset:
+    """Read a converted CARE folder: manifest, splits, per-case geometry and slices.
+
+    Handles to zarr groups / HDF5 files are opened lazily per process, so an instance can be handed to
+    DataLoader workers (fork or spawn) safely.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest_path = self.root / "dataset.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{self.root}: not a converted CARE folder (no dataset.json)")
+        self.manifest: dict = read_json(manifest_path)
+        if self.manifest.get("format") != FORMAT_NAME:
+            raise ValueError(f"{self.root}: dataset.json format is {self.manifest.get('format')!r}, not {FORMAT_NAME!r}")
+        major = str(self.manifest.get("format_version", "0")).split(".")[0]
+        if major != FORMAT_VERSION.split(".")[0]:
+            raise ValueError(f"{self.root}: format version {self.manifest.get('format_version')} is not readable "
+                             f"by this reader (version {FORMAT_VERSION})")
+        self.storage: str = self.manifest["storage"]
+        self.cases: dict[str, dict] = read_json(self.root / "cases.json")
+        self.splits: dict[str, list[str]] = {k: v for k, v in read_json(self.root / "splits.json").items()
+                                             if isinstance(v, list)}
+        self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._index_cache: dict[str, np.ndarray] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names indexed by label value (0 = background)."""
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    def case_ids(self, split: str | None = None) -> list[str]:
+        if split is None:
+            return sorted(self.cases)
+        if split not in self.splits:
+            raise KeyError(f"no split {split!r}; this dataset has {sorted(self.splits)}")
+        return list(self.splits[split])
+
+    def _arrays(self, case_id: str) -> Any:
+        if os.getpid() != self._pid:
+            self._handles.clear()
+            self._pid = os.getpid()
+        handle = self._handles.get(case_id)
+        if handle is None:
+            if case_id not in self.cases:
+                raise KeyError(f"unknown case {case_id!r}")
+            path = _case_path(self.root, self.storage, case_id)
+            if self.storage == "zarr":
+                import zarr
+
+                group = zarr.open_group(str(path), mode="r")
+                handle = (group["image"], group["label"])
+            else:
+                import h5py
+
+                f = h5py.File(path, "r")
+                handle = (f["image"], f["label"])
+            self._handles[case_id] = handle
+        return handle
+
+    def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Whole case: image (n, H, W) int16, label (n, H, W) uint8."""
+        image, label = self._arrays(case_id)
+        return np.asarray(image[...]), np.asarray(label[...])
+
+    def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """One stored slice (position in 0..n-1): image (H, W) int16, label (H, W) uint8."""
+        image, label = self._arrays(case_id)
+        return np.asarray(image[position]), np.asarray(label[position])
+
+    def slice_index(self, split: str | None = None) -> np.ndarray:
+        """(N, 2) int64 table of (case number within ``case_ids(split)``, stored position) for every slice."""
+        key = split or ""
+        if key not in self._index_cache:
+            rows = [np.stack([np.full(self.cases[c]["num_slices"], i), np.arange(self.cases[c]["num_slices"])], 1)
+                    for i, c in enumerate(self.case_ids(split))]
+            self._index_cache[key] = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
+        return self._index_cache[key]
+
+    def num_slices(self, split: str | None = None) -> int:
+        return int(len(self.slice_index(split)))
+
+    def sample(self, split: str | None, i: int) -> dict:
+        """Slice ``i`` of a split as the common sample dict (also produced from a Hugging Face dataset).
+
+        Keys: image (H, W) int16 HU, label (H, W) uint8, case_id str, slice_index int (axial index in the
+        case's canonical volume), spacing (x, y, z) mm.
+        """
+        case_number, position = self.slice_index(split)[i]
+        case_id = self.case_ids(split)[case_number]
+        image, label = self.read_slice(case_id, int(position))
+        geometry = self.cases[case_id]
+        return {
+            "image": image,
+            "label": label,
+            "case_id": case_id,
+            "slice_index": int(geometry["kept_slices"][position]),
+            "spacing": tuple(float(s) for s in geometry["spacing"]),
+        }
+
+    def __repr__(self) -> str:
+        splits = ", ".join(f"{k}: {len(v)} cases" for k, v in self.splits.items())
+        return f"CareDataset({str(self.root)!r}, storage={self.storage}, {splits})"
+
+
+def open_dataset(path: str | Path) -> CareDataset:
+    """Open a converted CARE folder (zarr or HDF5 storage)."""
+    return CareDataset(path)
