@@ -1,0 +1,83 @@
+"""Patient-level dataset splits, deterministic from a seed.
+
+Case IDs have the form ``<patient>_<suffix>`` (see docs/conversion.md): every case of one patient shares the
+prefix, so all of them land in the same split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CASE_SUFFIX_SEPARATOR = "_"
+
+
+def patient_of(case_id: str) -> str:
+    """The patient pseudonym of a case ID (the part before the last ``_``)."""
+    patient, sep, _ = case_id.rpartition(CASE_SUFFIX_SEPARATOR)
+    return patient if sep else case_id
+
+
+def scaled_split_counts(num_patients: int, split_sizes: dict[str, int]) -> dict[str, int]:
+    """Patients per split: ``split_sizes`` scaled to ``num_patients`` by largest remainder.
+
+    Every split with a positive size gets at least one patient when there are at least as many patients as
+    such splits (taken from the split holding the most). Ties break by the splits' order in ``split_sizes``.
+    """
+    names = list(split_sizes)
+    total = sum(split_sizes.values())
+    if total <= 0:
+        raise ValueError("split sizes must not all be zero")
+    exact = [num_patients * split_sizes[n] / total for n in names]
+    counts = [int(np.floor(e)) for e in exact]
+    by_remainder = sorted(range(len(names)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: num_patients - sum(counts)]:
+        counts[i] += 1
+    wanted = [i for i, n in enumerate(names) if split_sizes[n] > 0]
+    if num_patients >= len(wanted):
+        for i in wanted:
+            if counts[i] == 0:
+                donor = max(range(len(names)), key=lambda j: (counts[j], -j))
+                counts[donor] -= 1
+                counts[i] += 1
+    return dict(zip(names, counts))
+
+
+def split_patients(patient_ids: list[str], split_sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
+    """Assign each patient to one split: sorted IDs, one seeded permutation, consecutive blocks per split."""
+    patients = sorted(set(patient_ids))
+    counts = scaled_split_counts(len(patients), split_sizes)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    assignment: dict[str, list[str]] = {}
+    start = 0
+    for name, count in counts.items():
+        assignment[name] = sorted(patients[i] for i in order[start:start + count])
+        start += count
+    return assignment
+
+
+def make_splits(case_ids: list[str], split_sizes: dict[str, int], seed: int) -> dict:
+    """The ``splits.json`` object: ``{"seed", "strategy": "patient", <split>: [case_id, ...]}``."""
+    by_patient = split_patients([patient_of(c) for c in case_ids], split_sizes, seed)
+    split_of_patient = {p: name for name, patients in by_patient.items() for p in patients}
+    splits: dict = {"seed": int(seed), "strategy": "patient"}
+    for name in split_sizes:
+        splits[name] = sorted(c for c in case_ids if split_of_patient[patient_of(c)] == name)
+    return splits
+
+
+def carve_validation(case_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split training case IDs into (train, validation) by patient; about ``fraction`` of the patients validate.
+
+    At least one validation patient when ``fraction > 0`` and there are two or more patients, and never all.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    patients = sorted({patient_of(c) for c in case_ids})
+    num_val = int(round(fraction * len(patients)))
+    if fraction > 0 and len(patients) >= 2:
+        num_val = min(max(num_val, 1), len(patients) - 1)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    val_patients = {patients[i] for i in order[:num_val]}
+    train = sorted(c for c in case_ids if patient_of(c) not in val_patients)
+    val = sorted(c for c in case_ids if patient_of(c) in val_patients)
+    return train, val
