@@ -1,0 +1,493 @@
+"""Pseudonyms and DICOM de-identification (PS3.15 Annex E Basic Profile + Modified Dates Option).
+
+Pseudonyms: a case ID is `prefix + "_" + the first 12 hex digits of HMAC-SHA256(key, identity)`,
+where the identity is the DICOM PatientID ("issuer|id" when IssuerOfPatientID is present) or,
+without DICOM, the case folder name. The same key gives the same IDs; the key is never written.
+
+From the same key: UIDs map to "2.25.<decimal of the first 128 bits of HMAC-SHA256(key, uid)>"
+(the same UID maps to the same new UID in every file, series and case), and each patient gets
+one date offset in [-3650, -365] days from HMAC-SHA256(key, identity), so intervals survive.
+
+`care-anonymize raw/ anon/` writes anon/<case_id>/<series>/<instance>.dcm (three- and five-digit
+indices ordered by SeriesNumber and InstanceNumber, then new UID). Only DICOM files are copied:
+volume files, label description files and other non-DICOM files are not. Pixel data is copied
+byte for byte in its original transfer syntax.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import hmac
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import UID
+
+from care_dataset import __version__
+from care_dataset.annex_e import AnnexETable, load_basic_profile
+
+KEY_ENV_VAR = "CARE_DEID_KEY"
+UID_ROOT = "2.25."
+STANDARD_UID_ROOT = "1.2.840.10008."
+DATE_OFFSET_RANGE = (-3650, -365)
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+NON_DICOM_SUFFIXES = (
+    ".nii", ".nii.gz", ".mha", ".mhd", ".raw", ".nrrd", ".nhdr", ".txt", ".json", ".csv", ".md",
+    ".png", ".jpg", ".jpeg", ".xml", ".zip", ".gz", ".toml", ".yaml", ".yml", ".pdf",
+)
+METHOD_TEXT = (
+    "DICOM PS3.15 Annex E Basic Profile (Table E.1-1, {edition})",
+    "Retain Longitudinal Temporal Info with Modified Dates",
+    f"care-usam {__version__}",
+)
+METHOD_CODES = (
+    ("113100", "Basic Application Confidentiality Profile"),
+    ("113106", "Retain Longitudinal Temporal Information Modified Dates Option"),
+)
+DUMMY_TEXT = "ANONYMIZED"
+DUMMY_BY_VR: dict[str, object] = {
+    "AE": DUMMY_TEXT, "AS": "000Y", "CS": DUMMY_TEXT, "DA": "19000101", "DT": "19000101000000",
+    "TM": "000000", "DS": "0", "IS": "0", "LO": DUMMY_TEXT, "LT": DUMMY_TEXT, "PN": DUMMY_TEXT,
+    "SH": DUMMY_TEXT, "ST": DUMMY_TEXT, "UC": DUMMY_TEXT, "UT": DUMMY_TEXT, "UR": "urn:anonymized",
+    "US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0, "FL": 0.0, "FD": 0.0, "AT": 0,
+    "OB": b"\x00\x00", "OW": b"\x00\x00", "UN": b"\x00\x00", "OF": b"\x00" * 4, "OL": b"\x00" * 4,
+    "OD": b"\x00" * 8, "OV": b"\x00" * 8,
+}
+
+
+class KeyMissingError(ValueError):
+    """No de-identification key was given."""
+
+
+class DeidError(Exception):
+    """A case cannot be de-identified; the message is one sentence without identifying values."""
+
+
+class BurnedInAnnotationError(DeidError):
+    """Pixel data flagged BurnedInAnnotation = YES and the user did not allow it."""
+
+
+# --- keys and pseudonyms ---------------------------------------------------------------------
+
+def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_key: bool = False) -> tuple[bytes, bool]:
+    """The secret key and whether IDs made with it are reproducible.
+
+    Order: `key_file` (its bytes, trailing newline removed), then the environment variable
+    (UTF-8), then `random_key` (32 random bytes, not reproducible). Raises KeyMissingError
+    when none is given.
+    """
+    if key_file is not None:
+        if random_key:
+            raise KeyMissingError("pass either --key-file or --random-key, not both")
+        try:
+            key = Path(key_file).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise KeyMissingError(f"cannot read the key file {key_file}: {exc.strerror}") from None
+        if not key:
+            raise KeyMissingError(f"the key file {key_file} is empty")
+        return key, True
+    env_value = os.environ.get(env_var, "")
+    if env_value and not random_key:
+        return env_value.encode("utf-8"), True
+    if random_key:
+        return os.urandom(32), False
+    raise KeyMissingError(
+        f"no de-identification key: pass --key-file FILE, set the {env_var} environment variable, "
+        "or pass --random-key (case IDs will then not be reproducible)"
+    )
+
+
+def _hmac(key: bytes, message: str) -> bytes:
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).digest()
+
+
+def make_case_id(identity: str, key: bytes, prefix: str = "care") -> str:
+    """`prefix_` + first 12 hex digits of HMAC-SHA256(key, identity)."""
+    return f"{prefix}_{_hmac(key, identity).hex()[:12]}"
+
+
+def patient_identity(ds: Dataset | None, case_folder_name: str) -> str:
+    """PatientID ("issuer|id" when IssuerOfPatientID is set), else the case folder name."""
+    if ds is not None:
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        if patient_id:
+            issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+            return f"{issuer}|{patient_id}" if issuer else patient_id
+    return case_folder_name
+
+
+def date_offset_days(key: bytes, identity: str) -> int:
+    """One offset per patient in DATE_OFFSET_RANGE (inclusive)."""
+    low, high = DATE_OFFSET_RANGE
+    digest = _hmac(key, "date-offset|" + identity)
+    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
+
+
+def remap_uid(uid: str, key: bytes) -> str:
+    """Keyed, deterministic UID under 2.25.; well-known DICOM UIDs (1.2.840.10008.*) are kept."""
+    uid = str(uid).strip().rstrip("\x00")
+    if not uid or uid.startswith(STANDARD_UID_ROOT):
+        return uid
+    return UID_ROOT + str(int.from_bytes(_hmac(key, "uid|" + uid)[:16], "big"))
+
+
+# --- dates -----------------------------------------------------------------------------------
+
+def shift_date(value: str, days: int) -> str:
+    """Shift a DA value (YYYYMMDD, or a YYYYMMDD-YYYYMMDD range); unparsable dates become ''."""
+    value = value.strip()
+    if "-" in value:
+        return "-".join(shift_date(part, days) if part else "" for part in value.split("-"))
+    digits = value.replace(".", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return ""
+    try:
+        day = dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+        return (day + dt.timedelta(days=days)).strftime("%Y%m%d")
+    except (ValueError, OverflowError):
+        return ""
+
+
+def shift_datetime(value: str, days: int) -> str:
+    """Shift the date part of a DT value; the time of day and UTC offset are kept."""
+    value = value.strip()
+    n_digits = len(value) - len(value.lstrip("0123456789"))
+    if n_digits >= 8:
+        shifted = shift_date(value[:8], days)
+        return shifted + value[8:] if shifted else ""
+    if n_digits in (4, 6):
+        padded = value[:n_digits] + "0101"[n_digits - 4:]
+        shifted = shift_date(padded, days)
+        return shifted[:n_digits] + value[n_digits:] if shifted else ""
+    return ""
+
+
+# --- one dataset -----------------------------------------------------------------------------
+
+@dataclass
+class DeidContext:
+    """Everything needed to de-identify the datasets of one patient."""
+
+    key: bytes
+    identity: str
+    prefix: str = "care"
+    allow_burned_in: bool = False
+    table: AnnexETable = field(default_factory=load_basic_profile)
+
+    def __post_init__(self) -> None:
+        self.case_id = make_case_id(self.identity, self.key, self.prefix)
+        self.date_offset_days = date_offset_days(self.key, self.identity)
+        self._uids: dict[str, str] = {}
+
+    def uid(self, uid: str) -> str:
+        if uid not in self._uids:
+            self._uids[uid] = remap_uid(uid, self.key)
+        return self._uids[uid]
+
+
+def _values(value: object) -> list:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple, MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _set_values(elem, values: list[str]) -> None:
+    elem.value = values[0] if len(values) == 1 else ("" if not values else values)
+
+
+def _clean(ds: Dataset, ctx: DeidContext) -> None:
+    for tag in list(ds.keys()):
+        if tag.is_private or tag.element == 0 or tag.group == 0x0002:
+            del ds[tag]
+            continue
+        elem = ds[tag]
+        action = ctx.table.action(int(tag), elem.VR)
+        if action == "X":
+            del ds[tag]
+        elif action == "Z":
+            elem.value = Sequence() if elem.VR == "SQ" else None
+        elif action == "D":
+            elem.value = DUMMY_BY_VR.get(elem.VR, DUMMY_TEXT)
+        elif action == "U":
+            _set_values(elem, [ctx.uid(str(v)) for v in _values(elem.value)])
+        elif action == "SHIFT":
+            shift = shift_date if elem.VR == "DA" else shift_datetime
+            _set_values(elem, [shift(str(v), ctx.date_offset_days) for v in _values(elem.value)])
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _clean(item, ctx)
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(tag in ds for tag in PIXEL_TAGS)
+
+
+def anonymize_dataset(ds: Dataset, ctx: DeidContext, in_place: bool = False) -> Dataset:
+    """De-identify one dataset (Annex E Basic Profile + Retain Longitudinal Modified Dates).
+
+    Private tags and group lengths are removed, every sequence item is cleaned with the same
+    rules, PatientName and PatientID become the case ID and the method is recorded. Pixel data
+    is left untouched. Raises BurnedInAnnotationError for BurnedInAnnotation = YES unless
+    `ctx.allow_burned_in`.
+    """
+    burned_in = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if burned_in == "YES" and _has_pixels(ds) and not ctx.allow_burned_in:
+        raise BurnedInAnnotationError(
+            "the pixel data has burned-in annotation (BurnedInAnnotation = YES); "
+            "pass --allow-burned-in to copy it anyway"
+        )
+    out = ds if in_place else copy.deepcopy(ds)
+    old_meta = getattr(ds, "file_meta", None)
+    _clean(out, ctx)
+    out.PatientName = ctx.case_id
+    out.PatientID = ctx.case_id
+    out.PatientIdentityRemoved = "YES"
+    out.LongitudinalTemporalInformationModified = "MODIFIED"
+    out.DeidentificationMethod = [text.format(edition=ctx.table.edition) for text in METHOD_TEXT]
+    codes = Sequence()
+    for value, meaning in METHOD_CODES:
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        codes.append(item)
+    out.DeidentificationMethodCodeSequence = codes
+    if old_meta is not None and "TransferSyntaxUID" in old_meta:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = out.get("SOPClassUID", old_meta.get("MediaStorageSOPClassUID"))
+        meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID") or ctx.uid(
+            str(old_meta.get("MediaStorageSOPInstanceUID", "")))
+        meta.TransferSyntaxUID = UID(str(old_meta.TransferSyntaxUID))
+        out.file_meta = meta
+    return out
+
+
+# --- reading raw DICOM -----------------------------------------------------------------------
+
+def is_non_dicom_name(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(NON_DICOM_SUFFIXES)
+
+
+def read_dicom(path: Path, header_only: bool = True) -> Dataset | None:
+    """The dataset in `path`, None when the file is not DICOM at all.
+
+    A file with the DICM preamble that cannot be parsed raises (it is a broken DICOM file);
+    a file without it is tried once as raw DICOM and accepted only if it has a SOP Class UID.
+    """
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        pass
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
+        return ds if "SOPClassUID" in ds else None
+    except Exception:
+        return None
+
+
+def iter_case_files(case_dir: Path) -> list[Path]:
+    """Every regular file under `case_dir`, in a fixed order."""
+    files = []
+    for root, dirs, names in os.walk(case_dir):
+        dirs.sort()
+        files.extend(Path(root) / name for name in sorted(names))
+    return files
+
+
+def _check_pixel_length(ds: Dataset) -> None:
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta else None
+    if "PixelData" not in ds or syntax is None or syntax.is_compressed:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+    bits = int(ds.BitsAllocated)
+    expected = (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
+    if len(ds.PixelData) < expected:
+        raise DeidError(f"a DICOM file has truncated pixel data ({len(ds.PixelData)} of {expected} bytes)")
+
+
+@dataclass
+class _Instance:
+    path: Path
+    series_uid: str
+    series_number: int
+    instance_number: int
+    sop_uid: str
+
+
+def _number(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword))
+    except (TypeError, ValueError):
+        return 2**31
+
+
+def _scan_case(case_dir: Path) -> tuple[list[_Instance], set[str]]:
+    instances, identities = [], set()
+    for path in iter_case_files(case_dir):
+        if is_non_dicom_name(path.name):
+            continue
+        try:
+            ds = read_dicom(path, header_only=True)
+        except Exception as exc:
+            raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
+        if ds is None:
+            continue
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+            continue
+        if "SOPInstanceUID" not in ds:
+            raise DeidError("a DICOM file has no SOP Instance UID")
+        identities.add(patient_identity(ds, case_dir.name))
+        instances.append(_Instance(
+            path=path,
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            series_number=_number(ds, "SeriesNumber"),
+            instance_number=_number(ds, "InstanceNumber"),
+            sop_uid=str(ds.SOPInstanceUID),
+        ))
+    return instances, identities
+
+
+def _write_atomic(ds: Dataset, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
+                   taken_ids: set[str] | None = None) -> dict:
+    """De-identify the DICOM files of one case into out_dir/<case_id>/ (all or nothing)."""
+    result = {"case_id": None, "status": "failed", "reason": "", "raw_folder": case_dir.name, "files": 0}
+    tmp_dir: Path | None = None
+    try:
+        instances, identities = _scan_case(case_dir)
+        if not instances:
+            result.update(status="skipped", reason="the case has no DICOM files (non-DICOM files are not copied)")
+            return result
+        if len(identities) > 1:
+            raise DeidError(f"the DICOM files of the case belong to {len(identities)} different patients")
+        ctx = DeidContext(key=key, identity=identities.pop(), allow_burned_in=allow_burned_in)
+        result["case_id"] = ctx.case_id
+        if taken_ids is not None:
+            if ctx.case_id in taken_ids:
+                raise DeidError("another case folder holds the same patient (same pseudonym)")
+            taken_ids.add(ctx.case_id)
+        final_dir = out_dir / ctx.case_id
+        if final_dir.exists():
+            result.update(status="anonymized", reason="already present", files=len(instances))
+            return result
+        series_uids = sorted({i.series_uid for i in instances},
+                             key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+        for series_index, series_uid in enumerate(series_uids, start=1):
+            series_dir = tmp_dir / f"{series_index:03d}"
+            series_dir.mkdir()
+            members = sorted((i for i in instances if i.series_uid == series_uid),
+                             key=lambda i: (i.instance_number, ctx.uid(i.sop_uid)))
+            for instance_index, instance in enumerate(members, start=1):
+                try:
+                    ds = pydicom.dcmread(instance.path)
+                except Exception as exc:
+                    raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
+                _check_pixel_length(ds)
+                clean = anonymize_dataset(ds, ctx, in_place=True)
+                _write_atomic(clean, series_dir / f"{instance_index:05d}.dcm")
+        os.rename(tmp_dir, final_dir)
+        tmp_dir = None
+        result.update(status="anonymized", reason="", files=len(instances))
+    except DeidError as exc:
+        result["reason"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one case must never stop the others
+        result["reason"] = f"unexpected error while de-identifying ({type(exc).__name__})"
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return result
+
+
+def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """De-identify every case folder directly under raw_dir into out_dir.
+
+    Returns one dict per case: case_id (None when unknown), status ("anonymized", "skipped" or
+    "failed"), reason, files, and raw_folder. raw_folder is the raw name, for the operator's
+    terminal only: never write it under out_dir.
+    """
+    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
+    if not raw_dir.is_dir():
+        raise NotADirectoryError(f"raw folder not found: {raw_dir}")
+    if out_dir == raw_dir or raw_dir in out_dir.parents:
+        raise ValueError("the output folder must not be inside the raw folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    cases = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    taken: set[str] = set()
+    results = []
+    for index, case_dir in enumerate(cases, start=1):
+        results.append(anonymize_case(case_dir, out_dir, key, allow_burned_in, taken))
+        if progress is not None:
+            progress(index, len(cases))
+    return results
+
+
+# --- command line (wired by care_dataset.cli) ------------------------------------------------
+
+def add_key_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", type=Path, default=None,
+                   help=f"file holding the secret pseudonym key (else the {KEY_ENV_VAR} environment variable)")
+    p.add_argument("--random-key", action="store_true",
+                   help="use a random key: case IDs will differ on every run")
+
+
+def build_anonymize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.description = "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates)."
+    p.add_argument("raw", type=Path, help="folder with one sub-folder per case")
+    p.add_argument("out", type=Path, help="output folder: out/<case_id>/<series>/<instance>.dcm")
+    add_key_arguments(p)
+    p.add_argument("--allow-burned-in", action="store_true",
+                   help="also copy images flagged BurnedInAnnotation = YES (text may be burned into the pixels)")
+    return p
+
+
+def run_anonymize(args: argparse.Namespace) -> int:
+    """Exit code 0 when no case failed, 1 otherwise, 2 for a usage error."""
+    try:
+        key, reproducible = load_key(args.key_file, random_key=args.random_key)
+    except KeyMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not reproducible:
+        print("warning: random key: case IDs, UIDs and date offsets will not be reproducible", file=sys.stderr)
+    try:
+        results = anonymize_tree(args.raw, args.out, key, allow_burned_in=args.allow_burned_in)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        if r["status"] == "failed":
+            print(f"FAILED {r['raw_folder']}: {r['reason']}", file=sys.stderr)
+        elif r["status"] == "skipped":
+            print(f"skipped {r['raw_folder']}: {r['reason']}", file=sys.stderr)
+    done = sum(r["status"] == "anonymized" for r in results)
+    failed = sum(r["status"] == "failed" for r in results)
+    print(f"{done} anonymized, {failed} failed, {len(results) - done - failed} skipped")
+    return 1 if failed else 0

@@ -1,0 +1,347 @@
+"""Leak scanner: search an output tree for identifying values taken from the raw tree.
+
+Values collected from raw/:
+- DICOM headers (DICOMDIR included): every value of an attribute whose Annex E action under the
+  Modified Dates Option is not "keep" (as care_dataset.annex_e resolves it), at any sequence
+  depth, and every string value of a private tag (UN values too when they decode to printable
+  latin-1 text). Only text VRs count (CS code strings and binary numbers are not searched).
+  Person names are also split on "^" and "=" into components; dates (DA, and the date part of
+  DT) are also searched as YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD.
+- every folder and file name under raw/ (each path component and its stem without extensions);
+- NIfTI header text fields (descrip, aux_file, intent_name, db_name);
+- label names (quoted last column) in ITK-SNAP label description .txt files.
+
+A value is skipped as too short or generic when it has fewer than 4 characters, has no letter
+and fewer than 6 digits (short numbers; dates and UIDs stay), is made only of generic words
+(GENERIC_WORDS: DICOM vocabulary, file-layout words, anatomy) and short numbers, or is a
+well-known DICOM UID (1.2.840.10008.*).
+
+Every file under out/ is read as bytes and searched, case-insensitively (ASCII), for the UTF-8
+and latin-1 encodings of each value; so are the relative path names. In binary files (a NUL
+byte in the first 8 KiB, or not UTF-8) only values of 6 or more bytes are searched: shorter
+strings occur by chance in compressed data.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from care_dataset.annex_e import AnnexETable, load_basic_profile
+from care_dataset.deid import STANDARD_UID_ROOT, iter_case_files, read_dicom
+
+MIN_TEXT_LENGTH = 4
+MIN_BINARY_LENGTH = 6
+MIN_NUMBER_DIGITS = 6
+CHUNK_BYTES = 8 << 20
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".raw")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
+GENERIC_WORDS = frozenset("""
+ct mr pt us cr dx mg nm ot sc rt seg sr pr ko doc
+yes no none null true false unknown other anonymous anonymized removed empty na n a
+original derived primary secondary axial coronal sagittal oblique localizer scout topogram
+helical spiral mode body filter standard soft bone lung head feet first ffs hfs ffp hfp
+male female m f o left right anterior posterior superior inferior
+image images img im series study studies dicom dicomdir dcm file files data dataset folder dir
+label labels labelmap segmentation segmentations mask masks volume volumes slice slices
+annotation annotations roi clear description descriptions export exports scan scans
+nifti nii gz nrrd mha mhd raw txt json
+background normal rectum rectal wall tumor tumour cancer lesion lumen colon sigmoid bladder
+liver spleen kidney kidneys stomach gallbladder esophagus oesophagus pancreas duodenum
+intestine small large adrenal gland femur of and the bone bones spine vertebra pelvis prostate
+uterus fat muscle air gas organ organs
+""".split())
+TEXT_VRS = frozenset({"AE", "AS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+LABEL_LINE = re.compile(r'^\s*-?\d+(?:\s+-?[\d.]+){6,}\s+"(.*)"\s*$')
+DATE_FORMATS = ("{y}-{m}-{d}", "{y}/{m}/{d}", "{y}.{m}.{d}")
+
+
+@dataclass(frozen=True)
+class Leak:
+    """One identifying value found in a file's content or in a path name under out/."""
+
+    path: str  # relative to out/, posix
+    where: str  # "content" or "name"
+    masked: str
+    category: str
+    display_path: str  # path with every identifying value in it masked
+
+    def line(self) -> str:
+        return f"{self.display_path}: {self.masked} ({self.category}, in {self.where})"
+
+
+def mask(value: str) -> str:
+    """First two characters and '***': enough to find the value, not enough to leak it."""
+    return value[:2] + "***"
+
+
+def is_meaningful(value: str) -> bool:
+    """Whether a raw value is specific enough to search for (rule in the module docstring)."""
+    value = value.strip()
+    if len(value) < MIN_TEXT_LENGTH or value.startswith(STANDARD_UID_ROOT):
+        return False
+    lower = value.lower()
+    if not any(c.isalpha() for c in lower):
+        return sum(c.isdigit() for c in lower) >= MIN_NUMBER_DIGITS
+    tokens = re.findall(r"[^\W_]+", lower)
+    return not all(t in GENERIC_WORDS or (t.isdigit() and len(t) < MIN_NUMBER_DIGITS) for t in tokens)
+
+
+# --- collecting values from raw/ -------------------------------------------------------------
+
+def _date_forms(date8: str) -> list[str]:
+    if len(date8) != 8 or not date8.isdigit():
+        return []
+    y, m, d = date8[:4], date8[4:6], date8[6:]
+    return [date8] + [f.format(y=y, m=m, d=d) for f in DATE_FORMATS]
+
+
+def _element_strings(elem) -> list[str]:
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).strip(b"\x00 ").decode("latin-1")
+        return [text] if text.isprintable() else []
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, (bytes, bytearray)):
+            continue
+        text = str(item).strip()
+        if not text:
+            continue
+        if elem.VR == "PN":
+            out.append(text)
+            out.extend(re.split(r"[\^=]", text))
+        elif elem.VR == "DA":
+            for part in text.split("-"):
+                out.extend(_date_forms(part.replace(".", "")) or [part])
+        elif elem.VR == "DT":
+            out.append(text)
+            out.extend(_date_forms(text[:8]))
+        else:
+            out.append(text)
+    return out
+
+
+def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> None:
+    for elem in ds:
+        tag = elem.tag
+        if tag.element == 0 or tag.group == 0x0002:
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                _collect_dataset(item, table, found)
+            continue
+        if elem.VR not in TEXT_VRS and not (tag.is_private and elem.VR == "UN"):
+            continue
+        if tag.is_private:
+            category = "DICOM private tag"
+        elif table.action(int(tag), elem.VR) != "K":
+            category = f"DICOM {elem.keyword or 'attribute ' + str(tag)}"
+        else:
+            continue
+        for text in _element_strings(elem):
+            _add(found, text, category)
+
+
+def _add(found: dict[str, str], value: str, category: str) -> None:
+    value = value.strip()
+    if value and value not in found and is_meaningful(value):
+        found[value] = category
+
+
+def _stem(name: str) -> str:
+    return name.split(".", 1)[0] if not name.startswith(".") else name
+
+
+def _nifti_strings(path: Path) -> list[str]:
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    keys = set(header.keys())
+    out = []
+    for field in NIFTI_TEXT_FIELDS:
+        if field in keys:
+            raw = np.asarray(header[field]).tobytes().split(b"\x00", 1)[0]
+            out.append(raw.decode("latin-1"))
+    return out
+
+
+def _label_names(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    names = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        m = LABEL_LINE.match(line)
+        if m:
+            names.append(m.group(1))
+    return names
+
+
+def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) -> dict[str, str]:
+    """value -> category for every identifying value found under raw_dir (rule in module docstring)."""
+    table = table or load_basic_profile()
+    raw_dir = Path(raw_dir)
+    found: dict[str, str] = {}
+    for path in iter_case_files(raw_dir):
+        rel = path.relative_to(raw_dir)
+        for i, part in enumerate(rel.parts):
+            category = "file name" if i == len(rel.parts) - 1 else "folder name"
+            _add(found, part, category)
+            _add(found, _stem(part), category)
+        name = path.name.lower()
+        if name.endswith(NIFTI_SUFFIXES):
+            try:
+                for text in _nifti_strings(path):
+                    _add(found, text, "NIfTI header text")
+            except Exception:  # noqa: BLE001 - an unreadable volume has no header text to collect
+                pass
+        elif name.endswith(".txt"):
+            for text in _label_names(path):
+                _add(found, text, "label name")
+        elif not name.endswith(VOLUME_SUFFIXES):
+            try:
+                ds = read_dicom(path, header_only=True)
+            except Exception:  # noqa: BLE001 - a broken file is still covered by its name
+                ds = None
+            if ds is not None:
+                _collect_dataset(ds, table, found)
+    return found
+
+
+# --- scanning out/ ---------------------------------------------------------------------------
+
+class _Matcher:
+    """Multi-string search: a 3-byte prefix table in numpy, then exact checks at the candidates."""
+
+    def __init__(self, values: dict[str, str]):
+        self.by_prefix: dict[bytes, dict[int, dict[bytes, str]]] = {}
+        self.table = np.zeros(1 << 24, dtype=bool)
+        self.max_len = 1
+        for value in values:
+            for encoding in ("utf-8", "latin-1"):
+                try:
+                    pattern = value.encode(encoding).lower()
+                except UnicodeEncodeError:
+                    continue
+                prefix = pattern[:3]
+                self.by_prefix.setdefault(prefix, {}).setdefault(len(pattern), {})[pattern] = value
+                self.table[prefix[0] | prefix[1] << 8 | prefix[2] << 16] = True
+                self.max_len = max(self.max_len, len(pattern))
+
+    def find(self, data: bytes, min_len: int) -> set[str]:
+        found: set[str] = set()
+        if len(data) < 3 or not self.by_prefix:
+            return found
+        low = data.lower()
+        arr = np.frombuffer(low, dtype=np.uint8).astype(np.uint32)
+        keys = arr[:-2] | (arr[1:-1] << 8) | (arr[2:] << 16)
+        for pos in np.flatnonzero(self.table[keys]).tolist():
+            for length, patterns in self.by_prefix[low[pos:pos + 3]].items():
+                if length >= min_len:
+                    value = patterns.get(low[pos:pos + length])
+                    if value is not None:
+                        found.add(value)
+        return found
+
+    def scan_file(self, path: Path) -> set[str]:
+        found: set[str] = set()
+        overlap = self.max_len - 1
+        with open(path, "rb") as f:
+            head = f.read(CHUNK_BYTES)
+            min_len = MIN_TEXT_LENGTH if _looks_like_text(head) else MIN_BINARY_LENGTH
+            block = head
+            while block:
+                found |= self.find(block, min_len)
+                more = f.read(CHUNK_BYTES)
+                if not more:
+                    break
+                block = block[-overlap:] + more if overlap else more
+        return found
+
+
+def _looks_like_text(head: bytes) -> bool:
+    sample = head[:8192]
+    if b"\x00" in sample:
+        return False
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(sample) - 3  # a character cut at the sample's end
+    return True
+
+
+def _walk(out_dir: Path) -> Iterable[tuple[Path, bool]]:
+    for root, dirs, names in os.walk(out_dir):
+        dirs.sort()
+        for d in dirs:
+            yield Path(root) / d, False
+        for name in sorted(names):
+            yield Path(root) / name, True
+
+
+def scan_for_leaks(out_dir: Path, values: dict[str, str]) -> list[Leak]:
+    """Every (file or path name, value) pair under out_dir where a raw value appears."""
+    out_dir = Path(out_dir)
+    matcher = _Matcher(values)
+    leaks: list[Leak] = []
+    for path, is_file in _walk(out_dir):
+        rel = path.relative_to(out_dir).as_posix()
+        display = masked_path(rel, matcher.find(rel.encode("utf-8"), MIN_TEXT_LENGTH))
+        for value in sorted(matcher.find(path.name.encode("utf-8"), MIN_TEXT_LENGTH)):
+            leaks.append(Leak(rel, "name", mask(value), values[value], display))
+        if is_file and not path.is_symlink():
+            for value in sorted(matcher.scan_file(path)):
+                leaks.append(Leak(rel, "content", mask(value), values[value], display))
+    return leaks
+
+
+def masked_path(rel: str, values: Iterable[str]) -> str:
+    """`rel` with every given value replaced by its mask."""
+    for value in sorted(values, key=len, reverse=True):
+        rel = re.sub(re.escape(value), lambda m: mask(m.group(0)), rel, flags=re.IGNORECASE)
+    return rel
+
+
+# --- command line (wired by care_dataset.cli) ------------------------------------------------
+
+def build_verify_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.description = "Scan an output tree for identifying values from the raw tree; exit 1 on any leak."
+    p.add_argument("out", type=Path, help="output folder to scan (every file and path name)")
+    p.add_argument("--raw", type=Path, required=True, help="raw folder the output was made from")
+    return p
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Exit code 0 when clean, 1 on a leak, 2 for a usage error. Values are printed masked."""
+    out_dir, raw_dir = Path(args.out), Path(args.raw)
+    for folder in (out_dir, raw_dir):
+        if not folder.is_dir():
+            print(f"error: folder not found: {folder}", file=sys.stderr)
+            return 2
+    values = collect_identifying_values(raw_dir)
+    leaks = scan_for_leaks(out_dir, values)
+    for leak in leaks:
+        print(leak.line())
+    n_files = len({leak.path for leak in leaks})
+    if leaks:
+        print(f"{len(leaks)} leak(s) in {n_files} path(s) under {out_dir} "
+              f"({len(values)} identifying values searched)", file=sys.stderr)
+        return 1
+    print(f"no leak: {len(values)} identifying values searched under {out_dir}")
+    return 0
