@@ -7,9 +7,14 @@ same intensities everywhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from usam.prompts import sample_points
 
 DEFAULT_WINDOW: tuple[float, float] = (-125.0, 275.0)
 MODEL_SIZE = 224
@@ -37,10 +42,14 @@ def resize_images(x: torch.Tensor, size: int = MODEL_SIZE) -> torch.Tensor:
 
 
 def resize_labels(y: torch.Tensor, size: int = MODEL_SIZE) -> torch.Tensor:
-    """Nearest-neighbour resize of label maps: y (B, H, W) integer -> (B, size, size) int64."""
+    """Nearest-neighbour resize of label maps: y (B, H, W) integer -> (B, size, size) int64.
+
+    Pixel-centre nearest (``mode="nearest-exact"``): output pixel j takes input pixel
+    floor((j + 0.5) * H / size), the same convention as the bilinear image resize.
+    """
     if y.shape[-2:] == (size, size):
         return y.long()
-    resized = F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")
+    resized = F.interpolate(y[:, None].float(), size=(size, size), mode="nearest-exact")
     return resized[:, 0].round().long()
 
 
@@ -53,3 +62,181 @@ def preprocess_slices(
         images = images[None]
     x = window_normalize(torch.from_numpy(np.ascontiguousarray(images)), window)[:, None]
     return resize_images(x, size).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation: one affine map per sample that resizes, flips and rotates in a single resampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random flips and rotations, applied identically to image and label.
+
+    Per sample: a left-right flip with probability ``flip_prob``; a rotation by ``k`` quarter
+    turns, k uniform in {0, 1, 2, 3} (with the flip this covers all 8 symmetries of the square);
+    with probability ``small_rotation_prob`` a further rotation by an angle uniform in
+    [-max_rotation_deg, max_rotation_deg]. The original U-SAM code (TransUNet's generator)
+    applies either a quarter-turn + flip or a +-20 degree rotation; we compose both, smaller.
+    """
+
+    flip_prob: float = 0.5
+    max_rotation_deg: float = 15.0
+    small_rotation_prob: float = 0.5
+
+    def draw(self, rng: np.random.Generator) -> tuple[bool, int, float]:
+        """(flip, quarter_turns, angle_deg); always consumes the same number of draws."""
+        flip, turns, rotate, angle = rng.random(), rng.integers(4), rng.random(), rng.uniform(-1.0, 1.0)
+        angle_deg = float(angle * self.max_rotation_deg) if rotate < self.small_rotation_prob else 0.0
+        return bool(flip < self.flip_prob), int(turns), angle_deg
+
+
+def sampling_matrix(flip: bool = False, quarter_turns: int = 0, angle_deg: float = 0.0) -> np.ndarray:
+    """2 x 2 map from output to input normalised (x, y) coordinates, as ``F.affine_grid`` takes it.
+
+    The output is the input flipped left-right (if ``flip``), then turned like
+    ``np.rot90(., quarter_turns)``, then rotated by ``angle_deg``.
+    """
+    flip_map = np.array([[-1.0, 0.0], [0.0, 1.0]]) if flip else np.eye(2)
+    quarter = np.linalg.matrix_power(np.array([[0.0, -1.0], [1.0, 0.0]]), int(quarter_turns) % 4)
+    theta = np.deg2rad(angle_deg)
+    small = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    return flip_map @ quarter @ small
+
+
+_BASE_GRIDS: dict[int, np.ndarray] = {}
+
+
+def _base_grid(size: int) -> np.ndarray:
+    """(size * size, 2) normalised (x, y) pixel centres of the output grid (``align_corners=False``)."""
+    if size not in _BASE_GRIDS:
+        centres = (2 * np.arange(size, dtype=np.float64) + 1) / size - 1
+        x, y = np.meshgrid(centres, centres)
+        _BASE_GRIDS[size] = np.stack([x.ravel(), y.ravel()], axis=1)
+    return _BASE_GRIDS[size]
+
+
+def resample_slice(
+    image_hu: np.ndarray,
+    label: np.ndarray | None,
+    matrix: np.ndarray | None = None,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    size: int = MODEL_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Window, resize and transform one slice with one resampling on the ``size`` x ``size`` grid.
+
+    image_hu (H, W) HU, label (H, W) integer or None -> image (1, size, size) float32 in [0, 1]
+    (bilinear, edge values extended), label (size, size) uint8 (pixel-centre nearest, 0 outside
+    the input). ``matrix`` (2 x 2, see ``sampling_matrix``) maps output to input normalised
+    coordinates. With no matrix this is exactly ``preprocess_slices`` / ``resize_labels``.
+    Windowing is clip, resample, then scale: the scaling is affine, so it commutes with bilinear
+    interpolation and runs on the small output only.
+    """
+    if matrix is None:
+        out_image = preprocess_slices(np.asarray(image_hu)[None], window, size)[0]
+        out_label = None if label is None else resize_labels(torch.from_numpy(np.asarray(label))[None], size)[0]
+        return out_image, None if out_label is None else out_label.to(torch.uint8)
+    low, high = float(window[0]), float(window[1])
+    clipped = torch.from_numpy(np.asarray(image_hu).astype(np.float32)).clamp_(low, high)
+    coords = _base_grid(size) @ np.asarray(matrix, dtype=np.float64).T
+    grid = torch.from_numpy(coords.astype(np.float32)).view(1, size, size, 2)
+    out_image = F.grid_sample(clipped[None, None], grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)[0]
+    out_image = out_image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
+    if label is None:
+        return out_image, None
+    height, width = np.shape(label)
+    # grid_sample's nearest rounds half to even; a 1e-3 pixel nudge makes ties go up, as in resize_labels
+    nudge = np.array([2e-3 / width, 2e-3 / height])
+    label_grid = torch.from_numpy((coords + nudge).astype(np.float32)).view(1, size, size, 2)
+    label_t = torch.from_numpy(np.asarray(label).astype(np.float32))
+    out_label = F.grid_sample(label_t[None, None], label_grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False)[0, 0]
+    return out_image, out_label.to(torch.uint8)
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample: a function of (seed, epoch, index) only, so results do not
+    depend on worker count, worker order or resuming."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets over converted slices
+# --------------------------------------------------------------------------------------------
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Model-ready slices of some cases of a CARE source (training or validation).
+
+    Item key: ``index`` or ``(epoch, index)`` (what ``EpochSampler`` yields). Item: dict with
+    image (1, size, size) float32 in [0, 1], label (size, size) uint8, points (K, 2) float32 (x, y)
+    in model pixels, point_labels (K,) int64, K = (num_classes - 1) * points_per_class. With
+    ``augment`` set, points are drawn at random from the augmented label; without it they are the
+    deterministic evaluation points (``usam.prompts.sample_points`` with no rng).
+    """
+
+    def __init__(
+        self,
+        source,
+        case_ids: list[str],
+        *,
+        num_classes: int,
+        points_per_class: int = 3,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+        size: int = MODEL_SIZE,
+        augment: Augmentation | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.source = source
+        self.case_ids = list(case_ids)
+        self.slices = [(c, p) for c in self.case_ids for p in range(int(source.cases[c]["num_slices"]))]
+        self.num_classes = num_classes
+        self.points_per_class = points_per_class
+        self.window = (float(window[0]), float(window[1]))
+        self.size = size
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        case_id, position = self.slices[index]
+        image_hu, label = self.source.read_slice(case_id, position)
+        return self.transform(image_hu, label, epoch, index)
+
+    def transform(self, image_hu: np.ndarray, label: np.ndarray, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """Window, augment + resize, then sample points from the final label."""
+        rng = sample_generator(self.seed, epoch, index) if self.augment is not None else None
+        matrix = sampling_matrix(*self.augment.draw(rng)) if rng is not None else None
+        image, label_t = resample_slice(image_hu, label, matrix, self.window, self.size)
+        points, point_labels = sample_points(label_t.numpy(), self.num_classes, self.points_per_class, rng)
+        return {
+            "image": image,
+            "label": label_t,
+            "points": torch.from_numpy(points),
+            "point_labels": torch.from_numpy(point_labels),
+        }
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` that yields ``(epoch, index)`` and can start mid-epoch (resume).
+
+    The order of an epoch depends on (seed, epoch) only; ``start`` skips this rank's first
+    ``start`` samples of the current epoch.
+    """
+
+    def __init__(self, dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

@@ -1,0 +1,222 @@
+"""usam.data: windowing, resizing, augmentation geometry, prompt points, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from care_dataset import store
+from care_dataset.synth_phantom import phantom_volume
+from usam.data import (
+    DEFAULT_WINDOW,
+    Augmentation,
+    EpochSampler,
+    SliceDataset,
+    preprocess_slices,
+    resample_slice,
+    resize_images,
+    resize_labels,
+    sampling_matrix,
+    window_normalize,
+)
+
+CLASSES = ["background", "rectum", "tumor"]
+
+
+def make_converted_folder(root: Path, num_patients: int = 6, size: int = 64, depth: int = 24,
+                          storage: str = "zarr", seed: int = 0) -> Path:
+    """A small converted CARE folder (docs/format.md) of synthetic pelvic phantoms: one case per patient,
+    the slices that hold a label kept, patients 0 and 1 in the test split, the rest in train."""
+    store.init_store(root, storage)
+    cases, checksums = {}, {}
+    splits = {"seed": seed, "strategy": "patient", "train": [], "test": []}
+    for p in range(num_patients):
+        case_id = f"P{p:03d}_a"
+        hu, label = phantom_volume((depth, size, size), (5.0, 400.0 / size, 400.0 / size),
+                                   np.random.default_rng([seed, p]), tumour=True)
+        kept = np.flatnonzero(label.reshape(depth, -1).max(1) > 0)
+        image, label = np.ascontiguousarray(hu[kept]), np.ascontiguousarray(label[kept])
+        store.write_case(root, storage, case_id, image, label)
+        split = "test" if p < 2 else "train"
+        splits[split].append(case_id)
+        checksum = store.content_checksum(image, label)
+        checksums[case_id] = checksum
+        spacing = [400.0 / size, 400.0 / size, 5.0]
+        cases[case_id] = {"split": split, "num_slices": len(kept), "kept_slices": kept.tolist(),
+                          "spacing": spacing, "checksum": checksum,
+                          "canonical": {"size": [size, size, depth], "spacing": spacing, "origin": [0.0] * 3,
+                                        "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}}
+    manifest = {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+                "classes": CLASSES, "checksums": {"cases": checksums, "all": "f" * 64}}
+    store.write_json_atomic(root / "dataset.json", manifest)
+    store.write_json_atomic(root / "splits.json", splits)
+    store.write_json_atomic(root / "cases.json", cases)
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    return make_converted_folder(tmp_path_factory.mktemp("care") / "out", num_patients=4)
+
+
+def blob_label(size: int = 224) -> np.ndarray:
+    """Asymmetric blobs of classes 1 and 2 (a rotation or flip of it is never itself)."""
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((size, size), np.uint8)
+    label[((yy - 0.3 * size) / 0.15) ** 2 + ((xx - 0.6 * size) / 0.25) ** 2 < size**2] = 1
+    label[((yy - 0.7 * size) ** 2 + (xx - 0.25 * size) ** 2) < (0.1 * size) ** 2] = 2
+    return label
+
+
+def test_window_normalize_clips_and_scales_numpy_and_torch():
+    hu = np.array([-1000, -125, 75, 275, 3000], np.int16)
+    expected = np.array([0.0, 0.0, 0.5, 1.0, 1.0], np.float32)
+    out_np = window_normalize(hu)
+    out_t = window_normalize(torch.from_numpy(hu))
+    assert out_np.dtype == np.float32 and isinstance(out_t, torch.Tensor) and out_t.dtype == torch.float32
+    np.testing.assert_allclose(out_np, expected, atol=1e-7)
+    np.testing.assert_allclose(out_t.numpy(), expected, atol=1e-7)
+    np.testing.assert_allclose(window_normalize(hu, (0, 100)), [0, 0, 0.75, 1, 1])
+    with pytest.raises(ValueError, match="low < high"):
+        window_normalize(hu, (10, 10))
+
+
+def test_resize_uses_pixel_centre_convention():
+    # a 2 x 2 checkerboard upsampled x2: nearest copies blocks, bilinear matches torch's align_corners=False
+    labels = torch.tensor([[[0, 1], [2, 0]]], dtype=torch.uint8)
+    np.testing.assert_array_equal(resize_labels(labels, 4)[0].numpy(),
+                                  np.kron([[0, 1], [2, 0]], np.ones((2, 2), int)))
+    assert resize_labels(labels, 4).dtype == torch.int64
+    images = torch.rand(3, 1, 50, 70)
+    expected = F.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_images(images), expected)
+    hu = np.random.default_rng(0).integers(-500, 500, (2, 64, 80)).astype(np.int16)
+    x = preprocess_slices(hu)
+    assert x.shape == (2, 1, 224, 224) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def test_quarter_turns_and_flips_equal_numpy_on_the_model_grid():
+    label = blob_label()
+    hu = (label.astype(np.int16) * 100 - 100)
+    for turns in range(4):
+        for flip in (False, True):
+            image, out = resample_slice(hu, label, sampling_matrix(flip, turns))
+            reference = np.rot90(label[:, ::-1] if flip else label, turns)
+            np.testing.assert_array_equal(out.numpy(), reference)
+            np.testing.assert_allclose(image[0].numpy(), window_normalize(np.ascontiguousarray(
+                np.rot90(hu[:, ::-1] if flip else hu, turns))), atol=1e-4)
+
+
+def test_identity_resample_equals_the_shared_preprocessing():
+    rng = np.random.default_rng(1)
+    for shape in ((512, 512), (64, 64), (96, 80)):
+        hu = rng.integers(-400, 600, shape).astype(np.int16)
+        label = rng.integers(0, 3, shape).astype(np.uint8)
+        image, out = resample_slice(hu, label, np.eye(2))
+        torch.testing.assert_close(image, preprocess_slices(hu[None])[0], atol=2e-4, rtol=0)
+        np.testing.assert_array_equal(out.numpy(), resize_labels(torch.from_numpy(label)[None])[0].numpy())
+
+
+def test_rotation_moves_image_and_label_together():
+    # the label is the thresholded image: after any augmentation, class-2 pixels must stay bright
+    rng = np.random.default_rng(2)
+    label = blob_label(96)
+    hu = np.where(label == 2, 250, np.where(label == 1, 50, -100)).astype(np.int16)
+    aug = Augmentation(flip_prob=0.5, max_rotation_deg=15.0, small_rotation_prob=1.0)
+    for _ in range(10):
+        flip, turns, angle = aug.draw(rng)
+        assert abs(angle) <= 15.0 and angle != 0.0
+        image, out = resample_slice(hu, label, sampling_matrix(flip, turns, angle))
+        image, out = image[0].numpy(), out.numpy()
+        expected = window_normalize(np.array([-100, 50, 250]))
+        inside = out > 0
+        # nearest label vs bilinear image: pixels well inside each class carry that class's intensity
+        for cls in (1, 2):
+            core = torch.nn.functional.max_pool2d(torch.from_numpy((out != cls).astype(np.float32))[None],
+                                                  7, 1, 3)[0].numpy() == 0
+            assert core.sum() > 50
+            np.testing.assert_allclose(image[core], expected[cls], atol=1e-4)
+        assert inside.any()
+
+
+def test_points_sampled_after_augmentation_lie_in_their_class(converted):
+    dataset = store.open_dataset(converted)
+    ids = dataset.case_ids("train")
+    data = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=Augmentation(), seed=7)
+    seen = {1: 0, 2: 0}
+    for index in range(len(data)):
+        item = data[(0, index)]
+        assert item["image"].shape == (1, 224, 224) and item["label"].shape == (224, 224)
+        assert item["points"].shape == (6, 2) and item["point_labels"].shape == (6,)
+        label = item["label"].numpy()
+        for slot, ((x, y), flag) in enumerate(zip(item["points"].numpy(), item["point_labels"].numpy())):
+            cls = 1 + slot // 3
+            if flag == 1:
+                assert label[int(round(y)), int(round(x))] == cls
+                seen[cls] += 1
+            else:
+                assert flag == -1 and not (label == cls).any()
+    assert seen[1] > 0 and seen[2] > 0
+
+
+def test_samples_depend_on_seed_epoch_index_only(converted):
+    dataset = store.open_dataset(converted)
+    ids = dataset.case_ids("train")
+    make = lambda seed: SliceDataset(dataset, ids, num_classes=3, points_per_class=1, augment=Augmentation(),
+                                     seed=seed)
+    a, b = make(0), make(0)
+    order = [(1, 3), (0, 5), (1, 3), (2, 0)]
+    first = [a[k] for k in order]
+    second = [b[k] for k in reversed(order)][::-1]
+    for x, y in zip(first, second):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+    torch.testing.assert_close(first[0]["image"], first[2]["image"], rtol=0, atol=0)
+    differs = lambda x, y: not torch.equal(x["image"], y["image"]) or not torch.equal(x["points"], y["points"])
+    assert any(differs(a[(e, 3)], a[(1, 3)]) for e in (0, 2, 3))  # another epoch, another draw
+    assert any(differs(make(1)[(1, i)], a[(1, i)]) for i in range(4))  # another seed, another draw
+
+
+def test_validation_items_are_deterministic_unaugmented(converted):
+    dataset = store.open_dataset(converted)
+    ids = dataset.case_ids("train")
+    data = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None)
+    image_hu, label = dataset.read_slice(ids[0], 0)
+    item = data[(5, 0)]
+    torch.testing.assert_close(item["image"], preprocess_slices(image_hu[None], DEFAULT_WINDOW)[0])
+    np.testing.assert_array_equal(item["label"].numpy(), resize_labels(torch.from_numpy(label)[None])[0].numpy())
+    torch.testing.assert_close(data[(0, 0)]["points"], item["points"], rtol=0, atol=0)
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_shards_ranks():
+    data = list(range(10))
+    full = EpochSampler(data, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert sorted(i for _, i in order) == data and all(e == 2 for e, _ in order)
+    resumed = EpochSampler(data, seed=3)
+    resumed.set_epoch(2)
+    resumed.start = 4
+    assert list(resumed) == order[4:] and len(resumed) == 6
+    full.set_epoch(3)
+    assert list(full) != order
+    ranks = [EpochSampler(data, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    shards = [[i for _, i in r] for r in ranks]
+    assert sorted(shards[0] + shards[1]) == data
+
+
+def test_make_converted_folder_is_readable(converted):
+    dataset = store.open_dataset(converted)
+    assert dataset.class_names == CLASSES
+    assert len(dataset.case_ids("train")) == 2 and len(dataset.case_ids("test")) == 2
+    sample = dataset.sample("train", 0)
+    assert sample["image"].dtype == np.int16 and (sample["label"] > 0).any()
+    assert json.loads((converted / "dataset.json").read_text())["checksums"]["all"]

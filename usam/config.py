@@ -1,0 +1,209 @@
+"""Training configuration: one dataclass, a TOML file that may set any field, command-line overrides.
+
+Precedence, lowest first: the defaults below, the saved config of the run (``--resume``), the
+``--config`` TOML file, options given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``usam fit``; field names are the TOML keys and (with - for _) the CLI flags."""
+
+    # data and model
+    data: str = ""
+    """Converted CARE folder (zarr/HDF5 shards) or a published Hugging Face dataset folder."""
+    model: str = "usam_b"
+    """Registered model name (``usam models`` lists them)."""
+    model_args: dict = field(default_factory=dict)
+    """Extra keyword arguments for ``create_model`` (TOML table; CLI ``--model-arg key=value``)."""
+    sam_checkpoint: str = ""
+    """Official SAM ViT-B weights (sam_vit_b_01ec64.pth) to initialise the SAM parts; empty = from scratch."""
+    num_classes: int = 0
+    """Classes including background; 0 takes the data's count, any other value must match it."""
+    out: str = "runs/usam"
+    """Run folder: config, logs, curves, checkpoints ``last/`` and ``best/``."""
+
+    # input pipeline
+    window: list = field(default_factory=lambda: [-125.0, 275.0])
+    """HU window (low, high) clipped and scaled to [0, 1]; stored in the checkpoint."""
+    points: int = 3
+    """Point prompts per present class, sampled from the label after augmentation (0, 1, 3 or 5)."""
+    augment: bool = True
+    """Online augmentation: flips, quarter turns and small rotations (see usam.data.Augmentation)."""
+    flip_prob: float = 0.5
+    max_rotation_deg: float = 15.0
+    small_rotation_prob: float = 0.5
+    val_fraction: float = 0.1
+    """Fraction of the training patients held out for model selection (the test split is never read)."""
+
+    # optimisation
+    epochs: int = 100
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0 = no bound); the LR schedule spans min(epochs, max_steps)."""
+    batch_size: int = 24
+    """Global batch size (split evenly over DDP ranks); 24 as in the paper."""
+    lr_encoder: float = 1e-4
+    """LR of the pretrained ViT and the CNN down path. Authors' code: 1e-4; the paper's text says 1e-3."""
+    lr_decoder: float = 1e-3
+    """LR of everything else (prompt/mask decoder, U-Net up path). Authors' code: 1e-3; paper's text: 1e-4."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (PyTorch's default)."""
+    poly_power: float = 0.9
+    """Polynomial decay: lr = base_lr * (1 - step / total_steps) ** poly_power."""
+    ce_weight: float = 0.4
+    """Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' code: 0.4 / 0.6)."""
+    dice_weight: float = 0.6
+    seed: int = 0
+
+    # schedule of evaluation, logging, checkpoints
+    val_every: int = 0
+    """Validate every this many steps (0 = at the end of each epoch); always at the end of training."""
+    log_every: int = 10
+    """Steps per JSONL log line and progress update."""
+
+    # execution
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    workers: int = -1
+    """DataLoader worker processes (-1 = min(8, CPU cores per rank)); results do not depend on it."""
+    amp: bool = True
+    """bf16 autocast on CUDA (CPU always runs fp32)."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA."""
+    compile: bool = False
+    """torch.compile the model."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (CPU runs are bit-reproducible regardless)."""
+    resume: bool = False
+    """Continue the run in ``out`` from ``out/last`` exactly (model, optimizer, schedule, data order, RNG)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        checks = [
+            (len(self.window) == 2 and float(self.window[0]) < float(self.window[1]),
+             f"window must be two numbers low < high, got {self.window}"),
+            (self.points >= 0, f"points must be >= 0, got {self.points}"),
+            (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.ce_weight >= 0 and self.dice_weight >= 0 and self.ce_weight + self.dice_weight > 0,
+             "ce_weight and dice_weight must be >= 0 and not both 0"),
+            (self.lr_encoder >= 0 and self.lr_decoder >= 0, "learning rates must be >= 0"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}"),
+            (self.num_classes == 0 or self.num_classes >= 2, f"num_classes must be 0 or >= 2, got {self.num_classes}"),
+            (all(math.isfinite(float(w)) for w in self.window), "window must be finite"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if not self.data:
+            raise ValueError("no data folder given (--data)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# options that may differ between a run and its resumption without changing its results
+RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "log_every", "epochs", "max_steps", "data"})
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check and convert a TOML or CLI value to the type of field ``name``."""
+    default = TrainConfig().to_dict()[name]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"option {name}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"option {name}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"option {name}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"option {name}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in value):
+            raise ValueError(f"option {name}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"option {name}: expected a table, got {value!r}")
+        return dict(value)
+    raise TypeError(name)  # pragma: no cover
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML file; unknown keys and wrong types are errors."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"config file {path}: not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path}: not valid TOML ({error})") from None
+    known = set(field_names())
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown options {', '.join(unknown)}")
+    try:
+        return {k: coerce(k, v) for k, v in raw.items()}
+    except ValueError as error:
+        raise ValueError(f"config file {path}: {error}") from None
+
+
+def build_config(*layers: dict[str, Any]) -> TrainConfig:
+    """Defaults updated by each layer of options in turn."""
+    values = TrainConfig().to_dict()
+    for layer in layers:
+        for key, value in layer.items():
+            values[key] = coerce(key, value)
+    return TrainConfig(**values)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as TOML that ``read_toml`` reads back to an equal config."""
+    values = config.to_dict()
+    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    for key, table in values.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in sorted(table.items())]
+    return "\n".join(lines) + "\n"
