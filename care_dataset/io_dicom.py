@@ -1,0 +1,269 @@
+"""DICOM series in a case folder: headers once with pydicom, series classified, one series read with SimpleITK.
+
+Every message raised here (``DicomError``) is one sentence without identifying values: no names, IDs, dates,
+UIDs, file or folder names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+NATIVE_SYNTAXES = (
+    pydicom.uid.ImplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRBigEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+)
+SLICE_GAP_TOLERANCE = 0.05  # relative deviation of one slice gap from the mean gap
+TILT_TOLERANCE = 0.05  # in-plane drift across the series, in pixels
+
+
+class DicomError(Exception):
+    """A DICOM problem of a case, in one privacy-safe sentence."""
+
+
+@dataclass
+class DicomSeries:
+    """One candidate image series: files sorted along the slice normal, geometry computed from the headers.
+
+    ``size`` is (columns, rows, slices), ``spacing`` (column, row, slice) mm, ``direction`` the 3 x 3 matrix
+    whose columns are the row cosine, the column cosine and the slice normal (row-major, 9 numbers): the grid
+    SimpleITK's ImageSeriesReader builds from the same files in the same order.
+    """
+
+    files: list[Path]
+    header: pydicom.Dataset
+    modality: str
+    transfer_syntax: UID
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    hu_range: tuple[float, float] | None  # stored range rescaled, None when not integral
+    sort_key: tuple = field(default=(), repr=False)
+
+    def geometry(self) -> dict:
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction)}
+
+
+@dataclass
+class DicomScan:
+    """What a case folder holds: usable series and a count of what was set aside, by reason."""
+
+    series: list[DicomSeries]
+    skipped: dict[str, int]
+    num_files: int
+
+
+def _walk_files(root: Path, exclude: set[Path]) -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if name.startswith(".") or name.upper() == "DICOMDIR" or path in exclude:
+                continue
+            found.append(path)
+    return found
+
+
+def _read_header(path: Path) -> pydicom.Dataset | None:
+    """Header without pixel data; None for files that are not DICOM."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        return None
+    except Exception:  # noqa: BLE001 - any parser failure means a damaged file
+        raise DicomError("a DICOM file is corrupt or truncated (its header cannot be parsed)") from None
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    if sop_class == DICOMDIR_SOP_CLASS:
+        return None
+    if "SeriesInstanceUID" not in ds:
+        raise DicomError("a DICOM file is corrupt or truncated (its header ends before the series identifier)")
+    return ds
+
+
+def _is_image(ds: pydicom.Dataset) -> bool:
+    return all(k in ds for k in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"))
+
+
+def _image_type(ds: pydicom.Dataset) -> list[str]:
+    value = ds.get("ImageType") or []
+    return [value.upper()] if isinstance(value, str) else [str(v).upper() for v in value]
+
+
+def _is_localizer(ds: pydicom.Dataset) -> bool:
+    return "LOCALIZER" in _image_type(ds)
+
+
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _hu_range(headers: list[pydicom.Dataset]) -> tuple[float, float] | None:
+    """Range of rescaled values the stored pixels can take, or None when slope/intercept are not integers."""
+    lows, highs = [], []
+    for ds in headers:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        if slope != round(slope) or intercept != round(intercept):
+            return None
+        bits = int(ds.get("BitsAllocated", 16))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        ends = (slope * lo + intercept, slope * hi + intercept)
+        lows.append(min(ends))
+        highs.append(max(ends))
+    return min(lows), max(highs)
+
+
+def _build_series(headers: list[pydicom.Dataset], files: list[Path]) -> DicomSeries | str:
+    """A candidate series from same-shaped, same-orientation images, or the reason it cannot be one."""
+    first = headers[0]
+    if len(files) < 2:
+        return "single-image series"
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        return "multi-frame series"
+    if int(first.get("SamplesPerPixel", 1)) != 1:
+        return "colour series"
+    orientation = _floats(first.ImageOrientationPatient, 6)
+    pixel_spacing = _floats(first.PixelSpacing, 2)
+    if orientation is None or pixel_spacing is None:
+        return "series without valid orientation or pixel spacing"
+    row, col = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row, col)
+    if np.argmax(np.abs(normal)) != 2:
+        return "non-axial series"
+    positions = []
+    for ds in headers:
+        pos = _floats(ds.ImagePositionPatient, 3)
+        if pos is None:
+            return "series with an invalid slice position"
+        positions.append(pos)
+    positions = np.array(positions)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along, positions = along[order], positions[order]
+    gaps = np.diff(along)
+    if np.any(gaps <= 1e-4):
+        return "series with repeated slice positions"
+    mean_gap = float((along[-1] - along[0]) / (len(along) - 1))
+    if np.max(np.abs(gaps - mean_gap)) > SLICE_GAP_TOLERANCE * mean_gap:
+        return "series with uneven slice spacing"
+    drift = (positions[-1] - positions[0]) - (along[-1] - along[0]) * normal
+    if np.linalg.norm(drift) > TILT_TOLERANCE * min(pixel_spacing):
+        return "tilted (sheared) series"
+    matrix = np.column_stack([row, col, normal])
+    return DicomSeries(
+        files=[files[i] for i in order],
+        header=headers[order[0]],
+        modality=str(first.get("Modality", "")).upper() or "unknown",
+        transfer_syntax=UID(first.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)),
+        size=(int(first.Columns), int(first.Rows), len(files)),
+        spacing=(pixel_spacing[1], pixel_spacing[0], mean_gap),
+        origin=tuple(float(v) for v in positions[0]),
+        direction=tuple(float(v) for v in matrix.ravel()),
+        hu_range=_hu_range(headers),
+        sort_key=(
+            "DERIVED" in _image_type(first),
+            int(first.get("SeriesNumber", 0) or 0),
+        ),
+    )
+
+
+def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
+    """Read every DICOM header under ``root`` once and group the images into candidate series.
+
+    Localizer images, single images, multi-frame and non-axial stacks are set aside; a series whose images
+    differ in shape or orientation is split into one candidate per shape and orientation.
+    """
+    groups: dict[tuple, tuple[list[pydicom.Dataset], list[Path]]] = {}
+    skipped: dict[str, int] = {}
+    num_files = 0
+    for path in _walk_files(root, set(exclude)):
+        ds = _read_header(path)
+        if ds is None:
+            continue
+        num_files += 1
+        if not _is_image(ds):
+            skipped["non-image object"] = skipped.get("non-image object", 0) + 1
+            continue
+        if _is_localizer(ds):
+            skipped["localizer image"] = skipped.get("localizer image", 0) + 1
+            continue
+        shape_key = (
+            str(ds.SeriesInstanceUID), int(ds.Rows), int(ds.Columns),
+            tuple(round(float(v), 3) for v in ds.ImageOrientationPatient),
+            tuple(round(float(v), 4) for v in ds.PixelSpacing),
+        )
+        headers, files = groups.setdefault(shape_key, ([], []))
+        headers.append(ds)
+        files.append(path)
+    series = []
+    for headers, files in groups.values():
+        built = _build_series(headers, files)
+        if isinstance(built, str):
+            skipped[built] = skipped.get(built, 0) + 1
+        else:
+            series.append(built)
+    series.sort(key=lambda s: (s.modality != "CT", s.sort_key, -s.size[2], str(s.files[0])))
+    return DicomScan(series=series, skipped=skipped, num_files=num_files)
+
+
+def _execute(files: list[Path], pixel_type: int | None, syntax: UID) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames([str(f) for f in files])
+    if pixel_type is not None:
+        reader.SetOutputPixelType(pixel_type)
+    try:
+        return reader.Execute()
+    except RuntimeError:
+        if syntax not in NATIVE_SYNTAXES:
+            raise DicomError(f"unreadable compression: {syntax.name} (SimpleITK cannot decode this series)") from None
+        raise DicomError("DICOM pixel data is corrupt or truncated") from None
+
+
+def read_series_int16(series: DicomSeries) -> sitk.Image:
+    """Pixel data of ``series`` in HU (rescale applied), int16, clipped to the int16 range, rounded if fractional.
+
+    When the rescaled values cannot wrap undetected, SimpleITK casts to int16 while reading (half the memory
+    traffic); a value outside the possible HU range then reveals a wrap and the series is read again natively.
+    """
+    lo_hi = series.hu_range
+    if lo_hi is not None and lo_hi[1] - lo_hi[0] < 65536:
+        image = _execute(series.files, sitk.sitkInt16, series.transfer_syntax)
+        if lo_hi[0] >= -32768 and lo_hi[1] <= 32767:
+            return image
+        values = sitk.GetArrayViewFromImage(image)
+        if values.min() >= max(lo_hi[0], -32768) and values.max() <= min(lo_hi[1], 32767):
+            return image
+    return cast_int16(_execute(series.files, None, series.transfer_syntax))
+
+
+def cast_int16(image: sitk.Image) -> sitk.Image:
+    """Round (if fractional) and clip a scalar image to int16, keeping its geometry."""
+    if image.GetPixelID() == sitk.sitkInt16:
+        return image
+    if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
+        return sitk.Cast(image, sitk.sitkInt16)
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind == "f":
+        values = np.rint(values)
+    out = sitk.GetImageFromArray(np.clip(values, -32768, 32767).astype(np.int16))
+    out.CopyInformation(image)
+    return out
