@@ -10,13 +10,13 @@ CARE_SIZES = {"train": 318, "test": 81}
 
 
 def _case_ids(num_patients: int, cases_per_patient=lambda i: 1 + (i % 3 == 0)) -> list[str]:
-    return [f"care-{i:08x}_{j:04x}" for i in range(num_patients) for j in range(cases_per_patient(i))]
+    return [f"care_{i:012x}-{j:06x}" for i in range(num_patients) for j in range(cases_per_patient(i))]
 
 
 def test_patient_of_strips_only_the_case_suffix():
-    assert patient_of("care-1a2b3c4d_9f0e") == "care-1a2b3c4d"
-    assert patient_of("my_site-1a2b_9f0e") == "my_site-1a2b"
-    assert patient_of("nosuffix") == "nosuffix"
+    assert patient_of("care_1a2b3c4d5e6f-9f0e12") == "care_1a2b3c4d5e6f"
+    assert patient_of("my-site_1a2b-9f0e12") == "my-site_1a2b"
+    assert patient_of("care_nosuffix") == "care_nosuffix"
 
 
 def test_care_sizes_scale_to_the_published_ratio():

@@ -1,0 +1,159 @@
+"""Console scripts: care-convert argument errors and exit codes, the thin wrappers' wiring."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from care_dataset import store
+from care_dataset.cli import anonymize_main, convert_main, publish_main, synth_main, verify_main
+from care_dataset.synth_phantom import phantom_volume
+
+
+def write_volume_case(case_dir: Path, seed: int) -> None:
+    """One .mha image + ITK-SNAP-style label case, 48 x 48 x 10 voxels over a 384 mm field of view."""
+    hu, label = phantom_volume((10, 48, 48), (2.5, 8.0, 8.0), np.random.default_rng(seed), tumour=True)
+    case_dir.mkdir(parents=True)
+    for array, name in ((hu, "ct.mha"), (label, "ct_seg.mha")):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing((8.0, 8.0, 2.5))
+        sitk.WriteImage(img, str(case_dir / name))
+
+
+@pytest.fixture
+def raw(tmp_path) -> Path:
+    root = tmp_path / "raw"
+    for i in range(2):
+        write_volume_case(root / f"case{i}", i)
+    return root
+
+
+@pytest.fixture
+def key_file(tmp_path) -> Path:
+    path = tmp_path / "secret.key"
+    path.write_bytes(b"cli-test-key\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_env_key(monkeypatch):
+    monkeypatch.delenv("CARE_DEID_KEY", raising=False)
+
+
+def error_of(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_help_exits_zero(capsys):
+    assert convert_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--profile", "--format", "--workers", "--seed", "--key-file", "--random-key", "--private-map"):
+        assert option in out
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    ([], "the following arguments are required"),
+    (["--format", "parquet"], "invalid choice"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "two"], "invalid int value"),
+    (["--profile", "nosuchprofile"], "unknown profile 'nosuchprofile'; available: care, word"),
+])
+def test_argument_errors_exit_2(raw, tmp_path, key_file, capsys, argv_tail, message):
+    argv = [str(raw), str(tmp_path / "out"), "--key-file", str(key_file)] if argv_tail else []
+    assert convert_main(argv + argv_tail) == 2
+    assert message in error_of(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_path_errors_exit_2(raw, tmp_path, key_file, capsys):
+    key = ["--key-file", str(key_file)]
+    assert convert_main([str(tmp_path / "missing"), str(tmp_path / "out"), *key]) == 2
+    assert "does not exist" in error_of(capsys)
+    assert convert_main([str(raw), str(raw / "out"), *key]) == 2
+    assert "must not be inside the raw folder" in error_of(capsys)
+    assert convert_main([str(raw), str(tmp_path / "out"), *key, "--private-map", str(tmp_path / "out" / "m.json")]) == 2
+    assert "--private-map must not be inside the output folder" in error_of(capsys)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a conversion")
+    assert convert_main([str(raw), str(foreign), *key]) == 2
+    assert "not empty" in error_of(capsys)
+    bad_profile = tmp_path / "bad.toml"
+    bad_profile.write_text("[classes]\nnames = ['rectum']\n")
+    assert convert_main([str(raw), str(tmp_path / "out"), *key, "--profile", str(bad_profile)]) == 2
+    assert "must start with 'background'" in error_of(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_key_is_refused(raw, tmp_path, capsys):
+    assert convert_main([str(raw), str(tmp_path / "out")]) == 2
+    assert "--random-key" in error_of(capsys)
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b"")
+    assert convert_main([str(raw), str(tmp_path / "out"), "--key-file", str(empty)]) == 2
+    assert "empty" in error_of(capsys)
+
+
+def test_random_key_warns_and_marks_ids_unreproducible(raw, tmp_path, capsys):
+    assert convert_main([str(raw), str(tmp_path / "a"), "--random-key", "--quiet"]) == 0
+    assert "not be reproducible" in error_of(capsys)
+    assert convert_main([str(raw), str(tmp_path / "b"), "--random-key", "--quiet"]) == 0
+    a, b = store.open_dataset(tmp_path / "a"), store.open_dataset(tmp_path / "b")
+    assert a.manifest["key_reproducible"] is False
+    assert len(a.case_ids()) == 2 and not set(a.case_ids()) & set(b.case_ids())
+
+
+def test_key_from_environment(raw, tmp_path, key_file, monkeypatch):
+    assert convert_main([str(raw), str(tmp_path / "a"), "--key-file", str(key_file), "--quiet"]) == 0
+    monkeypatch.setenv("CARE_DEID_KEY", "cli-test-key")
+    assert convert_main([str(raw), str(tmp_path / "b"), "--quiet"]) == 0
+    a, b = store.open_dataset(tmp_path / "a"), store.open_dataset(tmp_path / "b")
+    assert a.case_ids() == b.case_ids() and a.manifest["key_reproducible"] is True
+
+
+def test_summary_table_and_exit_code_1_on_a_failed_case(raw, tmp_path, key_file, capsys):
+    (raw / "case1" / "ct_seg.mha").unlink()
+    assert convert_main([str(raw), str(tmp_path / "out"), "--key-file", str(key_file), "--format", "h5"]) == 1
+    captured = capsys.readouterr()
+    assert "1 converted, 1 failed" in captured.out
+    for column in ("split", "cases", "slices", "normal rectum voxels", "tumor voxels"):
+        assert column in captured.out
+    failed_lines = [line for line in captured.err.splitlines() if "FAILED" in line]
+    assert len(failed_lines) == 1 and "case1" in failed_lines[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(r["status"] for r in report) == ["converted", "failed"]
+    assert store.open_dataset(tmp_path / "out").storage == "h5"
+
+
+def test_format_change_in_a_finished_folder_is_refused(raw, tmp_path, key_file, capsys):
+    common = [str(raw), str(tmp_path / "out"), "--key-file", str(key_file), "--quiet"]
+    assert convert_main(common) == 0
+    assert convert_main([*common, "--format", "h5"]) == 2
+    assert "--format zarr" in error_of(capsys)
+
+
+def test_console_script_is_installed(tmp_path):
+    script = Path(sys.executable).with_name("care-convert")
+    if not script.exists():
+        pytest.skip("care-convert console script not installed in this environment")
+    result = subprocess.run([str(script), str(tmp_path / "missing"), str(tmp_path / "out"), "--random-key"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("entry, module", [(anonymize_main, "deid"), (synth_main, "synth"),
+                                           (verify_main, "verify"), (publish_main, "publish")])
+def test_wrappers_parse_their_own_arguments(entry, module, capsys):
+    if importlib.util.find_spec(f"care_dataset.{module}") is None:
+        pytest.skip(f"care_dataset.{module} not available yet")
+    assert entry(["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+    assert entry(["--no-such-option"]) == 2

@@ -1,0 +1,511 @@
+"""care-convert end to end on small DICOM and volume-file cases written here with pydicom and SimpleITK."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from care_dataset import store
+from care_dataset.convert import convert_dataset, to_original_grid
+from care_dataset.profiles import load_profile
+from care_dataset.splits import patient_of
+from care_dataset.synth_phantom import phantom_volume
+
+KEY = b"test-key-not-secret"
+SIZE = 64  # in-plane pixels
+SLICES = 14
+SPACING = (6.0, 6.0, 2.5)  # x, y, z mm: a 384 mm field of view on 64 pixels
+
+# Identifying values planted in headers, names and label text; none may appear under the output folder.
+PATIENTS = {
+    "DOE_JANE_19610203": dict(PatientName="Doe^Jane", PatientID="PID778812", PatientBirthDate="19610203"),
+    "Roe Richard (2nd scan)": dict(PatientName="Roe^Richard", PatientID="PID551903", PatientBirthDate="19550417"),
+    "ROE_RICHARD_followup": dict(PatientName="Roe^Richard", PatientID="PID551903", PatientBirthDate="19550417"),
+    "Mustermann_Erika": dict(PatientName="Mustermann^Erika", PatientID="PID330127", PatientBirthDate="19700911"),
+}
+SHARED_PHI = dict(InstitutionName="Saint Elsewhere Clinic", AccessionNumber="ACC99321",
+                  ReferringPhysicianName="House^Gregory", StudyDescription="pelvis staging Kowalski",
+                  StudyDate="20190412", StudyTime="101502")
+VOLUME_CASE = "Smith_John_MRN0042"  # a volume-file case with a flipped, non-identity direction
+LABEL_NAME_PHI = "rectum drawn by Dr Quackenbush"
+
+
+def phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hu int16 [z, y, x], label uint8 [z, y, x]) with rectum and tumor on a few central slices."""
+    rng = np.random.default_rng(seed)
+    return phantom_volume((SLICES, SIZE, SIZE), SPACING[::-1], rng, tumour=True)
+
+
+def write_dicom_case(case_dir: Path, hu: np.ndarray, label: np.ndarray, phi: dict, modality: str = "CT") -> list[str]:
+    """DICOM series (head-first supine, LPS identity) plus an ITK-SNAP-style label and description file.
+
+    Returns the UIDs written (identifying values too)."""
+    series_dir = case_dir / f"{phi['PatientName'].replace('^', '_')}_CT" / "series1"
+    series_dir.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    origin = (-SIZE * SPACING[0] / 2, -SIZE * SPACING[1] / 2, -100.0)
+    uids = [study, series, frame]
+    for k in range(hu.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        uids.append(ds.SOPInstanceUID)
+        ds.Modality = modality
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SeriesNumber, ds.InstanceNumber = 3, k + 1
+        for keyword, value in {**phi, **SHARED_PHI}.items():
+            setattr(ds, keyword, value)
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * SPACING[2]]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [SPACING[1], SPACING[0]]
+        ds.SliceThickness = SPACING[2]
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.clip(hu[k].astype(np.int32) + 1024, 0, 65535).astype(np.uint16).tobytes()
+        ds.save_as(series_dir / f"IMG_{phi['PatientID']}_{k:04d}.dcm", enforce_file_format=True)
+    seg = sitk.GetImageFromArray(label)
+    seg.SetSpacing(SPACING)
+    seg.SetOrigin(origin)
+    sitk.WriteImage(seg, str(case_dir / f"{phi['PatientName'].replace('^', '_')}_seg.nii.gz"))
+    write_label_description(case_dir / "labels.txt")
+    return uids
+
+
+def write_label_description(path: Path) -> None:
+    path.write_text(
+        "################################################\n"
+        "# ITK-SnAP Label Description File\n"
+        "################################################\n"
+        '    0     0    0    0        0  0  0    "Clear Label"\n'
+        f'    1   255    0    0        1  1  1    "{LABEL_NAME_PHI}"\n'
+        '    2     0  255    0        1  1  1    "Tumor"\n'
+    )
+
+
+def write_volume_case(case_dir: Path, hu: np.ndarray, label: np.ndarray) -> tuple[sitk.Image, sitk.Image]:
+    """.mha image and label in a feet-first orientation with a flipped x axis (direction diag(-1, 1, -1))."""
+    case_dir.mkdir(parents=True)
+    images = []
+    for array, name in ((hu[::-1, :, ::-1], "Smith_CT.mha"), (label[::-1, :, ::-1], "Smith_seg.mha")):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        img.SetSpacing(SPACING)
+        img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, -1))
+        img.SetOrigin((30.0, -20.0, 50.0))
+        sitk.WriteImage(img, str(case_dir / name))
+        images.append(img)
+    return images[0], images[1]
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> dict:
+    """A raw folder of 5 cases (one patient with two scans) and what was planted in it."""
+    root = tmp_path_factory.mktemp("raw")
+    planted = [*PATIENTS, VOLUME_CASE, LABEL_NAME_PHI, *SHARED_PHI.values()]
+    originals = {}
+    for seed, (folder, phi) in enumerate(PATIENTS.items()):
+        hu, label = phantom(seed)
+        planted += write_dicom_case(root / folder, hu, label, phi)
+        planted += [v for v in phi.values()] + [phi["PatientName"].replace("^", "_")]
+        originals[folder] = (hu, label)
+    hu, label = phantom(10)
+    originals[VOLUME_CASE] = write_volume_case(root / VOLUME_CASE, hu, label)
+    return {"dir": root, "planted": planted, "originals": originals}
+
+
+def convert(raw_dir: Path, out: Path, **kwargs):
+    kwargs.setdefault("progress", False)
+    return convert_dataset(raw_dir, out, load_profile("care"), KEY, True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def converted(raw, tmp_path_factory) -> dict:
+    outs = {}
+    for storage in ("zarr", "h5"):
+        out = tmp_path_factory.mktemp(f"out_{storage}")
+        outs[storage] = (out, convert(raw["dir"], out, storage=storage))
+    return outs
+
+
+def json_files(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("dataset.json", "cases.json", "splits.json", "report.json")}
+
+
+def all_arrays(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    ds = store.open_dataset(out)
+    return {c: ds.read_case(c) for c in ds.case_ids()}
+
+
+def assert_same_dataset(a: Path, b: Path) -> None:
+    assert json_files(a) == json_files(b)
+    arrays_a, arrays_b = all_arrays(a), all_arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for case_id in arrays_a:
+        for x, y in zip(arrays_a[case_id], arrays_b[case_id]):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_zarr_and_h5_hold_equal_arrays_and_checksums(converted):
+    (zarr_out, zarr_summary), (h5_out, h5_summary) = converted["zarr"], converted["h5"]
+    assert zarr_summary.converted == h5_summary.converted == 5 and zarr_summary.failed == 0
+    zarr_ds, h5_ds = store.open_dataset(zarr_out), store.open_dataset(h5_out)
+    assert zarr_ds.storage == "zarr" and h5_ds.storage == "h5"
+    assert zarr_ds.manifest["checksums"] == h5_ds.manifest["checksums"]
+    assert (zarr_out / "cases.json").read_bytes() == (h5_out / "cases.json").read_bytes()
+    for case_id in zarr_ds.case_ids():
+        image, label = zarr_ds.read_case(case_id)
+        assert image.dtype == np.int16 and label.dtype == np.uint8
+        np.testing.assert_array_equal(image, h5_ds.read_case(case_id)[0])
+        np.testing.assert_array_equal(label, h5_ds.read_case(case_id)[1])
+        assert store.content_checksum(image, label) == zarr_ds.cases[case_id]["checksum"]
+
+
+def test_manifest_splits_and_report(converted):
+    out, summary = converted["zarr"]
+    ds = store.open_dataset(out)
+    manifest = ds.manifest
+    assert manifest["classes"] == ["background", "normal rectum", "tumor"]
+    assert manifest["profile"]["name"] == "care" and manifest["key_reproducible"] is True
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["seed"] == 0 and splits["strategy"] == "patient"
+    assert sorted(splits["train"] + splits["test"]) == ds.case_ids()
+    # four patients -> 3 train, 1 test at 318:81; the two scans of one patient share prefix and split
+    patients = {patient_of(c) for c in ds.case_ids()}
+    assert len(patients) == 4 and len(ds.case_ids()) == 5
+    for split in ("train", "test"):
+        assert manifest["splits"][split]["cases"] == len(splits[split])
+        assert manifest["splits"][split]["slices"] == sum(ds.cases[c]["num_slices"] for c in splits[split])
+    assert len({patient_of(c) for c in splits["train"]}) == 3
+    assert not {patient_of(c) for c in splits["train"]} & {patient_of(c) for c in splits["test"]}
+    report = json.loads((out / "report.json").read_text())
+    assert len(report) == 5 and {r["status"] for r in report} == {"converted"}
+    assert sorted(r["case_id"] for r in report) == ds.case_ids()
+    assert "timestamp" not in json.dumps(manifest) and "date" not in json.dumps(manifest).lower()
+
+
+def test_filtering_keeps_exactly_the_labelled_slices(raw, converted):
+    out, _ = converted["zarr"]
+    ds = store.open_dataset(out)
+    for case_id in ds.case_ids():
+        geometry = ds.cases[case_id]
+        image, label = ds.read_case(case_id)
+        full_label = sitk.GetArrayFromImage(to_original_grid(ds, case_id, label))
+        assert geometry["voxels_before"] == {n: int((full_label == i).sum()) for i, n in enumerate(ds.class_names)}
+        for name in ("normal rectum", "tumor"):
+            assert geometry["voxels_after"][name] == geometry["voxels_before"][name] > 0
+        for i, name in enumerate(ds.class_names):
+            assert geometry["voxels_after"][name] == int((label == i).sum())
+        # canonical slices holding rectum or tumor: exactly the kept ones (margin 0)
+        canonical = sitk.GetArrayFromImage(sitk.DICOMOrient(to_original_grid(ds, case_id, label), "LPS"))
+        assert geometry["kept_slices"] == np.flatnonzero((canonical > 0).any(axis=(1, 2))).tolist()
+        assert geometry["num_slices"] == len(image) < geometry["canonical"]["size"][2]
+
+
+def test_margin_widens_the_kept_range(raw, tmp_path):
+    profile_text = load_profile("care").source_text.replace("margin = 0", "margin = 2")
+    profile_path = tmp_path / "care_margin.toml"
+    profile_path.write_text(profile_text)
+    one = tmp_path / "raw"
+    shutil.copytree(raw["dir"] / "DOE_JANE_19610203", one / "DOE_JANE_19610203")
+    convert_dataset(one, tmp_path / "out", load_profile(profile_path), KEY, True, progress=False)
+    ds = store.open_dataset(tmp_path / "out")
+    (case_id,) = ds.case_ids()
+    labelled = np.flatnonzero((phantom(0)[1] > 0).any(axis=(1, 2)))
+    expected = np.arange(max(labelled.min() - 2, 0), min(labelled.max() + 3, SLICES)).tolist()
+    assert ds.cases[case_id]["kept_slices"] == expected
+
+
+def test_round_trip_to_original_grid_is_exact(raw, converted):
+    out, _ = converted["zarr"]
+    ds = store.open_dataset(out)
+    private = {}
+    for case_id in ds.case_ids():
+        image, label = ds.read_case(case_id)
+        back = to_original_grid(ds, case_id, image, fill_value=-2000)
+        private[case_id] = back
+        assert ds.cases[case_id]["original"]["size"] == list(back.GetSize())
+    # the flipped volume case: compare with the original file voxel for voxel
+    hu_img, label_img = raw["originals"][VOLUME_CASE]
+    flipped = [c for c in ds.case_ids() if ds.cases[c]["original"]["orientation"] != "LPS"]
+    assert len(flipped) == 1
+    case_id = flipped[0]
+    back = private[case_id]
+    assert back.GetDirection() == hu_img.GetDirection() and back.GetOrigin() == hu_img.GetOrigin()
+    assert back.GetSpacing() == hu_img.GetSpacing()
+    original = sitk.GetArrayFromImage(hu_img)
+    restored = sitk.GetArrayFromImage(back)
+    kept = restored != -2000
+    original_label = sitk.GetArrayFromImage(label_img)
+    assert kept.any() and (original_label[~kept] == 0).all()
+    np.testing.assert_array_equal(restored[kept], original[kept])
+    label_back = sitk.GetArrayFromImage(to_original_grid(ds, case_id, ds.read_case(case_id)[1]))
+    np.testing.assert_array_equal(label_back, original_label)
+    # a DICOM case: stored HU equal the planted HU on the kept slices
+    dicom_case = next(c for c in ds.case_ids() if c != case_id)
+    restored = sitk.GetArrayFromImage(to_original_grid(ds, dicom_case, ds.read_case(dicom_case)[0]))
+    candidates = [hu for hu, _ in (raw["originals"][f] for f in PATIENTS)]
+    kept_slices = ds.cases[dicom_case]["kept_slices"]
+    assert any(np.array_equal(restored[kept_slices], hu[kept_slices]) for hu in candidates)
+
+
+def test_stored_slices_are_radiological(raw, tmp_path):
+    """Row 0 anterior, column 0 patient right: a marker at the patient's right-anterior corner ends up at [0, 0]."""
+    hu, label = phantom(3)
+    hu[:, :4, :4] = 3000  # array x index 0 = patient right (LPS +x = left), y index 0 = anterior
+    raw_dir = tmp_path / "raw"
+    write_volume_case(raw_dir / "case", hu, label)
+    convert(raw_dir, tmp_path / "out")
+    ds = store.open_dataset(tmp_path / "out")
+    image, _ = ds.read_case(ds.case_ids()[0])
+    assert (image[:, :4, :4] == 3000).all() and (image[:, -4:, -4:] != 3000).all()
+
+
+def test_no_identifying_value_in_output(raw, converted, tmp_path):
+    for out, _ in converted.values():
+        needles = [v.encode() for v in raw["planted"] if len(v) >= 6]
+        needles += [v.lower().encode() for v in raw["planted"] if len(v) >= 6]
+        for path in out.rglob("*"):
+            assert not any(n.decode() in path.name for n in needles), path.name
+            if path.is_file():
+                data = path.read_bytes()
+                leaks = [n for n in needles if n in data]
+                assert not leaks, (path.relative_to(out), leaks)
+            assert KEY.decode() not in path.name
+    assert not any(KEY in p.read_bytes() for p in converted["zarr"][0].rglob("*") if p.is_file())
+
+
+def test_two_runs_and_worker_counts_give_identical_outputs(raw, converted, tmp_path):
+    reference, _ = converted["zarr"]
+    convert(raw["dir"], tmp_path / "again")
+    convert(raw["dir"], tmp_path / "two_workers", workers=2)
+    assert_same_dataset(reference, tmp_path / "again")
+    assert_same_dataset(reference, tmp_path / "two_workers")
+    other_seed = convert(raw["dir"], tmp_path / "seed1", seed=1)
+    assert other_seed.converted == 5
+    assert json.loads((tmp_path / "seed1" / "splits.json").read_text())["seed"] == 1
+
+
+def test_other_key_gives_other_ids(raw, converted, tmp_path):
+    convert_dataset(raw["dir"], tmp_path / "out", load_profile("care"), b"another key", True, progress=False)
+    ids_a = set(store.open_dataset(converted["zarr"][0]).case_ids())
+    ids_b = set(store.open_dataset(tmp_path / "out").case_ids())
+    assert len(ids_b) == 5 and not ids_a & ids_b
+
+
+def test_private_map_names_raw_folders_outside_the_output(raw, converted, tmp_path):
+    mapping = tmp_path / "custodian" / "map.json"
+    convert(raw["dir"], tmp_path / "out", private_map=mapping)
+    table = json.loads(mapping.read_text())
+    assert set(table) == {*PATIENTS, VOLUME_CASE}
+    assert set(table.values()) == set(store.open_dataset(tmp_path / "out").case_ids())
+    assert patient_of(table["Roe Richard (2nd scan)"]) == patient_of(table["ROE_RICHARD_followup"])
+    assert table["Roe Richard (2nd scan)"] != table["ROE_RICHARD_followup"]
+    from care_dataset.convert import ConvertError
+
+    with pytest.raises(ConvertError, match="private-map"):
+        convert(raw["dir"], tmp_path / "out", private_map=tmp_path / "out" / "map.json")
+
+
+# --- failures -----------------------------------------------------------------------------------------------
+
+def _break_truncated(case: Path) -> None:
+    for f in sorted(case.rglob("*.dcm"))[:3]:
+        f.write_bytes(f.read_bytes()[: 300])
+
+
+def _break_no_label(case: Path) -> None:
+    for f in case.glob("*_seg.nii.gz"):
+        f.unlink()
+
+
+def _break_grid(case: Path) -> None:
+    (seg_path,) = case.glob("*_seg.nii.gz")
+    seg = sitk.ReadImage(str(seg_path))
+    seg.SetSpacing((7.0, 7.0, 2.5))
+    sitk.WriteImage(seg, str(seg_path))
+
+
+def _break_empty(case: Path) -> None:
+    (seg_path,) = case.glob("*_seg.nii.gz")
+    seg = sitk.ReadImage(str(seg_path))
+    empty = sitk.Image(seg.GetSize(), seg.GetPixelID())
+    empty.CopyInformation(seg)
+    sitk.WriteImage(empty, str(seg_path))
+
+
+def _break_unknown_value(case: Path) -> None:
+    (seg_path,) = case.glob("*_seg.nii.gz")
+    seg = sitk.ReadImage(str(seg_path))
+    array = sitk.GetArrayFromImage(seg)
+    array[array == 2] = 7
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(seg)
+    sitk.WriteImage(bad, str(seg_path))
+
+
+def _break_modality(case: Path) -> None:
+    for f in case.rglob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
+
+
+BREAKERS = {"truncated_dicom": _break_truncated, "no_label": _break_no_label, "mismatched_grid": _break_grid,
+            "empty_label": _break_empty, "unknown_label_value": _break_unknown_value,
+            "non_ct_modality": _break_modality}
+
+
+@pytest.fixture(scope="module")
+def broken(raw, tmp_path_factory) -> dict:
+    """The raw set with one extra broken copy of a case per failure kind (fresh patient IDs)."""
+    root = tmp_path_factory.mktemp("broken")
+    planted = list(raw["planted"])
+    for i, (kind, breaker) in enumerate(BREAKERS.items()):
+        hu, label = phantom(20 + i)
+        folder = f"Patient_{kind}_Lastname{i}"
+        phi = dict(PatientName=f"Broken^Case{i}", PatientID=f"BRK{i:05d}9", PatientBirthDate="19800101")
+        planted += write_dicom_case(root / folder, hu, label, phi) + [folder, *phi.values()]
+        breaker(root / folder)
+    for folder in [*PATIENTS, VOLUME_CASE]:
+        shutil.copytree(raw["dir"] / folder, root / folder)
+    return {"dir": root, "planted": planted}
+
+
+def test_each_bad_case_fails_alone_without_leftovers(broken, converted, tmp_path, capsys):
+    from care_dataset.cli import convert_main
+
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY + b"\n")
+    out = tmp_path / "out"
+    code = convert_main([str(broken["dir"]), str(out), "--key-file", str(key_file), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    failed = [r for r in report if r["status"] == "failed"]
+    assert len(report) == 5 + len(BREAKERS) and len(failed) == len(BREAKERS)
+    for r in failed:
+        assert r["reason"] and "\n" not in r["reason"]
+    # one terminal line per failed case, naming its raw folder
+    lines = [line for line in err.splitlines() if line.startswith("FAILED")]
+    assert len(lines) == len(BREAKERS)
+    for i, kind in enumerate(BREAKERS):
+        assert sum(f"Patient_{kind}_Lastname{i}" in line for line in lines) == 1
+    # the good cases are exactly the ones converted without the broken ones
+    assert_arrays_equal_by_checksum(out, converted["zarr"][0])
+    ds = store.open_dataset(out)
+    assert sorted(p.name for p in (out / store.ZARR_DIR).iterdir() if p.is_dir()) == ds.case_ids()
+    assert sorted(p.stem for p in (out / store.TMP_DIR / "records").glob("*.json")) == ds.case_ids()
+    assert [p.name for p in (out / store.TMP_DIR).iterdir()] == ["records"]
+    data = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert not [v for v in broken["planted"] if len(v) >= 6 and v.encode() in data]
+
+
+def assert_arrays_equal_by_checksum(out: Path, reference: Path) -> None:
+    assert store.open_dataset(out).manifest["checksums"]["cases"] == \
+        store.open_dataset(reference).manifest["checksums"]["cases"]
+
+
+# --- resume ---------------------------------------------------------------------------------------------------
+
+KILLER = r"""
+import os, signal, sys
+from pathlib import Path
+from care_dataset import store
+from care_dataset.cli import convert_main
+
+kill_at, point = int(sys.argv[1]), sys.argv[2]
+calls = []
+write_case, write_json_atomic = store.write_case, store.write_json_atomic
+
+def dying_write_case(root, storage, case_id, image, label):
+    calls.append(case_id)
+    if len(calls) == kill_at and point == "arrays":
+        partial = Path(root) / store.TMP_DIR / case_id
+        partial.mkdir(parents=True)
+        (partial / "zarr.json").write_text("{")
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_case(root, storage, case_id, image, label)
+    if len(calls) == kill_at and point == "record":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def dying_write_json(path, obj):
+    if point == "final" and Path(path).name == "cases.json":
+        Path(path).with_name(".cases.json.tmp").write_text("{")
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_json_atomic(path, obj)
+
+store.write_case, store.write_json_atomic = dying_write_case, dying_write_json
+sys.exit(convert_main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["arrays", "record", "final"])
+def test_killed_conversion_resumes_to_the_same_result(raw, converted, tmp_path, point):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    out = tmp_path / "out"
+    args = [str(raw["dir"]), str(out), "--key-file", str(key_file), "--quiet"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, "3", point, *args], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()
+    assert not (out / "dataset.json").exists()
+    from care_dataset.cli import convert_main
+
+    assert convert_main(args) == 0
+    assert_same_dataset(converted["zarr"][0], out)
+    assert [p.name for p in (out / store.TMP_DIR).iterdir()] == ["records"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_changed_input_is_converted_again(raw, tmp_path):
+    raw_dir = tmp_path / "raw"
+    shutil.copytree(raw["dir"] / VOLUME_CASE, raw_dir / VOLUME_CASE)
+    convert(raw_dir, tmp_path / "out")
+    before = store.open_dataset(tmp_path / "out")
+    (case_id,) = before.case_ids()
+    hu, label = phantom(11)
+    shutil.rmtree(raw_dir / VOLUME_CASE)
+    write_volume_case(raw_dir / VOLUME_CASE, hu, label)
+    convert(raw_dir, tmp_path / "out")
+    after = store.open_dataset(tmp_path / "out")
+    assert after.case_ids() == [case_id]
+    assert after.cases[case_id]["checksum"] != before.cases[case_id]["checksum"]
+    image, stored_label = after.read_case(case_id)
+    assert store.content_checksum(image, stored_label) == after.cases[case_id]["checksum"]
+
+
+def test_a_crashing_worker_fails_only_its_case(raw, converted, tmp_path, monkeypatch, capsys):
+    """A worker process that dies (segfault, out of memory) takes down only the case it was converting."""
+    import care_dataset.io
+
+    load_case = care_dataset.io.load_case
+
+    def crashing_load_case(raw_case, profile, *args, **kwargs):
+        if raw_case.key == "Mustermann_Erika":
+            os._exit(70)
+        return load_case(raw_case, profile, *args, **kwargs)
+
+    monkeypatch.setattr(care_dataset.io, "load_case", crashing_load_case)
+    summary = convert(raw["dir"], tmp_path / "out", workers=2)
+    assert summary.converted == 4 and summary.failed == 1
+    assert summary.failures[0][0] == "Mustermann_Erika" and "worker process" in summary.failures[0][1]
+    (failed,) = [r for r in summary.report if r["status"] == "failed"]
+    assert failed["case_id"] is None
+    reference = store.open_dataset(converted["zarr"][0]).manifest["checksums"]["cases"]
+    assert store.open_dataset(tmp_path / "out").manifest["checksums"]["cases"].items() < reference.items()
