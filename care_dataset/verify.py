@@ -36,13 +36,12 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid import STANDARD_UID_ROOT, iter_case_files, read_dicom
+from care_dataset.deid import STANDARD_UID_ROOT, is_non_dicom_name, iter_case_files, read_dicom
 
 MIN_TEXT_LENGTH = 4
 MIN_BINARY_LENGTH = 6
 MIN_NUMBER_DIGITS = 6
 CHUNK_BYTES = 8 << 20
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".raw")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
 GENERIC_WORDS = frozenset("""
@@ -53,7 +52,8 @@ helical spiral mode body filter standard soft bone lung head feet first ffs hfs 
 male female m f o left right anterior posterior superior inferior
 image images img im series study studies dicom dicomdir dcm file files data dataset folder dir
 label labels labelmap segmentation segmentations mask masks volume volumes slice slices
-annotation annotations roi clear description descriptions export exports scan scans
+annotation annotations roi clear description descriptions export exports scan scans exam exams
+examination patient patients
 nifti nii gz nrrd mha mhd raw txt json
 background normal rectum rectal wall tumor tumour cancer lesion lumen colon sigmoid bladder
 liver spleen kidney kidneys stomach gallbladder esophagus oesophagus pancreas duodenum
@@ -214,7 +214,7 @@ def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) 
         elif name.endswith(".txt"):
             for text in _label_names(path):
                 _add(found, text, "label name")
-        elif not name.endswith(VOLUME_SUFFIXES):
+        elif not is_non_dicom_name(name):
             try:
                 ds = read_dicom(path, header_only=True)
             except Exception:  # noqa: BLE001 - a broken file is still covered by its name
@@ -227,11 +227,14 @@ def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) 
 # --- scanning out/ ---------------------------------------------------------------------------
 
 class _Matcher:
-    """Multi-string search: a 3-byte prefix table in numpy, then exact checks at the candidates."""
+    """Multi-string search: numpy filters on 2- then 4-byte prefixes, exact checks at the survivors.
+
+    Every pattern has at least 4 bytes (see is_meaningful).
+    """
 
     def __init__(self, values: dict[str, str]):
         self.by_prefix: dict[bytes, dict[int, dict[bytes, str]]] = {}
-        self.table = np.zeros(1 << 24, dtype=bool)
+        self.table2 = np.zeros(1 << 16, dtype=bool)
         self.max_len = 1
         for value in values:
             for encoding in ("utf-8", "latin-1"):
@@ -239,20 +242,28 @@ class _Matcher:
                     pattern = value.encode(encoding).lower()
                 except UnicodeEncodeError:
                     continue
-                prefix = pattern[:3]
-                self.by_prefix.setdefault(prefix, {}).setdefault(len(pattern), {})[pattern] = value
-                self.table[prefix[0] | prefix[1] << 8 | prefix[2] << 16] = True
+                if len(pattern) < 4:
+                    continue
+                self.by_prefix.setdefault(pattern[:4], {}).setdefault(len(pattern), {})[pattern] = value
+                self.table2[pattern[0] | pattern[1] << 8] = True
                 self.max_len = max(self.max_len, len(pattern))
+        self.prefix4 = np.array(sorted(int.from_bytes(p, "little") for p in self.by_prefix), dtype=np.uint32)
 
     def find(self, data: bytes, min_len: int) -> set[str]:
         found: set[str] = set()
-        if len(data) < 3 or not self.by_prefix:
+        n = len(data)
+        if n < 4 or not self.by_prefix:
             return found
         low = data.lower()
-        arr = np.frombuffer(low, dtype=np.uint8).astype(np.uint32)
-        keys = arr[:-2] | (arr[1:-1] << 8) | (arr[2:] << 16)
-        for pos in np.flatnonzero(self.table[keys]).tolist():
-            for length, patterns in self.by_prefix[low[pos:pos + 3]].items():
+        even = np.frombuffer(low, dtype="<u2", count=n // 2)
+        odd = np.frombuffer(low, dtype="<u2", offset=1, count=(n - 1) // 2)
+        cand = np.concatenate([np.flatnonzero(self.table2[even]) * 2, np.flatnonzero(self.table2[odd]) * 2 + 1])
+        cand = cand[cand + 4 <= n]
+        arr = np.frombuffer(low, dtype=np.uint8)
+        key4 = (arr[cand].astype(np.uint32) | arr[cand + 1].astype(np.uint32) << 8
+                | arr[cand + 2].astype(np.uint32) << 16 | arr[cand + 3].astype(np.uint32) << 24)
+        for pos in np.sort(cand[np.isin(key4, self.prefix4)]).tolist():
+            for length, patterns in self.by_prefix[low[pos:pos + 4]].items():
                 if length >= min_len:
                     value = patterns.get(low[pos:pos + length])
                     if value is not None:
