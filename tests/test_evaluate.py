@@ -1,0 +1,207 @@
+"""`usam eval` end to end on a tiny converted folder: an oracle model, an untrained model, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from care_dataset import store
+from usam.data import resize_labels
+from usam.evaluate import add_eval_arguments, evaluate_split, report, run_eval
+from usam.metrics import dice_from_confusion
+from usam.models.checkpoints import save_checkpoint
+from usam.models.registry import create_model
+from usam.predict import inference_settings
+
+CLASSES = ["background", "normal rectum", "tumor"]
+SPACING = [0.75, 0.8, 2.5]  # x, y, z mm
+
+
+def _case(rng, n, h, w, with_tumor=True):
+    """A body-like ellipse of soft tissue, a rectum ring-ish blob and a tumour inside its wall."""
+    rows, cols = np.mgrid[0:h, 0:w]
+    image = np.full((n, h, w), -1000, np.int16)
+    body = ((rows - h / 2) / (0.45 * h)) ** 2 + ((cols - w / 2) / (0.45 * w)) ** 2 <= 1
+    image[:, body] = 40
+    label = np.zeros((n, h, w), np.uint8)
+    for z in range(n):
+        r0, c0 = h * 0.55 + z, w * 0.5 - z
+        rectum = ((rows - r0) / (0.12 * h)) ** 2 + ((cols - c0) / (0.1 * w)) ** 2 <= 1
+        label[z][rectum] = 1
+        if with_tumor and z > 0:
+            tumor = ((rows - r0) / (0.06 * h)) ** 2 + ((cols - c0 - 0.05 * w) / (0.05 * w)) ** 2 <= 1
+            label[z][tumor & rectum] = 2
+    image[label > 0] = 90
+    image += rng.integers(-20, 20, image.shape).astype(np.int16)
+    return image, label
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Three test cases of different in-plane sizes (one exactly 224 x 224, one with a gap in its
+    kept slices, one without tumour) and one training case, in the format of docs/format.md."""
+    root = tmp_path_factory.mktemp("converted")
+    rng = np.random.default_rng(11)
+    cases = {
+        "care_000000000001": (_case(rng, 3, 224, 224), [10, 11, 12]),
+        "care_000000000002": (_case(rng, 4, 180, 150), [3, 4, 6, 7]),
+        "care_000000000003": (_case(rng, 2, 120, 136, with_tumor=False), [0, 1]),
+        "care_000000000004": (_case(rng, 2, 100, 100), [5, 6]),
+    }
+    store.init_store(root, "zarr")
+    geometry = {}
+    for case_id, ((image, label), kept) in cases.items():
+        store.write_case(root, "zarr", case_id, image, label)
+        n, h, w = image.shape
+        canonical = {"size": [w, h, max(kept) + 1], "spacing": SPACING, "origin": [0.0, 0.0, 0.0],
+                     "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+        geometry[case_id] = {"split": "train" if case_id.endswith("4") else "test", "num_slices": n,
+                             "kept_slices": kept, "canonical": canonical, "spacing": SPACING,
+                             "original": {**canonical, "orientation": "LPS"}}
+    store.write_json_atomic(root / "dataset.json", {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION,
+                                                    "storage": "zarr", "classes": CLASSES})
+    store.write_json_atomic(root / "cases.json", geometry)
+    store.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": ["care_000000000004"],
+                                                   "test": ["care_000000000001", "care_000000000002",
+                                                            "care_000000000003"]})
+    return root
+
+
+class OracleModel(nn.Module):
+    """Replays logits equal to the nearest-resized truth of each batch, in evaluation order; records
+    the prompts it was given."""
+
+    def __init__(self, dataset, split, batch_size, size=224):
+        super().__init__()
+        self.queue, self.truths, self.calls = [], [], []
+        for case_id in dataset.case_ids(split):
+            _, label = dataset.read_case(case_id)
+            for start in range(0, len(label), batch_size):
+                truth = resize_labels(torch.from_numpy(label[start:start + batch_size]), size)
+                self.truths.append(truth)
+                self.queue.append(torch.nn.functional.one_hot(truth, 3).permute(0, 3, 1, 2).float() * 10)
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, points=None, point_labels=None):
+        assert images.shape[1:] == (1, 224, 224) and 0 <= float(images.min()) and float(images.max()) <= 1
+        self.calls.append((points, point_labels))
+        return self.queue[len(self.calls) - 1]
+
+
+SETTINGS = inference_settings({"model": {"num_classes": 3, "img_size": 224, "points_per_class": 3},
+                               "class_names": CLASSES, "window": [-125.0, 275.0]})
+
+
+@pytest.mark.parametrize("points", [0, 3])
+def test_oracle_gives_perfect_pooled_dice_and_near_perfect_original_resolution(converted, points):
+    dataset = store.open_dataset(converted)
+    oracle = OracleModel(dataset, "test", batch_size=2)
+    evaluation = evaluate_split(oracle, SETTINGS, dataset, "test", points, batch_size=2)
+    assert len(oracle.calls) == len(oracle.queue)  # every slice ran exactly once
+    assert evaluation.num_slices == 9
+    pooled = dice_from_confusion(evaluation.pooled_confusion)
+    assert pooled[1] == 1.0 and pooled[2] == 1.0
+    by_id = {case.case_id: case for case in evaluation.cases}
+    exact = by_id["care_000000000001"]  # stored at 224 x 224: resizing is the identity
+    assert exact.dice[1] == 1.0 and exact.dice[2] == 1.0 and exact.hd95[1] == 0.0
+    resized = by_id["care_000000000002"]  # nearest down to 224 then bilinear back: boundary pixels move
+    assert 0.9 < resized.dice[1] <= 1.0 and 0.85 < resized.dice[2] <= 1.0
+    assert 0.0 <= resized.hd95[1] <= 2 * max(SPACING[:2])  # at most about a pixel off in-plane
+    no_tumor = by_id["care_000000000003"]
+    assert math.isnan(no_tumor.dice[2]) and math.isnan(no_tumor.iou[2]) and math.isnan(no_tumor.hd95[2])
+    summary = report(evaluation, "oracle")
+    clinical = summary["clinical_protocol"]
+    assert clinical["cases_class_absent_in_truth_and_prediction"]["tumor"] == 1
+    assert clinical["dice"]["tumor"]["n"] == 2 and clinical["dice"]["tumor"]["n_undefined"] == 1
+    if points:
+        for (p, labels), truth in zip(oracle.calls, oracle.truths):
+            for b in range(len(truth)):
+                for slot in range(6):
+                    cls = 1 + slot // 3
+                    if labels[b, slot] == 1:  # a real point lies on its class in the model-size truth
+                        x, y = p[b, slot].round().long().tolist()
+                        assert truth[b, y, x] == cls
+                    else:
+                        assert not (truth[b] == cls).any()
+    else:
+        assert all(p is None for p, _ in oracle.calls)
+
+
+def test_fewer_points_than_slots_pads_the_rest(converted):
+    dataset = store.open_dataset(converted)
+    oracle = OracleModel(dataset, "test", batch_size=8)
+    evaluate_split(oracle, SETTINGS, dataset, "test", 1, batch_size=8)
+    for (_, labels), truth in zip(oracle.calls, oracle.truths):
+        for b in range(len(truth)):
+            for cls in (1, 2):
+                slots = labels[b, (cls - 1) * 3:cls * 3].tolist()
+                assert slots == ([1, -1, -1] if (truth[b] == cls).any() else [-1, -1, -1])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("usam_tiny", num_classes=3, img_size=64, vit_window_size=4, points_per_class=3)
+    return save_checkpoint(model, tmp_path_factory.mktemp("run") / "best",
+                           {"class_names": CLASSES, "window": [-125.0, 275.0]})
+
+
+def _eval_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_with_untrained_model_writes_reports(converted, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint),
+                               "--batch-size", "4", "--device", "cpu", "--out", str(out))) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cases.csv", "cases_grid.png", "metrics.json", "summary.csv"]
+    assert (out / "cases_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["points_per_class"] == 3 and summary["num_cases"] == 3 and summary["num_slices"] == 9
+    for protocol in ("paper_protocol", "clinical_protocol"):
+        for metric in ("dice", "iou"):
+            for value in summary[protocol][metric].values():
+                value = value["mean"] if isinstance(value, dict) else value
+                assert value is None or 0.0 <= value <= 1.0
+    for case in summary["cases"]:
+        for name in ("normal rectum", "tumor"):
+            dice, hd = case["dice"][name], case["hd95_mm"][name]
+            if case["true_voxels"][name] == 0 and case["predicted_voxels"][name] == 0:
+                assert dice is None and hd is None
+            elif case["true_voxels"][name] == 0 or case["predicted_voxels"][name] == 0:
+                assert dice == 0.0 and hd is None
+            else:
+                assert 0.0 <= dice <= 1.0 and hd >= 0.0
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert [r["case_id"] for r in rows] == [c["case_id"] for c in summary["cases"]]
+    text = capsys.readouterr().out
+    assert "PAPER protocol" in text and "CLINICAL protocol" in text
+    # determinism: a second run gives the same numbers
+    again = tmp_path / "again"
+    run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--batch-size", "3",
+                        "--device", "cpu", "--out", str(again), "--points", "3"))
+    assert json.loads((again / "metrics.json").read_text()) == summary
+
+
+def test_cli_rejects_bad_input_with_one_line(converted, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "never"
+    cases = [
+        (("--data", str(tmp_path / "missing"), "--checkpoint", str(tiny_checkpoint)), "not a converted CARE folder"),
+        (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--split", "val"), "no split"),
+        (("--data", str(converted), "--checkpoint", str(tmp_path)), "needs config.json"),
+        (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--points", "5"), "prompt slot"),
+    ]
+    for argv, reason in cases:
+        assert run_eval(_eval_args(*argv, "--out", str(out))) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("usam eval: ") and reason in err and "\n" not in err
+    assert not out.exists()

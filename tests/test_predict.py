@@ -1,0 +1,231 @@
+"""`usam predict`: output on exactly the input grid, clicks landing on the right slice and pixel."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from usam.models.checkpoints import save_checkpoint
+from usam.models.registry import create_model
+from usam.predict import (
+    add_predict_arguments,
+    label_description_path,
+    predict_volume,
+    read_image,
+    run_predict,
+)
+
+CLASSES = ["background", "normal rectum", "tumor"]
+WINDOW = [-125.0, 275.0]
+HU_OF_CLASS = np.array([-500, 100, 250], np.int16)  # windowed to 0, 0.5625, 0.9375
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Axis i points inferior, j to the patient's right, k posterior: canonical (LPS) column = flipped j,
+# row = k, slice = flipped i.
+DIRECTION = (0.0, -1.0, 0.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0)
+
+
+def _config(points_per_class=3):
+    return {"model": {"name": "stub", "num_classes": 3, "img_size": 224, "points_per_class": points_per_class},
+            "class_names": CLASSES, "window": WINDOW}
+
+
+class ThresholdModel(nn.Module):
+    """Labels each pixel with the class whose windowed intensity is nearest; records what it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.centres = torch.tensor((HU_OF_CLASS.astype(np.float32) - WINDOW[0]) / (WINDOW[1] - WINDOW[0])).clamp(0, 1)
+        self.seen = []
+
+    def forward(self, images, points=None, point_labels=None):
+        self.seen.append((images.clone(), points, point_labels))
+        return -100 * (images - self.centres.view(1, -1, 1, 1)) ** 2
+
+
+def _image(size, spacing=(2.5, 0.7, 0.8), origin=(-12.5, 80.0, -40.0), seed=0):
+    """An asymmetric label volume and its CT (HU per class) in ITK index order (i, j, k)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(size[::-1], np.uint8)  # numpy (k, j, i)
+    nk, nj, ni = labels.shape
+    labels[nk // 4:nk // 2, nj // 5:nj // 2, 1:] = 1
+    labels[nk // 3:nk // 2, nj // 4:nj // 3, 2:ni - 1] = 2
+    labels[(rng.random(labels.shape) < 0.01)] = 1
+    image = sitk.GetImageFromArray(HU_OF_CLASS[labels])
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(DIRECTION)
+    return image, labels
+
+
+def test_output_is_on_the_input_grid_exactly_and_nibabel_agrees(tmp_path):
+    image, labels = _image((5, 224, 224))  # canonical slices are 224 x 224: resizing is the identity
+    model = ThresholdModel()
+    result = predict_volume(model, _config(), image, batch_size=2)
+    assert len(model.seen) == 3 and sum(len(s[0]) for s in model.seen) == 5  # every axial slice, batched
+    assert result.GetPixelID() == sitk.sitkUInt8
+    assert result.GetSize() == image.GetSize() and result.GetSpacing() == image.GetSpacing()
+    assert result.GetOrigin() == image.GetOrigin() and result.GetDirection() == image.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result), labels)
+
+    path = tmp_path / "pred.nii.gz"
+    sitk.WriteImage(result, str(path))
+    back = sitk.ReadImage(str(path))
+    assert back.GetSize() == image.GetSize()
+    np.testing.assert_allclose(back.GetDirection(), DIRECTION, atol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-6)
+    nifti = nib.load(str(path))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    direction = np.array(DIRECTION).reshape(3, 3)
+    np.testing.assert_allclose(nifti.affine[:3, :3], lps_to_ras @ direction @ np.diag(image.GetSpacing()), atol=1e-5)
+    np.testing.assert_allclose(nifti.affine[:3, 3], lps_to_ras @ np.array(image.GetOrigin()), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(nifti.dataobj), labels.transpose(2, 1, 0))
+
+
+def _marked_volume(marker_index):
+    size = (6, 40, 30)  # canonical W = 40 (j), H = 30 (k), 6 slices (i)
+    image = sitk.Image(size, sitk.sitkInt16)
+    image += -100
+    image[marker_index] = 275
+    image.SetSpacing((3.0, 0.9, 1.1))
+    image.SetOrigin((5.0, -20.0, 31.0))
+    image.SetDirection(DIRECTION)
+    return image
+
+
+@pytest.mark.parametrize("coordinates", ["voxel", "itksnap", "world"])
+def test_click_lands_on_its_canonical_slice_and_model_pixel(coordinates):
+    marker = (4, 7, 21)
+    image = _marked_volume(marker)
+    position = {
+        "voxel": list(marker),
+        "itksnap": [v + 1 for v in marker],  # ITK-SNAP shows voxel coordinates from 1
+        "world": list(image.TransformIndexToPhysicalPoint(marker)),
+    }[coordinates]
+    model = ThresholdModel()
+    points = {"coordinates": coordinates, "points": [{"class": "tumor", "position": position}]}
+    result = predict_volume(model, _config(points_per_class=2), image, points=points)
+    assert len(model.seen) == 1
+    images, p, labels = model.seen[0]
+    assert images.shape[0] == 1  # only the clicked slice runs
+
+    canonical = sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))  # (slice, row, column)
+    (slice_, row, column), = np.argwhere(canonical == 275)
+    height, width = canonical.shape[1:]
+    assert labels[0].tolist() == [-1, -1, 1, -1]  # tumour's first slot; the rest padding
+    x, y = p[0, 2].tolist()
+    assert x == pytest.approx((column + 0.5) * 224 / width - 0.5, abs=1e-4)
+    assert y == pytest.approx((row + 0.5) * 224 / height - 0.5, abs=1e-4)
+    # the clicked pixel is where the marker shows in the model's input
+    shown = images[0, 0]
+    assert float(shown[round(y), round(x)]) == pytest.approx(float(shown.max()), rel=0.05)
+    # unclicked slices stay background; the clicked one holds the marker's prediction
+    out = sitk.GetArrayFromImage(result)  # (k, j, i)
+    assert out[:, :, [i for i in range(6) if i != marker[0]]].max() == 0
+    assert np.array_equal(np.flatnonzero(canonical.reshape(6, -1).max(1) == 275), [slice_])
+
+
+def test_points_that_do_not_fit_are_rejected():
+    image = _marked_volume((1, 1, 1))
+    config = _config(points_per_class=1)
+    too_many = {"coordinates": "voxel", "points": [{"class": 1, "position": [2, 3, 4]},
+                                                   {"class": "Normal Rectum", "position": [2, 5, 5]}]}
+    with pytest.raises(ValueError, match="more than 1 points"):
+        predict_volume(ThresholdModel(), config, image, points=too_many)
+    outside = {"coordinates": "voxel", "points": [{"class": 2, "position": [6, 0, 0]}]}
+    with pytest.raises(ValueError, match="outside the volume"):
+        predict_volume(ThresholdModel(), config, image, points=outside)
+    unknown = {"coordinates": "voxel", "points": [{"class": "liver", "position": [1, 1, 1]}]}
+    with pytest.raises(ValueError, match="not one of"):
+        predict_volume(ThresholdModel(), config, image, points=unknown)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("usam_tiny", num_classes=3, img_size=64, vit_window_size=4, points_per_class=3)
+    return save_checkpoint(model, tmp_path_factory.mktemp("run") / "best", {"class_names": CLASSES, "window": WINDOW})
+
+
+def _predict_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_predict_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_writes_labels_description_and_overlays(tmp_path, tiny_checkpoint):
+    image, _ = _image((4, 50, 60))
+    source = tmp_path / "ct.nrrd"
+    sitk.WriteImage(image, str(source))
+    points = tmp_path / "clicks.json"
+    points.write_text('{"coordinates": "voxel", "points": [{"class": "normal rectum", "position": [1, 20, 20]},'
+                      ' {"class": 2, "position": [2, 14, 16]}]}')
+    out = tmp_path / "out" / "pred.nii.gz"
+    code = run_predict(_predict_args("--checkpoint", str(tiny_checkpoint), "--image", str(source), "--points",
+                                     str(points), "--out", str(out), "--overlays", str(tmp_path / "png"),
+                                     "--device", "cpu"))
+    assert code == 0
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == image.GetSize() and result.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(result.GetDirection(), image.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    array = sitk.GetArrayFromImage(result)
+    assert set(np.unique(array)) <= {0, 1, 2}
+    assert array[:, :, [0, 3]].max() == 0  # slices i = 0 and 3 hold no click and are not run
+    description = label_description_path(out)
+    assert description.name == "pred_labels.txt"
+    rows = [line.split(None, 7) for line in description.read_text().splitlines() if not line.startswith("#")]
+    assert [(int(r[0]), r[7].strip('"')) for r in rows] == [(0, "Clear Label"), (1, "normal rectum"), (2, "tumor")]
+    assert all(len(r) == 8 and 0.0 <= float(r[4]) <= 1.0 for r in rows)
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == int((array.max(axis=(0, 1)) > 0).sum())  # one per axial slice holding labels
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_cli_bad_input_one_line_and_no_output(tmp_path, tiny_checkpoint, capsys):
+    image, _ = _image((3, 20, 20))
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(source))
+    bad_points = tmp_path / "bad.json"
+    bad_points.write_text('{"coordinates": "pixels", "points": []}')
+    out = tmp_path / "pred.nii.gz"
+    for argv, reason in [
+        (("--image", str(tmp_path / "nothing.nii.gz")), "no such file or folder"),
+        (("--image", str(source), "--points", str(bad_points)), "'coordinates' must be one of"),
+        (("--image", str(tmp_path)), "no DICOM series"),
+    ]:
+        assert run_predict(_predict_args("--checkpoint", str(tiny_checkpoint), "--out", str(out), *argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("usam predict: ") and reason in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_dicom_folder_keeps_its_grid_and_leaks_no_header_value(tmp_path, tiny_checkpoint):
+    folder = SHARED / "dcmqi_ct3slice" / "ct-3slice"
+    if not folder.is_dir():
+        pytest.skip(f"real DICOM test data not found at {folder}")
+    import pydicom
+
+    image = read_image(folder)
+    assert image.GetSize() == (512, 512, 3)
+    out = tmp_path / "pred.nii.gz"
+    assert run_predict(_predict_args("--checkpoint", str(tiny_checkpoint), "--image", str(folder),
+                                     "--out", str(out), "--device", "cpu", "--batch-size", "2")) == 0
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == image.GetSize()
+    np.testing.assert_allclose(result.GetSpacing(), image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(result.GetDirection(), image.GetDirection(), atol=1e-6)
+    header = pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True)
+    raw = gzip.decompress(out.read_bytes())
+    for value in (str(header.PatientName), str(header.PatientID), str(header.StudyInstanceUID)):
+        if value:
+            assert value.encode() not in raw

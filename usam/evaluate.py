@@ -1,0 +1,472 @@
+"""`usam eval`: a checkpoint on one split of a converted CARE folder, paper and clinical metrics.
+
+Paper protocol: Dice and IoU per class pooled over every slice of the split at the model's
+224 x 224 resolution (sum of intersections over sum of sizes). Clinical protocol: per volume, on the
+stored slices at their original in-plane resolution (logits resized bilinearly to H x W, then
+argmax), Dice, IoU and the 95th-percentile surface Hausdorff distance in mm; mean and std over cases.
+Definitions and empty-set conventions: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from usam.data import preprocess_slices, resize_labels
+from usam.metrics import (
+    confusion_matrix,
+    dice_from_confusion,
+    foreground_mean,
+    iou_from_confusion,
+    overlap_counts,
+    summarize,
+    volume_metrics,
+)
+from usam.predict import (
+    InferenceSettings,
+    InputError,
+    forward_logits,
+    inference_settings,
+    iter_batches,
+    logits_to_labels,
+    resolve_device,
+)
+from usam.prompts import PADDING_LABEL, sample_points
+
+PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
+CLINICAL_PROTOCOL = (
+    "clinical: per volume at the original in-plane resolution (stored slices), mean and std over cases"
+)
+
+
+@dataclass
+class CaseResult:
+    """Per-volume metrics of one case; arrays are indexed by class (0 = background, unused)."""
+
+    case_id: str
+    num_slices: int
+    dice: np.ndarray
+    iou: np.ndarray
+    hd95: np.ndarray
+    true_voxels: np.ndarray
+    pred_voxels: np.ndarray
+    preview_position: int  # stored slice shown in the overlay grid (largest true foreground)
+    preview_pred: np.ndarray = field(repr=False)  # (H, W) prediction on that slice
+
+    @property
+    def mean_dice(self) -> float:
+        return foreground_mean(self.dice)
+
+    @property
+    def mean_iou(self) -> float:
+        return foreground_mean(self.iou)
+
+
+@dataclass
+class Evaluation:
+    """Everything `usam eval` reports for one split and one prompt setting."""
+
+    split: str
+    points_per_class: int
+    settings: InferenceSettings
+    pooled_confusion: np.ndarray  # at img_size x img_size, summed over every slice
+    cases: list[CaseResult]
+    num_slices: int
+
+
+def model_prompts(
+    labels: torch.Tensor, num_classes: int, k: int, slots_per_class: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic prompts from B x S x S labels: k points per present class placed in the first
+    k of each class's `slots_per_class` model slots; the rest are padding."""
+    batch = labels.shape[0]
+    points = np.zeros((batch, (num_classes - 1) * slots_per_class, 2), np.float32)
+    point_labels = np.full((batch, (num_classes - 1) * slots_per_class), PADDING_LABEL, np.int64)
+    array = labels.cpu().numpy()
+    for b in range(batch):
+        p, lab = sample_points(array[b], num_classes, k, rng=None)
+        for cls in range(1, num_classes):
+            target = slice((cls - 1) * slots_per_class, (cls - 1) * slots_per_class + k)
+            source = slice((cls - 1) * k, cls * k)
+            points[b, target], point_labels[b, target] = p[source], lab[source]
+    return torch.from_numpy(points), torch.from_numpy(point_labels)
+
+
+def _case_volumes(pred: np.ndarray, truth: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Place stored slices at their canonical z (gaps between kept slices become empty slices)."""
+    if len(kept) < 2 or np.all(np.diff(kept) == 1):
+        return pred, truth
+    depth = int(kept.max() - kept.min() + 1)
+    z = kept - kept.min()
+    full_pred = np.zeros((depth, *pred.shape[1:]), pred.dtype)
+    full_truth = np.zeros((depth, *truth.shape[1:]), truth.dtype)
+    full_pred[z], full_truth[z] = pred, truth
+    return full_pred, full_truth
+
+
+def evaluate_split(
+    model: nn.Module,
+    settings: InferenceSettings,
+    dataset: Any,
+    split: str,
+    points_per_class: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: Any | None = None,
+) -> Evaluation:
+    """Run every slice of `split` and collect pooled and per-volume metrics.
+
+    dataset: a `care_dataset.store.CareDataset` (read_case, cases, case_ids). points_per_class = 0
+    runs unprompted; otherwise prompts are sampled deterministically (rng=None) from each slice's
+    truth at model resolution. `progress`: optional callable(number_of_slices_done).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    num_classes, size = settings.num_classes, settings.img_size
+    pooled = np.zeros((num_classes, num_classes), np.int64)
+    results: list[CaseResult] = []
+    total = 0
+    for case_id in dataset.case_ids(split):
+        image, truth = dataset.read_case(case_id)
+        n, height, width = image.shape
+        pred = np.zeros_like(truth)
+        for batch in iter_batches(n, batch_size):
+            x = preprocess_slices(image[batch], settings.window, size)
+            truth_small = resize_labels(torch.from_numpy(truth[batch]), size)
+            points = point_labels = None
+            if points_per_class:
+                points, point_labels = model_prompts(
+                    truth_small, num_classes, points_per_class, settings.points_per_class
+                )
+            logits = forward_logits(model, x, points, point_labels, device)
+            pooled += confusion_matrix(logits.argmax(dim=1), truth_small.to(logits.device), num_classes)
+            pred[batch] = logits_to_labels(logits, height, width).cpu().numpy()
+            if progress is not None:
+                progress(batch.stop - batch.start)
+        geometry = dataset.cases[case_id]
+        sx, sy, sz = (float(s) for s in geometry["spacing"])
+        volume_pred, volume_truth = _case_volumes(pred, truth, np.asarray(geometry["kept_slices"]))
+        m = volume_metrics(volume_pred, volume_truth, num_classes, spacing=(sz, sy, sx))
+        foreground = (truth > 0).reshape(n, -1).sum(axis=1)
+        if not foreground.any():
+            foreground = (pred > 0).reshape(n, -1).sum(axis=1)
+        position = int(np.argmax(foreground))
+        results.append(
+            CaseResult(
+                case_id, n, m["dice"], m["iou"], m["hd95"], m["true_voxels"], m["pred_voxels"],
+                position, pred[position].copy(),
+            )
+        )
+        total += n
+    return Evaluation(split, points_per_class, settings, pooled, results, total)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _number(value: float) -> float | None:
+    """JSON value: NaN (undefined by the conventions) becomes null."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
+    """The JSON report (NaN written as null)."""
+    names = evaluation.settings.class_names
+    size = evaluation.settings.img_size
+    pooled_dice = dice_from_confusion(evaluation.pooled_confusion)
+    pooled_iou = iou_from_confusion(evaluation.pooled_confusion)
+    _, pooled_pred, pooled_true = overlap_counts(evaluation.pooled_confusion)
+    foreground = range(1, len(names))
+
+    def per_volume(metric: str) -> dict[str, Any]:
+        out = {}
+        for c in foreground:
+            values = [getattr(case, metric)[c] for case in evaluation.cases]
+            s = summarize(values)
+            out[names[c]] = {k: _number(v) if isinstance(v, float) else v for k, v in s.items()}
+        return out
+
+    def mean_summary(values: list[float]) -> dict[str, Any]:
+        s = summarize(values)
+        return {k: _number(v) if isinstance(v, float) else v for k, v in s.items()}
+
+    undefined_both = {
+        names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] == 0 and case.pred_voxels[c] == 0)
+        for c in foreground
+    }
+    false_positive_cases = {
+        names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] == 0 and case.pred_voxels[c] > 0)
+        for c in foreground
+    }
+    return {
+        "split": evaluation.split,
+        "model": model_name,
+        "classes": list(names),
+        "window_hu": list(evaluation.settings.window),
+        "points_per_class": evaluation.points_per_class,
+        "prompted": evaluation.points_per_class > 0,
+        "num_cases": len(evaluation.cases),
+        "num_slices": evaluation.num_slices,
+        "paper_protocol": {
+            "description": PAPER_PROTOCOL.format(size=size),
+            "resolution": [size, size],
+            "dice": {names[c]: _number(pooled_dice[c]) for c in foreground},
+            "iou": {names[c]: _number(pooled_iou[c]) for c in foreground},
+            "mean_dice": _number(foreground_mean(pooled_dice)),
+            "mean_iou": _number(foreground_mean(pooled_iou)),
+            "true_pixels": {names[c]: int(pooled_true[c]) for c in foreground},
+            "predicted_pixels": {names[c]: int(pooled_pred[c]) for c in foreground},
+        },
+        "clinical_protocol": {
+            "description": CLINICAL_PROTOCOL,
+            "dice": per_volume("dice"),
+            "iou": per_volume("iou"),
+            "hd95_mm": per_volume("hd95"),
+            "mean_dice": mean_summary([case.mean_dice for case in evaluation.cases]),
+            "mean_iou": mean_summary([case.mean_iou for case in evaluation.cases]),
+            "cases_class_absent_in_truth_and_prediction": undefined_both,
+            "cases_class_absent_in_truth_but_predicted": false_positive_cases,
+        },
+        "cases": [
+            {
+                "case_id": case.case_id,
+                "num_slices": case.num_slices,
+                "dice": {names[c]: _number(case.dice[c]) for c in foreground},
+                "iou": {names[c]: _number(case.iou[c]) for c in foreground},
+                "hd95_mm": {names[c]: _number(case.hd95[c]) for c in foreground},
+                "true_voxels": {names[c]: int(case.true_voxels[c]) for c in foreground},
+                "predicted_voxels": {names[c]: int(case.pred_voxels[c]) for c in foreground},
+                "mean_dice": _number(case.mean_dice),
+                "mean_iou": _number(case.mean_iou),
+            }
+            for case in evaluation.cases
+        ],
+    }
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else f"{value:.6f}"
+    return str(value)
+
+
+def cases_csv(evaluation: Evaluation) -> str:
+    """One row per case: Dice, IoU, HD95 (mm) per class, foreground means; NaN = undefined."""
+    names = evaluation.settings.class_names
+    header = ["case_id", "num_slices"]
+    for metric in ("dice", "iou", "hd95_mm"):
+        header += [f"{metric}_{names[c].replace(' ', '_')}" for c in range(1, len(names))]
+    header += ["mean_dice", "mean_iou"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for case in evaluation.cases:
+        row: list[Any] = [case.case_id, case.num_slices]
+        for values in (case.dice, case.iou, case.hd95):
+            row += [float(v) for v in values[1:]]
+        row += [case.mean_dice, case.mean_iou]
+        writer.writerow([_csv_value(v) for v in row])
+    return buffer.getvalue()
+
+
+def summary_csv(summary: Mapping[str, Any]) -> str:
+    """Long table: protocol, metric, class, mean, std, n, n_undefined (pooled rows: mean only)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["protocol", "metric", "class", "mean", "std", "n", "n_undefined"])
+    paper = summary["paper_protocol"]
+    for metric in ("dice", "iou"):
+        for name, value in paper[metric].items():
+            writer.writerow(["paper_pooled_224", metric, name, _csv_value(value), "", "", ""])
+        writer.writerow(["paper_pooled_224", metric, "mean", _csv_value(paper[f"mean_{metric}"]), "", "", ""])
+    clinical = summary["clinical_protocol"]
+    for metric in ("dice", "iou", "hd95_mm"):
+        for name, s in clinical[metric].items():
+            writer.writerow(["clinical_per_volume", metric, name, *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
+        if metric != "hd95_mm":
+            s = clinical[f"mean_{metric}"]
+            writer.writerow(["clinical_per_volume", metric, "mean", *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
+    return buffer.getvalue()
+
+
+def grid_rows(evaluation: Evaluation, dataset: Any) -> list[dict]:
+    """Best, median and worst case by per-volume mean Dice (cases with a defined mean only)."""
+    ranked = sorted(
+        (case for case in evaluation.cases if not math.isnan(case.mean_dice)),
+        key=lambda case: (-case.mean_dice, case.case_id),
+    )
+    if not ranked:
+        return []
+    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    rows = []
+    for role, case in picks[: min(len(ranked), 3)]:
+        image, truth = dataset.read_slice(case.case_id, case.preview_position)
+        rows.append({
+            "title": f"{role}: {case.case_id}, mean Dice {case.mean_dice:.3f} (slice {case.preview_position})",
+            "image": image, "truth": truth, "pred": case.preview_pred,
+        })
+    return rows
+
+
+def print_tables(summary: Mapping[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    prompt = (f"{summary['points_per_class']} point(s) per class" if summary["prompted"] else "unprompted")
+    paper = summary["paper_protocol"]
+    table = Table(title=f"PAPER protocol - {paper['description']} ({summary['num_slices']} slices, {prompt})")
+    table.add_column("class")
+    table.add_column("Dice", justify="right")
+    table.add_column("IoU", justify="right")
+    fmt = lambda v: "NaN" if v is None else f"{v:.4f}"  # noqa: E731
+    for name in paper["dice"]:
+        table.add_row(name, fmt(paper["dice"][name]), fmt(paper["iou"][name]))
+    table.add_row("mean (foreground)", fmt(paper["mean_dice"]), fmt(paper["mean_iou"]), style="bold")
+    console.print(table)
+
+    clinical = summary["clinical_protocol"]
+    table = Table(title=f"CLINICAL protocol - {clinical['description']} ({summary['num_cases']} cases, {prompt})")
+    for column in ("class", "Dice", "IoU", "HD95 mm", "both empty", "false positive", "HD95 undefined"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+
+    def pm(s: Mapping[str, Any], digits: int = 4) -> str:
+        return "NaN" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    for name in clinical["dice"]:
+        table.add_row(
+            name, pm(clinical["dice"][name]), pm(clinical["iou"][name]), pm(clinical["hd95_mm"][name], 2),
+            str(clinical["cases_class_absent_in_truth_and_prediction"][name]),
+            str(clinical["cases_class_absent_in_truth_but_predicted"][name]),
+            str(clinical["hd95_mm"][name]["n_undefined"]),
+        )
+    table.add_row("mean (foreground)", pm(clinical["mean_dice"]), pm(clinical["mean_iou"]), "", "", "", "", style="bold")
+    console.print(table)
+    console.print("both empty: cases where the class is absent in truth and prediction (excluded from the "
+                  "mean); false positive: absent in truth but predicted (Dice 0); HD95 undefined when "
+                  "either side is empty (excluded). See docs/evaluation.md.")
+
+
+def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:
+    """metrics.json, cases.csv, summary.csv, cases_grid.png into `out`, all or nothing."""
+    from usam.overlays import save_case_grid
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    names = ["metrics.json", "cases.csv", "summary.csv", "cases_grid.png"]
+    try:
+        (staging / names[0]).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (staging / names[1]).write_text(cases_csv(evaluation), encoding="utf-8")
+        (staging / names[2]).write_text(summary_csv(summary), encoding="utf-8")
+        save_case_grid(grid_rows(evaluation, dataset), evaluation.settings.class_names,
+                       evaluation.settings.window, staging / names[3])
+        if not out.exists():
+            os.replace(staging, out)
+        else:
+            if not out.is_dir():
+                raise InputError(f"--out {out} exists and is not a folder")
+            for name in names:
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out / name for name in names]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="converted CARE folder (dataset.json, shards)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/x/best")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--points", type=int, default=None,
+                        help="points per class sampled from the truth (0 = unprompted; default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <checkpoint>/../eval_<split>_points<k>)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`usam eval`; returns the exit status (0 ok, 2 bad input)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from care_dataset.store import open_dataset
+    from usam.models.checkpoints import load_checkpoint
+
+    console = Console()
+    try:
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = resolve_device(args.device)
+        try:
+            dataset = open_dataset(args.data)
+        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as error:
+            raise InputError(f"--data {args.data}: {error}") from None
+        try:
+            case_ids = dataset.case_ids(args.split)
+        except KeyError as error:
+            raise InputError(f"--data {args.data}: {error.args[0]}") from None
+        if not case_ids:
+            raise InputError(f"--data {args.data}: split {args.split!r} has no cases")
+        try:
+            model, config = load_checkpoint(args.checkpoint, map_location="cpu")
+        except (ValueError, FileNotFoundError) as error:
+            raise InputError(str(error)) from None
+        if not (config.get("class_names") or config.get("classes")):
+            config = {**config, "class_names": dataset.class_names}
+        settings = inference_settings(config)
+        if settings.num_classes != dataset.num_classes:
+            raise InputError(
+                f"checkpoint has {settings.num_classes} classes {list(settings.class_names)}, the data "
+                f"{dataset.num_classes} {dataset.class_names}"
+            )
+        k = settings.points_per_class if args.points is None else args.points
+        if k < 0 or k > settings.points_per_class:
+            raise InputError(
+                f"--points {k}: this model has {settings.points_per_class} prompt slot(s) per class "
+                f"(use 0..{settings.points_per_class})"
+            )
+        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}_points{k}"
+    except InputError as error:
+        print(f"usam eval: {error}", file=sys.stderr)
+        return 2
+
+    total = sum(int(dataset.cases[c]["num_slices"]) for c in case_ids)
+    with Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"{args.split} on {device.type}", total=total)
+        evaluation = evaluate_split(model, settings, dataset, args.split, k, args.batch_size, device,
+                                    progress=lambda n: bar.advance(task, n))
+    summary = report(evaluation, str(config["model"].get("name", "model")))
+    print_tables(summary, console)
+    written = write_outputs(evaluation, summary, dataset, out)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="usam eval", description=__doc__.splitlines()[0])
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Segmentation metrics: Dice and IoU from confusion counts, surface Hausdorff distance in mm.
+
+Conventions (docs/evaluation.md): a class absent from both truth and prediction has an undefined
+Dice/IoU (NaN, excluded from means and counted); absent from the truth but predicted gives 0; present
+in the truth but not predicted gives 0. The Hausdorff distance is NaN when either surface is empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def confusion_matrix(pred: ArrayLike, truth: ArrayLike, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts, rows = predicted class, columns = true class.
+
+    pred, truth: integer label arrays of the same shape (numpy or torch, any device); values must lie
+    in 0..num_classes-1.
+    """
+    if tuple(pred.shape) != tuple(truth.shape):
+        raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
+    if isinstance(pred, torch.Tensor) or isinstance(truth, torch.Tensor):
+        p = torch.as_tensor(pred).reshape(-1).long()
+        t = torch.as_tensor(truth, device=p.device).reshape(-1).long()
+        counts = torch.bincount(p * num_classes + t, minlength=num_classes * num_classes)
+        counts = counts.cpu().numpy()
+    else:
+        p = np.asarray(pred).reshape(-1).astype(np.int64)
+        t = np.asarray(truth).reshape(-1).astype(np.int64)
+        counts = np.bincount(p * num_classes + t, minlength=num_classes * num_classes)
+    if counts.size != num_classes * num_classes:
+        raise ValueError(f"label values outside 0..{num_classes - 1}")
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def overlap_counts(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class (intersection, predicted voxels, true voxels) from a confusion matrix."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    return np.diag(confusion).copy(), confusion.sum(axis=1), confusion.sum(axis=0)
+
+
+def dice_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """Per-class Dice 2|P∩T| / (|P| + |T|); NaN where the class is absent from both."""
+    intersection, predicted, true = overlap_counts(confusion)
+    denominator = predicted + true
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2.0 * intersection / np.maximum(denominator, 1), np.nan)
+
+
+def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """Per-class IoU |P∩T| / |P∪T|; NaN where the class is absent from both."""
+    intersection, predicted, true = overlap_counts(confusion)
+    union = predicted + true - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels of a boolean mask: voxels of the mask with a face neighbour outside it.
+
+    Voxels on the array border count as boundary (the outside of the array is background).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    interior = ndimage.binary_erosion(mask, structure=structure, border_value=0)
+    return mask & ~interior
+
+
+def directed_surface_distances(
+    source: np.ndarray, target: np.ndarray, spacing: Sequence[float]
+) -> np.ndarray:
+    """Distance in mm from every boundary voxel of `source` to the nearest boundary voxel of `target`.
+
+    source, target: boolean masks with the same shape; spacing: voxel size per array axis (mm),
+    in array-axis order (for a (z, y, x) array pass (sz, sy, sx)).
+    """
+    source_surface, target_surface = surface(source), surface(target)
+    if not target_surface.any():
+        return np.full(int(source_surface.sum()), np.inf)
+    distance_to_target = ndimage.distance_transform_edt(~target_surface, sampling=tuple(spacing))
+    return distance_to_target[source_surface]
+
+
+def hausdorff_distance(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0
+) -> float:
+    """Symmetric surface Hausdorff distance at `percentile` (100 = the classical Hausdorff distance).
+
+    HD_p = max(P_p(d(∂P -> ∂T)), P_p(d(∂T -> ∂P))), each P_p the percentile (linear interpolation)
+    of the directed surface distances in mm. NaN when either mask is empty.
+    pred, truth: boolean masks of the same shape; spacing: mm per array axis, in array-axis order.
+    """
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not match a {pred.ndim}-D mask")
+    if not pred.any() or not truth.any():
+        return math.nan
+    # Both distance sets come from the same bounding box: crop to it (distances are unchanged).
+    where = np.nonzero(pred | truth)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in where)
+    pred, truth = pred[box], truth[box]
+    forward = directed_surface_distances(pred, truth, spacing)
+    backward = directed_surface_distances(truth, pred, spacing)
+    return float(max(np.percentile(forward, percentile), np.percentile(backward, percentile)))
+
+
+def volume_metrics(
+    pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Per-class metrics of one volume (index 0 = background, reported but not used in means).
+
+    pred, truth: (Z, Y, X) label volumes; spacing: (sz, sy, sx) mm.
+    Returns arrays of length num_classes: dice, iou, hd95 (mm), hd100 (mm), true_voxels, pred_voxels.
+    """
+    confusion = confusion_matrix(pred, truth, num_classes)
+    _, predicted, true = overlap_counts(confusion)
+    hd95 = np.full(num_classes, np.nan)
+    hd100 = np.full(num_classes, np.nan)
+    for c in range(1, num_classes):
+        if predicted[c] and true[c]:
+            p, t = pred == c, truth == c
+            hd95[c] = hausdorff_distance(p, t, spacing, 95.0)
+            hd100[c] = hausdorff_distance(p, t, spacing, 100.0)
+    return {
+        "dice": dice_from_confusion(confusion),
+        "iou": iou_from_confusion(confusion),
+        "hd95": hd95,
+        "hd100": hd100,
+        "true_voxels": true,
+        "pred_voxels": predicted,
+    }
+
+
+def foreground_mean(values: np.ndarray) -> float:
+    """Mean over foreground classes (index >= 1) of the defined (non-NaN) values; NaN if none."""
+    foreground = np.asarray(values, dtype=np.float64)[1:]
+    defined = foreground[~np.isnan(foreground)]
+    return float(defined.mean()) if defined.size else math.nan
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int]:
+    """Mean and standard deviation (population, ddof=0) over the defined values; counts of each."""
+    array = np.asarray(values, dtype=np.float64)
+    defined = array[~np.isnan(array)]
+    return {
+        "mean": float(defined.mean()) if defined.size else math.nan,
+        "std": float(defined.std()) if defined.size else math.nan,
+        "n": int(defined.size),
+        "n_undefined": int(array.size - defined.size),
+    }

@@ -1,0 +1,487 @@
+"""`usam predict`: segment a new CT volume, optionally from point clicks, on its original grid.
+
+Pipeline: read (DICOM folder or volume file) -> ``DICOMOrient(image, "LPS")`` (the stored slices'
+orientation) -> every axial slice windowed, resized to the model size and run in batches -> logits
+resized back to each slice's H x W (bilinear) -> argmax -> uint8 label volume reoriented to the
+input's grid (same size, spacing, origin, direction) -> written atomically, with an ITK-SNAP label
+description file beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usam.data import DEFAULT_WINDOW, MODEL_SIZE, preprocess_slices
+from usam.prompts import PADDING_LABEL, POINT_LABEL, voxel_to_model, world_to_model
+
+CANONICAL_ORIENTATION = "LPS"
+COORDINATE_KINDS = ("voxel", "itksnap", "world")
+# ITK-SNAP label colours (RGB) for classes 1, 2, ...; background is transparent.
+LABEL_COLORS = ((230, 159, 0), (213, 94, 0), (0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233))
+
+
+class InputError(ValueError):
+    """A problem with the user's input, reported as one line."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What inference needs from a checkpoint besides the weights."""
+
+    class_names: tuple[str, ...]
+    window: tuple[float, float]
+    img_size: int
+    points_per_class: int  # the model's prompt slots per class (0: the model takes no prompts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def inference_settings(config: Mapping[str, Any]) -> InferenceSettings:
+    """Read class names, HU window, input size and prompt slots from a checkpoint config."""
+    model = config.get("model", {})
+    num_classes = int(model.get("num_classes", config.get("num_classes", 0)))
+    names = config.get("class_names") or config.get("classes")
+    if names is None and isinstance(config.get("data"), Mapping):
+        names = config["data"].get("class_names") or config["data"].get("classes")
+    if names is None:
+        names = ["background"] + [f"class {c}" for c in range(1, num_classes)]
+    names = tuple(str(n) for n in names)
+    if num_classes and len(names) != num_classes:
+        raise InputError(f"checkpoint: {len(names)} class names for a {num_classes}-class model")
+    window = config.get("window")
+    if window is None and isinstance(config.get("intensity"), Mapping):
+        window = config["intensity"].get("window")
+    window = tuple(float(v) for v in (window if window is not None else DEFAULT_WINDOW))
+    if len(window) != 2 or not window[1] > window[0]:
+        raise InputError(f"checkpoint: invalid intensity window {window}")
+    img_size = int(model.get("img_size", config.get("img_size", MODEL_SIZE)))
+    points_per_class = int(model.get("points_per_class", config.get("points_per_class", 0)))
+    return InferenceSettings(names, window, img_size, points_per_class)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def forward_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    points: torch.Tensor | None,
+    point_labels: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """One batch through the model: images B x 1 x S x S -> float32 logits B x C x S x S on `device`.
+
+    bf16 autocast and channels_last on CUDA; plain fp32 on CPU.
+    """
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    if points is not None:
+        points = points.to(device, non_blocking=True)
+        point_labels = point_labels.to(device, non_blocking=True)
+    with torch.inference_mode(), torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    ):
+        logits = model(images, points, point_labels)
+    return logits.float()
+
+
+def logits_to_labels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """B x C x S x S logits -> B x height x width uint8 labels (bilinear logits, then argmax)."""
+    if tuple(logits.shape[-2:]) != (height, width):
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1).to(torch.uint8)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices of at most batch_size over range(n)."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def segment_slices(
+    model: nn.Module,
+    settings: InferenceSettings,
+    images_hu: np.ndarray,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Label every slice: images_hu (n, H, W) int16 HU, points (n, K, 2) model-input (x, y) and
+    point_labels (n, K) or None -> (n, H, W) uint8 at the slices' own resolution."""
+    device = torch.device(device)
+    n, height, width = images_hu.shape
+    out = np.zeros((n, height, width), dtype=np.uint8)
+    for batch in iter_batches(n, batch_size):
+        x = preprocess_slices(images_hu[batch], settings.window, settings.img_size)
+        p = l = None
+        if points is not None:
+            p = torch.from_numpy(np.ascontiguousarray(points[batch], dtype=np.float32))
+            l = torch.from_numpy(np.ascontiguousarray(point_labels[batch], dtype=np.int64))
+        logits = forward_logits(model, x, p, l, device)
+        out[batch] = logits_to_labels(logits, height, width).cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------- reading and geometry
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """A 3-D CT from a volume file (NIfTI, NRRD, MHA, ...) or a DICOM folder.
+
+    For a folder, GDCM's series discovery picks the series with the most files (ties: the first
+    series UID in sorted order). Raises InputError with the reason.
+    """
+    path = Path(path)
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = sorted(reader.GetGDCMSeriesIDs(str(path)))
+        if not series:
+            raise InputError(f"{path}: no DICOM series found in this folder")
+        files = {uid: reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series}
+        chosen = max(series, key=lambda uid: (len(files[uid]), -series.index(uid)))
+        reader.SetFileNames(files[chosen])
+        try:
+            image = reader.Execute()
+        except RuntimeError as error:
+            raise InputError(f"{path}: DICOM series cannot be read ({_first_line(error)})") from None
+    elif path.is_file():
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise InputError(f"{path}: not a readable image ({_first_line(error)})") from None
+    else:
+        raise InputError(f"{path}: no such file or folder")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{path}: need a 3-D single-channel CT, got {image.GetDimension()}-D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components"
+        )
+    return image
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """The SimpleITK orientation code (e.g. 'LPS', 'RAI') closest to the image's direction."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def canonical_hu(image: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
+    """(canonical image, its voxels as (slices, H, W) int16 HU, rounded and clipped)."""
+    from care_dataset.io import to_canonical
+
+    canonical = to_canonical(image)
+    array = sitk.GetArrayFromImage(canonical)
+    if array.dtype != np.int16:
+        info = np.iinfo(np.int16)
+        array = np.clip(np.rint(array), info.min, info.max).astype(np.int16)
+    return canonical, array
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-5) -> bool:
+    """Equal size, and spacing, origin and direction equal within `tolerance` (relative)."""
+    if a.GetSize() != b.GetSize():
+        return False
+    return all(
+        np.allclose(x, y, rtol=tolerance, atol=tolerance)
+        for x, y in (
+            (a.GetSpacing(), b.GetSpacing()),
+            (a.GetOrigin(), b.GetOrigin()),
+            (a.GetDirection(), b.GetDirection()),
+        )
+    )
+
+
+def labels_on_original_grid(labels: np.ndarray, canonical: sitk.Image, original: sitk.Image) -> sitk.Image:
+    """Canonical (slices, H, W) uint8 labels -> a label image on exactly `original`'s grid."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(labels, dtype=np.uint8))
+    image.CopyInformation(canonical)
+    back = sitk.DICOMOrient(image, orientation_code(original))
+    if not same_grid(back, original):
+        raise RuntimeError(
+            "reorienting back did not reproduce the input grid "
+            f"(size {back.GetSize()} vs {original.GetSize()})"
+        )
+    back.CopyInformation(original)  # removes rounding noise: the exact input geometry
+    return back
+
+
+# ---------------------------------------------------------------- clicks
+
+
+def load_points(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a points file (see docs/evaluation.md, "Prediction")."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such points file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+    return validate_points(spec, source=str(path))
+
+
+def validate_points(spec: Any, source: str = "points") -> dict[str, Any]:
+    """Check the points structure: coordinates kind and a non-empty list of {class, position}."""
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{source}: expected an object with 'coordinates' and 'points'")
+    kind = spec.get("coordinates")
+    if kind not in COORDINATE_KINDS:
+        raise InputError(f"{source}: 'coordinates' must be one of {', '.join(COORDINATE_KINDS)}, got {kind!r}")
+    points = spec.get("points")
+    if not isinstance(points, list) or not points:
+        raise InputError(f"{source}: 'points' must be a non-empty list")
+    for n, point in enumerate(points):
+        if not isinstance(point, Mapping) or "class" not in point or "position" not in point:
+            raise InputError(f"{source}: point {n} needs 'class' and 'position'")
+        position = point["position"]
+        if (
+            not isinstance(position, list)
+            or len(position) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in position)
+        ):
+            raise InputError(f"{source}: point {n} position must be three finite numbers, got {position!r}")
+    return {"coordinates": kind, "points": [dict(p) for p in points]}
+
+
+def class_index(value: Any, class_names: tuple[str, ...]) -> int:
+    """A foreground class given by name (case-insensitive) or by label value."""
+    if isinstance(value, bool):
+        raise InputError(f"class {value!r}: give a class name or a label value")
+    if isinstance(value, int):
+        if 1 <= value < len(class_names):
+            return value
+        raise InputError(f"class {value}: label values are 1..{len(class_names) - 1}")
+    if isinstance(value, str):
+        lowered = [n.lower() for n in class_names]
+        if value.strip().lower() in lowered[1:]:
+            return lowered.index(value.strip().lower(), 1)
+        raise InputError(f"class {value!r}: not one of {', '.join(class_names[1:])}")
+    raise InputError(f"class {value!r}: give a class name or a label value")
+
+
+def prompts_from_points(
+    spec: Mapping[str, Any], image: sitk.Image, settings: InferenceSettings
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Clicks -> {canonical slice: (points K x 2 float32 model-input (x, y), labels K int64)}.
+
+    'voxel': 0-based (i, j, k) indices of `image`, as SimpleITK and nibabel count; 'itksnap': the
+    1-based voxel coordinates ITK-SNAP's cursor inspector shows; 'world': physical (x, y, z) mm in
+    ITK's LPS convention. Per slice, class c fills its slots (c - 1) * k .. c * k - 1 in click order;
+    unused slots are padding.
+    """
+    spec = validate_points(spec)
+    k = settings.points_per_class
+    if k == 0:
+        raise InputError("this model takes no point prompts; run without --points")
+    classes = np.array([class_index(p["class"], settings.class_names) for p in spec["points"]])
+    positions = np.array([p["position"] for p in spec["points"]], dtype=np.float64)
+    try:
+        if spec["coordinates"] == "world":
+            slices, xy = world_to_model(positions, image, settings.img_size)
+        else:
+            offset = 1.0 if spec["coordinates"] == "itksnap" else 0.0
+            slices, xy = voxel_to_model(positions - offset, image, settings.img_size)
+    except ValueError as error:
+        raise InputError(f"points: {error}") from None
+    num_slots = (settings.num_classes - 1) * k
+    prompts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    filled: dict[tuple[int, int], int] = {}
+    for n, (cls, s, point) in enumerate(zip(classes, slices.tolist(), xy)):
+        if s not in prompts:
+            prompts[s] = (np.zeros((num_slots, 2), np.float32), np.full(num_slots, PADDING_LABEL, np.int64))
+        used = filled.get((s, cls), 0)
+        if used == k:
+            raise InputError(
+                f"point {n}: more than {k} points for class {settings.class_names[cls]!r} on canonical "
+                f"slice {s} (the model has {k} slots per class)"
+            )
+        slot = (cls - 1) * k + used
+        prompts[s][0][slot] = point
+        prompts[s][1][slot] = POINT_LABEL
+        filled[(s, cls)] = used + 1
+    return dict(sorted(prompts.items()))
+
+
+# ---------------------------------------------------------------- the whole volume
+
+
+def predict_canonical(
+    model: nn.Module,
+    settings: InferenceSettings,
+    hu: np.ndarray,
+    prompts: dict[int, tuple[np.ndarray, np.ndarray]] | None,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Canonical (slices, H, W) HU -> labels of the same shape; with prompts only those slices."""
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    if prompts is None:
+        return segment_slices(model, settings, hu, None, None, batch_size, device)
+    if not prompts:
+        return labels
+    chosen = np.array(sorted(prompts), dtype=np.int64)
+    points = np.stack([prompts[s][0] for s in chosen])
+    point_labels = np.stack([prompts[s][1] for s in chosen])
+    labels[chosen] = segment_slices(model, settings, hu[chosen], points, point_labels, batch_size, device)
+    return labels
+
+
+def predict_volume(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    image: sitk.Image,
+    points: Mapping[str, Any] | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> sitk.Image:
+    """Segment `image` (3-D CT in HU); returns a uint8 label image on exactly its grid.
+
+    points: None for unprompted inference on every axial slice, or a points structure
+    ({"coordinates": "voxel" | "itksnap" | "world", "points": [{"class", "position"}, ...]}),
+    in which case only the slices holding clicks are segmented and the others stay 0.
+    """
+    settings = inference_settings(config)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    canonical, hu = canonical_hu(image)
+    prompts = prompts_from_points(points, image, settings) if points is not None else None
+    labels = predict_canonical(model, settings, hu, prompts, batch_size, device)
+    return labels_on_original_grid(labels, canonical, image)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def label_description(class_names: tuple[str, ...] | list[str]) -> str:
+    """ITK-SNAP label description text: IDX R G B A VIS MSH "LABEL" per class."""
+    lines = [
+        "# ITK-SnAP Label Description File",
+        "# written by usam predict; columns: IDX -R- -G- -B- -A-- VIS MSH LABEL",
+        f'{0:5d} {0:5d} {0:4d} {0:4d} {0:8.2f} {0:2d} {0:2d}    "Clear Label"',
+    ]
+    for value, name in enumerate(class_names[1:], start=1):
+        r, g, b = LABEL_COLORS[(value - 1) % len(LABEL_COLORS)]
+        label = str(name).replace('"', "'")
+        lines.append(f'{value:5d} {r:5d} {g:4d} {b:4d} {1:8.2f} {1:2d} {1:2d}    "{label}"')
+    return "\n".join(lines) + "\n"
+
+
+def label_description_path(out: Path) -> Path:
+    """pred.nii.gz -> pred_labels.txt beside it."""
+    name = out.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gz"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.with_name(f"{name}_labels.txt")
+
+
+def write_image_atomic(image: sitk.Image, out: Path) -> None:
+    """Write through a temporary name with the same extension, then rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(text: str, out: Path) -> None:
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    parser.add_argument("--image", required=True, help="CT: a DICOM folder or a volume file (NIfTI, NRRD, MHA, ...)")
+    parser.add_argument("--points", default=None, help="clicks JSON (docs/evaluation.md); without it: unprompted")
+    parser.add_argument("--out", required=True, help="output label volume, e.g. pred.nii.gz")
+    parser.add_argument("--overlays", default=None, help="folder for PNG overlays of the slices with labels")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`usam predict`; returns the exit status (0 ok, 2 bad input)."""
+    from rich.console import Console
+
+    from usam.models.checkpoints import load_checkpoint
+
+    console = Console(stderr=True)
+    out = Path(args.out)
+    try:
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = resolve_device(args.device)
+        spec = load_points(args.points) if args.points else None
+        image = read_image(args.image)
+        try:
+            model, config = load_checkpoint(args.checkpoint, map_location="cpu")
+        except (ValueError, FileNotFoundError) as error:
+            raise InputError(str(error)) from None
+        settings = inference_settings(config)
+        model = model.to(device).eval()
+        canonical, hu = canonical_hu(image)
+        prompts = prompts_from_points(spec, image, settings) if spec is not None else None
+    except InputError as error:
+        print(f"usam predict: {error}", file=sys.stderr)
+        return 2
+    labels = predict_canonical(model, settings, hu, prompts, args.batch_size, device)
+    result = labels_on_original_grid(labels, canonical, image)
+    write_image_atomic(result, out)
+    write_text_atomic(label_description(settings.class_names), label_description_path(out))
+    if args.overlays:
+        from usam.overlays import save_slice_overlays
+
+        save_slice_overlays(hu, labels, settings.class_names, settings.window, Path(args.overlays))
+    counts = np.bincount(labels.reshape(-1), minlength=settings.num_classes)
+    run = "unprompted on every slice" if prompts is None else f"prompted on {len(prompts)} slice(s)"
+    console.print(f"usam predict: {hu.shape[0]} slices, {run}, on {device.type}; wrote {out}")
+    for c in range(1, settings.num_classes):
+        console.print(f"  {settings.class_names[c]}: {int(counts[c])} voxels")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="usam predict", description=__doc__.splitlines()[0])
+    add_predict_arguments(parser)
+    return run_predict(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
