@@ -1,0 +1,127 @@
+"""Hugging Face side of CARE: the published features, folder detection, loading and row -> sample dict.
+
+A published folder (written by ``care_dataset.publish``) holds two configurations:
+
+    slices   one row per stored axial slice: image (H, W) int16 HU, label (H, W) uint8, case_id,
+             slice_index, spacing, label_classes (class values present in the slice, names in the feature)
+    volumes  one row per case: image (n, H, W) int16, label (n, H, W) uint8 and the canonical geometry
+
+When every case has the same in-plane size the arrays are ``Array2D`` / ``Array3D`` features with that
+fixed shape; otherwise they are nested ``List`` features (same Parquet storage, same decoded arrays).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SLICES = "slices"
+VOLUMES = "volumes"
+CONFIGS = (SLICES, VOLUMES)
+SAMPLE_KEYS = ("image", "label", "case_id", "slice_index", "spacing")
+
+
+def _array_feature(ndim: int, shape: tuple[int, int] | None, dtype: str) -> Any:
+    """Array2D/Array3D with fixed in-plane ``shape`` (first dim dynamic for 3-D), else nested lists."""
+    from datasets import Array2D, Array3D, List, Value
+
+    if shape is not None:
+        return Array2D(shape=tuple(shape), dtype=dtype) if ndim == 2 else Array3D(shape=(None, *shape), dtype=dtype)
+    feature: Any = Value(dtype)
+    for _ in range(ndim):
+        feature = List(feature)
+    return feature
+
+
+def slice_features(class_names: list[str], shape: tuple[int, int] | None) -> Any:
+    """Features of the ``slices`` configuration; ``shape`` (H, W) or None for varying in-plane sizes."""
+    from datasets import ClassLabel, Features, List, Value
+
+    return Features({
+        "image": _array_feature(2, shape, "int16"),
+        "label": _array_feature(2, shape, "uint8"),
+        "case_id": Value("string"),
+        "slice_index": Value("int32"),
+        "spacing": List(Value("float64"), length=3),
+        "label_classes": List(ClassLabel(names=list(class_names))),
+    })
+
+
+def volume_features(class_names: list[str], shape: tuple[int, int] | None) -> Any:
+    """Features of the ``volumes`` configuration (one row per case)."""
+    from datasets import ClassLabel, Features, List, Value
+
+    return Features({
+        "image": _array_feature(3, shape, "int16"),
+        "label": _array_feature(3, shape, "uint8"),
+        "case_id": Value("string"),
+        "kept_slices": List(Value("int32")),
+        "size": List(Value("int32"), length=3),
+        "spacing": List(Value("float64"), length=3),
+        "origin": List(Value("float64"), length=3),
+        "direction": List(Value("float64"), length=9),
+        "label_classes": List(ClassLabel(names=list(class_names))),
+        "checksum": Value("string"),
+    })
+
+
+def is_published_folder(path: str | Path) -> bool:
+    """True for a folder whose README.md declares dataset ``configs`` or that holds Parquet files."""
+    path = Path(path)
+    readme = path / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---") and "\nconfigs:" in text.split("\n---", 2)[0]:
+            return True
+    return path.is_dir() and any(path.rglob("*.parquet"))
+
+
+def load_published(path: str | Path, config: str = SLICES, split: str | None = None,
+                   streaming: bool = False) -> Any:
+    """``datasets.load_dataset`` on a published folder, formatted as numpy with the stored dtypes."""
+    import datasets
+
+    dataset = datasets.load_dataset(str(path), config, split=split, streaming=streaming)
+    return dataset.with_format("numpy", dtype=None) if not streaming else dataset
+
+
+def split_order(names: list[str]) -> list[str]:
+    """Splits in publishing order: train, validation, test, then any other name alphabetically."""
+    known = [n for n in ("train", "validation", "test") if n in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def _nested_to_numpy(scalar: Any, dtype: type) -> np.ndarray:
+    """An Arrow 2-D list scalar (Array2D storage or nested List) as an (H, W) array."""
+    rows = scalar.value.values if hasattr(scalar, "value") else scalar.values  # ExtensionScalar -> storage
+    return rows.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(rows), -1)
+
+
+def iter_samples(stream: Any, batch_size: int = 64) -> Iterator[dict]:
+    """Sample dicts from a streamed ``slices`` split (``load_dataset(..., streaming=True)``) with exact dtypes.
+
+    Streaming formatters have no ``dtype=None``; this reads Arrow batches so images stay int16.
+    """
+    for table in stream.with_format("arrow").iter(batch_size=batch_size):
+        columns = {name: table.column(name) for name in SAMPLE_KEYS}
+        for i in range(table.num_rows):
+            yield {
+                "image": _nested_to_numpy(columns["image"][i], np.int16),
+                "label": _nested_to_numpy(columns["label"][i], np.uint8),
+                "case_id": columns["case_id"][i].as_py(),
+                "slice_index": int(columns["slice_index"][i].as_py()),
+                "spacing": tuple(float(s) for s in columns["spacing"][i].as_py()),
+            }
+
+
+def row_to_sample(row: dict) -> dict:
+    """A ``slices`` row (any format) as the common sample dict of ``CareDataset.sample``."""
+    return {
+        "image": np.asarray(row["image"], dtype=np.int16),
+        "label": np.asarray(row["label"], dtype=np.uint8),
+        "case_id": str(row["case_id"]),
+        "slice_index": int(row["slice_index"]),
+        "spacing": tuple(float(s) for s in np.asarray(row["spacing"]).tolist()),
+    }

@@ -1,0 +1,107 @@
+"""A ``torch.utils.data.Dataset`` of CARE slices over converted shards or a published Hugging Face dataset.
+
+Both give the sample dict of ``CareDataset.sample``: image (H, W) int16 HU, label (H, W) uint8, case_id str,
+slice_index int, spacing (x, y, z) mm; training code does not care which one it reads.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.utils.data
+
+from care_dataset.hf import SLICES, is_published_folder, load_published, row_to_sample
+from care_dataset.store import CareDataset, open_dataset
+
+CONVERTED = "converted"
+PUBLISHED = "published"
+
+
+def source_kind(path: str | Path) -> str:
+    """``"converted"`` for a folder with dataset.json, ``"published"`` for a Hugging Face dataset folder."""
+    path = Path(path)
+    if (path / "dataset.json").is_file():
+        return CONVERTED
+    if is_published_folder(path):
+        return PUBLISHED
+    raise FileNotFoundError(f"{path.name or path}: neither a converted CARE folder (dataset.json) nor a published "
+                            "Hugging Face dataset folder (README.md with configs, or Parquet files)")
+
+
+def open_source(path: str | Path) -> Any:
+    """A converted folder as a CareDataset, a published folder as a ``datasets.DatasetDict`` of slices."""
+    if source_kind(path) == CONVERTED:
+        return open_dataset(path)
+    return load_published(path, SLICES)
+
+
+class CareSliceDataset(torch.utils.data.Dataset):
+    """Slices of one split; ``source`` is a folder path (converted or published), a CareDataset, or a loaded
+    ``datasets.Dataset`` / ``DatasetDict`` of the ``slices`` configuration.
+
+    ``transform`` (picklable, for spawn workers) is applied to the sample dict.
+    """
+
+    def __init__(self, source: Any, split: str = "train", transform: Callable[[dict], Any] | None = None):
+        import datasets
+
+        self.split = split
+        self.transform = transform
+        self._care: CareDataset | None = None
+        self._hf: Any = None
+        self._case_index: dict[str, list[int]] | None = None
+        if isinstance(source, (str, Path)):
+            source = open_source(source)
+        if isinstance(source, CareDataset):
+            self._care = source
+            self.case_ids: list[str] = source.case_ids(split)
+            table = source.slice_index(split)
+            self._slice_case_ids = [self.case_ids[c] for c in table[:, 0]]
+        elif isinstance(source, (datasets.DatasetDict, datasets.Dataset)):
+            if isinstance(source, datasets.DatasetDict):
+                if split not in source:
+                    raise KeyError(f"no split {split!r}; this dataset has {sorted(source)}")
+                source = source[split]
+            self._hf = source.with_format("numpy", dtype=None)
+            self._slice_case_ids = source.select_columns(["case_id"]).with_format("arrow")[:] \
+                .column("case_id").to_pylist()
+            self.case_ids = list(dict.fromkeys(self._slice_case_ids))
+        else:
+            raise TypeError(f"unsupported source {type(source).__name__}: expected a folder path, a CareDataset "
+                            "or a datasets.Dataset")
+
+    def __len__(self) -> int:
+        return len(self._slice_case_ids)
+
+    def __getitem__(self, i: int) -> Any:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"slice {i} out of range for {n} slices")
+        i = int(i) % n
+        sample = self._care.sample(self.split, i) if self._care is not None else row_to_sample(self._hf[i])
+        return self.transform(sample) if self.transform is not None else sample
+
+    def case_slices(self, case_id: str) -> list[int]:
+        """Dataset indices of one case's slices, in stored (inferior to superior) order."""
+        if self._case_index is None:
+            self._case_index = {}
+            for i, c in enumerate(self._slice_case_ids):
+                self._case_index.setdefault(c, []).append(i)
+        indices = self._case_index.get(case_id)
+        if indices is None:
+            raise KeyError(f"unknown case {case_id!r} in split {self.split!r}")
+        return list(indices)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self._care is not None:  # open zarr/HDF5 handles do not pickle (spawn workers); reopen lazily
+            care = copy.copy(self._care)
+            care._handles = {}
+            state["_care"] = care
+        return state
+
+    def __repr__(self) -> str:
+        kind = "shards" if self._care is not None else "datasets"
+        return f"CareSliceDataset({kind}, split={self.split!r}, {len(self.case_ids)} cases, {len(self)} slices)"

@@ -1,0 +1,352 @@
+"""care-publish: a synthetic converted folder -> Hugging Face dataset folder -> load_dataset offline."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from care_dataset import store
+
+CLASSES = ["background", "normal rectum", "tumor"]
+
+
+def blob_case(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A small CT-like case: soft tissue disc in air with noise, a rectum blob and a tumor blob inside it."""
+    yy, xx = np.mgrid[:h, :w]
+    image = np.full((n, h, w), -1000, np.int16)
+    label = np.zeros((n, h, w), np.uint8)
+    cy, cx = h / 2 + rng.uniform(-3, 3), w / 2 + rng.uniform(-3, 3)
+    for k in range(n):
+        body = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.48 * w)) ** 2 < 1
+        image[k][body] = (40 + rng.normal(0, 25, body.sum())).astype(np.int16)
+        r = 0.12 * h * (1 + 0.3 * np.sin(k / 3))
+        rectum = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        label[k][rectum] = 1
+        image[k][rectum] -= 30
+        if k % 3 != 0:
+            tumor = rectum & (xx > cx + 0.3 * r)
+            label[k][tumor] = 2
+            image[k][tumor] += 25
+    return image, label
+
+
+def make_converted(root: Path, storage: str = "zarr", shapes: list[tuple[int, int, int]] | None = None,
+                   seed: int = 0) -> Path:
+    """Write a converted CARE folder per docs/format.md with store.write_case and the JSON files."""
+    shapes = shapes or [(16, 64, 64)] * 4
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    store.init_store(root, storage)
+    case_ids = [f"p{i:04d}{chr(97 + i)}_{i % 2}" for i in range(len(shapes))]
+    split_of = {c: ("test" if i == len(shapes) - 1 else "train") for i, c in enumerate(case_ids)}
+    cases, checksums = {}, {}
+    for i, (case_id, (n, h, w)) in enumerate(zip(case_ids, shapes)):
+        image, label = blob_case(rng, n, h, w)
+        store.write_case(root, storage, case_id, image, label)
+        depth = n + 10
+        kept = list(range(3, 3 + n)) if i != 1 else [2 * k + 1 for k in range(n)]  # one non-contiguous case
+        spacing = [0.7 + 0.05 * i, 0.7 + 0.05 * i, 2.5 + 0.5 * (i % 2)]
+        canonical = {"size": [w, h, max(depth, kept[-1] + 1)], "spacing": spacing,
+                     "origin": [-100.0 + i, -120.0, 30.5 * i], "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+        voxels = {name: int((label == v).sum()) for v, name in enumerate(CLASSES)}
+        checksum = store.content_checksum(image, label)
+        cases[case_id] = {"split": split_of[case_id], "num_slices": n, "kept_slices": kept,
+                          "canonical": canonical, "spacing": spacing,
+                          "original": {**canonical, "orientation": "LPS"},
+                          "voxels_before": voxels, "voxels_after": voxels, "checksum": checksum}
+        checksums[case_id] = checksum
+    overall = hashlib.sha256("".join(checksums[c] for c in sorted(checksums)).encode()).hexdigest()
+    splits = {"seed": 0, "strategy": "patient",
+              "train": sorted(c for c in case_ids if split_of[c] == "train"),
+              "test": sorted(c for c in case_ids if split_of[c] == "test")}
+    manifest = {
+        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+        "classes": CLASSES, "profile": {"name": "care", "sha256": "0" * 64, "toml": "name = \"care\"\n"},
+        "splits": {s: {"cases": len(splits[s]), "slices": sum(cases[c]["num_slices"] for c in splits[s])}
+                   for s in ("train", "test")},
+        "checksums": {"cases": checksums, "all": overall},
+        "tool": "care-usam", "tool_version": "0.1.0", "key_reproducible": True,
+    }
+    store.write_json_atomic(root / "dataset.json", manifest)
+    store.write_json_atomic(root / "splits.json", splits)
+    store.write_json_atomic(root / "cases.json", cases)
+    store.write_json_atomic(root / "report.json", [{"case_id": c, "status": "converted", "reason": ""}
+                                                   for c in case_ids])
+    return root
+
+
+# ---------------------------------------------------------------- fixtures
+
+import datasets  # noqa: E402
+import yaml  # noqa: E402
+
+from care_dataset import publish as pub  # noqa: E402
+from care_dataset.hf import iter_samples  # noqa: E402
+
+PHI_LIKE_FOLDER = "DOE_JOHN_19700101"  # a raw-looking folder name that must never reach the output
+
+
+@pytest.fixture(scope="module")
+def hf_offline(tmp_path_factory):
+    """Offline Hub, quiet progress bars and a private datasets cache for this module."""
+    import huggingface_hub.constants
+
+    cache = tmp_path_factory.mktemp("hf_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                            ("HF_DATASETS_CACHE", str(cache))):
+            mp.setenv(name, value)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        datasets.disable_progress_bars()
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, hf_offline):
+    """(converted folder, published folder) from a zarr source with several shards per split."""
+    base = tmp_path_factory.mktemp("publish")
+    source = make_converted(base / PHI_LIKE_FOLDER, "zarr")
+    output = base / "care"
+    pub.publish(source, output, max_shard_mb=0.05)
+    return source, output
+
+
+def load_slices(path, split=None, **kwargs):
+    return datasets.load_dataset(str(path), "slices", split=split, **kwargs)
+
+
+def assert_sample_equal(got: dict, want: dict) -> None:
+    assert set(got) >= {"image", "label", "case_id", "slice_index", "spacing"}
+    assert got["image"].dtype == np.int16 and got["label"].dtype == np.uint8
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+    assert got["case_id"] == want["case_id"]
+    assert int(got["slice_index"]) == want["slice_index"]
+    assert tuple(float(s) for s in got["spacing"]) == want["spacing"]
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_slices_load_back_equal_to_the_source(published):
+    source, output = published
+    care = store.open_dataset(source)
+    loaded = datasets.load_dataset(str(output))  # default configuration: slices
+    assert list(loaded) == ["train", "test"]
+    features = loaded["train"].features
+    assert isinstance(features["image"], datasets.Array2D) and features["image"].dtype == "int16"
+    assert isinstance(features["label"], datasets.Array2D) and features["label"].dtype == "uint8"
+    assert features["label_classes"].feature.names == CLASSES
+    for split in ("train", "test"):
+        rows = loaded[split].with_format("numpy", dtype=None)
+        assert len(rows) == care.num_slices(split)
+        for i in range(len(rows)):
+            row = rows[i]
+            want = care.sample(split, i)
+            assert_sample_equal(row, want)
+            assert row["label_classes"].tolist() == np.unique(want["label"]).tolist()
+
+
+def test_volumes_hold_whole_cases_with_geometry(published):
+    source, output = published
+    care = store.open_dataset(source)
+    volumes = datasets.load_dataset(str(output), "volumes")
+    for split in ("train", "test"):
+        rows = volumes[split].with_format("numpy", dtype=None)
+        assert [str(c) for c in rows["case_id"]] == care.case_ids(split)
+        for row in rows:
+            case_id = str(row["case_id"])
+            image, label = care.read_case(case_id)
+            assert row["image"].dtype == np.int16 and row["label"].dtype == np.uint8
+            np.testing.assert_array_equal(row["image"], image)
+            np.testing.assert_array_equal(row["label"], label)
+            geometry = care.cases[case_id]
+            assert row["kept_slices"].tolist() == geometry["kept_slices"]
+            for key in ("size", "spacing", "origin", "direction"):
+                assert row[key].tolist() == geometry["canonical"][key]
+            assert str(row["checksum"]) == geometry["checksum"] == store.content_checksum(row["image"], row["label"])
+
+
+def test_load_by_relative_name_from_parent_and_torch_format(published, monkeypatch):
+    import torch
+
+    source, output = published
+    care = store.open_dataset(source)
+    monkeypatch.chdir(output.parent)
+    test = datasets.load_dataset(output.name, split="test").with_format("torch", dtype=None)
+    sample = test[3]
+    assert sample["image"].dtype == torch.int16 and sample["label"].dtype == torch.uint8
+    want = care.sample("test", 3)
+    np.testing.assert_array_equal(sample["image"].numpy(), want["image"])
+    np.testing.assert_array_equal(sample["label"].numpy(), want["label"])
+
+
+def test_streaming_yields_every_sample(published):
+    source, output = published
+    care = store.open_dataset(source)
+    stream = load_slices(output, "train", streaming=True)
+    samples = list(iter_samples(stream, batch_size=5))
+    assert len(samples) == care.num_slices("train")
+    for i, sample in enumerate(samples):
+        assert_sample_equal(sample, care.sample("train", i))
+    plain = list(stream)  # the plain rows (Python lists) hold the same values
+    np.testing.assert_array_equal(np.asarray(plain[7]["image"]), care.sample("train", 7)["image"])
+
+
+# ---------------------------------------------------------------- folder, README and card
+
+
+def test_readme_header_lists_configs_splits_and_features(published):
+    source, output = published
+    care = store.open_dataset(source)
+    text = (output / "README.md").read_text()
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("\n---\n", 1)[0][4:])
+    assert {c["config_name"] for c in header["configs"]} == {"slices", "volumes"}
+    default = [c for c in header["configs"] if c.get("default")]
+    assert [c["config_name"] for c in default] == ["slices"]
+    for config in header["configs"]:
+        assert [f["split"] for f in config["data_files"]] == ["train", "test"]
+    infos = {i["config_name"]: i for i in header["dataset_info"]}
+    splits = {s["name"]: s["num_examples"] for s in infos["slices"]["splits"]}
+    assert splits == {s: care.num_slices(s) for s in ("train", "test")}
+    assert {s["name"]: s["num_examples"] for s in infos["volumes"]["splits"]} == {"train": 3, "test": 1}
+    names = {f["name"]: f for f in infos["slices"]["features"]}
+    assert names["image"]["dtype"]["array2_d"] == {"shape": [64, 64], "dtype": "int16"}
+    assert names["label"]["dtype"]["array2_d"] == {"shape": [64, 64], "dtype": "uint8"}
+    assert list(names["label_classes"]["list"]["class_label"]["names"].values()) == CLASSES
+    files = sorted(p.relative_to(output).as_posix() for p in output.rglob("*.parquet"))
+    assert infos["slices"]["download_size"] + infos["volumes"]["download_size"] == \
+        sum((output / f).stat().st_size for f in files)
+    assert "image-segmentation" in header["task_categories"] and "medical" in header["tags"]
+    assert header["license"]
+    for f in files:  # the card lists every shard with its checksum
+        assert f"`{f}`" in text
+        assert hashlib.sha256((output / f).read_bytes()).hexdigest() in text
+
+
+def test_shards_respect_the_size_limit_and_keep_the_features(published):
+    import pyarrow.parquet as pq
+
+    _, output = published
+    train = sorted((output / "slices").glob("train-*.parquet"))
+    assert len(train) >= 2
+    assert [p.name for p in train] == [f"train-{i:05d}-of-{len(train):05d}.parquet" for i in range(len(train))]
+    features = datasets.load_dataset(str(output), split="test").features
+    for path in train:
+        assert path.stat().st_size < 2 * 0.05 * 2**20
+        schema = pq.read_schema(path)
+        assert datasets.Features.from_arrow_schema(schema) == features
+
+
+def test_output_has_no_identifying_or_machine_values(published):
+    import getpass
+    import socket
+
+    source, output = published
+    forbidden = {str(source), str(source.parent), PHI_LIKE_FOLDER, str(Path.home())}
+    user, host = getpass.getuser(), socket.gethostname()
+    if len(user) >= 4:
+        forbidden.add(f"/{user}")
+    if len(host) >= 6:  # shorter names occur by chance in compressed bytes
+        forbidden.add(host)
+    files = [p for p in output.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"README.md", "dataset.json", "splits.json", "cases.json"}
+    for path in files:
+        data = path.read_bytes()
+        for value in forbidden:
+            assert value.encode() not in data, f"{value!r} found in {path.relative_to(output)}"
+    assert not list(output.parent.glob(".care.publish-*"))  # no temporary folder left behind
+
+
+def test_publishing_twice_gives_identical_bytes(published, tmp_path):
+    source, output = published
+    again = tmp_path / "elsewhere" / "care"
+    pub.publish(source, again, max_shard_mb=0.05)
+    first = {p.relative_to(output).as_posix(): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    second = {p.relative_to(again).as_posix(): p.read_bytes() for p in again.rglob("*") if p.is_file()}
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name] == second[name], name
+
+
+def test_h5_source_with_varying_inplane_sizes(tmp_path, hf_offline):
+    source = make_converted(tmp_path / "conv", "h5", shapes=[(6, 48, 40), (5, 40, 40), (7, 48, 56)], seed=3)
+    output = tmp_path / "care"
+    stats = pub.publish(source, output)
+    assert all(len(s.files) == 1 for by_split in stats.values() for s in by_split.values())
+    care = store.open_dataset(source)
+    loaded = load_slices(output)
+    assert isinstance(loaded["train"].features["image"], datasets.List)
+    for split in ("train", "test"):
+        rows = loaded[split].with_format("numpy", dtype=None)
+        for i in range(len(rows)):
+            assert_sample_equal(rows[i], care.sample(split, i))
+    volumes = datasets.load_dataset(str(output), "volumes", split="train").with_format("numpy", dtype=None)
+    image, label = care.read_case(care.case_ids("train")[1])
+    np.testing.assert_array_equal(volumes[1]["image"], image)
+    np.testing.assert_array_equal(volumes[1]["label"], label)
+
+
+# ---------------------------------------------------------------- CLI, errors and push
+
+
+def run_cli(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    pub.add_arguments(parser)
+    return pub.run(parser.parse_args(argv))
+
+
+def test_cli_refuses_existing_output_unless_overwrite(published, tmp_path, capsys):
+    source, _ = published
+    output = tmp_path / "care"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    assert run_cli([str(source), str(output)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0] and "--overwrite" in err[0]
+    assert run_cli([str(source), str(output), "--overwrite"]) == 0
+    assert not (output / "stale.txt").exists() and (output / "README.md").is_file()
+
+
+def test_corrupt_case_fails_with_its_id_and_leaves_nothing(tmp_path, hf_offline):
+    source = make_converted(tmp_path / "conv", "zarr", shapes=[(4, 32, 32)] * 3)
+    cases = store.read_json(source / "cases.json")
+    bad = sorted(cases)[1]
+    cases[bad]["checksum"] = "f" * 64
+    store.write_json_atomic(source / "cases.json", cases)
+    with pytest.raises(pub.PublishError, match=f"case {bad}:"):
+        pub.publish(source, tmp_path / "care")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
+
+
+def test_push_uploads_the_folder_as_a_dataset_repo(published, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    source, _ = published
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload_folder", kw["repo_id"], kw)) or "https://hub/commit")
+    output = tmp_path / "care"
+    assert run_cli([str(source), str(output), "--push", "someone/care", "--private"]) == 0
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1] == "someone/care" and calls[0][2]["repo_type"] == "dataset" and calls[0][2]["private"]
+    upload = calls[1][2]
+    assert upload["repo_type"] == "dataset" and Path(upload["folder_path"]) == output.resolve()
+    assert (output / "README.md").is_file()
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    calls.clear()
+    assert run_cli([str(source), str(tmp_path / "care2"), "--push", "someone/care"]) == 1
+    assert "token" in capsys.readouterr().err and calls == []
