@@ -83,6 +83,8 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         return None
+    except OSError:
+        raise DicomError("a file in the case folder cannot be read (permission or I/O error)") from None
     except Exception:  # noqa: BLE001 - any parser failure means a damaged file
         raise DicomError("a DICOM file is corrupt or truncated (its header cannot be parsed)") from None
     sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")

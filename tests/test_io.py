@@ -516,3 +516,45 @@ def test_real_nifti_pair_mapped_by_value(tmp_path):
     np.testing.assert_array_equal(classes, np.select([raw_label == 5, raw_label == 20], [1, 2], 0))
     hu = sitk.GetArrayFromImage(loaded.image)
     assert 20 < np.median(hu[classes == 1]) < 150  # liver parenchyma
+
+
+# ---------------------------------------------------------------- synthetic raw exports (care_dataset.synth)
+
+
+def test_messy_synthetic_export_loads_exactly_its_ground_truth(tmp_path):
+    synth = pytest.importorskip("care_dataset.synth")
+    plans = {plan.folder: plan for plan in synth.plan_dataset(10, seed=3, size=64, slices=12)}
+    assert set().union(*(plan.features for plan in plans.values())) == set(synth.MESSY_FEATURES)
+    synth.write_raw_dataset(tmp_path, 10, seed=3, size=64, slices=12)
+    cases = discover_cases(tmp_path, CARE)
+    assert sorted(c.key for c in cases) == sorted(plans)
+    for case in cases:
+        hu, classes = synth.case_volume(plans[case.key])  # canonical [z, y, x] truth
+        loaded = load_case(case, CARE)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded.image), hu, err_msg=str(plans[case.key].features))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded.label), classes)
+        np.testing.assert_allclose(loaded.image.GetOrigin(), plans[case.key].origin, atol=1e-3)
+
+
+def test_corrupted_synthetic_cases_fail_with_their_reason(tmp_path):
+    synth = pytest.importorskip("care_dataset.synth")
+    expected = {
+        "truncated_dicom": "corrupt or truncated",
+        "no_label": "no annotation file matching *seg*, *label*",
+        "mismatched_grid": "annotation grid does not match the image grid (size differs)",
+        "empty_label": "annotation is empty",
+        "unknown_label_value": "label values [7] are not in profile care",
+        "non_ct_modality": "modality MR is not CT",
+    }
+    plans = synth.plan_dataset(len(synth.CORRUPTIONS), seed=5, size=64, slices=12, messy=False)
+    folders = synth.write_raw_dataset(tmp_path, len(plans), seed=5, size=64, slices=12, messy=False)
+    for folder, kind in zip(folders, synth.CORRUPTIONS):
+        synth.corrupt_case(folder, kind)
+    by_key = {case.key: case for case in discover_cases(tmp_path, CARE)}
+    for plan, folder, kind in zip(plans, folders, synth.CORRUPTIONS):
+        with pytest.raises(CaseError) as err:
+            load_case(by_key[folder.name], CARE)
+        message = str(err.value)
+        assert expected[kind] in message, (kind, message)
+        for secret in (plan.folder, plan.patient.family, plan.patient.patient_id, plan.patient.study_date):
+            assert secret not in message
