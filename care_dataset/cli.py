@@ -86,6 +86,9 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                                   progress=not args.quiet)
     except ConvertError as err:
         return usage_error(str(err))
+    except OSError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to finish the conversion", file=sys.stderr)
         return 130
@@ -106,10 +109,27 @@ def anonymize_main(argv: list[str] | None = None) -> int:
 
 def synth_main(argv: list[str] | None = None) -> int:
     from care_dataset import synth
+    from care_dataset.progress import terminal_progress
 
-    parser = argparse.ArgumentParser(prog="care-synth")
+    parser = argparse.ArgumentParser(prog="care-synth", description="Write a synthetic CARE-like raw dataset.")
     parser = synth.build_parser(parser) or parser
-    return _run(parser, argv, synth.run_from_args)
+
+    def run(args: argparse.Namespace) -> int:
+        bar = terminal_progress()
+        try:
+            if bar is None:
+                written = synth.run_from_args(args)
+            else:
+                with bar:
+                    written = synth.run_from_args(args, progress=bar)
+        except ValueError as err:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(written)} raw cases to {args.out_dir}")
+        return 0
+
+    return _run(parser, argv, run)
 
 
 def verify_main(argv: list[str] | None = None) -> int:

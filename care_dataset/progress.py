@@ -22,17 +22,21 @@ def stdout_console() -> Console:
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
+def terminal_progress() -> Progress | None:
+    """A rich Progress on stderr when it is a terminal, else None (for callers that take an optional one)."""
+    console = stderr_console()
+    if not console.is_terminal:
+        return None
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
 class CaseProgress:
     """Progress over ``total`` cases; a no-op unless ``enabled`` and stderr is a terminal."""
 
     def __init__(self, total: int, description: str = "converting", enabled: bool = True):
-        console = stderr_console()
-        self._progress: Progress | None = None
-        if enabled and console.is_terminal:
-            self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-            )
+        self._progress = terminal_progress() if enabled else None
+        if self._progress is not None:
             self._task = self._progress.add_task(description, total=total)
 
     def __enter__(self) -> CaseProgress:

@@ -157,3 +157,14 @@ def test_wrappers_parse_their_own_arguments(entry, module, capsys):
     assert entry(["--help"]) == 0
     assert "usage:" in capsys.readouterr().out
     assert entry(["--no-such-option"]) == 2
+
+
+def test_care_synth_writes_cases_and_refuses_a_foreign_folder(tmp_path, capsys):
+    if importlib.util.find_spec("care_dataset.synth") is None:
+        pytest.skip("care_dataset.synth not available yet")
+    out = tmp_path / "raw"
+    assert synth_main([str(out), "--cases", "2", "--size", "64", "--slices", "8", "--no-messy"]) == 0
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 2
+    (out / "unrelated.txt").write_text("x")
+    assert synth_main([str(out), "--cases", "2", "--size", "64", "--slices", "8", "--no-messy"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -509,3 +509,55 @@ def test_a_crashing_worker_fails_only_its_case(raw, converted, tmp_path, monkeyp
     assert failed["case_id"] is None
     reference = store.open_dataset(converted["zarr"][0]).manifest["checksums"]["cases"]
     assert store.open_dataset(tmp_path / "out").manifest["checksums"]["cases"].items() < reference.items()
+
+
+# --- the embedded synthetic raw dataset ------------------------------------------------------------------------
+
+def _largest_series(case_dir: Path) -> sitk.Image:
+    """The case's main CT series read with SimpleITK alone (the series with the most files)."""
+    best: list[str] = []
+    for folder in [case_dir, *(p for p in case_dir.rglob("*") if p.is_dir())]:
+        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+            best = max(best, list(files), key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(best)
+    return reader.Execute()
+
+
+def test_synthetic_messy_dataset_end_to_end(tmp_path):
+    synth = pytest.importorskip("care_dataset.synth")
+    from care_dataset.verify import collect_identifying_values, scan_for_leaks
+
+    plans = synth.plan_dataset(8, 1, size=128, slices=24)
+    folders = synth.write_raw_dataset(tmp_path / "raw", 8, seed=1, size=128, slices=24)
+    features = {f.name: set(p.features) for p, f in zip(plans, folders)}
+    plain = [f for f in folders if not features[f.name]]
+    broken = {plain[0].name: "truncated_dicom", plain[1].name: "mismatched_grid"}
+    for folder, kind in broken.items():
+        synth.corrupt_case(tmp_path / "raw" / folder, kind)
+    summary = convert(tmp_path / "raw", tmp_path / "out", workers=2, private_map=tmp_path / "map.json")
+    assert summary.converted == 6 and summary.failed == 2
+    assert {name for name, _ in summary.failures} == set(broken)
+    mapping = json.loads((tmp_path / "map.json").read_text())
+    assert all(mapping[name] is None or patient_of(mapping[name]) for name in broken)
+
+    ds = store.open_dataset(tmp_path / "out")
+    assert sorted(ds.splits["train"] + ds.splits["test"]) == ds.case_ids() and ds.splits["test"]
+    # every messy case converted; a feet-first one maps back onto its own DICOM grid exactly
+    messy = [f.name for f in folders if features[f.name]]
+    assert all(mapping[name] in ds.cases for name in messy)
+    feet_first = next(n for n in messy if "feet_first" in features[n])
+    case_id = mapping[feet_first]
+    assert ds.cases[case_id]["original"]["orientation"] != "LPS"
+    original = _largest_series(tmp_path / "raw" / feet_first)
+    back = to_original_grid(ds, case_id, ds.read_case(case_id)[0], fill_value=-32768)
+    assert back.GetSize() == original.GetSize() and back.GetDirection() == pytest.approx(original.GetDirection())
+    assert back.GetOrigin() == pytest.approx(original.GetOrigin(), abs=1e-3)
+    restored, expected = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original)
+    kept = restored != -32768
+    assert kept.sum() == ds.cases[case_id]["num_slices"] * 128 * 128
+    np.testing.assert_array_equal(restored[kept], expected[kept].astype(np.int16))
+
+    leaks = scan_for_leaks(tmp_path / "out", collect_identifying_values(tmp_path / "raw"))
+    assert not leaks, leaks[:5]
