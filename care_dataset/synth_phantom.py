@@ -287,7 +287,7 @@ def phantom_volume(
         rho = r * radius[:, None, None]  # mm from the centre, scaled so the outer wall sits at radius
         tube = r < 1.0
         inner = (radius - np.where(tk < r0, radius, wall_mm))[:, None, None]
-        gas = np.clip(gas0 + 0.6 * np.sin(2 * np.pi * gas_f * tk + gas_p), 0, 1)
+        gas = np.clip(gas0 + 0.6 * np.sin(2 * np.pi * gas_f * tk + gas_p), 0.1, 1)
         level = (inner[:, 0, 0] * (2 * gas - 1))[:, None, None]
         lumen = rho < inner
         texture = _smooth_field(rng, r.shape, 1.5)
