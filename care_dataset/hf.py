@@ -94,9 +94,24 @@ def split_order(names: list[str]) -> list[str]:
 
 
 def _nested_to_numpy(scalar: Any, dtype: type) -> np.ndarray:
-    """An Arrow 2-D list scalar (Array2D storage or nested List) as an (H, W) array."""
+    """An Arrow 2-D list scalar (Array2D storage or nested List) as a writable (H, W) array."""
     rows = scalar.value.values if hasattr(scalar, "value") else scalar.values  # ExtensionScalar -> storage
-    return rows.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(rows), -1)
+    flat = rows.flatten().to_numpy(zero_copy_only=False)
+    return np.array(flat, dtype=dtype, copy=True).reshape(len(rows), -1)
+
+
+def table_row_to_sample(table: Any, i: int = 0) -> dict:
+    """Row ``i`` of an Arrow table of the ``slices`` configuration as the common sample dict.
+
+    Reading Arrow directly keeps int16/uint8 and is several times faster than the ``numpy`` formatter.
+    """
+    return {
+        "image": _nested_to_numpy(table.column("image")[i], np.int16),
+        "label": _nested_to_numpy(table.column("label")[i], np.uint8),
+        "case_id": table.column("case_id")[i].as_py(),
+        "slice_index": int(table.column("slice_index")[i].as_py()),
+        "spacing": tuple(float(s) for s in table.column("spacing")[i].as_py()),
+    }
 
 
 def iter_samples(stream: Any, batch_size: int = 64) -> Iterator[dict]:
@@ -105,15 +120,8 @@ def iter_samples(stream: Any, batch_size: int = 64) -> Iterator[dict]:
     Streaming formatters have no ``dtype=None``; this reads Arrow batches so images stay int16.
     """
     for table in stream.with_format("arrow").iter(batch_size=batch_size):
-        columns = {name: table.column(name) for name in SAMPLE_KEYS}
         for i in range(table.num_rows):
-            yield {
-                "image": _nested_to_numpy(columns["image"][i], np.int16),
-                "label": _nested_to_numpy(columns["label"][i], np.uint8),
-                "case_id": columns["case_id"][i].as_py(),
-                "slice_index": int(columns["slice_index"][i].as_py()),
-                "spacing": tuple(float(s) for s in columns["spacing"][i].as_py()),
-            }
+            yield table_row_to_sample(table, i)
 
 
 def row_to_sample(row: dict) -> dict:

@@ -292,6 +292,13 @@ def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict
     return "\n".join(lines) + "\n"
 
 
+def size_category(num_rows: int) -> str:
+    """The Hub's ``size_categories`` bucket for a row count."""
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+              (10_000_000, "1M<n<10M")]
+    return next((name for bound, name in bounds if num_rows < bound), "10M<n<100M")
+
+
 def build_readme(dataset: CareDataset, splits: list[str], features: dict[str, Any],
                  stats: dict[str, dict[str, SplitStats]], shape: tuple[int, int] | None, card_path: Path) -> str:
     """README.md: YAML header (card front matter + configs + dataset_info) and the card with this build's figures."""
@@ -301,6 +308,7 @@ def build_readme(dataset: CareDataset, splits: list[str], features: dict[str, An
     from huggingface_hub import DatasetCardData
 
     front, body = split_front_matter(card_path.read_text(encoding="utf-8"))
+    front["size_categories"] = [size_category(sum(s.num_examples for s in stats[SLICES].values()))]
     card_data = DatasetCardData(**front)
     infos = {}
     for config in CONFIGS:

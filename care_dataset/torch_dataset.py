@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch.utils.data
 
-from care_dataset.hf import SLICES, is_published_folder, load_published, row_to_sample
+from care_dataset.hf import SAMPLE_KEYS, SLICES, is_published_folder, load_published, table_row_to_sample
 from care_dataset.store import CareDataset, open_dataset
 
 CONVERTED = "converted"
@@ -64,7 +64,7 @@ class CareSliceDataset(torch.utils.data.Dataset):
                 if split not in source:
                     raise KeyError(f"no split {split!r}; this dataset has {sorted(source)}")
                 source = source[split]
-            self._hf = source.with_format("numpy", dtype=None)
+            self._hf = source.select_columns(list(SAMPLE_KEYS)).with_format("arrow")
             self._slice_case_ids = source.select_columns(["case_id"]).with_format("arrow")[:] \
                 .column("case_id").to_pylist()
             self.case_ids = list(dict.fromkeys(self._slice_case_ids))
@@ -80,8 +80,13 @@ class CareSliceDataset(torch.utils.data.Dataset):
         if not -n <= i < n:
             raise IndexError(f"slice {i} out of range for {n} slices")
         i = int(i) % n
-        sample = self._care.sample(self.split, i) if self._care is not None else row_to_sample(self._hf[i])
+        sample = self._care.sample(self.split, i) if self._care is not None else self._hf_sample(i)
         return self.transform(sample) if self.transform is not None else sample
+
+    def _hf_sample(self, i: int) -> dict:
+        if getattr(self._hf, "_indices", None) is None:  # no select/shuffle mapping: slice the table directly
+            return table_row_to_sample(self._hf.data.fast_slice(i, 1))
+        return table_row_to_sample(self._hf[i])
 
     def case_slices(self, case_id: str) -> list[int]:
         """Dataset indices of one case's slices, in stored (inferior to superior) order."""

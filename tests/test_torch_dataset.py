@@ -47,6 +47,7 @@ def test_every_sample_is_equal_from_shards_and_from_the_hub_format(folders):
                 assert set(got) == set(want)
                 assert type(got["case_id"]) is str and type(got["slice_index"]) is int
                 assert all(type(s) is float for s in got["spacing"])
+                assert got["image"].flags.writeable and got["label"].flags.writeable
                 assert_sample_equal(got, want)
         assert all(v.case_ids == care.case_ids(split) for v in views)
 
@@ -64,6 +65,19 @@ def test_case_slices_indices_and_bounds(folders):
         shards.case_slices("nope")
     with pytest.raises(KeyError, match="no split"):
         CareSliceDataset(output, "validation")
+
+
+def test_selected_hub_dataset_follows_its_index_mapping(folders):
+    import datasets
+
+    source, output = folders
+    care = store.open_dataset(source)
+    hub = datasets.load_dataset(str(output), split="train")
+    order = [7, 0, 29, 12]
+    view = CareSliceDataset(hub.select(order), "train")
+    assert len(view) == 4
+    for j, i in enumerate(order):
+        assert_sample_equal(view[j], care.sample("train", i))
 
 
 def test_transform_is_applied(folders):

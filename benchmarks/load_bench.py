@@ -1,0 +1,150 @@
+"""Random-access slice loading: zarr shards vs HDF5 vs the published Hugging Face dataset.
+
+Builds its own synthetic data in a temporary folder (CT phantoms, 512 x 512 int16 HU), writes it as a zarr and
+an HDF5 converted folder, publishes the zarr one with care-publish and loads it with ``datasets`` (offline,
+private cache). Then it reads the same random slice indices through ``CareSliceDataset`` from each source, in
+one process and through a DataLoader with 2 workers, and prints slices/s with ratios to zarr in one process.
+
+    python benchmarks/load_bench.py [--cases 8] [--slices 60] [--size 512] [--reads 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_case(rng: np.random.Generator, slices: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic case: image (slices, size, size) int16 HU, label uint8."""
+    try:
+        from care_dataset.synth_phantom import phantom_volume
+
+        return phantom_volume((slices, size, size), (2.5, 0.8, 0.8), rng)
+    except ImportError:  # smooth random data when the phantom is not available
+        from scipy.ndimage import gaussian_filter
+
+        image = gaussian_filter(rng.normal(0, 300, (slices, size, size)), (0, 4, 4)).astype(np.int16)
+        return image, (image > 150).astype(np.uint8) + (image > 300)
+
+
+def write_converted(root: Path, storage: str, cases: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A converted folder (docs/format.md) holding ``cases``; every case in split ``train``."""
+    from care_dataset import store
+
+    store.init_store(root, storage)
+    records = {}
+    for case_id, (image, label) in cases.items():
+        store.write_case(root, storage, case_id, image, label)
+        n, h, w = image.shape
+        canonical = {"size": [w, h, n], "spacing": [0.8, 0.8, 2.5], "origin": [0.0, 0.0, 0.0],
+                     "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
+        records[case_id] = {"split": "train", "num_slices": n, "kept_slices": list(range(n)),
+                            "canonical": canonical, "spacing": canonical["spacing"],
+                            "original": {**canonical, "orientation": "LPS"},
+                            "checksum": store.content_checksum(image, label)}
+    classes = ["background", "normal rectum", "tumor"]
+    store.write_json_atomic(root / "dataset.json", {
+        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+        "classes": classes, "profile": {"name": "benchmark"}, "key_reproducible": True,
+        "checksums": {"cases": {c: r["checksum"] for c, r in records.items()}}})
+    store.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": sorted(cases)})
+    store.write_json_atomic(root / "cases.json", records)
+    return root
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def single_process_rate(dataset, indices: np.ndarray) -> float:
+    dataset[int(indices[0])]  # open handles / memory maps before timing
+    start = time.perf_counter()
+    for i in indices:
+        dataset[int(i)]
+    return len(indices) / (time.perf_counter() - start)
+
+
+def loader_rate(dataset, indices: np.ndarray, workers: int, batch_size: int = 16) -> float:
+    """Slices/s through a DataLoader with ``workers`` processes, after the first batch (worker start-up)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=[int(i) for i in indices], num_workers=workers,
+                        prefetch_factor=4)
+    iterator = iter(loader)
+    first = next(iterator)
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        count += len(batch["case_id"])
+    del first
+    return count / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=60)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reads", type=int, default=600, help="random slice reads per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="care-load-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+                          HF_DATASETS_CACHE=str(tmp / "hf_cache"))
+        import datasets
+        from rich.console import Console
+        from rich.table import Table
+
+        from care_dataset.publish import publish
+        from care_dataset.torch_dataset import CareSliceDataset
+
+        datasets.disable_progress_bars()
+        console = Console()
+        rng = np.random.default_rng(args.seed)
+        start = time.perf_counter()
+        cases = {f"bench{k:02d}_0": make_case(rng, args.slices, args.size) for k in range(args.cases)}
+        console.print(f"synthetic data: {args.cases} cases x {args.slices} slices x {args.size}^2 "
+                      f"({time.perf_counter() - start:.1f} s)")
+        zarr_dir = write_converted(tmp / "zarr", "zarr", cases)
+        h5_dir = write_converted(tmp / "h5", "h5", cases)
+        start = time.perf_counter()
+        publish(zarr_dir, tmp / "care", max_shard_mb=400)
+        publish_s = time.perf_counter() - start
+        start = time.perf_counter()
+        hub = datasets.load_dataset(str(tmp / "care"), split="train")
+        load_s = time.perf_counter() - start
+        del cases
+
+        sources = {"zarr shards": CareSliceDataset(zarr_dir), "HDF5": CareSliceDataset(h5_dir),
+                   "HF dataset (arrow, dtype=None)": CareSliceDataset(hub)}
+        total = len(sources["zarr shards"])
+        indices = np.random.default_rng(args.seed + 1).integers(0, total, args.reads)
+        rates = {}
+        for name, dataset in sources.items():
+            rates[name] = (single_process_rate(dataset, indices), loader_rate(dataset, indices, workers=2))
+        baseline = rates["zarr shards"][0]
+
+        table = Table(title=f"random-access slice reads ({args.reads} random of {total} slices, "
+                            f"{args.size}x{args.size} int16 + uint8)")
+        for column in ("source", "1 process slices/s", "ratio", "2 workers slices/s", "ratio", "on disk"):
+            table.add_column(column, justify="left" if column == "source" else "right")
+        disk = {"zarr shards": folder_bytes(zarr_dir / "slices.zarr"), "HDF5": folder_bytes(h5_dir / "slices_h5"),
+                "HF dataset (arrow, dtype=None)": folder_bytes(tmp / "care" / "slices")}
+        for name, (single, workers) in rates.items():
+            table.add_row(name, f"{single:,.0f}", f"{single / baseline:.2f}", f"{workers:,.0f}",
+                          f"{workers / baseline:.2f}", f"{disk[name] / 2**20:,.1f} MiB")
+        console.print(table)
+        console.print(f"raw arrays: {total * args.size * args.size * 3 / 2**20:,.1f} MiB; HF on disk = slices "
+                      f"Parquet (the Arrow cache from load_dataset adds {folder_bytes(tmp / 'hf_cache') / 2**20:,.1f} "
+                      f"MiB); care-publish {publish_s:.1f} s, first load_dataset {load_s:.1f} s; "
+                      f"{os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()
