@@ -14,6 +14,7 @@ import hmac
 import multiprocessing
 import os
 import shutil
+import sys
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -258,7 +259,7 @@ class CasePool:
 
     def _new_pool(self, workers: int) -> ProcessPoolExecutor:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                    initializer=_init_worker, initargs=(threads,))
 

@@ -561,3 +561,117 @@ def test_synthetic_messy_dataset_end_to_end(tmp_path):
 
     leaks = scan_for_leaks(tmp_path / "out", collect_identifying_values(tmp_path / "raw"))
     assert not leaks, leaks[:5]
+
+
+# --- real third-party files --------------------------------------------------------------------------------------
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _profile_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "profile.toml"
+    path.write_text(body)
+    return path
+
+
+def test_real_dicom_series_with_nrrd_label(tmp_path):
+    source = SHARED / "dcmqi_ct3slice"
+    if not source.is_dir():
+        pytest.skip("../shared/data/dcmqi_ct3slice not available")
+    from care_dataset.verify import collect_identifying_values, scan_for_leaks
+
+    case = tmp_path / "raw" / "GE_LightSpeed_patient"
+    shutil.copytree(source / "ct-3slice", case / "ct-3slice")
+    shutil.copy(source / "liver_spine_seg.nrrd", case / "liver_spine_seg.nrrd")
+    profile = load_profile(_profile_file(tmp_path, """
+name = "liver-spine"
+[classes]
+names = ["background", "liver", "spine"]
+[labels]
+values = { 0 = 0, 1 = 1, 2 = 2 }
+[slices]
+keep_classes = [1]
+"""))
+    summary = convert_dataset(tmp_path / "raw", tmp_path / "out", profile, KEY, True, progress=False)
+    assert summary.converted == 1, summary.failures
+    ds = store.open_dataset(tmp_path / "out")
+    (case_id,) = ds.case_ids()
+    image, label = ds.read_case(case_id)
+    assert image.shape == (3, 512, 512)
+    raw_label = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "liver_spine_seg.nrrd")))
+    assert ds.cases[case_id]["voxels_after"]["liver"] == int((raw_label == 1).sum())
+    assert ds.cases[case_id]["voxels_after"]["spine"] == int((raw_label == 2).sum())
+    # HU: pydicom's rescaled pixels of each file, at the slice position it names
+    hu_by_z = {}
+    for f in sorted((source / "ct-3slice").glob("*.dcm")):
+        dicom = pydicom.dcmread(f)
+        hu = dicom.pixel_array.astype(np.float64) * float(dicom.RescaleSlope) + float(dicom.RescaleIntercept)
+        hu_by_z[round(float(dicom.ImagePositionPatient[2]), 3)] = hu.astype(np.int16)
+    z0, dz = ds.cases[case_id]["canonical"]["origin"][2], ds.cases[case_id]["canonical"]["spacing"][2]
+    for p, k in enumerate(ds.cases[case_id]["kept_slices"]):
+        np.testing.assert_array_equal(image[p], hu_by_z[round(z0 + k * dz, 3)])
+    assert not scan_for_leaks(tmp_path / "out", collect_identifying_values(tmp_path / "raw"))
+
+
+def test_real_nifti_pair_mapped_by_a_profile_round_trips(tmp_path):
+    source = SHARED / "totalseg_example_ct_sm"
+    if not source.is_dir():
+        pytest.skip("../shared/data/totalseg_example_ct_sm not available")
+    case = tmp_path / "raw" / "totalseg_example"
+    case.mkdir(parents=True)
+    shutil.copy(source / "example_ct_sm.nii.gz", case / "example_ct_sm.nii.gz")
+    shutil.copy(source / "example_seg.nii.gz", case / "example_seg.nii.gz")
+    profile = load_profile(_profile_file(tmp_path, """
+name = "liver-colon"
+[classes]
+names = ["background", "liver", "colon"]
+[labels]
+patterns = ["*_seg.*"]
+values = { 0 = 0, 5 = 1, 20 = 2 }
+unmapped = "background"
+[slices]
+keep_classes = [2]
+"""))
+    summary = convert_dataset(tmp_path / "raw", tmp_path / "out", profile, KEY, True, progress=False)
+    assert summary.converted == 1, summary.failures
+    ds = store.open_dataset(tmp_path / "out")
+    (case_id,) = ds.case_ids()
+    original_image = sitk.ReadImage(str(source / "example_ct_sm.nii.gz"))
+    raw_label = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "example_seg.nii.gz")))
+    geometry = ds.cases[case_id]
+    assert geometry["original"]["direction"] == list(original_image.GetDirection()) != [1, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert geometry["voxels_before"]["liver"] == int((raw_label == 5).sum())
+    assert geometry["voxels_after"]["colon"] == geometry["voxels_before"]["colon"] == int((raw_label == 20).sum())
+    assert geometry["num_slices"] == int((raw_label == 20).any(axis=(1, 2)).sum())
+    image, label = ds.read_case(case_id)
+    back = to_original_grid(ds, case_id, image, fill_value=-32768)
+    assert back.GetOrigin() == original_image.GetOrigin() and back.GetDirection() == original_image.GetDirection()
+    restored, original = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original_image)
+    kept = restored != -32768
+    assert kept.any(axis=(1, 2)).tolist() == (raw_label == 20).any(axis=(1, 2)).tolist()
+    np.testing.assert_array_equal(restored[kept], original[kept])
+    label_back = sitk.GetArrayFromImage(to_original_grid(ds, case_id, label))
+    expected = np.select([raw_label == 5, raw_label == 20], [1, 2], 0)
+    np.testing.assert_array_equal(label_back[kept], expected[kept])
+
+
+def test_word_profile_paired_folders(tmp_path):
+    """nnU-Net/WORD layout: imagesTr/<name>.nii.gz with labelsTr/<name>.nii.gz; every slice with any organ kept."""
+    raw_dir = tmp_path / "raw"
+    for i, name in enumerate(["word_0001", "word_0002"]):
+        hu, label = phantom(30 + i)
+        label[label == 2] = 14  # bladder, say: any WORD organ value
+        for folder, array in (("imagesTr", hu), ("labelsTr", label)):
+            img = sitk.GetImageFromArray(array)
+            img.SetSpacing(SPACING)
+            (raw_dir / folder).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(img, str(raw_dir / folder / f"{name}.nii.gz"))
+    summary = convert_dataset(raw_dir, tmp_path / "out", load_profile("word"), KEY, True, progress=False)
+    assert summary.converted == 2, summary.failures
+    ds = store.open_dataset(tmp_path / "out")
+    assert len(ds.class_names) == 17 and ds.manifest["profile"]["name"] == "word"
+    for case_id in ds.case_ids():
+        geometry = ds.cases[case_id]
+        assert geometry["voxels_after"]["bladder"] == geometry["voxels_before"]["bladder"] > 0
+        assert set(np.unique(ds.read_case(case_id)[1])) <= {0, 1, 14}
+    assert sorted(ds.splits["train"] + ds.splits["test"]) == ds.case_ids()
