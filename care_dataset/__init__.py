@@ -1,2 +1,6 @@
 """CARE: convert, de-identify, store and publish rectal-cancer CT slices."""
+
+from care_dataset.store import CareDataset, open_dataset
+
 __version__ = "0.1.0"
+__all__ = ["CareDataset", "open_dataset", "__version__"]
