@@ -1,0 +1,27 @@
+"""The U-SAM model zoo: U-SAM, the SAM baseline, a U-Net; registry and checkpoints."""
+from __future__ import annotations
+
+from usam.models.checkpoints import (
+    LoadReport,
+    load_checkpoint,
+    load_sam_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from usam.models.registry import create_model, list_models
+from usam.models.sam_baseline import SAMBaseline
+from usam.models.unet import UNet
+from usam.models.usam import USAM
+
+__all__ = [
+    "USAM",
+    "SAMBaseline",
+    "UNet",
+    "LoadReport",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "load_sam_checkpoint",
+    "load_weights",
+    "save_checkpoint",
+]

@@ -1,0 +1,147 @@
+"""What U-SAM and the SAM baseline share: point prompts, class embeddings, the two-way decoder."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from usam.models.sam_parts import (
+    PATCH_SIZE,
+    build_mask_decoder,
+    build_prompt_encoder,
+    run_two_way_transformer,
+)
+
+
+class PromptedSegmenter(nn.Module):
+    """Base of the SAM-style models: frozen prompt encoder, class embeddings, mask decoder.
+
+    Prompts: K = (num_classes - 1) * points_per_class points per image, (x, y) in input-pixel
+    coordinates (SAM's convention: integers are pixel centres). Slot j belongs to foreground
+    class 1 + j // points_per_class. Label 1 marks a real point, -1 padding (the class is
+    absent; coordinates ignored, SAM's not-a-point embedding). `points=None` gives null prompts.
+
+    Our addition to SAM: SAM's prompt encoder cannot tell which class a point belongs to and
+    the decoder's attention is permutation-equivariant over tokens, so a learned class
+    embedding (one D-vector per foreground class, initialised to zero) is added to every real
+    point token after the frozen prompt encoder.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        points_per_class: int,
+        img_size: int,
+        embed_dim: int,
+        decoder_depth: int,
+        decoder_mlp_dim: int,
+        decoder_num_heads: int,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
+        if points_per_class < 0:
+            raise ValueError(f"points_per_class must be >= 0, got {points_per_class}")
+        if img_size % PATCH_SIZE:
+            raise ValueError(f"img_size must be a multiple of {PATCH_SIZE}, got {img_size}")
+        self.num_classes = num_classes
+        self.points_per_class = points_per_class
+        self.img_size = img_size
+        self.prompt_encoder = build_prompt_encoder(embed_dim=embed_dim, img_size=img_size)
+        self.mask_decoder = build_mask_decoder(
+            embed_dim=embed_dim,
+            num_classes=num_classes,
+            depth=decoder_depth,
+            mlp_dim=decoder_mlp_dim,
+            num_heads=decoder_num_heads,
+        )
+        self.class_embed = nn.Parameter(torch.zeros(num_classes - 1, embed_dim))
+        slot_classes = torch.arange((num_classes - 1) * points_per_class)
+        if points_per_class:
+            slot_classes = slot_classes // points_per_class
+        self.register_buffer("slot_classes", slot_classes, persistent=False)
+
+    @property
+    def num_points(self) -> int:
+        """K, the number of point slots per image."""
+        return (self.num_classes - 1) * self.points_per_class
+
+    def check_inputs(
+        self,
+        images: torch.Tensor,
+        points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+    ) -> None:
+        """Raise ValueError on inputs that do not match the model's contract."""
+        size = self.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, size, size):
+            raise ValueError(f"images must be B x 1 x {size} x {size}, got {tuple(images.shape)}")
+        if (points is None) != (point_labels is None):
+            raise ValueError("points and point_labels must be given together")
+        if points is None or points.shape[1] == 0:
+            return
+        expected = (images.shape[0], self.num_points)
+        if tuple(points.shape) != (*expected, 2) or tuple(point_labels.shape) != expected:
+            raise ValueError(
+                f"points must be B x K x 2 and point_labels B x K with K = (num_classes - 1) * "
+                f"points_per_class = {self.num_points}; got {tuple(points.shape)} and "
+                f"{tuple(point_labels.shape)}"
+            )
+
+    def embed_prompts(
+        self, points: torch.Tensor | None, point_labels: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse (B x T x D) and dense (B x D x h x w) prompt embeddings.
+
+        Points go through SAM's frozen prompt encoder (which appends one not-a-point token, as
+        SAM does for points without boxes); then the class embedding of each slot is added to
+        the real (label >= 0) point tokens. Null prompts give B x 0 x D sparse embeddings.
+        """
+        encoder = self.prompt_encoder
+        if points is None or points.shape[1] == 0:
+            sparse = self.class_embed.new_zeros(batch, 0, encoder.embed_dim)
+            dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                batch, -1, *encoder.image_embedding_size
+            )
+            return sparse, dense
+        with torch.no_grad():
+            sparse, dense = encoder(points=(points, point_labels), boxes=None, masks=None)
+        is_point = (point_labels >= 0).unsqueeze(-1).to(self.class_embed.dtype)
+        class_tokens = self.class_embed[self.slot_classes].unsqueeze(0) * is_point
+        k = points.shape[1]
+        sparse = torch.cat([sparse[:, :k] + class_tokens, sparse[:, k:]], dim=1)
+        return sparse, dense
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-way transformer over prompts and image: (hyper_in B x N x D/8, Src B x D x h x w)."""
+        sparse, dense = self.embed_prompts(points, point_labels, image_embeddings.shape[0])
+        return run_two_way_transformer(
+            self.mask_decoder,
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+        )
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """Modules in the 'encoder' optimiser group (the ViT, and the CNN path where there is one)."""
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split for the optimiser.
+
+        "encoder": the ViT (pretrained from SAM) and U-SAM's CNN down path, trained with the
+        smaller learning rate in the authors' code (1e-4); "decoder": everything else that
+        trains (1e-3). The frozen prompt encoder is in neither.
+        """
+        encoder_ids = {id(p) for m in self.encoder_modules() for p in m.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"encoder": [], "decoder": []}
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                groups["encoder" if id(parameter) in encoder_ids else "decoder"].append(parameter)
+        return groups

@@ -1,0 +1,112 @@
+"""U-SAM: a CNN encoder feeding SAM's ViT, SAM's prompt encoder and two-way decoder, U-Net decoder."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from usam.models.blocks import CNNEncoder, TokenGrid, UpBlock
+from usam.models.prompted import PromptedSegmenter
+from usam.models.sam_parts import build_image_encoder, mask_logits
+
+
+class USAM(PromptedSegmenter):
+    """U-shaped Segment Anything for a single-channel 224 x 224 slice (D = `embed_dim`).
+
+    Encoder: stem + four max-pool/conv blocks give f0 (D/8 x H) .. f3 (D x H/8) and f4
+    (`vit_embed_dim` x H/16); f4's 14 x 14 tokens replace SAM's patch embedding and go through
+    SAM's ViT (absolute + relative positions, windowed/global attention, neck to D).
+    Decoder: SAM's two-way transformer with one mask token per class; Src (D x H/16) goes up
+    through UP4, UP3, UP2 (skips f3, f2, f1) to Src' (D/8 x H/2); logits l = Mt' . Src'
+    (N x H/2); UP1 (skip f0) and a 1x1 convolution give N x H x W logits.
+    `skip_connections` (0..4) keeps that many skips, coarsest first (4 = the paper's model).
+    The [0, 1] input goes to the CNN as is (its first BatchNorm normalises).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "usam_b",
+        num_classes: int = 3,
+        img_size: int = 224,
+        points_per_class: int = 3,
+        embed_dim: int = 256,
+        vit_embed_dim: int = 768,
+        vit_depth: int = 12,
+        vit_num_heads: int = 12,
+        vit_global_attn_indexes: tuple[int, ...] | list[int] = (2, 5, 8, 11),
+        vit_window_size: int = 14,
+        decoder_depth: int = 2,
+        decoder_mlp_dim: int = 2048,
+        decoder_num_heads: int = 8,
+        skip_connections: int = 4,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            points_per_class=points_per_class,
+            img_size=img_size,
+            embed_dim=embed_dim,
+            decoder_depth=decoder_depth,
+            decoder_mlp_dim=decoder_mlp_dim,
+            decoder_num_heads=decoder_num_heads,
+        )
+        if not 0 <= skip_connections <= 4:
+            raise ValueError(f"skip_connections must be 0..4, got {skip_connections}")
+        if embed_dim % 8:
+            raise ValueError(f"embed_dim must be a multiple of 8, got {embed_dim}")
+        self.config = {
+            "name": name,
+            "num_classes": num_classes,
+            "img_size": img_size,
+            "points_per_class": points_per_class,
+            "embed_dim": embed_dim,
+            "vit_embed_dim": vit_embed_dim,
+            "vit_depth": vit_depth,
+            "vit_num_heads": vit_num_heads,
+            "vit_global_attn_indexes": [int(i) for i in vit_global_attn_indexes],
+            "vit_window_size": vit_window_size,
+            "decoder_depth": decoder_depth,
+            "decoder_mlp_dim": decoder_mlp_dim,
+            "decoder_num_heads": decoder_num_heads,
+            "skip_connections": skip_connections,
+        }
+        del self.mask_decoder.output_upscaling  # replaced by the UP4..UP2 path below
+        d = embed_dim
+        self.cnn = CNNEncoder(in_channels=1, embed_dim=d, out_channels=vit_embed_dim)
+        self.image_encoder = build_image_encoder(
+            img_size=img_size,
+            in_chans=1,
+            embed_dim=vit_embed_dim,
+            depth=vit_depth,
+            num_heads=vit_num_heads,
+            global_attn_indexes=tuple(vit_global_attn_indexes),
+            window_size=vit_window_size,
+            out_chans=d,
+        )
+        self.image_encoder.patch_embed = TokenGrid()
+        # skips[i] is True when UP(4 - i) concatenates f(3 - i)
+        self.skips = [i < skip_connections for i in range(4)]
+        self.up4 = UpBlock(d, d if self.skips[0] else 0, d // 2)
+        self.up3 = UpBlock(d // 2, d // 2 if self.skips[1] else 0, d // 4)
+        self.up2 = UpBlock(d // 4, d // 4 if self.skips[2] else 0, d // 8)
+        self.up1 = UpBlock(num_classes, d // 8 if self.skips[3] else 0, d // 8)
+        self.head = nn.Conv2d(d // 8, num_classes, kernel_size=1)
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.cnn, self.image_encoder]
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """images B x 1 x H x W in [0, 1], points B x K x 2, point_labels B x K -> B x N x H x W."""
+        self.check_inputs(images, points, point_labels)
+        f4, (f0, f1, f2, f3) = self.cnn(images)
+        image_embeddings = self.image_encoder(f4)
+        hyper_in, src = self.decode(image_embeddings, points, point_labels)
+        x = self.up4(src, f3)
+        x = self.up3(x, f2)
+        x = self.up2(x, f1)
+        logits = mask_logits(hyper_in, x)
+        return self.head(self.up1(logits, f0))
