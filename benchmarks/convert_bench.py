@@ -1,0 +1,181 @@
+"""Conversion speed and size against its floor and against a naive per-slice .npz baseline, in one run.
+
+Two synthetic raw sets of 512 x 512 x SLICES cases:
+  care: DICOM series + ITK-SNAP labels (CARE profile: only rectum slices kept);
+  word: NIfTI image/label pairs with an organ on every slice (WORD profile: every slice kept).
+For each it prints (a) reading every input with SimpleITK only, (b) compressing the kept slices only with the
+converter's codec, (c) care-convert with 1 and 2 workers, (d) the naive baseline (read each volume, save every
+kept slice as its own compressed .npz, as the original U-SAM and TransUNet pipelines store data), (e) sizes.
+The floor (a) + (b) is measured in a pool of the same number of processes as the conversion it is compared with.
+
+    python benchmarks/convert_bench.py [--cases 8] [--slices 100] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import SimpleITK as sitk
+
+from care_dataset import synth, synth_phantom
+from care_dataset.io import discover_cases, load_case
+from care_dataset.profiles import load_profile
+
+CODEC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)  # as care_dataset.store
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def make_word_set(root: Path, cases: int, slices: int, seed: int) -> None:
+    """NIfTI pairs in WORD's layout; every slice holds at least one organ (bone or rectum)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(cases):
+        hu, label = synth_phantom.phantom_volume((slices, 512, 512), (2.5, 0.8, 0.8), rng)
+        organs = np.zeros_like(label)
+        organs[hu > 250] = 15            # bone, shown as "head of femur left"
+        organs[label > 0] = 13           # rectum
+        for array, folder in ((hu, "imagesTr"), (organs, "labelsTr")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((0.8, 0.8, 2.5))
+            sitk.WriteImage(image, str(root / folder / f"word_{i:04d}.nii.gz"))
+
+
+def read_only(job: tuple[str, str]) -> float:
+    """(a) for one case: read image and label with SimpleITK, nothing else."""
+    image_path, label_path = job
+    start = time.perf_counter()
+    if Path(image_path).is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(image_path)
+        files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(image_path, s, False, True) for s in series), key=len)
+        reader.SetFileNames(files)
+        sitk.GetArrayViewFromImage(reader.Execute())
+    else:
+        sitk.GetArrayViewFromImage(sitk.ReadImage(image_path))
+    sitk.GetArrayViewFromImage(sitk.ReadImage(label_path))
+    return time.perf_counter() - start
+
+
+def compress_only(job: tuple[np.ndarray, np.ndarray]) -> float:
+    """(b) for one case: compress each kept slice of image and label with the converter's codec."""
+    image, label = job
+    start = time.perf_counter()
+    for k in range(image.shape[0]):
+        CODEC.encode(np.ascontiguousarray(image[k]))
+        CODEC.encode(np.ascontiguousarray(label[k]))
+    return time.perf_counter() - start
+
+
+def naive_baseline(raw_cases, profile, out: Path) -> float:
+    """(d) read each volume, save every kept slice as its own compressed .npz (single process)."""
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    for n, raw in enumerate(raw_cases):
+        case = load_case(raw, profile)
+        image, label = sitk.GetArrayFromImage(case.image), sitk.GetArrayFromImage(case.label)
+        for k in np.flatnonzero(np.isin(label, profile.keep_classes).any(axis=(1, 2))):
+            np.savez_compressed(out / f"case{n:04d}_slice{k:03d}.npz", image=image[k], label=label[k])
+    return time.perf_counter() - start
+
+
+def pooled(fn, jobs, workers: int) -> float:
+    start = time.perf_counter()
+    if workers == 1:
+        for job in jobs:
+            fn(job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(fn, jobs))
+    return time.perf_counter() - start
+
+
+def convert_cli(raw: Path, out: Path, profile: str, workers: int, key: Path) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).with_name("care-convert")), str(raw), str(out), "--profile", profile,
+                    "--workers", str(workers), "--key-file", str(key), "--quiet"], check=True)
+    return time.perf_counter() - start
+
+
+def bench(name: str, raw: Path, profile_name: str, work: Path, key: Path) -> list[str]:
+    profile = load_profile(profile_name)
+    raw_cases = discover_cases(raw, profile)
+    read_jobs = []
+    for r in raw_cases:
+        image_path = r.root if r.root.is_file() else next(p.parent for p in r.root.rglob("*")
+                                                          if p.is_file() and not profile.is_label_file(p.name)
+                                                          and not p.suffix == ".txt")
+        read_jobs.append((str(image_path), str(r.label_path)))
+    kept = []
+    for r in raw_cases:
+        case = load_case(r, profile)
+        image, label = sitk.GetArrayFromImage(case.image), sitk.GetArrayFromImage(case.label)
+        keep = np.isin(label, profile.keep_classes).any(axis=(1, 2))
+        kept.append((image[keep], label[keep]))
+    total = sum(i.shape[0] for i, _ in kept)
+    all_slices = sum(r[0].shape[0] for r in kept)  # noqa: F841  (kept only; whole volumes below)
+    rows = []
+    times = {}
+    for workers in (1, 2):
+        read_t = pooled(read_only, read_jobs, workers)
+        comp_t = pooled(compress_only, kept, workers)
+        conv_t = convert_cli(raw, work / f"{name}_out_w{workers}", profile_name, workers, key)
+        times[workers] = (read_t, comp_t, conv_t)
+    naive_t = naive_baseline(raw_cases, profile, work / f"{name}_naive")
+    out_size = folder_bytes(work / f"{name}_out_w1")
+    naive_size = folder_bytes(work / f"{name}_naive")
+    raw_size = folder_bytes(raw)
+    rows.append(f"### {name} ({len(raw_cases)} cases, {total} kept slices of 512 x 512)")
+    rows.append("")
+    rows.append("| workers | (a) read | (b) compress | floor (a)+(b) | (c) care-convert | convert / floor |")
+    rows.append("|---|---|---|---|---|---|")
+    for workers, (read_t, comp_t, conv_t) in times.items():
+        floor = read_t + comp_t
+        rows.append(f"| {workers} | {read_t:.1f} s | {comp_t:.1f} s | {floor:.1f} s | {conv_t:.1f} s | {conv_t / floor:.2f}x |")
+    rows.append("")
+    conv1 = times[1][2]
+    rows.append(f"(d) naive per-slice .npz baseline, 1 process: {naive_t:.1f} s; care-convert 1 worker is "
+                f"{naive_t / conv1:.1f}x faster, 2 workers {naive_t / times[2][2]:.1f}x faster.")
+    rows.append(f"(e) sizes: raw {raw_size / 1e6:.0f} MB, care-convert output {out_size / 1e6:.1f} MB, "
+                f"naive .npz {naive_size / 1e6:.1f} MB (output / naive = {out_size / naive_size:.2f}).")
+    rows.append("")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="care-convert-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    key = work / "bench.key"
+    key.write_bytes(os.urandom(32))
+    start = time.perf_counter()
+    synth.write_raw_dataset(work / "care_raw", cases=args.cases, seed=0, size=512, slices=args.slices, messy=False)
+    make_word_set(work / "word_raw", args.cases, args.slices, seed=0)
+    print(f"generated inputs in {time.perf_counter() - start:.0f} s under {work}", flush=True)
+    lines = bench("care", work / "care_raw", "care", work, key) + bench("word", work / "word_raw", "word", work, key)
+    print("\n".join(lines))
+    if args.workdir is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
