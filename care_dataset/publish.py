@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -32,9 +31,7 @@ DEFAULT_MAX_SHARD_MB = 400.0
 ROW_GROUP_MAX_BYTES = 64 * 2**20
 METADATA_FILES = ("dataset.json", "splits.json", "cases.json")
 CARD_MARKER = "<!-- build-figures -->"
-CDC_OPTIONS = {"min_chunk_size": 256 * 1024, "max_chunk_size": 1024 * 1024, "norm_level": 0}
-PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_page_index=True,
-                       use_content_defined_chunking=CDC_OPTIONS)
+BYTE_STREAM_SPLIT_COLUMNS = ("image",)  # int16 HU: byte-stream split + zstd is ~25 % smaller than dictionary
 
 
 class PublishError(ValueError):
@@ -100,6 +97,30 @@ def rows_to_table(rows: list[dict], schema: Any) -> Any:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _leaf_paths(name: str, pa_type: Any) -> list[str]:
+    """Parquet leaf column paths of one Arrow field (``image.list.element.list.element`` for an Array2D)."""
+    import pyarrow as pa
+
+    if isinstance(pa_type, pa.ExtensionType):
+        pa_type = pa_type.storage_type
+    if pa.types.is_list(pa_type) or pa.types.is_large_list(pa_type) or pa.types.is_fixed_size_list(pa_type):
+        return _leaf_paths(f"{name}.list.element", pa_type.value_type)
+    return [name]
+
+
+def parquet_options(schema: Any) -> dict:
+    """Fixed Parquet writer settings: zstd level 3, byte-stream split for images, dictionary for the rest."""
+    dictionary, encoding = [], {}
+    for schema_field in schema:
+        for leaf in _leaf_paths(schema_field.name, schema_field.type):
+            if schema_field.name in BYTE_STREAM_SPLIT_COLUMNS:
+                encoding[leaf] = "BYTE_STREAM_SPLIT"
+            else:
+                dictionary.append(leaf)
+    return dict(compression="zstd", compression_level=3, use_dictionary=dictionary, column_encoding=encoding,
+                write_page_index=True, write_statistics=True)
+
+
 class ShardWriter:
     """Parquet shards of one split: a new file starts before a row group would push it past ``max_bytes``."""
 
@@ -117,7 +138,7 @@ class ShardWriter:
         path = self.folder / f"{self.split}-{len(self.paths):05d}.parquet.part"
         self.paths.append(path)
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pq.ParquetWriter(self._sink, self.schema, **PARQUET_OPTIONS)
+        self._writer = pq.ParquetWriter(self._sink, self.schema, **parquet_options(self.schema))
 
     def write(self, table: Any) -> None:
         if self._writer is not None and self._sink.tell() + self._last_group_bytes > self.max_bytes:
@@ -130,7 +151,6 @@ class ShardWriter:
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.add_key_value_metadata({"content_defined_chunking": json.dumps(CDC_OPTIONS)})
             self._writer.close()
             self._sink.close()
             self._writer = self._sink = None

@@ -350,3 +350,27 @@ def test_push_uploads_the_folder_as_a_dataset_repo(published, tmp_path, monkeypa
     calls.clear()
     assert run_cli([str(source), str(tmp_path / "care2"), "--push", "someone/care"]) == 1
     assert "token" in capsys.readouterr().err and calls == []
+
+
+def test_synth_convert_publish_end_to_end_leaks_nothing(tmp_path, hf_offline):
+    """Raw synthetic DICOM with fake PHI -> care-convert -> care-publish -> load_dataset; care-verify's scanner
+    finds none of the raw identifying values in the published folder."""
+    from care_dataset.convert import convert_dataset
+    from care_dataset.profiles import load_profile
+    from care_dataset.synth import write_raw_dataset
+    from care_dataset.verify import collect_identifying_values, scan_for_leaks
+
+    raw, out, care_dir = tmp_path / "raw", tmp_path / "out", tmp_path / "care"
+    write_raw_dataset(raw, cases=3, seed=1, size=64, slices=24, messy=False)
+    convert_dataset(raw, out, load_profile("care"), b"test-key" * 4, True, seed=0, storage="zarr", progress=False)
+    pub.publish(out, care_dir)
+    values = collect_identifying_values(raw)
+    assert len(values) > 10  # the synthetic export does carry fake PHI
+    assert scan_for_leaks(care_dir, values) == []
+    care = store.open_dataset(out)
+    loaded = load_slices(care_dir)
+    for split in care.splits:
+        rows = loaded[split].with_format("numpy", dtype=None)
+        assert len(rows) == care.num_slices(split) > 0
+        for i in range(len(rows)):
+            assert_sample_equal(rows[i], care.sample(split, i))
