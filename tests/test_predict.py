@@ -229,3 +229,13 @@ def test_dicom_folder_keeps_its_grid_and_leaks_no_header_value(tmp_path, tiny_ch
     for value in (str(header.PatientName), str(header.PatientID), str(header.StudyInstanceUID)):
         if value:
             assert value.encode() not in raw
+
+
+def test_device_side_preprocessing_equals_the_training_preprocessing():
+    from usam.data import preprocess_slices
+    from usam.predict import inference_settings, model_input
+
+    hu = np.random.default_rng(5).integers(-1200, 1500, (3, 97, 131)).astype(np.int16)
+    settings = inference_settings(_config())
+    torch.testing.assert_close(model_input(hu, settings, torch.device("cpu")),
+                               preprocess_slices(hu, tuple(WINDOW), 224), rtol=0, atol=0)

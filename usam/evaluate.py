@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from usam.data import preprocess_slices, resize_labels
+from usam.data import resize_labels
 from usam.metrics import (
     confusion_matrix,
     dice_from_confusion,
@@ -40,10 +40,12 @@ from usam.metrics import (
 from usam.predict import (
     InferenceSettings,
     InputError,
+    config_value,
     forward_logits,
     inference_settings,
     iter_batches,
     logits_to_labels,
+    model_input,
     resolve_device,
 )
 from usam.prompts import PADDING_LABEL, sample_points
@@ -142,11 +144,21 @@ def evaluate_split(
     results: list[CaseResult] = []
     total = 0
     for case_id in dataset.case_ids(split):
-        image, truth = dataset.read_case(case_id)
+        try:
+            image, truth = dataset.read_case(case_id)
+            geometry = dataset.cases[case_id]
+            sx, sy, sz = (float(s) for s in geometry["spacing"])
+            kept = np.asarray(geometry["kept_slices"], dtype=np.int64)
+        except (KeyError, OSError, ValueError, TypeError) as error:
+            raise InputError(f"case {case_id}: cannot be read ({type(error).__name__}: {error})") from None
         n, height, width = image.shape
+        if len(kept) != n or truth.shape != image.shape:
+            raise InputError(f"case {case_id}: {n} stored slices but {len(kept)} kept_slices in cases.json")
+        if int(truth.max(initial=0)) >= num_classes:
+            raise InputError(f"case {case_id}: label value {int(truth.max())} but the model has {num_classes} classes")
         pred = np.zeros_like(truth)
         for batch in iter_batches(n, batch_size):
-            x = preprocess_slices(image[batch], settings.window, size)
+            x = model_input(image[batch], settings, device)
             truth_small = resize_labels(torch.from_numpy(truth[batch]), size)
             points = point_labels = None
             if points_per_class:
@@ -158,9 +170,7 @@ def evaluate_split(
             pred[batch] = logits_to_labels(logits, height, width).cpu().numpy()
             if progress is not None:
                 progress(batch.stop - batch.start)
-        geometry = dataset.cases[case_id]
-        sx, sy, sz = (float(s) for s in geometry["spacing"])
-        volume_pred, volume_truth = _case_volumes(pred, truth, np.asarray(geometry["kept_slices"]))
+        volume_pred, volume_truth = _case_volumes(pred, truth, kept)
         m = volume_metrics(volume_pred, volume_truth, num_classes, spacing=(sz, sy, sx))
         foreground = (truth > 0).reshape(n, -1).sum(axis=1)
         if not foreground.any():
@@ -319,7 +329,7 @@ def grid_rows(evaluation: Evaluation, dataset: Any) -> list[dict]:
     for role, case in picks[: min(len(ranked), 3)]:
         image, truth = dataset.read_slice(case.case_id, case.preview_position)
         rows.append({
-            "title": f"{role}: {case.case_id}, mean Dice {case.mean_dice:.3f} (slice {case.preview_position})",
+            "title": f"{role}: {case.case_id}, mean Dice {case.mean_dice:.3f} (stored slice {case.preview_position})",
             "image": image, "truth": truth, "pred": case.preview_pred,
         })
     return rows
@@ -430,7 +440,7 @@ def run_eval(args: argparse.Namespace) -> int:
             model, config = load_checkpoint(args.checkpoint, map_location="cpu")
         except (ValueError, FileNotFoundError) as error:
             raise InputError(str(error)) from None
-        if not (config.get("class_names") or config.get("classes")):
+        if config_value(config, "class_names", "classes") is None:
             config = {**config, "class_names": dataset.class_names}
         settings = inference_settings(config)
         if settings.num_classes != dataset.num_classes:
@@ -453,8 +463,12 @@ def run_eval(args: argparse.Namespace) -> int:
     with Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task(f"{args.split} on {device.type}", total=total)
-        evaluation = evaluate_split(model, settings, dataset, args.split, k, args.batch_size, device,
-                                    progress=lambda n: bar.advance(task, n))
+        try:
+            evaluation = evaluate_split(model, settings, dataset, args.split, k, args.batch_size, device,
+                                        progress=lambda n: bar.advance(task, n))
+        except InputError as error:
+            print(f"usam eval: {error}", file=sys.stderr)
+            return 2
     summary = report(evaluation, str(config["model"].get("name", "model")))
     print_tables(summary, console)
     written = write_outputs(evaluation, summary, dataset, out)

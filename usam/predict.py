@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usam.data import DEFAULT_WINDOW, MODEL_SIZE, preprocess_slices
+from usam.data import DEFAULT_WINDOW, MODEL_SIZE, resize_images, window_normalize
 from usam.prompts import PADDING_LABEL, POINT_LABEL, voxel_to_model, world_to_model
 
 CANONICAL_ORIENTATION = "LPS"
@@ -52,26 +52,43 @@ class InferenceSettings:
         return len(self.class_names)
 
 
+def config_value(config: Mapping[str, Any], *keys: str) -> Any:
+    """The first of `keys` found at the top level of `config`, else in one of its sub-tables."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    for value in config.values():
+        if isinstance(value, Mapping):
+            for key in keys:
+                if value.get(key) is not None:
+                    return value[key]
+    return None
+
+
 def inference_settings(config: Mapping[str, Any]) -> InferenceSettings:
-    """Read class names, HU window, input size and prompt slots from a checkpoint config."""
-    model = config.get("model", {})
-    num_classes = int(model.get("num_classes", config.get("num_classes", 0)))
-    names = config.get("class_names") or config.get("classes")
-    if names is None and isinstance(config.get("data"), Mapping):
-        names = config["data"].get("class_names") or config["data"].get("classes")
+    """Read class names, HU window, input size and prompt slots from a checkpoint config.
+
+    The model table (``config["model"]``) gives num_classes, img_size and points_per_class; class
+    names ('class_names' or 'classes') and the window ('window') are looked up at the top level,
+    then in the config's sub-tables. A config without a window gets DEFAULT_WINDOW.
+    """
+    model = config.get("model", {}) if isinstance(config.get("model"), Mapping) else {}
+    num_classes = int(model.get("num_classes") or config_value(config, "num_classes") or 0)
+    names = config_value(config, "class_names", "classes")
     if names is None:
         names = ["background"] + [f"class {c}" for c in range(1, num_classes)]
     names = tuple(str(n) for n in names)
     if num_classes and len(names) != num_classes:
         raise InputError(f"checkpoint: {len(names)} class names for a {num_classes}-class model")
-    window = config.get("window")
-    if window is None and isinstance(config.get("intensity"), Mapping):
-        window = config["intensity"].get("window")
-    window = tuple(float(v) for v in (window if window is not None else DEFAULT_WINDOW))
+    window = config_value(config, "window")
+    try:
+        window = tuple(float(v) for v in (window if window is not None else DEFAULT_WINDOW))
+    except (TypeError, ValueError):
+        raise InputError(f"checkpoint: invalid intensity window {window!r}") from None
     if len(window) != 2 or not window[1] > window[0]:
         raise InputError(f"checkpoint: invalid intensity window {window}")
-    img_size = int(model.get("img_size", config.get("img_size", MODEL_SIZE)))
-    points_per_class = int(model.get("points_per_class", config.get("points_per_class", 0)))
+    img_size = int(model.get("img_size") or config_value(config, "img_size") or MODEL_SIZE)
+    points_per_class = int(model.get("points_per_class", 0))
     return InferenceSettings(names, window, img_size, points_per_class)
 
 
@@ -83,6 +100,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def model_input(images_hu: np.ndarray, settings: InferenceSettings, device: torch.device) -> torch.Tensor:
+    """(B, H, W) int16 HU -> (B, 1, S, S) float32 in [0, 1] on `device`.
+
+    The same operations as `usam.data.preprocess_slices` (window, then bilinear resize), run on the
+    device so that only int16 voxels cross to it.
+    """
+    hu = torch.from_numpy(np.ascontiguousarray(images_hu)).to(device, non_blocking=True)
+    return resize_images(window_normalize(hu, settings.window)[:, None], settings.img_size).contiguous()
 
 
 def forward_logits(
@@ -137,7 +164,7 @@ def segment_slices(
     n, height, width = images_hu.shape
     out = np.zeros((n, height, width), dtype=np.uint8)
     for batch in iter_batches(n, batch_size):
-        x = preprocess_slices(images_hu[batch], settings.window, settings.img_size)
+        x = model_input(images_hu[batch], settings, device)
         p = l = None
         if points is not None:
             p = torch.from_numpy(np.ascontiguousarray(points[batch], dtype=np.float32))
