@@ -60,7 +60,7 @@ def preprocess_slices(
     images = np.asarray(images_hu)
     if images.ndim == 2:
         images = images[None]
-    x = window_normalize(torch.from_numpy(np.ascontiguousarray(images)), window)[:, None]
+    x = torch.from_numpy(window_normalize(images, window))[:, None]
     return resize_images(x, size).contiguous()
 
 
@@ -134,7 +134,7 @@ def resample_slice(
     """
     if matrix is None:
         out_image = preprocess_slices(np.asarray(image_hu)[None], window, size)[0]
-        out_label = None if label is None else resize_labels(torch.from_numpy(np.asarray(label))[None], size)[0]
+        out_label = None if label is None else resize_labels(torch.from_numpy(np.array(label))[None], size)[0]
         return out_image, None if out_label is None else out_label.to(torch.uint8)
     low, high = float(window[0]), float(window[1])
     clipped = torch.from_numpy(np.asarray(image_hu).astype(np.float32)).clamp_(low, high)

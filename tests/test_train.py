@@ -1,0 +1,210 @@
+"""usam fit: run folder contents, exact resume, validation carved from train, input errors, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from care_dataset.splits import patient_of
+from care_dataset.store import open_dataset
+from test_data import make_converted_folder
+from usam.cli import main as usam_main
+from usam.config import build_config, read_toml, to_toml
+from usam.train import open_training_data, train
+
+# mechanics tests run a tiny U-Net on a 64 x 64 model grid (the pipeline follows the model's img_size)
+TINY = {"model": "unet", "model_args": {"base_channels": 8, "img_size": 64}, "batch_size": 4, "workers": 0, "device": "cpu",
+        "log_every": 2, "val_fraction": 0.25}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_converted_folder(tmp_path_factory.mktemp("care") / "out", num_patients=6, size=64, depth=20)
+
+
+def config_for(data_dir: Path, out: Path, **options):
+    return build_config({**TINY, "data": str(data_dir), "out": str(out), **options})
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def test_fit_writes_run_folder(data_dir, tmp_path):
+    out = tmp_path / "run"
+    code = usam_main(["fit", "--data", str(data_dir), "--out", str(out), "--model", "unet", "--model-arg",
+                      "base_channels=8", "--batch-size", "4", "--workers", "0", "--max-steps", "2",
+                      "--val-every", "1", "--log-every", "1", "--val-fraction", "0.25", "--device", "cpu",
+                      "--window", "-100", "200", "--points", "1"])
+    assert code == 0
+    for name in ("config.toml", "run.json", "log.jsonl", "curves.png", "last/model.safetensors",
+                 "last/config.json", "last/train_state.pt", "best/model.safetensors", "best/config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [1, 2]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert train_records and all(0 <= r["data_wait_fraction"] <= 1 and r["images_per_s"] > 0 for r in train_records)
+    # the exact resolved options, readable back
+    saved = read_toml(out / "config.toml")
+    assert saved["window"] == [-100.0, 200.0] and saved["points"] == 1 and saved["max_steps"] == 2
+    checkpoint = json.loads((out / "last" / "config.json").read_text())
+    assert checkpoint["classes"] == ["background", "rectum", "tumor"]
+    assert checkpoint["window"] == [-100.0, 200.0] and checkpoint["points_per_class"] == 1
+    assert checkpoint["input_size"] == 224 and checkpoint["model"]["name"] == "unet"
+    training = checkpoint["training"]
+    assert training["step"] == 2 and training["data_checksum"] == "f" * 64
+    assert "torch" in training["versions"] and training["config"]["batch_size"] == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["manifest_sha256"] == training["manifest_sha256"] and run["total_steps"] == 2
+    # best is the checkpoint of the best validation
+    vals = [r for r in records if r["kind"] == "val"]
+    best = max(vals, key=lambda r: r["mean_dice"])
+    assert json.loads((out / "best" / "config.json").read_text())["training"]["step"] == best["step"]
+    # a finished run is not overwritten by accident
+    assert usam_main(["fit", "--data", str(data_dir), "--out", str(out), "--model", "unet"]) == 2
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+    steps = dict(max_steps=5, val_every=0, log_every=1)
+    straight = train(config_for(data_dir, tmp_path / "straight", **steps))
+    assert straight["step"] == 5 and straight["epoch"] == 0  # stops mid-epoch: the sampler position matters
+    interrupted = tmp_path / "interrupted"
+    first = train(config_for(data_dir, interrupted, **steps), stop_after=2)
+    assert first["step"] == 2
+    partial = weights(interrupted / "last")
+    assert any(not torch.equal(partial[k], v) for k, v in weights(tmp_path / "straight" / "last").items())
+    resumed = train(config_for(data_dir, interrupted, resume=True, **steps))
+    assert resumed["step"] == 5
+    a, b = weights(tmp_path / "straight" / "last"), weights(interrupted / "last")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state_a = torch.load(tmp_path / "straight" / "last" / "train_state.pt", weights_only=True)
+    state_b = torch.load(interrupted / "last" / "train_state.pt", weights_only=True)
+    for group_a, group_b in zip(state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values()):
+        assert torch.equal(group_a["exp_avg_sq"], group_b["exp_avg_sq"])
+    assert state_a["scheduler"] == state_b["scheduler"]
+    # the log holds each step once
+    steps_logged = [json.loads(line)["step"] for line in (interrupted / "log.jsonl").read_text().splitlines()
+                    if json.loads(line)["kind"] == "train"]
+    assert steps_logged == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_changed_recipe(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(config_for(data_dir, out, max_steps=1), stop_after=1)
+    with pytest.raises(ValueError, match="lr_decoder"):
+        train(config_for(data_dir, out, max_steps=1, resume=True, lr_decoder=0.5))
+    with pytest.raises(ValueError, match="no resumable run"):
+        train(config_for(data_dir, tmp_path / "empty", resume=True))
+
+
+def test_validation_is_carved_from_train_patients_only(data_dir):
+    dataset = open_dataset(data_dir)
+    train_split, test_split = set(dataset.case_ids("train")), set(dataset.case_ids("test"))
+    for seed in range(3):
+        data = open_training_data(config_for(data_dir, Path("unused"), seed=seed, val_fraction=0.25))
+        assert data.val_ids and set(data.val_ids) | set(data.train_ids) == train_split
+        assert not set(data.val_ids) & set(data.train_ids)
+        assert not (set(data.val_ids) | set(data.train_ids)) & test_split
+        assert not {patient_of(c) for c in data.val_ids} & {patient_of(c) for c in data.train_ids}
+    again = open_training_data(config_for(data_dir, Path("unused"), seed=1, val_fraction=0.25))
+    assert again.val_ids == open_training_data(config_for(data_dir, Path("unused"), seed=1, val_fraction=0.25)).val_ids
+
+
+def fit_error(capsys, argv: list[str]) -> str:
+    assert usam_main(["fit", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_fails_early_with_one_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--model", "unet", "--model-arg", "base_channels=8", "--device", "cpu"]
+    assert "not found" in fit_error(capsys, ["--data", str(tmp_path / "missing"), *base])
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "dataset.json").write_text("{not json")
+    assert "malformed" in fit_error(capsys, ["--data", str(malformed), *base])
+    not_care = tmp_path / "not_care"
+    not_care.mkdir()
+    assert "neither a converted CARE folder" in fit_error(capsys, ["--data", str(not_care), *base])
+    message = fit_error(capsys, ["--data", str(data_dir), "--num-classes", "4", *base])
+    assert "--num-classes 4" in message and "3 classes" in message
+    # a checkpoint of another model: tensors of the wrong shape
+    fake = tmp_path / "sam_vit_h.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1, 64, 64, 1280),
+                "image_encoder.patch_embed.proj.weight": torch.zeros(1280, 3, 16, 16)}, fake)
+    message = fit_error(capsys, ["--data", str(data_dir), "--out", str(out), "--model", "usam_tiny",
+                                 "--sam-checkpoint", str(fake), "--device", "cpu"])
+    assert "--sam-checkpoint" in message and "usam_tiny" in message
+    assert "window" in fit_error(capsys, ["--data", str(data_dir), *base, "--window", "5", "1"])
+    assert not out.exists()  # nothing written by any failed run
+
+
+def test_config_file_and_command_line_precedence(data_dir, tmp_path):
+    from usam.cli import build_parser, resolve_fit_config
+
+    config_file = tmp_path / "fit.toml"
+    config_file.write_text(f'data = "{data_dir}"\nbatch_size = 8\nepochs = 3\nwindow = [-100, 300]\n'
+                           '[model_args]\nbase_channels = 16\n')
+    args = build_parser().parse_args(["fit", "--config", str(config_file), "--epochs", "5", "--no-augment"])
+    config = resolve_fit_config(args)
+    assert (config.batch_size, config.epochs, config.augment) == (8, 5, False)
+    assert config.window == [-100.0, 300.0] and config.model_args == {"base_channels": 16}
+    assert config.lr_encoder == 1e-4 and config.lr_decoder == 1e-3 and config.ce_weight == 0.4
+    written = tmp_path / "written.toml"
+    written.write_text(to_toml(config))
+    assert build_config(read_toml(written)) == config
+    config_file.write_text("batch_sise = 8\n")
+    with pytest.raises(ValueError, match="unknown options batch_sise"):
+        resolve_fit_config(build_parser().parse_args(["fit", "--config", str(config_file)]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, data_dir: str, out: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    config = build_config({**TINY, "data": data_dir, "out": out, "max_steps": 3, "val_every": 3})
+    result = train(config)
+    torch.save({"state": result["model"].state_dict(), "validation": result["last_validation"]},
+               Path(result_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    out, results = tmp_path / "ddp", tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_dir), str(out), str(results)), nprocs=2, join=True)
+    rank0 = torch.load(results / "rank0.pt", weights_only=True)
+    rank1 = torch.load(results / "rank1.pt", weights_only=True)
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), key
+    initial = build_config({**TINY, "data": str(data_dir), "out": str(tmp_path / "x")})
+    from usam.train import build_model
+
+    torch.manual_seed(initial.seed)
+    untrained = build_model(initial, 3).state_dict()
+    assert any(not torch.equal(untrained[k], v) for k, v in rank0["state"].items())  # it did train
+    assert rank0["validation"] == rank1["validation"]  # validation metrics reduced over both ranks
+    assert rank0["validation"]["slices"] == json.loads((out / "run.json").read_text())["val_slices"]
+    saved = weights(out / "last")
+    for key, value in saved.items():
+        assert torch.equal(value, rank0["state"][key]), key
