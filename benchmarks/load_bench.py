@@ -4,6 +4,8 @@ Builds its own synthetic data in a temporary folder (CT phantoms, 512 x 512 int1
 an HDF5 converted folder, publishes the zarr one with care-publish and loads it with ``datasets`` (offline,
 private cache). Then it reads the same random slice indices through ``CareSliceDataset`` from each source, in
 one process and through a DataLoader with 2 workers, and prints slices/s with ratios to zarr in one process.
+The published dataset is read twice: through CareSliceDataset (Arrow columns to numpy) and through the
+``datasets`` formatter (``with_format("numpy"/"torch", dtype=None)``).
 
     python benchmarks/load_bench.py [--cases 8] [--slices 60] [--size 512] [--reads 600]
 """
@@ -79,7 +81,7 @@ def loader_rate(dataset, indices: np.ndarray, workers: int, batch_size: int = 16
     first = next(iterator)
     start, count = time.perf_counter(), 0
     for batch in iterator:
-        count += len(batch["case_id"])
+        count += len(batch["image"])
     del first
     return count / (time.perf_counter() - start)
 
@@ -101,11 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from care_dataset.hf import SAMPLE_KEYS
         from care_dataset.publish import publish
         from care_dataset.torch_dataset import CareSliceDataset
 
         datasets.disable_progress_bars()
-        console = Console()
+        console = Console(width=120)
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()
         cases = {f"bench{k:02d}_0": make_case(rng, args.slices, args.size) for k in range(args.cases)}
@@ -121,21 +124,26 @@ def main(argv: list[str] | None = None) -> None:
         load_s = time.perf_counter() - start
         del cases
 
+        columns = hub.select_columns(list(SAMPLE_KEYS))  # the sample dict's columns (collatable)
         sources = {"zarr shards": CareSliceDataset(zarr_dir), "HDF5": CareSliceDataset(h5_dir),
-                   "HF dataset (arrow, dtype=None)": CareSliceDataset(hub)}
+                   "HF dataset, CareSliceDataset (Arrow)": CareSliceDataset(hub),
+                   "HF dataset, with_format(dtype=None)": columns.with_format("numpy", dtype=None)}
         total = len(sources["zarr shards"])
         indices = np.random.default_rng(args.seed + 1).integers(0, total, args.reads)
         rates = {}
         for name, dataset in sources.items():
-            rates[name] = (single_process_rate(dataset, indices), loader_rate(dataset, indices, workers=2))
+            # the torch formatter (not numpy, whose string scalars default_collate rejects) feeds the DataLoader
+            batched = columns.with_format("torch", dtype=None) if name.endswith("with_format(dtype=None)") else dataset
+            rates[name] = (single_process_rate(dataset, indices), loader_rate(batched, indices, workers=2))
         baseline = rates["zarr shards"][0]
 
         table = Table(title=f"random-access slice reads ({args.reads} random of {total} slices, "
                             f"{args.size}x{args.size} int16 + uint8)")
         for column in ("source", "1 process slices/s", "ratio", "2 workers slices/s", "ratio", "on disk"):
             table.add_column(column, justify="left" if column == "source" else "right")
+        parquet = folder_bytes(tmp / "care" / "slices")
         disk = {"zarr shards": folder_bytes(zarr_dir / "slices.zarr"), "HDF5": folder_bytes(h5_dir / "slices_h5"),
-                "HF dataset (arrow, dtype=None)": folder_bytes(tmp / "care" / "slices")}
+                "HF dataset, CareSliceDataset (Arrow)": parquet, "HF dataset, with_format(dtype=None)": parquet}
         for name, (single, workers) in rates.items():
             table.add_row(name, f"{single:,.0f}", f"{single / baseline:.2f}", f"{workers:,.0f}",
                           f"{workers / baseline:.2f}", f"{disk[name] / 2**20:,.1f} MiB")

@@ -302,7 +302,7 @@ def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict
     lines += ["", "Content checksums (SHA-256 of the `image` bytes then the `label` bytes, C order) are stored per "
               "case in the `checksum` column of `volumes` and in `metadata/cases.json`."]
     for key, value in sorted(overall.items()):
-        lines.append(f"Checksum over all cases (`dataset.json` `checksums.{key}`): `{value}`.")
+        lines += ["", f"Checksum over all cases (`dataset.json` `checksums.{key}`): `{value}`."]
     lines += ["", "### Files", "", "| file | bytes | SHA-256 |", "|---|---:|---|"]
     for config in CONFIGS:
         for split in splits:
