@@ -161,6 +161,12 @@ class CareDataset:
         self._pid = os.getpid()
         self._index_cache: dict[str, np.ndarray] = {}
 
+    def __getstate__(self) -> dict:
+        # Open zarr/HDF5 handles are per process and cannot be pickled (spawned DataLoader workers).
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
     @property
     def class_names(self) -> list[str]:
         """Class names indexed by label value (0 = background)."""
