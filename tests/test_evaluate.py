@@ -150,7 +150,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("usam_tiny", num_classes=3, img_size=64, vit_window_size=4, points_per_class=3)
     return save_checkpoint(model, tmp_path_factory.mktemp("run") / "best",
-                           {"class_names": CLASSES, "window": [-125.0, 275.0]})
+                           {"classes": CLASSES, "window": [-125.0, 275.0], "points_per_class": 3, "input_size": 64})
 
 
 def _eval_args(*argv):
@@ -187,7 +187,7 @@ def test_cli_with_untrained_model_writes_reports(converted, tiny_checkpoint, tmp
     assert "PAPER protocol" in text and "CLINICAL protocol" in text
     # determinism: a second run gives the same numbers
     again = tmp_path / "again"
-    run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--batch-size", "3",
+    run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--batch-size", "4",
                         "--device", "cpu", "--out", str(again), "--points", "3"))
     assert json.loads((again / "metrics.json").read_text()) == summary
 
