@@ -120,7 +120,7 @@ def test_identity_resample_equals_the_shared_preprocessing():
         label = rng.integers(0, 3, shape).astype(np.uint8)
         image, out = resample_slice(hu, label, np.eye(2))
         torch.testing.assert_close(image, preprocess_slices(hu[None])[0], atol=2e-4, rtol=0)
-        np.testing.assert_array_equal(out.numpy(), resize_labels(torch.from_numpy(label)[None])[0].numpy())
+        np.testing.assert_array_equal(out.numpy(), resize_labels(torch.from_numpy(np.array(label))[None])[0].numpy())
 
 
 def test_rotation_moves_image_and_label_together():
@@ -190,7 +190,7 @@ def test_validation_items_are_deterministic_unaugmented(converted):
     image_hu, label = dataset.read_slice(ids[0], 0)
     item = data[(5, 0)]
     torch.testing.assert_close(item["image"], preprocess_slices(image_hu[None], DEFAULT_WINDOW)[0])
-    np.testing.assert_array_equal(item["label"].numpy(), resize_labels(torch.from_numpy(label)[None])[0].numpy())
+    np.testing.assert_array_equal(item["label"].numpy(), resize_labels(torch.from_numpy(np.array(label))[None])[0].numpy())
     torch.testing.assert_close(data[(0, 0)]["points"], item["points"], rtol=0, atol=0)
 
 

@@ -186,7 +186,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, data_dir: str, out: str, 
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
     import torch.multiprocessing as mp
 

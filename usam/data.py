@@ -104,16 +104,15 @@ def sampling_matrix(flip: bool = False, quarter_turns: int = 0, angle_deg: float
     return flip_map @ quarter @ small
 
 
-_BASE_GRIDS: dict[int, np.ndarray] = {}
-
-
-def _base_grid(size: int) -> np.ndarray:
-    """(size * size, 2) normalised (x, y) pixel centres of the output grid (``align_corners=False``)."""
-    if size not in _BASE_GRIDS:
-        centres = (2 * np.arange(size, dtype=np.float64) + 1) / size - 1
-        x, y = np.meshgrid(centres, centres)
-        _BASE_GRIDS[size] = np.stack([x.ravel(), y.ravel()], axis=1)
-    return _BASE_GRIDS[size]
+def affine_grid(matrix: np.ndarray, size: int, offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """(1, size, size, 2) sampling grid, as ``F.affine_grid`` with ``align_corners=False`` builds it for
+    ``matrix`` (2 x 2, no translation), plus ``offset`` in normalised units; two broadcast sums."""
+    centres = (2 * np.arange(size, dtype=np.float64) + 1) / size - 1
+    grid = np.empty((size, size, 2), dtype=np.float32)
+    for axis in range(2):
+        np.add((matrix[axis, 0] * centres + offset[axis])[None, :], (matrix[axis, 1] * centres)[:, None],
+               out=grid[..., axis], casting="same_kind")
+    return torch.from_numpy(grid)[None]
 
 
 def resample_slice(
@@ -138,8 +137,8 @@ def resample_slice(
         return out_image, None if out_label is None else out_label.to(torch.uint8)
     low, high = float(window[0]), float(window[1])
     clipped = torch.from_numpy(np.asarray(image_hu).astype(np.float32)).clamp_(low, high)
-    coords = _base_grid(size) @ np.asarray(matrix, dtype=np.float64).T
-    grid = torch.from_numpy(coords.astype(np.float32)).view(1, size, size, 2)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    grid = affine_grid(matrix, size)
     out_image = F.grid_sample(clipped[None, None], grid, mode="bilinear", padding_mode="border",
                               align_corners=False)[0]
     out_image = out_image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
@@ -147,8 +146,7 @@ def resample_slice(
         return out_image, None
     height, width = np.shape(label)
     # grid_sample's nearest rounds half to even; a 1e-3 pixel nudge makes ties go up, as in resize_labels
-    nudge = np.array([2e-3 / width, 2e-3 / height])
-    label_grid = torch.from_numpy((coords + nudge).astype(np.float32)).view(1, size, size, 2)
+    label_grid = affine_grid(matrix, size, offset=(2e-3 / width, 2e-3 / height))
     label_t = torch.from_numpy(np.asarray(label).astype(np.float32))
     out_label = F.grid_sample(label_t[None, None], label_grid, mode="nearest", padding_mode="zeros",
                               align_corners=False)[0, 0]
