@@ -207,3 +207,20 @@ def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
     saved = weights(out / "last")
     for key, value in saved.items():
         assert torch.equal(value, rank0["state"][key]), key
+
+
+def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path, monkeypatch):
+    from care_dataset.publish import publish
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    published = tmp_path / "care"
+    publish(data_dir, published)
+    steps = dict(max_steps=2, val_every=0, log_every=1, augment=False)
+    from_shards = train(config_for(data_dir, tmp_path / "shards", **steps))
+    from_parquet = train(config_for(published, tmp_path / "parquet", **steps))
+    assert from_parquet["step"] == from_shards["step"] == 2
+    # same manifest, same validation carve, same samples: the same weights after the same steps
+    shards, parquet = weights(tmp_path / "shards" / "last"), weights(tmp_path / "parquet" / "last")
+    assert shards.keys() == parquet.keys()
+    for name in shards:
+        torch.testing.assert_close(parquet[name], shards[name], rtol=0, atol=0, msg=name)

@@ -108,7 +108,8 @@ def open_training_data(config: TrainConfig) -> TrainingData:
         raise ValueError(f"data folder {root}: not found")
     try:
         kind = source_kind(root)
-        manifest_bytes = (root / "dataset.json").read_bytes()
+        # a published folder carries a byte copy of the converted folder's manifest under metadata/
+        manifest_bytes = (root / ("dataset.json" if kind == CONVERTED else "metadata/dataset.json")).read_bytes()
         manifest = json.loads(manifest_bytes)
         class_names = [str(c) for c in manifest["classes"]]
         if kind == CONVERTED:
