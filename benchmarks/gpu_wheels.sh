@@ -11,5 +11,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
   "SimpleITK==$(python3 -c 'import SimpleITK; print(SimpleITK.__version__)' 2>/dev/null || echo 2.5.2)" \
   zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.8.0 \
-  datasets==5.2.0 dill multiprocess segment-anything==1.0 pydicom==3.0.2 nibabel==5.4.2
+  datasets==5.2.0 dill multiprocess segment-anything==1.0 pydicom==3.0.2
 du -sh .whl; ls .whl

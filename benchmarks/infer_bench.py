@@ -13,6 +13,7 @@ is randomly initialised (timings do not depend on the weights). Prints both and 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import tempfile
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--baseline-slices", type=int, default=None,
                         help="slices the baseline runs (default: all); its time is scaled to --slices")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--json", type=Path, default=None, help="also append the figures as one JSON line here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +134,10 @@ def main() -> None:
     print(f"baseline (per slice, batch 1, fp32, scipy zoom): {baseline_scaled:.2f} s{note} "
           f"({args.slices / baseline_scaled:.1f} slices/s)")
     print(f"speed-up: {baseline_scaled / ours_median:.2f}x")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"bench": "infer", "device": name, "model": args.model, "slices": args.slices,
+                                "seconds_per_volume": ours_median, "baseline_seconds": baseline_scaled}) + "\n")
 
 
 if __name__ == "__main__":

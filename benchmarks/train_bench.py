@@ -11,6 +11,7 @@ optimiser step only; the data-loader wait fraction of a real run is in its log.j
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", default=None, help="also append the figures as JSON lines here")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -97,6 +99,10 @@ def main() -> None:
         row = measure(args.model, variant, args.batch_size, args.steps, device)
         print(f"{variant:30s} {row['images_per_s']:10.2f} {row['images_per_s'] * flops / 1e12:9.3f} "
               f"{row['peak_gib']:9.2f}")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"bench": "train", "device": name, "model": args.model,
+                                    "batch_size": args.batch_size, "flops_per_image": flops, **row}) + "\n")
 
 
 if __name__ == "__main__":
