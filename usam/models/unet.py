@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from usam.models.blocks import CNNEncoder, UpBlock
+from usam.models.blocks import CNNEncoder, UpBlock, init_prior_bias
 
 
 class UNet(nn.Module):
     """U-Net with U-SAM's CNN encoder (channels C/8 .. C, bottleneck 2C) and four UpBlocks.
 
-    Takes the same inputs as the SAM-style models and ignores the points.
+    Takes the same inputs as the SAM-style models and ignores the points. The head's bias starts
+    at the log class priors (`init_prior_bias`).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class UNet(nn.Module):
         self.up2 = UpBlock(c // 2, c // 4, c // 4)
         self.up1 = UpBlock(c // 4, c // 8, c // 8)
         self.head = nn.Conv2d(c // 8, num_classes, kernel_size=1)
+        init_prior_bias(self.head)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Nothing is pretrained: every parameter is in "decoder" (the 1e-3 group)."""

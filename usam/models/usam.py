@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from usam.models.blocks import CNNEncoder, TokenGrid, UpBlock
+from usam.models.blocks import CNNEncoder, TokenGrid, UpBlock, init_prior_bias
 from usam.models.prompted import PromptedSegmenter
 from usam.models.sam_parts import build_image_encoder, mask_logits
 
@@ -19,7 +19,8 @@ class USAM(PromptedSegmenter):
     through UP4, UP3, UP2 (skips f3, f2, f1) to Src' (D/8 x H/2); logits l = Mt' . Src'
     (N x H/2); UP1 (skip f0) and a 1x1 convolution give N x H x W logits.
     `skip_connections` (0..4) keeps that many skips, coarsest first (4 = the paper's model).
-    The [0, 1] input goes to the CNN as is (its first BatchNorm normalises).
+    The [0, 1] input goes to the CNN as is (its first BatchNorm normalises). The head's bias
+    starts at the log class priors (`init_prior_bias`).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class USAM(PromptedSegmenter):
         self.up2 = UpBlock(d // 4, d // 4 if self.skips[2] else 0, d // 8)
         self.up1 = UpBlock(num_classes, d // 8 if self.skips[3] else 0, d // 8)
         self.head = nn.Conv2d(d // 8, num_classes, kernel_size=1)
+        init_prior_bias(self.head)
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.cnn, self.image_encoder]
