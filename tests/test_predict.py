@@ -239,3 +239,21 @@ def test_device_side_preprocessing_equals_the_training_preprocessing():
     settings = inference_settings(_config())
     torch.testing.assert_close(model_input(hu, settings, torch.device("cpu")),
                                preprocess_slices(hu, tuple(WINDOW), 224), rtol=0, atol=0)
+
+
+def test_nested_hospital_export_folders_read_the_same_series_as_the_converter(tmp_path):
+    """A case folder as exported (nested folders, localizer, second series, compressed syntaxes, label files
+    beside the DICOM): predict reads the CT series care-convert would choose, voxel for voxel."""
+    from care_dataset import synth
+    from care_dataset.io import discover_cases, load_case, to_canonical
+    from care_dataset.profiles import load_profile
+    from usam.predict import read_image
+
+    synth.write_raw_dataset(tmp_path / "raw", cases=6, seed=3, size=64, slices=10, messy=True)
+    profile = load_profile("care")
+    for raw_case in discover_cases(tmp_path / "raw", profile):
+        expected = load_case(raw_case, profile).image
+        got = to_canonical(read_image(raw_case.root))
+        assert got.GetSize() == expected.GetSize()
+        np.testing.assert_allclose(got.GetOrigin(), expected.GetOrigin(), atol=1e-3)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))

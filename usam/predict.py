@@ -180,22 +180,22 @@ def segment_slices(
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """A 3-D CT from a volume file (NIfTI, NRRD, MHA, ...) or a DICOM folder.
 
-    For a folder, GDCM's series discovery picks the series with the most files (ties: the first
-    series UID in sorted order). Raises InputError with the reason.
+    For a folder, every DICOM file below it (any nesting) is scanned as care-convert does
+    (``care_dataset.io_dicom.scan_dicom``: localizers and single images set aside) and the CT series
+    with the most slices is read in HU. Raises InputError with the reason.
     """
     path = Path(path)
     if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        series = sorted(reader.GetGDCMSeriesIDs(str(path)))
-        if not series:
-            raise InputError(f"{path}: no DICOM series found in this folder")
-        files = {uid: reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series}
-        chosen = max(series, key=lambda uid: (len(files[uid]), -series.index(uid)))
-        reader.SetFileNames(files[chosen])
+        from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
+
         try:
-            image = reader.Execute()
-        except RuntimeError as error:
-            raise InputError(f"{path}: DICOM series cannot be read ({_first_line(error)})") from None
+            scan = scan_dicom(path)
+            if not scan.series:
+                raise InputError(f"{path}: no DICOM series found in this folder or below it")
+            chosen = max(scan.series, key=lambda s: (s.modality == "CT", s.size[2]))
+            image = read_series_int16(chosen)
+        except DicomError as error:
+            raise InputError(f"{path}: {error}") from None
     elif path.is_file():
         try:
             image = sitk.ReadImage(str(path))
