@@ -81,7 +81,8 @@ def dice_table(prediction_path: Path, label_path: Path) -> dict[str, float]:
     scores = {}
     for cls, name in enumerate(CLASS_NAMES, start=1):
         p, t = prediction == cls, truth == cls
-        scores[name] = float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
+        # absent in both: undefined (NaN), never counted as perfect or as zero (docs/evaluation.md)
+        scores[name] = float(2 * (p & t).sum() / (p.sum() + t.sum())) if p.any() or t.any() else float("nan")
     return scores
 
 
