@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from care_dataset.io import discover_cases, load_case, to_canonical
 from care_dataset.profiles import load_profile, parse_profile
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DCM2NIIX = shutil.which("dcm2niix")
+# the wheel installs its binary beside the interpreter, which need not be on PATH (make test runs .venv/bin/python)
+_BESIDE_PYTHON = Path(sys.executable).with_name("dcm2niix")
+DCM2NIIX = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.is_file() else shutil.which("dcm2niix")
 pytestmark = pytest.mark.skipif(DCM2NIIX is None, reason="dcm2niix is not installed (pip install dcm2niix)")
 
 
