@@ -60,5 +60,5 @@ for r in get("fit"):
     print(f"{'usam fit data-loader wait':52s} {100 * r['data_wait_fraction']:8.1f} %")
     print(f"{'usam fit peak memory':52s} {r['peak_gib']:8.1f} GiB")
 for r in get("infer"):
-    print(f"{'inference, 100-slice volume end to end':52s} {r['seconds_per_volume']:8.2f} s (baseline {r['baseline_seconds']:.1f} s)")
+    print(f"{'inference, %d-slice volume end to end' % r['slices']:52s} {r['seconds_per_volume']:8.2f} s (baseline {r['baseline_seconds']:.1f} s)")
 PY
