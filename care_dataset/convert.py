@@ -149,12 +149,10 @@ def select_slices(label: np.ndarray, profile: Profile) -> tuple[np.ndarray, dict
 
 
 def image_geometry(image: sitk.Image) -> dict:
-    return {
-        "size": [int(v) for v in image.GetSize()],
-        "spacing": [float(v) for v in image.GetSpacing()],
-        "origin": [float(v) for v in image.GetOrigin()],
-        "direction": [float(v) for v in image.GetDirection()],
-    }
+    """Size, spacing, origin and direction as JSON values (the canonical grid needs no orientation code)."""
+    from care_dataset.io import geometry_of
+
+    return {k: v for k, v in geometry_of(image).items() if k != "orientation"}
 
 
 def _plain(value: Any) -> Any:
