@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_CACHE", str(work / ".hf_cache"))
     start = time.perf_counter()
 
-    key = work / "site.key"  # the data custodian's secret: outside every output folder
-    if not key.exists():
-        key.write_bytes(os.urandom(32))
+    # The data custodian's secret, kept outside every output folder. Synthetic data has nothing to protect, so the
+    # demo uses a fixed key: the same pseudonyms, splits and results on every run. Real data needs a secret key.
+    key = work / "site.key"
+    key.write_bytes(b"care-usam demo key: synthetic data only\n")
     raw, out, care, run_dir = work / "raw", work / "out", work / "care", work / "runs" / args.model
     if not raw.exists():
         run("care-synth", raw, "--cases", args.cases, "--seed", 0, "--size", args.size)
