@@ -160,6 +160,7 @@ class CareDataset:
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
         self._index_cache: dict[str, np.ndarray] = {}
+        self._ids_cache: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict:
         # Open zarr/HDF5 handles are per process and cannot be pickled (spawned DataLoader workers).
@@ -177,11 +178,17 @@ class CareDataset:
         return len(self.manifest["classes"])
 
     def case_ids(self, split: str | None = None) -> list[str]:
+        return list(self._ordered_ids(split))
+
+    def _ordered_ids(self, split: str | None) -> list[str]:
+        """``case_ids(split)`` without a copy per call (``sample`` is on the training hot path)."""
         if split is None:
-            return sorted(self.cases)
+            if "" not in self._ids_cache:
+                self._ids_cache[""] = sorted(self.cases)
+            return self._ids_cache[""]
         if split not in self.splits:
             raise KeyError(f"no split {split!r}; this dataset has {sorted(self.splits)}")
-        return list(self.splits[split])
+        return self.splits[split]
 
     def _arrays(self, case_id: str) -> Any:
         if os.getpid() != self._pid:
@@ -231,7 +238,7 @@ class CareDataset:
         case's canonical volume), spacing (x, y, z) mm.
         """
         case_number, position = self.slice_index(split)[i]
-        case_id = self.case_ids(split)[case_number]
+        case_id = self._ordered_ids(split)[case_number]
         image, label = self.read_slice(case_id, int(position))
         geometry = self.cases[case_id]
         return {
