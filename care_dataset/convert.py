@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import traceback
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,12 +128,15 @@ def select_slices(label: np.ndarray, profile: Profile) -> tuple[np.ndarray, dict
     label: (Z, Y, X) uint8 class indices. Returns kept slice indices (ascending int64), then voxel counts per
     class name over the whole volume and over the kept slices.
     """
-    from care_dataset.io import CaseError
+    from care_dataset.io import CaseError, per_slice_counts
 
-    per_slice = np.stack([np.bincount(s.ravel(), minlength=profile.num_classes) for s in label])  # (Z, C')
-    if per_slice.shape[1] > profile.num_classes:
-        bad = int(np.flatnonzero(per_slice[:, profile.num_classes:].sum(0))[0] + profile.num_classes)
+    found, counts = per_slice_counts(label)
+    outside = found[(found < 0) | (found >= profile.num_classes)]
+    if len(outside):
+        bad = int(outside[0])
         raise CaseError(f"label value {bad} is not a class of profile {profile.name!r}")
+    per_slice = np.zeros((label.shape[0], profile.num_classes), dtype=np.int64)  # (Z, C)
+    per_slice[:, found] = counts
     selecting = per_slice[:, list(profile.keep_classes)].sum(1) > 0
     if not selecting.any():
         names = ", ".join(profile.class_names[c] for c in profile.keep_classes)
@@ -180,26 +185,43 @@ def _discard_case(out_dir: Path, storage: str, case_id: str) -> None:
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
-def convert_case(job: CaseJob) -> CaseOutcome:
-    """Convert one raw case; any failure leaves nothing behind and returns a failed outcome."""
+def read_case(job: CaseJob) -> Any:
+    """First half of :func:`convert_case`: the ``LoadedCase``, or the exception that stopped reading it."""
+    from care_dataset import io
+
+    try:
+        return io.load_case(job.raw, job.profile)
+    except Exception as err:  # noqa: BLE001 - reported by convert_case, with the other failures
+        return err
+
+
+def convert_case(job: CaseJob, loaded: Any = None) -> CaseOutcome:
+    """Convert one raw case; any failure leaves nothing behind and returns a failed outcome.
+
+    ``loaded`` is what :func:`read_case` returned for ``job`` when it was read ahead; None reads it here.
+    """
     from care_dataset.deid import make_case_id, patient_identity
-    from care_dataset.io import CaseError, load_case
+    from care_dataset.io import CaseError
 
     raw, profile = job.raw, job.profile
     stage, case_id = "reading", None
     try:
-        loaded = load_case(raw, profile)
+        loaded = read_case(job) if loaded is None else loaded
+        if isinstance(loaded, Exception):
+            raise loaded
         patient_id = make_case_id(patient_identity(loaded.header, raw.key), job.key)
         case_id = f"{patient_id}{CASE_SUFFIX_SEPARATOR}{case_suffix(patient_id, raw.key, job.key)}"
         stage = "filtering"
-        image = sitk.GetArrayFromImage(loaded.image)  # (Z, Y, X)
-        label = sitk.GetArrayFromImage(loaded.label)
+        image = sitk.GetArrayViewFromImage(loaded.image)  # (Z, Y, X), no copy: `loaded` outlives the views
+        label = sitk.GetArrayViewFromImage(loaded.label)
         if image.shape != label.shape:
             raise CaseError(f"label array {label.shape[::-1]} does not match image array {image.shape[::-1]}")
         kept, before, after = select_slices(label, profile)
-        image, label = np.ascontiguousarray(image[kept], np.int16), np.ascontiguousarray(label[kept], np.uint8)
+        image, label = kept_slices_of(image, kept, np.int16), kept_slices_of(label, kept, np.uint8)
         stage = "writing"
-        store.write_case(job.out_dir, job.storage, case_id, image, label)
+        with ThreadPoolExecutor(1) as hasher:  # hashing overlaps compression (both release the GIL)
+            checksum = hasher.submit(store.content_checksum, image, label)
+            store.write_case(job.out_dir, job.storage, case_id, image, label)
         canonical = image_geometry(loaded.image)
         entry = {
             "num_slices": int(len(kept)),
@@ -209,7 +231,7 @@ def convert_case(job: CaseJob) -> CaseOutcome:
             "original": _plain(dict(loaded.original)),
             "voxels_before": before,
             "voxels_after": after,
-            "checksum": store.content_checksum(image, label),
+            "checksum": checksum.result(),
         }
         record = {"case_id": case_id, "entry": entry, "fingerprint": job.fingerprint, "settings": job.settings}
         store.write_json_atomic(_record_path(job.out_dir, case_id), record)
@@ -225,8 +247,23 @@ def convert_case(job: CaseJob) -> CaseOutcome:
         return CaseOutcome(raw.key, case_id, "failed", reason, detail=detail)
 
 
+def kept_slices_of(volume: np.ndarray, kept: np.ndarray, dtype: type) -> np.ndarray:
+    """``volume[kept]`` as a C-contiguous ``dtype`` array; a view, not a copy, when ``kept`` is one run.
+
+    volume: (Z, Y, X) C-contiguous; kept: ascending slice indices. Returns (len(kept), Y, X).
+    """
+    if len(kept) and kept[-1] - kept[0] + 1 == len(kept):
+        volume = volume[kept[0]:kept[-1] + 1]
+    else:
+        volume = volume[kept]
+    return np.ascontiguousarray(volume, dtype)
+
+
 def _init_worker(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    store.set_encode_threads(threads)
+    # zarr (for the arrays' metadata) takes ~0.4 s to import: do it while the first case is read
+    threading.Thread(target=importlib.import_module, args=("zarr",), daemon=True).start()
 
 
 def _ready() -> bool:
@@ -261,6 +298,19 @@ class CasePool:
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                    initializer=_init_worker, initargs=(threads,))
 
+    @staticmethod
+    def _run_here(jobs: list[tuple[int, CaseJob]], setup: Callable[[], None]) -> Iterator[tuple[int, CaseOutcome]]:
+        """One case after the other, the next one read by a thread while this one is filtered and written."""
+        with ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(read_case, jobs[0][1]) if jobs else None
+            setup()
+            for position, (index, job) in enumerate(jobs):
+                loaded = ahead.result()
+                if position + 1 < len(jobs):
+                    ahead = reader.submit(read_case, jobs[position + 1][1])
+                yield index, convert_case(job, loaded)
+                del loaded
+
     def __enter__(self) -> CasePool:
         return self
 
@@ -268,12 +318,17 @@ class CasePool:
         if self._pool is not None:
             self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
-    def run(self, jobs: list[tuple[int, CaseJob]]) -> Iterator[tuple[int, CaseOutcome]]:
-        """Yield (index, outcome) as cases finish; the order does not matter to the result."""
+    def run(self, jobs: list[tuple[int, CaseJob]], setup: Callable[[], None] = lambda: None
+            ) -> Iterator[tuple[int, CaseOutcome]]:
+        """Yield (index, outcome) as cases finish; the order does not matter to the result.
+
+        ``setup`` runs once before any case is written: in this process while the first case is read, or
+        after the workers were forked.
+        """
         if self._pool is None:
-            for index, job in jobs:
-                yield index, convert_case(job)
+            yield from self._run_here(jobs, setup)
             return
+        setup()
         unfinished = dict(jobs)
         futures = {self._pool.submit(convert_case, job): index for index, job in jobs}
         for future in as_completed(futures):
@@ -472,10 +527,10 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
 
     failures: list[tuple[str, str]] = []
     with CasePool(workers if len(jobs) > 1 else 1) as pool:
-        store.init_store(out_dir, storage)  # after the workers exist: zarr starts an I/O thread
         with CaseProgress(len(raws), "care-convert", enabled=progress) as bar:
             bar.advance(len(raws) - len(jobs))
-            for index, outcome in pool.run(jobs):
+            # init_store after the workers exist: zarr starts an I/O thread
+            for index, outcome in pool.run(jobs, setup=lambda: store.init_store(out_dir, storage)):
                 outcomes[index] = outcome
                 if outcome.status == "failed":
                     failures.append((outcome.raw_name, outcome.reason))

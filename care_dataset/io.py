@@ -251,16 +251,38 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
     return image
 
 
+def per_slice_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of an integer (Z, Y, X) array and how often each occurs in every slice.
+
+    Returns ``found`` (V,) ascending and ``counts`` (Z, V) int64. One pass per slice over its nonzero voxels
+    (most label voxels are background), counted with ``bincount`` when the values are small non-negative
+    integers.
+    """
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    for z, plane in enumerate(values.reshape(values.shape[0], -1)):
+        nonzero = plane[plane != 0]
+        zeros = plane.size - nonzero.size
+        if nonzero.size and (values.dtype.kind == "u" or nonzero.min() > 0) and nonzero.max() < 65536:
+            tally = np.bincount(nonzero)
+            tally[0] = zeros
+            found = np.flatnonzero(tally)
+            rows.append((found, tally[found]))
+        else:
+            found, tally = np.unique(nonzero, return_counts=True)
+            if zeros:
+                found, tally = np.concatenate([[0], found]), np.concatenate([[zeros], tally])
+            rows.append((found, tally))
+    found = np.unique(np.concatenate([f for f, _ in rows])) if rows else np.zeros(0, values.dtype)
+    counts = np.zeros((len(rows), len(found)), dtype=np.int64)
+    for z, (values_z, tally) in enumerate(rows):
+        counts[z, np.searchsorted(found, values_z)] = tally
+    return found, counts
+
+
 def value_counts(values: np.ndarray) -> dict[int, int]:
-    """{value: voxel count} of an integer (z, y, x) array; fast when most slices are all zero."""
-    per_slice = values.reshape(values.shape[0], -1)
-    busy = per_slice[np.flatnonzero(per_slice.any(axis=1))]
-    nonzero = busy[busy != 0]
-    found, counts = np.unique(nonzero, return_counts=True)
-    result = {int(v): int(c) for v, c in zip(found, counts)}
-    if nonzero.size < values.size:
-        result[0] = int(values.size - nonzero.size)
-    return dict(sorted(result.items()))
+    """{value: voxel count} of an integer (z, y, x) array; fast when most voxels are zero."""
+    found, counts = per_slice_counts(values)
+    return {int(v): int(c) for v, c in zip(found, counts.sum(axis=0))}
 
 
 def map_label(label: sitk.Image, profile: Profile, names: dict[int, str]) -> sitk.Image:

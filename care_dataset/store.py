@@ -110,18 +110,76 @@ def write_case(root: Path, storage: str, case_id: str, image: np.ndarray, label:
     os.replace(tmp, final)
 
 
+def set_encode_threads(threads: int) -> None:
+    """Threads that compress one shard's chunks in this process (default: one per CPU)."""
+    global _encode_threads
+    _encode_threads = max(1, int(threads))
+
+
+_encode_threads = os.cpu_count() or 1
+SHARD_CODEC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle", "blocksize": 0}
+EMPTY_CHUNK = 2**64 - 1  # offset and length of a chunk that holds only the fill value (zarr v3 sharding)
+
+
 def _write_zarr_group(path: Path, image: np.ndarray, label: np.ndarray) -> None:
+    """zarr writes the metadata; each array's one shard is encoded here in one pass, chunks in parallel."""
     import zarr
     from zarr.codecs import BloscCodec
 
     n, h, w = image.shape
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for name, data, shuffle in (("image", image, "bitshuffle"), ("label", label, "bitshuffle")):
-        array = group.create_array(
+    for name, data in (("image", image), ("label", label)):
+        group.create_array(
             name, shape=data.shape, dtype=data.dtype, chunks=(1, h, w), shards=(n, h, w),
-            compressors=BloscCodec(cname="zstd", clevel=3, shuffle=shuffle), fill_value=0,
+            compressors=BloscCodec(**SHARD_CODEC), fill_value=0,
         )
-        array[...] = data  # the whole shard in one write
+        shard = encode_shard(data)
+        if shard:  # zarr writes no shard when every chunk holds only the fill value
+            shard_path = path / name / "c" / "0" / "0" / "0"
+            shard_path.parent.mkdir(parents=True)
+            with open(shard_path, "wb") as f:
+                f.writelines(shard)
+
+
+def encode_shard(data: np.ndarray) -> list[bytes]:
+    """The bytes of a single-shard zarr v3 array of one ``(1, H, W)`` chunk per slice, as zarr writes it.
+
+    data: (n, H, W), C-contiguous per slice. Chunks are Blosc-compressed with :data:`SHARD_CODEC` (all-zero
+    chunks are left out, as zarr does with the fill value 0), in slice order, followed by the index of
+    (offset, length) little-endian uint64 pairs and its CRC32C. Returns the pieces to write one after the
+    other, or an empty list when every chunk is empty. tests/test_convert_speedpaths.py checks the bytes
+    equal zarr's own.
+    """
+    import numcodecs
+
+    try:
+        from google_crc32c import value as crc32c  # zarr >= 3.1 depends on it
+    except ImportError:  # zarr 3.0
+        from crc32c import crc32c
+
+    codec = numcodecs.Blosc(cname=SHARD_CODEC["cname"], clevel=SHARD_CODEC["clevel"],
+                            shuffle=numcodecs.Blosc.BITSHUFFLE, blocksize=SHARD_CODEC["blocksize"])
+
+    def encode_chunk(position: int) -> bytes:
+        chunk = data[position]
+        return codec.encode(np.ascontiguousarray(chunk)) if chunk.any() else b""
+
+    if _encode_threads > 1 and len(data) > 1:
+        from concurrent.futures import ThreadPoolExecutor  # Blosc releases the GIL
+
+        with ThreadPoolExecutor(min(_encode_threads, len(data))) as pool:
+            chunks = list(pool.map(encode_chunk, range(len(data))))
+    else:
+        chunks = [encode_chunk(k) for k in range(len(data))]
+    if not any(chunks):
+        return []
+    index = np.full((len(data), 2), EMPTY_CHUNK, dtype="<u8")
+    lengths = np.array([len(c) for c in chunks], dtype=np.uint64)
+    stored = lengths > 0
+    index[stored, 1] = lengths[stored]
+    index[stored, 0] = np.cumsum(lengths)[stored] - lengths[stored]
+    index_bytes = index.tobytes()
+    return [c for c in chunks if c] + [index_bytes, crc32c(index_bytes).to_bytes(4, "little")]
 
 
 def _write_h5_file(path: Path, image: np.ndarray, label: np.ndarray) -> None:
