@@ -1,0 +1,108 @@
+"""The conversion's fast paths give exactly what the plain library calls give.
+
+Shards encoded by ``store.encode_shard`` are byte-identical to zarr's own writes; per-slice label counts
+match ``np.unique``; kept slices taken as a view equal fancy indexing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec
+
+from care_dataset import store
+from care_dataset.convert import kept_slices_of, select_slices
+from care_dataset.io import per_slice_counts, value_counts
+from care_dataset.profiles import load_profile
+
+
+def _zarr_shard_bytes(tmp_path, data: np.ndarray) -> bytes | None:
+    """The shard file zarr itself writes for ``data`` with the layout of docs/format.md (None: no file)."""
+    n, h, w = data.shape
+    array = zarr.create_array(str(tmp_path / "reference"), shape=data.shape, dtype=data.dtype, chunks=(1, h, w),
+                              shards=(n, h, w), compressors=BloscCodec(**store.SHARD_CODEC), fill_value=0,
+                              zarr_format=3, overwrite=True)
+    array[...] = data
+    path = tmp_path / "reference" / "c" / "0" / "0" / "0"
+    return path.read_bytes() if path.exists() else None
+
+
+def _phantom_slices(rng: np.random.Generator, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    z, y, x = np.mgrid[0:n, 0:64, 0:48]
+    image = (40 * np.sin(x / 5.0 + z) + 300 * ((y - 32) ** 2 + (x - 24) ** 2 < 200)).astype(np.int16)
+    image += rng.integers(-20, 20, image.shape, dtype=np.int16) - 1000
+    label = np.zeros(image.shape, np.uint8)
+    label[1:4, 20:30, 10:20] = 1
+    label[2, 24:27, 14:17] = 2  # slices 0, 4 and 5 hold background only: zarr stores no chunk for them
+    return image, label
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_shards_are_the_bytes_zarr_writes(tmp_path, threads, monkeypatch):
+    monkeypatch.setattr(store, "_encode_threads", threads)
+    image, label = _phantom_slices(np.random.default_rng(3))
+    store.init_store(tmp_path / "out", "zarr")
+    store.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", image, label)
+    case = tmp_path / "out" / store.ZARR_DIR / "care_000000000000-000000"
+    for name, data in (("image", image), ("label", label)):
+        assert (case / name / "c" / "0" / "0" / "0").read_bytes() == _zarr_shard_bytes(tmp_path, data)
+        np.testing.assert_array_equal(zarr.open_array(str(case / name), mode="r")[...], data)
+    ds_image, ds_label = store._open_zarr_slices(case / "image"), store._open_zarr_slices(case / "label")
+    for k in range(len(image)):
+        np.testing.assert_array_equal(ds_image[k], image[k])
+        np.testing.assert_array_equal(ds_label[k], label[k])
+
+
+def test_an_all_background_array_has_no_shard_as_in_zarr(tmp_path):
+    empty = np.zeros((3, 16, 16), np.uint8)
+    assert store.encode_shard(empty) == []
+    assert _zarr_shard_bytes(tmp_path, empty) is None
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 4), (np.int16, -3, 3), (np.int32, 0, 70000),
+                                              (np.uint16, 0, 2)])
+def test_per_slice_counts_match_unique(dtype, low, high):
+    rng = np.random.default_rng(5)
+    values = rng.integers(low, high + 1, (7, 20, 30)).astype(dtype)
+    values[rng.random(values.shape) < 0.8] = 0  # mostly background, as labels are
+    values[3] = 0  # a background-only slice
+    found, counts = per_slice_counts(values)
+    expected_found = np.unique(values)
+    np.testing.assert_array_equal(found, expected_found)
+    for z in range(values.shape[0]):
+        np.testing.assert_array_equal(counts[z], [(values[z] == v).sum() for v in expected_found])
+    unique, total = np.unique(values, return_counts=True)
+    assert value_counts(values) == {int(v): int(c) for v, c in zip(unique, total)}
+
+
+def test_select_slices_counts_and_kept_views():
+    profile = load_profile("care")
+    label = np.zeros((12, 10, 10), np.uint8)
+    label[3, 2:4, 2:4] = 1
+    label[8, 5:8, 5:8] = 2
+    label[9, 0, 0] = 1
+    kept, before, after = select_slices(label, profile)
+    expected = np.flatnonzero(np.isin(label, profile.keep_classes).any(axis=(1, 2)))
+    if profile.margin:
+        near = np.abs(np.arange(12)[:, None] - expected[None]).min(1) <= profile.margin
+        expected = np.flatnonzero(near)
+    np.testing.assert_array_equal(kept, expected)
+    assert before[profile.class_names[1]] == 5 and before[profile.class_names[2]] == 9
+    assert after == {n: int((label[kept] == c).sum()) for c, n in enumerate(profile.class_names)}
+    volume = np.arange(12 * 10 * 10, dtype=np.int16).reshape(12, 10, 10)
+    for picked in (np.array([2, 3, 4, 5]), np.array([1, 4, 9]), np.array([7])):
+        taken = kept_slices_of(volume, picked, np.int16)
+        assert taken.flags.c_contiguous and taken.dtype == np.int16
+        np.testing.assert_array_equal(taken, volume[picked])
+
+
+def test_select_slices_rejects_values_outside_the_profile():
+    from care_dataset.io import CaseError
+
+    profile = load_profile("care")
+    label = np.zeros((4, 6, 6), np.uint8)
+    label[1, 2, 2] = 1
+    label[2, 3, 3] = profile.num_classes
+    with pytest.raises(CaseError, match=f"label value {profile.num_classes} "):
+        select_slices(label, profile)
