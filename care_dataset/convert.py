@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import multiprocessing
 import os
 import shutil
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -262,8 +260,6 @@ def kept_slices_of(volume: np.ndarray, kept: np.ndarray, dtype: type) -> np.ndar
 def _init_worker(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     store.set_encode_threads(threads)
-    # zarr (for the arrays' metadata) takes ~0.4 s to import: do it while the first case is read
-    threading.Thread(target=importlib.import_module, args=("zarr",), daemon=True).start()
 
 
 def _ready() -> bool:

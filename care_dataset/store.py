@@ -61,11 +61,9 @@ def init_store(root: Path, storage: str) -> None:
     root = Path(root)
     (root / TMP_DIR).mkdir(parents=True, exist_ok=True)
     if storage == "zarr":
-        import zarr
-
         if not (root / ZARR_DIR / "zarr.json").exists():
-            zarr.open_group(str(root / ZARR_DIR), mode="a", zarr_format=3,
-                            attributes={"format": FORMAT_NAME, "format_version": FORMAT_VERSION})
+            _write_zarr_metadata(root / ZARR_DIR, zarr_group_metadata({"format": FORMAT_NAME,
+                                                                        "format_version": FORMAT_VERSION}))
     elif storage == "h5":
         (root / H5_DIR).mkdir(parents=True, exist_ok=True)
     else:
@@ -122,17 +120,13 @@ EMPTY_CHUNK = 2**64 - 1  # offset and length of a chunk that holds only the fill
 
 
 def _write_zarr_group(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    """zarr writes the metadata; each array's one shard is encoded here in one pass, chunks in parallel."""
-    import zarr
-    from zarr.codecs import BloscCodec
+    """A zarr v3 group of two single-shard arrays, written without zarr's per-call machinery (and import).
 
-    n, h, w = image.shape
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    The metadata and shard bytes are those zarr writes for the same arrays (tests/test_convert_speedpaths.py).
+    """
+    _write_zarr_metadata(path, zarr_group_metadata({}))
     for name, data in (("image", image), ("label", label)):
-        group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=(1, h, w), shards=(n, h, w),
-            compressors=BloscCodec(**SHARD_CODEC), fill_value=0,
-        )
+        _write_zarr_metadata(path / name, zarr_array_metadata(data.shape, data.dtype))
         shard = encode_shard(data)
         if shard:  # zarr writes no shard when every chunk holds only the fill value
             shard_path = path / name / "c" / "0" / "0" / "0"
@@ -141,8 +135,45 @@ def _write_zarr_group(path: Path, image: np.ndarray, label: np.ndarray) -> None:
                 f.writelines(shard)
 
 
+def zarr_group_metadata(attributes: dict) -> dict:
+    """``zarr.json`` of a zarr v3 group."""
+    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+
+
+def zarr_array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> dict:
+    """``zarr.json`` of a zarr v3 array of ``shape`` (n, H, W): one shard, one (1, H, W) chunk per slice,
+    little-endian bytes then Blosc (:data:`SHARD_CODEC`), index at the end with CRC32C, fill value 0."""
+    dtype = np.dtype(dtype)
+    n, h, w = (int(v) for v in shape)
+    bytes_codec = {"name": "bytes", "configuration": {"endian": "little"}} if dtype.itemsize > 1 else {"name": "bytes"}
+    blosc = {"name": "blosc", "configuration": {"typesize": dtype.itemsize, **SHARD_CODEC}}
+    sharding = {"chunk_shape": [1, h, w], "codecs": [bytes_codec, blosc],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "index_location": "end"}
+    return {
+        "shape": [n, h, w],
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [n, h, w]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "sharding_indexed", "configuration": sharding}],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _write_zarr_metadata(folder: Path, metadata: dict) -> None:
+    """``folder/zarr.json`` as zarr writes it (2-space indented JSON), through a temporary file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".zarr.json.tmp"
+    tmp.write_text(json.dumps(metadata, indent=2))
+    os.replace(tmp, folder / "zarr.json")
+
+
 def encode_shard(data: np.ndarray) -> list[bytes]:
-    """The bytes of a single-shard zarr v3 array of one ``(1, H, W)`` chunk per slice, as zarr writes it.
+    """The shard of a :func:`zarr_array_metadata` array holding ``data``, as zarr writes it.
 
     data: (n, H, W), C-contiguous per slice. Chunks are Blosc-compressed with :data:`SHARD_CODEC` (all-zero
     chunks are left out, as zarr does with the fill value 0), in slice order, followed by the index of

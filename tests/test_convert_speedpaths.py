@@ -1,6 +1,6 @@
 """The conversion's fast paths give exactly what the plain library calls give.
 
-Shards encoded by ``store.encode_shard`` are byte-identical to zarr's own writes; per-slice label counts
+Arrays written by ``store.write_case`` (metadata and shard) are byte-identical to zarr's own writes; per-slice label counts
 match ``np.unique``; kept slices taken as a view equal fancy indexing.
 """
 
@@ -17,15 +17,16 @@ from care_dataset.io import per_slice_counts, value_counts
 from care_dataset.profiles import load_profile
 
 
-def _zarr_shard_bytes(tmp_path, data: np.ndarray) -> bytes | None:
-    """The shard file zarr itself writes for ``data`` with the layout of docs/format.md (None: no file)."""
+def _zarr_written(tmp_path, data: np.ndarray) -> tuple[bytes, bytes | None]:
+    """zarr.json and the shard file zarr itself writes for ``data`` with the layout of docs/format.md
+    (None: no shard file)."""
     n, h, w = data.shape
     array = zarr.create_array(str(tmp_path / "reference"), shape=data.shape, dtype=data.dtype, chunks=(1, h, w),
                               shards=(n, h, w), compressors=BloscCodec(**store.SHARD_CODEC), fill_value=0,
                               zarr_format=3, overwrite=True)
     array[...] = data
     path = tmp_path / "reference" / "c" / "0" / "0" / "0"
-    return path.read_bytes() if path.exists() else None
+    return (tmp_path / "reference" / "zarr.json").read_bytes(), path.read_bytes() if path.exists() else None
 
 
 def _phantom_slices(rng: np.random.Generator, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +47,9 @@ def test_shards_are_the_bytes_zarr_writes(tmp_path, threads, monkeypatch):
     store.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", image, label)
     case = tmp_path / "out" / store.ZARR_DIR / "care_000000000000-000000"
     for name, data in (("image", image), ("label", label)):
-        assert (case / name / "c" / "0" / "0" / "0").read_bytes() == _zarr_shard_bytes(tmp_path, data)
+        metadata, shard = _zarr_written(tmp_path, data)
+        assert (case / name / "zarr.json").read_bytes() == metadata
+        assert (case / name / "c" / "0" / "0" / "0").read_bytes() == shard
         np.testing.assert_array_equal(zarr.open_array(str(case / name), mode="r")[...], data)
     ds_image, ds_label = store._open_zarr_slices(case / "image"), store._open_zarr_slices(case / "label")
     for k in range(len(image)):
@@ -57,7 +60,25 @@ def test_shards_are_the_bytes_zarr_writes(tmp_path, threads, monkeypatch):
 def test_an_all_background_array_has_no_shard_as_in_zarr(tmp_path):
     empty = np.zeros((3, 16, 16), np.uint8)
     assert store.encode_shard(empty) == []
-    assert _zarr_shard_bytes(tmp_path, empty) is None
+    assert _zarr_written(tmp_path, empty)[1] is None
+    store.init_store(tmp_path / "out", "zarr")
+    store.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", empty.astype(np.int16), empty)
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "out" / store.ZARR_DIR / "care_000000000000-000000" / "label"))[...], empty)
+
+
+def test_group_metadata_is_what_zarr_writes(tmp_path):
+    store.init_store(tmp_path / "ours", "zarr")
+    attributes = {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION}
+    zarr.open_group(str(tmp_path / "theirs"), mode="w", zarr_format=3, attributes=attributes)
+    zarr.open_group(str(tmp_path / "theirs" / "case"), mode="w", zarr_format=3)
+    assert (tmp_path / "ours" / store.ZARR_DIR / "zarr.json").read_bytes() == \
+        (tmp_path / "theirs" / "zarr.json").read_bytes()
+    assert zarr.open_group(str(tmp_path / "ours" / store.ZARR_DIR), mode="r").attrs.asdict() == attributes
+    image, label = _phantom_slices(np.random.default_rng(4), n=3)
+    store.write_case(tmp_path / "ours", "zarr", "care_000000000000-000001", image, label)
+    assert (tmp_path / "ours" / store.ZARR_DIR / "care_000000000000-000001" / "zarr.json").read_bytes() == \
+        (tmp_path / "theirs" / "case" / "zarr.json").read_bytes()
 
 
 @pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 4), (np.int16, -3, 3), (np.int32, 0, 70000),
