@@ -1,29 +1,38 @@
-"""Terminal output for the console scripts: a rich progress bar (only on a TTY), failure lines, summary table."""
+"""Terminal output for the console scripts: a rich progress bar (only on a TTY), failure lines, summary table.
+
+rich is imported when something is shown (``care-convert --quiet`` starts without it).
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
     from care_dataset.convert import ConvertSummary
 
 
 def stderr_console() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
 def stdout_console() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
 def terminal_progress() -> Progress | None:
     """A rich Progress on stderr when it is a terminal, else None (for callers that take an optional one)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
     console = stderr_console()
     if not console.is_terminal:
         return None
@@ -54,12 +63,16 @@ class CaseProgress:
 
     def print(self, message: str) -> None:
         """A line above the bar (or plain on stderr without one)."""
+        from rich.markup import escape
+
         console = self._progress.console if self._progress is not None else stderr_console()
         console.print(escape(message))
 
 
 def summary_table(summary: ConvertSummary) -> Table:
     """Per split: cases, slices, voxels per class; then converted and failed counts."""
+    from rich.table import Table
+
     table = Table(title=f"care-convert: {summary.converted} converted, {summary.failed} failed")
     table.add_column("split")
     table.add_column("cases", justify="right")
@@ -73,6 +86,8 @@ def summary_table(summary: ConvertSummary) -> Table:
 
 
 def print_summary(summary: ConvertSummary) -> None:
+    from rich.markup import escape
+
     console = stdout_console()
     console.print(summary_table(summary))
     if summary.failed:
