@@ -11,13 +11,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 
-from care_dataset.io_dicom import DicomError, DicomSeries, cast_int16, read_series_int16, scan_dicom
 from care_dataset.profiles import Profile
+
+if TYPE_CHECKING:  # pydicom and io_dicom are imported when a case holds DICOM files
+    import pydicom
+
+    from care_dataset.io_dicom import DicomSeries
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 CANONICAL = "LPS"
@@ -53,6 +57,20 @@ def to_canonical(img: sitk.Image) -> sitk.Image:
     if sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection()) == CANONICAL:
         return img
     return sitk.DICOMOrient(img, CANONICAL)
+
+
+def cast_int16(image: sitk.Image) -> sitk.Image:
+    """Round (if fractional) and clip a scalar image to int16, keeping its geometry."""
+    if image.GetPixelID() == sitk.sitkInt16:
+        return image
+    if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
+        return sitk.Cast(image, sitk.sitkInt16)
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind == "f":
+        values = np.rint(values)
+    out = sitk.GetImageFromArray(np.clip(values, -32768, 32767).astype(np.int16))
+    out.CopyInformation(image)
+    return out
 
 
 def geometry_of(img: sitk.Image) -> dict:
@@ -386,6 +404,8 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
 
 
 def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float) -> tuple[sitk.Image, pydicom.Dataset]:
+    from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
+
     try:
         scan = scan_dicom(root, exclude={p for p in skip if p is not None})
         if not scan.series:

@@ -16,6 +16,8 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from care_dataset.io import cast_int16
+
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = (
     pydicom.uid.ImplicitVRLittleEndian,
@@ -255,17 +257,3 @@ def read_series_int16(series: DicomSeries) -> sitk.Image:
         if values.min() >= max(lo_hi[0], -32768) and values.max() <= min(lo_hi[1], 32767):
             return image
     return cast_int16(_execute(series.files, None, series.transfer_syntax))
-
-
-def cast_int16(image: sitk.Image) -> sitk.Image:
-    """Round (if fractional) and clip a scalar image to int16, keeping its geometry."""
-    if image.GetPixelID() == sitk.sitkInt16:
-        return image
-    if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
-        return sitk.Cast(image, sitk.sitkInt16)
-    values = sitk.GetArrayViewFromImage(image)
-    if values.dtype.kind == "f":
-        values = np.rint(values)
-    out = sitk.GetImageFromArray(np.clip(values, -32768, 32767).astype(np.int16))
-    out.CopyInformation(image)
-    return out
