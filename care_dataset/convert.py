@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -296,14 +297,18 @@ class CasePool:
 
     @staticmethod
     def _run_here(jobs: list[tuple[int, CaseJob]], setup: Callable[[], None]) -> Iterator[tuple[int, CaseOutcome]]:
-        """One case after the other, the next one read by a thread while this one is filtered and written."""
-        with ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(read_case, jobs[0][1]) if jobs else None
+        """One case after the other; reader threads (one per CPU, at most two) read the next cases meanwhile.
+
+        Reading (SimpleITK), compressing (Blosc) and hashing release the GIL, so they overlap.
+        """
+        depth = max(1, min(2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(depth) as reader:
+            ahead = deque(reader.submit(read_case, job) for _, job in jobs[:depth])
             setup()
             for position, (index, job) in enumerate(jobs):
-                loaded = ahead.result()
-                if position + 1 < len(jobs):
-                    ahead = reader.submit(read_case, jobs[position + 1][1])
+                loaded = ahead.popleft().result()
+                if position + depth < len(jobs):
+                    ahead.append(reader.submit(read_case, jobs[position + depth][1]))
                 yield index, convert_case(job, loaded)
                 del loaded
 
