@@ -275,7 +275,8 @@ def _crash_outcome(job: CaseJob, err: BaseException) -> CaseOutcome:
 
 
 class CasePool:
-    """Worker processes for ``convert_case``; sequential in this process when ``workers == 1``.
+    """Worker processes for ``convert_case``; in this process when ``workers == 1``, with up to two cases read
+    ahead by threads (so up to three cases in memory).
 
     Workers are forked when the pool is created (before the caller starts any thread of its own), so they
     start at once without importing anything again. A worker that dies (crash, out of memory) breaks the
