@@ -22,6 +22,7 @@ from usam.data import (
     resize_images,
     resize_labels,
     sampling_matrix,
+    slices_with_class,
     window_normalize,
 )
 
@@ -211,6 +212,39 @@ def test_epoch_sampler_resumes_mid_epoch_and_shards_ranks():
         r.set_epoch(2)
     shards = [[i for _, i in r] for r in ranks]
     assert sorted(shards[0] + shards[1]) == data
+
+
+def test_slices_with_class_matches_the_labels(converted):
+    dataset = store.open_dataset(converted)
+    data = SliceDataset(dataset, dataset.case_ids("train"), num_classes=3, augment=None)
+    per_class = slices_with_class(data)
+    for c, indices in enumerate(per_class, start=1):
+        expected = [i for i, (case, pos) in enumerate(data.slices) if (dataset.read_slice(case, pos)[1] == c).any()]
+        assert indices.tolist() == expected
+    assert 0 < len(per_class[1]) < len(per_class[0]) <= len(data)  # the tumour is on fewer slices than the rectum
+
+
+def test_class_balanced_sampler_oversamples_the_rare_class_reproducibly():
+    n = 1000
+    rare = np.arange(0, n, 50)  # class 2 on 2 % of the slices
+    common = np.arange(n)
+    plain = EpochSampler(list(range(n)), seed=1)
+    balanced = EpochSampler(list(range(n)), seed=1, class_slices=[common, rare], balance=0.5)
+    for sampler in (plain, balanced):
+        sampler.set_epoch(4)
+    share = lambda sampler: np.isin([i for _, i in sampler], rare).mean()
+    assert share(plain) == pytest.approx(0.02)
+    # half the draws pick a class uniformly: 0.5 * (0.5 + 0.5 * 0.02) + 0.5 * 0.02 = 0.265 expected
+    assert 0.22 < share(balanced) < 0.31
+    again = EpochSampler(list(range(n)), seed=1, class_slices=[common, rare], balance=0.5)
+    again.set_epoch(4)
+    assert list(again) == list(balanced) and len(list(balanced)) == n
+    again.start = 10
+    assert list(again) == list(balanced)[10:]
+    balanced.set_epoch(5)
+    assert list(balanced) != list(again)
+    with pytest.raises(ValueError, match="balance"):
+        EpochSampler(list(range(n)), class_slices=[rare], balance=1.5)
 
 
 def test_make_converted_folder_is_readable(converted):

@@ -71,8 +71,10 @@ def test_fit_writes_run_folder(data_dir, tmp_path):
     assert usam_main(["fit", "--data", str(data_dir), "--out", str(out), "--model", "unet"]) == 2
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
-    steps = dict(max_steps=5, val_every=0, log_every=1)
+@pytest.mark.parametrize("recipe", [{}, {"class_balance": 0.5, "class_weights": [1.0, 1.0, 5.0]}],
+                         ids=["paper", "rare-class"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, recipe):
+    steps = dict(max_steps=5, val_every=0, log_every=1, **recipe)
     straight = train(config_for(data_dir, tmp_path / "straight", **steps))
     assert straight["step"] == 5 and straight["epoch"] == 0  # stops mid-epoch: the sampler position matters
     interrupted = tmp_path / "interrupted"
@@ -147,6 +149,9 @@ def test_bad_input_fails_early_with_one_line(data_dir, tmp_path, capsys):
                                  "--sam-checkpoint", str(fake), "--device", "cpu"])
     assert "--sam-checkpoint" in message and "usam_tiny" in message
     assert "window" in fit_error(capsys, ["--data", str(data_dir), *base, "--window", "5", "1"])
+    message = fit_error(capsys, ["--data", str(data_dir), *base, "--class-weights", "1", "5"])
+    assert "--class-weights needs 3 values" in message
+    assert "class_balance" in fit_error(capsys, ["--data", str(data_dir), *base, "--class-balance", "2"])
     assert not out.exists()  # nothing written by any failed run
 
 

@@ -13,7 +13,7 @@ from usam.config import TrainConfig, build_config, coerce, read_toml, tomllib
 _FLAG_HELP = {
     "data": "converted CARE folder or published Hugging Face dataset folder",
     "window": "HU window LOW HIGH (default -125 275)",
-    "points": "point prompts per present class: 0, 1, 3 or 5 (default 3)",
+    "points": "point prompts per present class, sampled after augmentation (the paper uses 0, 1, 3 or 5)",
     "model_args": "",
 }
 
@@ -58,8 +58,11 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default {default})")
-        elif isinstance(default, list):
+        elif name == "window":
             parser.add_argument(flag, dest=name, nargs=2, type=float, metavar=("LOW", "HIGH"),
+                                default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=name, nargs="+", type=float, metavar="W",
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=type(default), default=argparse.SUPPRESS,

@@ -47,13 +47,16 @@ class TrainConfig:
     flip_prob: float = 0.5
     max_rotation_deg: float = 15.0
     small_rotation_prob: float = 0.5
+    class_balance: float = 0.0
+    """Fraction of training samples drawn from slices holding a uniformly chosen foreground class; 0 = the paper.
+    Rare-class oversampling, see usam.data.EpochSampler."""
     val_fraction: float = 0.1
     """Fraction of the training patients held out for model selection (the test split is never read)."""
 
     # optimisation
     epochs: int = 100
     max_steps: int = 0
-    """Stop after this many optimiser steps (0 = no bound); the LR schedule spans min(epochs, max_steps)."""
+    """Stop after this many optimiser steps (0 = no bound); the LR schedule spans min(epochs x steps/epoch, max_steps)."""
     batch_size: int = 24
     """Global batch size (split evenly over DDP ranks); 24 as in the paper."""
     lr_encoder: float = 1e-4
@@ -67,6 +70,8 @@ class TrainConfig:
     ce_weight: float = 0.4
     """Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' code: 0.4 / 0.6)."""
     dice_weight: float = 0.6
+    class_weights: list = field(default_factory=list)
+    """Cross-entropy weight per class, background first (empty = unweighted, as in the authors' code)."""
     seed: int = 0
 
     # schedule of evaluation, logging, checkpoints
@@ -97,6 +102,7 @@ class TrainConfig:
             (len(self.window) == 2 and float(self.window[0]) < float(self.window[1]),
              f"window must be two numbers low < high, got {self.window}"),
             (self.points >= 0, f"points must be >= 0, got {self.points}"),
+            (0.0 <= self.class_balance <= 1.0, f"class_balance must be in [0, 1], got {self.class_balance}"),
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
@@ -108,6 +114,8 @@ class TrainConfig:
             (self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}"),
             (self.num_classes == 0 or self.num_classes >= 2, f"num_classes must be 0 or >= 2, got {self.num_classes}"),
             (all(math.isfinite(float(w)) for w in self.window), "window must be finite"),
+            (all(math.isfinite(float(w)) and float(w) >= 0 for w in self.class_weights),
+             f"class_weights must be finite and >= 0, got {self.class_weights}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from usam.config import RESUMABLE_CHANGES, TrainConfig, read_toml, to_toml
-from usam.data import MODEL_SIZE, Augmentation, EpochSampler, SliceDataset
+from usam.data import MODEL_SIZE, Augmentation, EpochSampler, SliceDataset, slices_with_class
 
 TRAIN_STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -383,6 +383,9 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ddp.world_size} processes")
     data = open_training_data(config)
     num_classes = len(data.class_names)
+    if config.class_weights and len(config.class_weights) != num_classes:
+        raise ValueError(f"--class-weights needs {num_classes} values (one per class, background first), "
+                         f"got {len(config.class_weights)}")
     resume_state = resolve_resume(config)
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes)
@@ -398,7 +401,9 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     train_set = SliceDataset(reader, data.train_ids, augment=augment, seed=config.seed, **common)
     val_set = SliceDataset(reader, data.val_ids, augment=None, **common)
     rank_batch = config.batch_size // ddp.world_size
-    sampler = EpochSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=config.seed)
+    class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
+    sampler = EpochSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=config.seed,
+                           class_slices=class_slices, balance=config.class_balance)
     steps_per_epoch = sampler.num_samples // rank_batch
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training slices")
@@ -479,14 +484,16 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         labels = batch["point_labels"].to(device, non_blocking=True) if config.points else None
         return images, points, labels, batch["label"].to(device, non_blocking=True).long()
 
+    ce_weights = torch.tensor(config.class_weights, device=device) if config.class_weights else None
+
     def loss_of(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ce = F.cross_entropy(logits.float(), target)
+        ce = F.cross_entropy(logits.float(), target, weight=ce_weights)
         dice = soft_dice_loss(logits, target)
         return config.ce_weight * ce + config.dice_weight * dice, ce, dice
 
     @torch.no_grad()
     def validate() -> dict[str, Any]:
-        """Pooled over all validation slices at 224 x 224 (all ranks), with deterministic prompts."""
+        """Pooled over all validation slices at the model input size (all ranks), with deterministic prompts."""
         sync_buffers(model, ddp)
         model.eval()
         counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
@@ -504,7 +511,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         dice = dice_from_counts(counts.cpu())
         return {"loss": (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else None,
                 "dice": dict(zip(data.class_names, dice)), "mean_dice": mean_foreground(dice),
-                "slices": int(loss_sum[1].item())}
+                "slices": int(loss_sum[1].item()), "size": input_size}
 
     def log(record: dict[str, Any]) -> None:
         if ddp.main:
@@ -639,7 +646,7 @@ class Progress:
             return
         dice = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in list(record["dice"].items())[1:])
         mean = record["mean_dice"]
-        self.console.print(f"step {record['step']} validation ({record['slices']} slices, pooled at 224 px): "
+        self.console.print(f"step {record['step']} validation ({record['slices']} slices, pooled at {record['size']} px): "
                            f"loss {record['loss']:.4f}, Dice {dice}, mean "
                            f"{'n/a' if mean is None else f'{mean:.3f}'}", highlight=False)
 
