@@ -183,10 +183,7 @@ def encode_shard(data: np.ndarray) -> list[bytes]:
     """
     import numcodecs
 
-    try:
-        from google_crc32c import value as crc32c  # zarr >= 3.1 depends on it
-    except ImportError:  # zarr 3.0
-        from crc32c import crc32c
+    from google_crc32c import value as crc32c  # what zarr >= 3.1 computes the index checksum with
 
     codec = numcodecs.Blosc(cname=SHARD_CODEC["cname"], clevel=SHARD_CODEC["clevel"],
                             shuffle=numcodecs.Blosc.BITSHUFFLE, blocksize=SHARD_CODEC["blocksize"])
