@@ -301,8 +301,10 @@ def phantom_volume(
         labelled = tube & in_rectum
         if has_tumour:
             t_centre = u(r0 + 0.15 * (r1 - r0), r1 - 0.15 * (r1 - r0))
-            hz, t_max = dt(u(15, 35)), u(6, 14)
-            phi_c, half_angle = u(0, 2 * np.pi), u(0.5, 1.8)
+            # Locally advanced rectal cancer as CARE holds it: 3-7 cm long, the wall thickened to 1-2 cm over a
+            # quarter to most of the circumference, enhancing more than the normal wall after contrast.
+            hz, t_max = dt(u(15, 35)), u(9, 20)
+            phi_c, half_angle = u(0, 2 * np.pi), u(0.8, 2.4)
             wiggles = [(u(0, 0.15), int(rng.integers(2, 6)), u(0, 6.3), u(-3, 3)) for _ in range(3)]
             dphi = (np.arctan2(dy, dx) - phi_c + np.pi) % (2 * np.pi) - np.pi
             dz = ((tk - t_centre) / hz)[:, None, None]
@@ -314,7 +316,7 @@ def phantom_volume(
             thick = t_max * taper * rough
             mass = (thick > 1.0) & (rho > inner - 0.85 * thick) & (rho < radius[:, None, None] + 0.35 * thick)
             mass &= in_rectum
-            cv.paint(ks, ys, xs, mass, u(45, 75) + 12 * _smooth_field(rng, r.shape, 1.0))
+            cv.paint(ks, ys, xs, mass, (u(75, 105) if contrast else u(45, 65)) + 12 * _smooth_field(rng, r.shape, 1.0))
             cv.label[ks, ys, xs][labelled] = RECTUM
             cv.label[ks, ys, xs][mass] = TUMOUR
         else:
