@@ -182,7 +182,6 @@ def encode_shard(data: np.ndarray) -> list[bytes]:
     equal zarr's own.
     """
     import numcodecs
-
     from google_crc32c import value as crc32c  # what zarr >= 3.1 computes the index checksum with
 
     codec = numcodecs.Blosc(cname=SHARD_CODEC["cname"], clevel=SHARD_CODEC["clevel"],
