@@ -45,8 +45,11 @@ class TrainConfig:
     augment: bool = True
     """Online augmentation: flips, quarter turns and small rotations (see usam.data.Augmentation)."""
     flip_prob: float = 0.5
+    """Probability of a left-right flip per training sample."""
     max_rotation_deg: float = 15.0
+    """Largest small-angle rotation, degrees (uniform in [-max, max]), on top of quarter turns."""
     small_rotation_prob: float = 0.5
+    """Probability of the small-angle rotation per training sample."""
     class_balance: float = 0.0
     """Fraction of training samples drawn from slices holding a uniformly chosen foreground class; 0 = the paper.
     Rare-class oversampling, see usam.data.EpochSampler."""
@@ -55,6 +58,7 @@ class TrainConfig:
 
     # optimisation
     epochs: int = 100
+    """Passes over the training slices."""
     max_steps: int = 0
     """Stop after this many optimiser steps (0 = no bound); the LR schedule spans min(epochs x steps/epoch, max_steps)."""
     batch_size: int = 24
@@ -70,9 +74,11 @@ class TrainConfig:
     ce_weight: float = 0.4
     """Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' code: 0.4 / 0.6)."""
     dice_weight: float = 0.6
+    """Weight of the soft Dice loss (see ce_weight)."""
     class_weights: list = field(default_factory=list)
     """Cross-entropy weight per class, background first (empty = unweighted, as in the authors' code)."""
     seed: int = 0
+    """Seeds initialisation, the validation carve, sample order, augmentation and points."""
 
     # schedule of evaluation, logging, checkpoints
     val_every: int = 0
