@@ -2,8 +2,8 @@
 
     python benchmarks/recipe_ablation.py [--cases 20] [--size 256] [--epochs 5] [--recipes paper,balanced] [--workdir DIR]
 
-Data: the README demo's synthetic CARE-like set (care-synth with seed 0, converted with care-convert and a fixed
-key). For each recipe, `usam fit` trains `usam_tiny` from scratch (batch 8, lr 3e-3 for both groups, 3 points per
+Data: the README demo's synthetic CARE-like set (care-synth with seed 0, converted with care-convert and the demo's
+fixed key, so the same patients land in the test split). For each recipe, `usam fit` trains `usam_tiny` from scratch (batch 8, lr 3e-3 for both groups, 3 points per
 class, seed 0) and `usam eval` scores the best checkpoint on the test split with 3 points per class. It prints
 both protocols (pooled at 224 x 224, and per volume at the stored resolution) for each class, and each recipe's
 tumour Dice minus the paper recipe's when the paper recipe is in the run.
@@ -36,7 +36,7 @@ def prepare(work: Path, cases: int, size: int) -> Path:
     out = work / "out"
     if not (out / "dataset.json").exists():
         key = work / "site.key"
-        key.write_bytes(b"recipe ablation key: synthetic data only\n")
+        key.write_bytes(b"care-usam demo key: synthetic data only\n")  # the demo's key: the demo's split
         command("care-synth", work / "raw", "--cases", cases, "--seed", 0, "--size", size)
         command("care-convert", work / "raw", out, "--key-file", key, "--workers", 2, "--quiet")
     return out
