@@ -24,15 +24,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 import SimpleITK as sitk
 
-from care_dataset import synth, synth_phantom
+from care_dataset import store, synth, synth_phantom
 from care_dataset.io import discover_cases, load_case
 from care_dataset.profiles import load_profile
 
-CODEC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)  # as care_dataset.store
+CODEC = store.shard_codec()  # the converter's own
 
 
 def folder_bytes(path: Path) -> int:
@@ -83,6 +82,8 @@ def compress_only(job: tuple[str, str]) -> float:
         CODEC.encode(np.ascontiguousarray(image[k]))
         CODEC.encode(np.ascontiguousarray(label[k]))
     return time.perf_counter() - start
+
+
 def naive_baseline(raw_cases, profile, out: Path) -> float:
     """(d) read each volume, save every kept slice as its own compressed .npz (single process)."""
     if out.exists():

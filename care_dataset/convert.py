@@ -17,7 +17,7 @@ import shutil
 import sys
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -297,7 +297,7 @@ class CasePool:
                                    initializer=_init_worker, initargs=(threads,))
 
     @staticmethod
-    def _run_here(jobs: list[tuple[int, CaseJob]], setup: Callable[[], None]) -> Iterator[tuple[int, CaseOutcome]]:
+    def _run_here(jobs: list[tuple[int, CaseJob]]) -> Iterator[tuple[int, CaseOutcome]]:
         """One case after the other; reader threads (one per CPU, at most two) read the next cases meanwhile.
 
         Reading (SimpleITK), compressing (Blosc) and hashing release the GIL, so they overlap.
@@ -305,7 +305,6 @@ class CasePool:
         depth = max(1, min(2, os.cpu_count() or 1))
         with ThreadPoolExecutor(depth) as reader:
             ahead = deque(reader.submit(read_case, job) for _, job in jobs[:depth])
-            setup()
             for position, (index, job) in enumerate(jobs):
                 loaded = ahead.popleft().result()
                 if position + depth < len(jobs):
@@ -320,17 +319,11 @@ class CasePool:
         if self._pool is not None:
             self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
-    def run(self, jobs: list[tuple[int, CaseJob]], setup: Callable[[], None] = lambda: None
-            ) -> Iterator[tuple[int, CaseOutcome]]:
-        """Yield (index, outcome) as cases finish; the order does not matter to the result.
-
-        ``setup`` runs once before any case is written: in this process while the first case is read, or
-        after the workers were forked.
-        """
+    def run(self, jobs: list[tuple[int, CaseJob]]) -> Iterator[tuple[int, CaseOutcome]]:
+        """Yield (index, outcome) as cases finish; the order does not matter to the result."""
         if self._pool is None:
-            yield from self._run_here(jobs, setup)
+            yield from self._run_here(jobs)
             return
-        setup()
         unfinished = dict(jobs)
         futures = {self._pool.submit(convert_case, job): index for index, job in jobs}
         for future in as_completed(futures):
@@ -529,10 +522,10 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
 
     failures: list[tuple[str, str]] = []
     with CasePool(workers if len(jobs) > 1 else 1) as pool:
+        store.init_store(out_dir, storage)
         with CaseProgress(len(raws), "care-convert", enabled=progress) as bar:
             bar.advance(len(raws) - len(jobs))
-            # init_store after the workers exist: zarr starts an I/O thread
-            for index, outcome in pool.run(jobs, setup=lambda: store.init_store(out_dir, storage)):
+            for index, outcome in pool.run(jobs):
                 outcomes[index] = outcome
                 if outcome.status == "failed":
                     failures.append((outcome.raw_name, outcome.reason))

@@ -172,6 +172,16 @@ def _write_zarr_metadata(folder: Path, metadata: dict) -> None:
     os.replace(tmp, folder / "zarr.json")
 
 
+def shard_codec() -> Any:
+    """The numcodecs Blosc codec of :data:`SHARD_CODEC`, which compresses every chunk of a shard."""
+    import numcodecs
+
+    shuffles = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+    return numcodecs.Blosc(cname=SHARD_CODEC["cname"], clevel=SHARD_CODEC["clevel"],
+                           shuffle=shuffles[SHARD_CODEC["shuffle"]], blocksize=SHARD_CODEC["blocksize"])
+
+
 def encode_shard(data: np.ndarray) -> list[bytes]:
     """The shard of a :func:`zarr_array_metadata` array holding ``data``, as zarr writes it.
 
@@ -181,11 +191,9 @@ def encode_shard(data: np.ndarray) -> list[bytes]:
     other, or an empty list when every chunk is empty. tests/test_convert_speedpaths.py checks the bytes
     equal zarr's own.
     """
-    import numcodecs
     from google_crc32c import value as crc32c  # what zarr >= 3.1 computes the index checksum with
 
-    codec = numcodecs.Blosc(cname=SHARD_CODEC["cname"], clevel=SHARD_CODEC["clevel"],
-                            shuffle=numcodecs.Blosc.BITSHUFFLE, blocksize=SHARD_CODEC["blocksize"])
+    codec = shard_codec()
 
     def encode_chunk(position: int) -> bytes:
         chunk = data[position]
