@@ -511,7 +511,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         dice = dice_from_counts(counts.cpu())
         return {"loss": (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else None,
                 "dice": dict(zip(data.class_names, dice)), "mean_dice": mean_foreground(dice),
-                "slices": int(loss_sum[1].item()), "size": input_size}
+                "slices": int(loss_sum[1].item())}
 
     def log(record: dict[str, Any]) -> None:
         if ddp.main:
@@ -533,7 +533,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
             os.replace(tmp, out / directory / TRAIN_STATE_FILE)
 
     # ---- the loop ----
-    progress = Progress(ddp.main, total_steps, step)
+    progress = Progress(ddp.main, total_steps, step, input_size)
     model.train()
     window_stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, ce sum, dice-loss sum
     window_counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
@@ -618,11 +618,12 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
 class Progress:
     """rich progress bar on a terminal (main rank); otherwise one line per validation."""
 
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+    def __init__(self, enabled: bool, total: int, completed: int, size: int) -> None:
         from rich.console import Console
 
         self.console = Console(stderr=True)
         self.enabled = enabled
+        self.size = size
         self.bar = None
         if enabled and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
@@ -646,7 +647,7 @@ class Progress:
             return
         dice = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in list(record["dice"].items())[1:])
         mean = record["mean_dice"]
-        self.console.print(f"step {record['step']} validation ({record['slices']} slices, pooled at {record['size']} px): "
+        self.console.print(f"step {record['step']} validation ({record['slices']} slices, pooled at {self.size} px): "
                            f"loss {record['loss']:.4f}, Dice {dice}, mean "
                            f"{'n/a' if mean is None else f'{mean:.3f}'}", highlight=False)
 
