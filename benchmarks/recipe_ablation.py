@@ -3,8 +3,7 @@
     python benchmarks/recipe_ablation.py [--cases 20] [--size 256] [--epochs 5] [--recipes paper,balanced] [--workdir DIR]
 
 Data: the README demo's synthetic CARE-like set (care-synth with seed 0, converted with care-convert and the demo's
-fixed key, so the same patients land in the test split). For each recipe, `usam fit` trains `usam_tiny` from scratch (batch 8, lr 3e-3 for both groups, 3 points per
-class, seed 0) and `usam eval` scores the best checkpoint on the test split with 3 points per class. It prints
+fixed key, so the same patients land in the test split). For each recipe, `usam fit` trains `usam_tiny` from scratch with the demo's options (usam.demo.FROM_SCRATCH) and `usam eval` scores the best checkpoint on the test split with 3 points per class. It prints
 both protocols (pooled at 224 x 224, and per volume at the stored resolution) for each class, and each recipe's
 tumour Dice minus the paper recipe's when the paper recipe is in the run.
 """
@@ -19,11 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from usam.demo import CLASS_BALANCE, CLASS_WEIGHTS, FROM_SCRATCH, RARE_CLASS_RECIPE
+
 RECIPES: dict[str, list[str]] = {
     "paper": [],
-    "balance": ["--class-balance", "0.5"],
-    "weights": ["--class-weights", "1", "1", "5"],
-    "balanced": ["--class-balance", "0.5", "--class-weights", "1", "1", "5"],
+    "balance": CLASS_BALANCE,
+    "weights": CLASS_WEIGHTS,
+    "balanced": RARE_CLASS_RECIPE,
 }
 
 
@@ -45,8 +46,7 @@ def prepare(work: Path, cases: int, size: int) -> Path:
 def run_recipe(data: Path, run: Path, recipe: list[str], epochs: int) -> dict:
     start = time.perf_counter()
     command("usam", "fit", "--data", data, "--model", "usam_tiny", "--out", run, "--epochs", epochs,
-            "--batch-size", 8, "--lr-encoder", "3e-3", "--lr-decoder", "3e-3", "--points", 3, "--workers", 1,
-            "--seed", 0, *recipe)
+            *FROM_SCRATCH, *recipe, "--workers", 1)
     fit_s = time.perf_counter() - start
     command("usam", "eval", "--data", data, "--checkpoint", run / "best", "--split", "test", "--out", run / "eval")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())

@@ -14,6 +14,7 @@ import torch
 
 from care_dataset.cli import convert_main, publish_main, synth_main
 from usam.cli import main as usam_main
+from usam.demo import FROM_SCRATCH, RARE_CLASS_RECIPE
 from usam.models.checkpoints import read_checkpoint_config, save_checkpoint
 from usam.models.registry import create_model
 
@@ -44,12 +45,11 @@ def test_training_raises_held_out_dice_far_above_untrained(tmp_path):
     splits = json.loads((out / "splits.json").read_text())
     assert splits, "conversion wrote no splits"
 
-    # the demo's recipe: from scratch, one learning rate for every group (no pretrained encoder to protect),
+    # the demo's options: from scratch, one learning rate for every group (no pretrained encoder to protect),
     # rare-class oversampling and a 5x tumour weight in the cross-entropy
     assert usam_main(["fit", "--data", str(care), "--model", "usam_tiny", "--out", str(run),
-                      "--max-steps", str(TRAIN_STEPS), "--batch-size", "8", "--lr-encoder", "3e-3",
-                      "--lr-decoder", "3e-3", "--points", "3", "--class-balance", "0.5", "--class-weights",
-                      "1", "1", "5", "--workers", "0", "--seed", "0", "--device", "cpu", "--val-fraction", "0"]) == 0
+                      "--max-steps", str(TRAIN_STEPS), *FROM_SCRATCH, *RARE_CLASS_RECIPE, "--workers", "0",
+                      "--device", "cpu", "--val-fraction", "0"]) == 0
     trained_dir = run / "best"
     trained_config = read_checkpoint_config(trained_dir)
     assert trained_config["training"]["step"] == TRAIN_STEPS

@@ -35,6 +35,11 @@ from rich.table import Table
 
 console = Console()
 CLASS_NAMES = ("normal rectum", "tumor")
+# usam fit options of the demo (strings, as on a command line): from scratch, one learning rate for every group
+FROM_SCRATCH = ["--batch-size", "8", "--lr-encoder", "3e-3", "--lr-decoder", "3e-3", "--points", "3", "--seed", "0"]
+CLASS_BALANCE = ["--class-balance", "0.5"]
+CLASS_WEIGHTS = ["--class-weights", "1", "1", "5"]
+RARE_CLASS_RECIPE = CLASS_BALANCE + CLASS_WEIGHTS
 
 
 def run(*command: str | Path) -> None:
@@ -118,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run("care-publish", out, care)
     if not (run_dir / "best").exists():
         run("usam", "fit", "--data", care, "--model", args.model, "--out", run_dir, "--epochs", args.epochs,
-            "--batch-size", 8, "--lr-encoder", "3e-3", "--lr-decoder", "3e-3", "--points", 3,
-            "--class-balance", 0.5, "--class-weights", 1, 1, 5, "--workers", 1, "--seed", 0)
+            *FROM_SCRATCH, *RARE_CLASS_RECIPE, "--workers", 1)
     run("usam", "eval", "--data", out, "--checkpoint", run_dir / "best", "--split", "test",
         "--out", work / "eval")
 
