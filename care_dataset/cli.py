@@ -27,7 +27,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, run) -> int:
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
-    from care_dataset.deid import add_key_arguments
+    from care_dataset.pseudonyms import add_key_arguments
     from care_dataset.profiles import available_profiles
 
     p = argparse.ArgumentParser(
@@ -57,7 +57,7 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from care_dataset.convert import ConvertError, check_paths, convert_dataset
-    from care_dataset.deid import KeyMissingError, load_key
+    from care_dataset.pseudonyms import KeyMissingError, load_key
     from care_dataset.profiles import ProfileError, load_profile
     from care_dataset.progress import print_summary, stderr_console
 

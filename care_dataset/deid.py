@@ -1,12 +1,7 @@
-"""Pseudonyms and DICOM de-identification (PS3.15 Annex E Basic Profile + Modified Dates Option).
+"""DICOM de-identification (PS3.15 Annex E Basic Profile + Modified Dates Option).
 
-Pseudonyms: a case ID is `prefix + "_" + the first 12 hex digits of HMAC-SHA256(key, identity)`,
-where the identity is the DICOM PatientID ("issuer|id" when IssuerOfPatientID is present) or,
-without DICOM, the case folder name. The same key gives the same IDs; the key is never written.
-
-From the same key: UIDs map to "2.25.<decimal of the first 128 bits of HMAC-SHA256(key, uid)>"
-(the same UID maps to the same new UID in every file, series and case), and each patient gets
-one date offset in [-3650, -365] days from HMAC-SHA256(key, identity), so intervals survive.
+Case IDs, remapped UIDs and the per-patient date offset all come from the secret key through
+:mod:`care_dataset.pseudonyms`.
 
 `care-anonymize raw/ anon/` writes anon/<case_id>/<series>/<instance>.dcm (three- and five-digit
 indices ordered by SeriesNumber and InstanceNumber, then new UID). Only DICOM files are copied:
@@ -18,8 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import hashlib
-import hmac
 import os
 import shutil
 import sys
@@ -37,11 +30,16 @@ from pydicom.uid import UID
 
 from care_dataset import __version__
 from care_dataset.annex_e import AnnexETable, load_basic_profile
+from care_dataset.pseudonyms import (
+    KeyMissingError,
+    add_key_arguments,
+    date_offset_days,
+    load_key,
+    make_case_id,
+    patient_identity,
+    remap_uid,
+)
 
-KEY_ENV_VAR = "CARE_DEID_KEY"
-UID_ROOT = "2.25."
-STANDARD_UID_ROOT = "1.2.840.10008."
-DATE_OFFSET_RANGE = (-3650, -365)
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 NON_DICOM_SUFFIXES = (
@@ -68,80 +66,12 @@ DUMMY_BY_VR: dict[str, object] = {
 }
 
 
-class KeyMissingError(ValueError):
-    """No de-identification key was given."""
-
-
 class DeidError(Exception):
     """A case cannot be de-identified; the message is one sentence without identifying values."""
 
 
 class BurnedInAnnotationError(DeidError):
     """Pixel data flagged BurnedInAnnotation = YES and the user did not allow it."""
-
-
-# --- keys and pseudonyms ---------------------------------------------------------------------
-
-def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_key: bool = False) -> tuple[bytes, bool]:
-    """The secret key and whether IDs made with it are reproducible.
-
-    Order: `key_file` (its bytes, trailing newline removed), then the environment variable
-    (UTF-8), then `random_key` (32 random bytes, not reproducible). Raises KeyMissingError
-    when none is given.
-    """
-    if key_file is not None:
-        if random_key:
-            raise KeyMissingError("pass either --key-file or --random-key, not both")
-        try:
-            key = Path(key_file).read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            raise KeyMissingError(f"cannot read the key file {key_file}: {exc.strerror}") from None
-        if not key:
-            raise KeyMissingError(f"the key file {key_file} is empty")
-        return key, True
-    env_value = os.environ.get(env_var, "")
-    if env_value and not random_key:
-        return env_value.encode("utf-8"), True
-    if random_key:
-        return os.urandom(32), False
-    raise KeyMissingError(
-        f"no de-identification key: pass --key-file FILE, set the {env_var} environment variable, "
-        "or pass --random-key (case IDs will then not be reproducible)"
-    )
-
-
-def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).digest()
-
-
-def make_case_id(identity: str, key: bytes, prefix: str = "care") -> str:
-    """`prefix_` + first 12 hex digits of HMAC-SHA256(key, identity)."""
-    return f"{prefix}_{_hmac(key, identity).hex()[:12]}"
-
-
-def patient_identity(ds: Dataset | None, case_folder_name: str) -> str:
-    """PatientID ("issuer|id" when IssuerOfPatientID is set), else the case folder name."""
-    if ds is not None:
-        patient_id = str(ds.get("PatientID", "") or "").strip()
-        if patient_id:
-            issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
-            return f"{issuer}|{patient_id}" if issuer else patient_id
-    return case_folder_name
-
-
-def date_offset_days(key: bytes, identity: str) -> int:
-    """One offset per patient in DATE_OFFSET_RANGE (inclusive)."""
-    low, high = DATE_OFFSET_RANGE
-    digest = _hmac(key, "date-offset|" + identity)
-    return low + int.from_bytes(digest[:8], "big") % (high - low + 1)
-
-
-def remap_uid(uid: str, key: bytes) -> str:
-    """Keyed, deterministic UID under 2.25.; well-known DICOM UIDs (1.2.840.10008.*) are kept."""
-    uid = str(uid).strip().rstrip("\x00")
-    if not uid or uid.startswith(STANDARD_UID_ROOT):
-        return uid
-    return UID_ROOT + str(int.from_bytes(_hmac(key, "uid|" + uid)[:16], "big"))
 
 
 # --- dates -----------------------------------------------------------------------------------
@@ -450,13 +380,6 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
 
 
 # --- command line (wired by care_dataset.cli) ------------------------------------------------
-
-def add_key_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", type=Path, default=None,
-                   help=f"file holding the secret pseudonym key (else the {KEY_ENV_VAR} environment variable)")
-    p.add_argument("--random-key", action="store_true",
-                   help="use a random key: case IDs will differ on every run")
-
 
 def build_anonymize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.description = "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates)."

@@ -36,7 +36,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid import STANDARD_UID_ROOT, is_non_dicom_name, iter_case_files, read_dicom
+from care_dataset.deid import is_non_dicom_name, iter_case_files, read_dicom
+from care_dataset.pseudonyms import STANDARD_UID_ROOT
 
 MIN_TEXT_LENGTH = 4
 MIN_BINARY_LENGTH = 6

@@ -127,3 +127,31 @@ def test_select_slices_rejects_values_outside_the_profile():
     label[2, 3, 3] = profile.num_classes
     with pytest.raises(CaseError, match=f"label value {profile.num_classes} "):
         select_slices(label, profile)
+
+
+def test_converting_volume_files_never_imports_pydicom(tmp_path):
+    """Only DICOM cases need pydicom (0.25 s to import): the command line and NIfTI conversions run without it."""
+    import subprocess
+    import sys
+
+    import SimpleITK as sitk
+
+    raw = tmp_path / "raw"
+    for folder in ("imagesTr", "labelsTr"):
+        (raw / folder).mkdir(parents=True)
+    for i in range(2):
+        label = np.zeros((6, 32, 32), np.uint8)
+        label[2:4, 10:20, 10:20] = 13  # rectum in the WORD profile
+        image = sitk.GetImageFromArray((label.astype(np.int16) * 40) - 1000)
+        sitk.WriteImage(image, str(raw / "imagesTr" / f"word_{i:04d}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(raw / "labelsTr" / f"word_{i:04d}.nii.gz"))
+    (tmp_path / "key").write_bytes(b"k" * 32)
+    script = (
+        "import sys; from care_dataset.cli import convert_main\n"
+        f"code = convert_main([{str(raw)!r}, {str(tmp_path / 'out')!r}, '--profile', 'word', "
+        f"'--key-file', {str(tmp_path / 'key')!r}, '--quiet'])\n"
+        "print(code, 'pydicom' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["0", "False"], result.stderr
+    assert (tmp_path / "out" / "dataset.json").exists()

@@ -20,16 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from care_dataset import deid
 from care_dataset.annex_e import load_basic_profile
-from care_dataset.deid import (
-    BurnedInAnnotationError,
-    DeidContext,
-    KeyMissingError,
-    anonymize_dataset,
-    anonymize_tree,
-    load_key,
-    make_case_id,
-    patient_identity,
-)
+from care_dataset.deid import BurnedInAnnotationError, DeidContext, anonymize_dataset, anonymize_tree
+from care_dataset.pseudonyms import KeyMissingError, load_key, make_case_id, patient_identity
 from care_dataset.verify import collect_identifying_values, scan_for_leaks
 
 REPO = Path(__file__).resolve().parents[1]
