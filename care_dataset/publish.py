@@ -281,7 +281,7 @@ def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict
              f"`{manifest.get('format')}` {manifest.get('format_version')} (storage `{manifest.get('storage')}`, "
              f"converter {manifest.get('tool', 'care-usam')} {manifest.get('tool_version', 'unknown')}).", "",
              f"- Conversion profile: `{profile.get('name', 'unknown')}` (SHA-256 `{profile.get('sha256', 'unknown')}`)",
-             f"- Classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(dataset.class_names)),
+             "- Classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(dataset.class_names)),
              "- In-plane size: " + (f"{shape[0]} x {shape[1]} for every slice (`Array2D` / `Array3D` features)"
                                    if shape else "varies between cases (nested `List` features)"),
              f"- Case IDs reproducible from the data custodian's key: "
