@@ -307,6 +307,11 @@ class CareDataset:
         image, label = self._arrays(case_id)
         return np.asarray(image[...]), np.asarray(label[...])
 
+    def read_labels(self, case_id: str) -> np.ndarray:
+        """Every stored label slice of a case, without reading the image: (n, H, W) uint8."""
+        _, label = self._arrays(case_id)
+        return np.asarray(label[...])
+
     def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored slice (position in 0..n-1): image (H, W) int16, label (H, W) uint8."""
         image, label = self._arrays(case_id)

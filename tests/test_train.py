@@ -220,7 +220,8 @@ def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path,
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     published = tmp_path / "care"
     publish(data_dir, published)
-    steps = dict(max_steps=2, val_every=0, log_every=1, augment=False)
+    # class_balance: both sources also give slices_with_class the same labels (read_labels)
+    steps = dict(max_steps=2, val_every=0, log_every=1, augment=False, class_balance=0.5)
     from_shards = train(config_for(data_dir, tmp_path / "shards", **steps))
     from_parquet = train(config_for(published, tmp_path / "parquet", **steps))
     assert from_parquet["step"] == from_shards["step"] == 2

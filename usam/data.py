@@ -222,14 +222,14 @@ class SliceDataset(torch.utils.data.Dataset):
 def slices_with_class(dataset: SliceDataset) -> list[np.ndarray]:
     """For each foreground class c = 1..N-1, the indices of the dataset's slices whose label holds c.
 
-    Reads every label once (about 1 ms per slice from zarr shards).
+    Reads the labels only, one case at a time (``source.read_labels``); images are not read.
     """
-    present = np.zeros((len(dataset), dataset.num_classes), dtype=bool)
-    for index, (case_id, position) in enumerate(dataset.slices):
-        _, label = dataset.source.read_slice(case_id, position)
-        counts = np.bincount(np.asarray(label).ravel(), minlength=dataset.num_classes)
-        present[index] = counts[: dataset.num_classes] > 0
-    return [np.flatnonzero(present[:, c]) for c in range(1, dataset.num_classes)]
+    present = []  # per case: (n, num_classes - 1) bool, in the order of ``dataset.slices``
+    for case_id in dataset.case_ids:
+        labels = dataset.source.read_labels(case_id)  # (n, H, W)
+        present.append(np.stack([(labels == c).any(axis=(1, 2)) for c in range(1, dataset.num_classes)], axis=1))
+    table = np.concatenate(present) if present else np.zeros((0, dataset.num_classes - 1), bool)
+    return [np.flatnonzero(table[:, c - 1]) for c in range(1, dataset.num_classes)]
 
 
 class EpochSampler(DistributedSampler):

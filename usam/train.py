@@ -140,6 +140,7 @@ class _PublishedSlices:
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset.with_format("numpy", dtype=None)
+        self.labels = dataset.select_columns(["label"]).with_format("numpy", dtype=None)
         case_of_row = dataset.select_columns(["case_id"]).with_format("arrow")[:].column("case_id").to_pylist()
         self.rows: dict[str, list[int]] = {}
         for row, case_id in enumerate(case_of_row):
@@ -150,9 +151,14 @@ class _PublishedSlices:
         row = self.dataset[self.rows[case_id][position]]
         return np.asarray(row["image"], dtype=np.int16), np.asarray(row["label"], dtype=np.uint8)
 
+    def read_labels(self, case_id: str) -> np.ndarray:
+        """Every label slice of a case, without reading the images: (n, H, W) uint8."""
+        return np.stack([np.asarray(label, dtype=np.uint8) for label in self.labels[self.rows[case_id]]["label"]])
+
 
 def slice_reader(source: Any) -> Any:
-    """An object with ``cases[case_id]["num_slices"]`` and ``read_slice(case_id, position)``."""
+    """An object with ``cases[case_id]["num_slices"]``, ``read_slice(case_id, position)`` and
+    ``read_labels(case_id)``."""
     return source if hasattr(source, "read_slice") else _PublishedSlices(source)
 
 
