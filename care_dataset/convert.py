@@ -199,8 +199,8 @@ def convert_case(job: CaseJob, loaded: Any = None) -> CaseOutcome:
 
     ``loaded`` is what :func:`read_case` returned for ``job`` when it was read ahead; None reads it here.
     """
-    from care_dataset.pseudonyms import make_case_id, patient_identity
     from care_dataset.io import CaseError
+    from care_dataset.pseudonyms import make_case_id, patient_identity
 
     raw, profile = job.raw, job.profile
     stage, case_id = "reading", None
