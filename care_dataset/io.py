@@ -277,7 +277,7 @@ def per_slice_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     integers.
     """
     rows: list[tuple[np.ndarray, np.ndarray]] = []
-    for z, plane in enumerate(values.reshape(values.shape[0], -1)):
+    for plane in values.reshape(values.shape[0], -1):
         nonzero = plane[plane != 0]
         zeros = plane.size - nonzero.size
         if nonzero.size and (values.dtype.kind == "u" or nonzero.min() > 0) and nonzero.max() < 65536:

@@ -30,12 +30,12 @@ def stdout_console() -> Console:
 
 def terminal_progress() -> Progress | None:
     """A rich Progress on stderr when it is a terminal, else None (for callers that take an optional one)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
     console = stderr_console()
     if not console.is_terminal:
         return None
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console)
 

@@ -385,7 +385,7 @@ class ShardedSlices:
         if not -self.shape[0] <= position < self.shape[0]:
             raise IndexError(f"slice {position} out of range for {self.shape[0]} slices")
         offset, nbytes = (int(v) for v in self._index[position])
-        if offset == 2**64 - 1:  # empty chunk: the fill value
+        if offset == EMPTY_CHUNK:  # the fill value
             return np.zeros(self.shape[1:], self.dtype)
         if self._fd is None:
             self._fd = os.open(self._shard_path, os.O_RDONLY)
