@@ -58,12 +58,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default {default})")
-        elif name == "window":
-            parser.add_argument(flag, dest=name, nargs=2, type=float, metavar=("LOW", "HIGH"),
-                                default=argparse.SUPPRESS, help=help_text)
-        elif isinstance(default, list):
-            parser.add_argument(flag, dest=name, nargs="+", type=float, metavar="W",
-                                default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(default, list):  # a fixed count of numbers where the field's metadata says so
+            parser.add_argument(flag, dest=name, nargs=field.metadata.get("nargs", "+"), type=float,
+                                metavar=field.metadata.get("metavar", "W"), default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=type(default), default=argparse.SUPPRESS,
                                 help=f"{help_text} (default {default!r})")

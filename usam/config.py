@@ -38,7 +38,8 @@ class TrainConfig:
     """Run folder: config, logs, curves, checkpoints ``last/`` and ``best/``."""
 
     # input pipeline
-    window: list = field(default_factory=lambda: [-125.0, 275.0])
+    window: list = field(default_factory=lambda: [-125.0, 275.0],
+                         metadata={"nargs": 2, "metavar": ("LOW", "HIGH")})  # the CLI takes exactly two
     """HU window (low, high) clipped and scaled to [0, 1]; stored in the checkpoint."""
     points: int = 3
     """Point prompts per present class, sampled from the label after augmentation (0, 1, 3 or 5)."""
