@@ -56,7 +56,7 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from care_dataset.convert import ConvertError, check_paths, convert_dataset
+    from care_dataset.convert import ConvertError, check_paths, convert_dataset, keep_freed_buffers
     from care_dataset.pseudonyms import KeyMissingError, load_key
     from care_dataset.profiles import ProfileError, load_profile
     from care_dataset.progress import print_summary, stderr_console
@@ -80,6 +80,7 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if not reproducible:
         stderr_console().print("warning: --random-key: case IDs will not be reproducible; "
                                "a later run cannot give the same patients the same IDs", style="yellow")
+    keep_freed_buffers()  # this process is ours: with one worker it reads and writes every case itself
     try:
         summary = convert_dataset(args.raw, args.out, profile, key, reproducible, seed=args.seed,
                                   storage=args.storage, workers=args.workers, private_map=args.private_map,

@@ -261,17 +261,18 @@ def kept_slices_of(volume: np.ndarray, kept: np.ndarray, dtype: type) -> np.ndar
 def _init_worker(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     store.set_encode_threads(threads)
-    _keep_freed_buffers()
+    keep_freed_buffers()
 
 
-def _keep_freed_buffers() -> None:
-    """Make glibc keep the large buffers a worker frees instead of returning them to the system.
+def keep_freed_buffers() -> None:
+    """Make glibc keep the large buffers this process frees instead of returning them to the system.
 
     Every case allocates and frees buffers of the same tens of megabytes (volumes, labels, shard pieces). By
     default glibc unmaps them or trims the heap after each case, so their pages are faulted in again for the
     next one: 0.8 million page faults and 4 s of system time for 24 cases of 512 x 512 x 100 with 2 workers
-    (docs/benchmarks.md). Buffers up to 256 MiB now come from the heap, which keeps up to 512 MiB free. Only
-    worker processes, which belong to the conversion, are changed; nothing happens without glibc.
+    (docs/benchmarks.md). Buffers up to 256 MiB now come from the heap, which keeps up to 512 MiB free. Called
+    in worker processes and by the ``care-convert`` command, whose processes belong to the conversion, never
+    by ``convert_dataset`` in a caller's process; nothing happens without glibc.
     """
     import ctypes
     import platform

@@ -293,11 +293,14 @@ def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
     columns, rows, slices = series.size
     volume = np.empty((slices, rows, columns), np.int16)
     for k, ds in enumerate(series.headers):
-        on_disk = ds.get_item("PixelData", keep_deferred=True)
-        try:
-            stored, _ = get_decoder(_transfer_syntax(ds)).as_array(ds)
-        finally:
-            ds["PixelData"] = on_disk  # the header does not keep the values the decoder read from the file
+        pixels = _pixel_bytes(ds)
+        # The pixel description is handed over explicitly: decoding from the dataset looks up the same
+        # elements several times and took twice as long.
+        stored, _ = get_decoder(_transfer_syntax(ds)).as_array(
+            pixels, rows=int(ds.Rows), columns=int(ds.Columns), number_of_frames=1,
+            samples_per_pixel=int(ds.get("SamplesPerPixel", 1)), bits_allocated=int(ds.BitsAllocated),
+            bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)), pixel_representation=int(ds.PixelRepresentation),
+            photometric_interpretation=str(ds.PhotometricInterpretation), pixel_keyword="PixelData")
         if stored.shape != (rows, columns):
             raise ValueError("slice shape differs from the series")
         slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -310,6 +313,21 @@ def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
             np.clip(np.rint(values, out=values), -32768, 32767, out=values)
             volume[k] = values
     return volume
+
+
+def _pixel_bytes(ds: pydicom.Dataset) -> bytes:
+    """The PixelData value, read from the file where the scan left it (at the offset pydicom recorded)."""
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if element is None:
+        raise ValueError("no pixel data")
+    if element.value is not None:
+        return element.value
+    with open(ds.filename, "rb") as file:  # I/O without the GIL, unlike pydicom's deferred read
+        file.seek(element.value_tell)
+        value = file.read(element.length)
+    if len(value) != element.length:
+        raise ValueError("pixel data is truncated")
+    return value
 
 
 def _read_with_simpleitk(series: DicomSeries) -> sitk.Image:
