@@ -271,8 +271,8 @@ def _execute(files: list[Path], pixel_type: int | None, syntax: UID) -> sitk.Ima
 def read_series_int16(series: DicomSeries) -> sitk.Image:
     """Pixel data of ``series`` in HU (rescale applied), int16, clipped to the int16 range, rounded if fractional.
 
-    Uncompressed series are decoded by pydicom; the rest, and any series pydicom fails on, by SimpleITK, which
-    then gives the error message.
+    Uncompressed MONOCHROME2 series are decoded by pydicom; the rest, and any series pydicom fails on, by
+    SimpleITK, which then gives the error message.
     """
     if all(_transfer_syntax(ds) in PYDICOM_DECODED for ds in series.headers):
         try:
@@ -293,6 +293,9 @@ def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
     columns, rows, slices = series.size
     volume = np.empty((slices, rows, columns), np.int16)
     for k, ds in enumerate(series.headers):
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        if photometric != "MONOCHROME2":  # anything else is left to SimpleITK, as before
+            raise ValueError(f"photometric interpretation {photometric}")
         pixels = _pixel_bytes(ds)
         # The pixel description is handed over explicitly: decoding from the dataset looks up the same
         # elements several times and took twice as long.
@@ -300,7 +303,7 @@ def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
             pixels, rows=int(ds.Rows), columns=int(ds.Columns), number_of_frames=1,
             samples_per_pixel=int(ds.get("SamplesPerPixel", 1)), bits_allocated=int(ds.BitsAllocated),
             bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)), pixel_representation=int(ds.PixelRepresentation),
-            photometric_interpretation=str(ds.PhotometricInterpretation), pixel_keyword="PixelData")
+            photometric_interpretation=photometric, pixel_keyword="PixelData")
         if stored.shape != (rows, columns):
             raise ValueError("slice shape differs from the series")
         slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -322,7 +325,7 @@ def _pixel_bytes(ds: pydicom.Dataset) -> bytes:
         raise ValueError("no pixel data")
     if element.value is not None:
         return element.value
-    with open(ds.filename, "rb") as file:  # I/O without the GIL, unlike pydicom's deferred read
+    with open(ds.filename, "rb") as file:  # one read; pydicom's deferred read parses the element again in Python
         file.seek(element.value_tell)
         value = file.read(element.length)
     if len(value) != element.length:

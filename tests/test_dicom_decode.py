@@ -141,6 +141,19 @@ def test_pixel_formats_decode_like_simpleitk(tmp_path, kind):
         assert voxels.min() == -32768 and voxels.max() == 32767 - 1024
 
 
+def test_monochrome1_is_left_to_simpleitk(tmp_path):
+    write_slices(tmp_path / "ct", np.random.default_rng(2).integers(0, 3000, (3, 200, 192)).astype(np.int16))
+    for path in (tmp_path / "ct").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(path)
+    series = only_series(tmp_path / "ct")
+    with pytest.raises(ValueError, match="MONOCHROME1"):
+        io_dicom._decode_with_pydicom(series)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_series_int16(series)),
+                                  sitk.GetArrayFromImage(io_dicom._read_with_simpleitk(series)))
+
+
 def test_truncated_pixel_data_is_refused_by_both_readers(tmp_path):
     write_slices(tmp_path / "ct", np.zeros((4, 12, 16), np.int16))
     victim = sorted((tmp_path / "ct").iterdir())[2]
