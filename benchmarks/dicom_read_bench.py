@@ -39,7 +39,7 @@ def main() -> None:
     series = [io_dicom.scan_dicom(c.root, exclude={c.label_path, c.description_path}).series[0] for c in cases]
     for s in series:
         assert s.transfer_syntax in io_dicom.PYDICOM_DECODED
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(io_dicom.read_series_int16(s)),
+        np.testing.assert_array_equal(io_dicom._decode_with_pydicom(s),  # raises instead of falling back
                                       sitk.GetArrayFromImage(io_dicom._read_with_simpleitk(s)))
     readers = {"pydicom decoder (care-convert)": io_dicom.read_series_int16,
                "SimpleITK ImageSeriesReader (GDCM)": io_dicom._read_with_simpleitk}

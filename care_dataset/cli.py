@@ -52,10 +52,10 @@ def build_convert_parser() -> argparse.ArgumentParser:
 
 def convert_main(argv: list[str] | None = None) -> int:
     parser = build_convert_parser()
-    return _run(parser, argv, lambda args: run_convert(parser, args))
+    return _run(parser, argv, lambda args: run_convert(parser, args, own_process=argv is None))
 
 
-def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool = False) -> int:
     from care_dataset.convert import ConvertError, check_paths, convert_dataset, keep_freed_buffers
     from care_dataset.pseudonyms import KeyMissingError, load_key
     from care_dataset.profiles import ProfileError, load_profile
@@ -80,7 +80,8 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if not reproducible:
         stderr_console().print("warning: --random-key: case IDs will not be reproducible; "
                                "a later run cannot give the same patients the same IDs", style="yellow")
-    keep_freed_buffers()  # this process is ours: with one worker it reads and writes every case itself
+    if own_process:  # started as the care-convert command, not called from someone's Python process
+        keep_freed_buffers()
     try:
         summary = convert_dataset(args.raw, args.out, profile, key, reproducible, seed=args.seed,
                                   storage=args.storage, workers=args.workers, private_map=args.private_map,

@@ -1,9 +1,11 @@
 """DICOM series in a case folder: every file parsed once with pydicom, series classified, one series read.
 
 Uncompressed pixel data is decoded by pydicom from the headers the scan already parsed (the values stay on disk
-until then), so each file is parsed once; SimpleITK (GDCM) parses every file again and was 2-3x slower per
-slice. Compressed transfer syntaxes are decoded by SimpleITK (GDCM), as is any series pydicom cannot decode.
-Both give the same voxels and the same grid; a test holds the two paths equal.
+until then), so each file is parsed once; SimpleITK (GDCM) parses every file again and took 1.4-1.7x the CPU
+per slice (docs/benchmarks.md). Compressed transfer syntaxes are decoded by SimpleITK (GDCM), as is any series
+pydicom cannot decode. For 8- to 16-bit pixels both give the same voxels and the same grid, and
+tests/test_dicom_decode.py holds them equal; for 32-bit stored values GDCM's rescale is wrong and pydicom's is
+the one used.
 
 Every message raised here (``DicomError``) is one sentence without identifying values: no names, IDs, dates,
 UIDs, file or folder names.
@@ -19,6 +21,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_offset_to_value
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
@@ -37,6 +40,7 @@ PYDICOM_DECODED = (  # uncompressed, and stored in the file as it is (deflated f
     pydicom.uid.ExplicitVRBigEndian,
 )
 DEFER_SIZE = 64 * 1024  # values larger than this (the pixel data) are read from the file only when used
+PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"  # (7FE0,0010) as stored
 SLICE_GAP_TOLERANCE = 0.05  # relative deviation of one slice gap from the mean gap
 TILT_TOLERANCE = 0.05  # in-plane drift across the series, in pixels
 
@@ -171,10 +175,14 @@ def _build_series(headers: list[pydicom.Dataset], files: list[Path]) -> DicomSer
         return "colour series"
     orientation = _floats(first.ImageOrientationPatient, 6)
     pixel_spacing = _floats(first.PixelSpacing, 2)
-    if orientation is None or pixel_spacing is None:
+    if orientation is None or pixel_spacing is None or min(pixel_spacing) <= 0:
         return "series without valid orientation or pixel spacing"
     row, col = np.array(orientation[:3]), np.array(orientation[3:])
+    if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-3:
+        return "series without valid orientation or pixel spacing"
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)  # exports round the cosines; ITK normalises
     normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
     if np.argmax(np.abs(normal)) != 2:
         return "non-axial series"
     positions = []
@@ -277,8 +285,8 @@ def read_series_int16(series: DicomSeries) -> sitk.Image:
     if all(_transfer_syntax(ds) in PYDICOM_DECODED for ds in series.headers):
         try:
             volume = _decode_with_pydicom(series)
-        except Exception:  # noqa: BLE001 - SimpleITK reads the series again and names what is wrong
-            pass
+        except (ValueError, TypeError, AttributeError, KeyError, OSError, NotImplementedError, RuntimeError):
+            pass  # SimpleITK reads the series again and names what is wrong
         else:
             image = sitk.GetImageFromArray(volume)
             image.SetSpacing(series.spacing)
@@ -318,19 +326,28 @@ def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
     return volume
 
 
-def _pixel_bytes(ds: pydicom.Dataset) -> bytes:
-    """The PixelData value, read from the file where the scan left it (at the offset pydicom recorded)."""
+def _pixel_bytes(ds: pydicom.Dataset) -> bytes | memoryview:
+    """The PixelData value, read from the file where the scan left it (at the offset pydicom recorded).
+
+    One read of the element's header and value; pydicom's own deferred read parses the element again in Python.
+    As pydicom does, a file modified since the scan, or whose pixel data moved, is refused.
+    """
     element = ds.get_item("PixelData", keep_deferred=True)
     if element is None:
         raise ValueError("no pixel data")
     if element.value is not None:
         return element.value
-    with open(ds.filename, "rb") as file:  # one read; pydicom's deferred read parses the element again in Python
-        file.seek(element.value_tell)
-        value = file.read(element.length)
-    if len(value) != element.length:
+    header = data_element_offset_to_value(element.is_implicit_VR, element.VR)
+    with open(ds.filename, "rb") as file:
+        if os.fstat(file.fileno()).st_mtime != ds.timestamp:
+            raise ValueError("file changed since the scan")
+        file.seek(element.value_tell - header)
+        raw = file.read(header + element.length)
+    if len(raw) != header + element.length:
         raise ValueError("pixel data is truncated")
-    return value
+    if raw[:4] != (PIXEL_DATA_TAG_LE if element.is_little_endian else PIXEL_DATA_TAG_BE):
+        raise ValueError("pixel data is not where the scan found it")
+    return memoryview(raw)[header:]
 
 
 def _read_with_simpleitk(series: DicomSeries) -> sitk.Image:

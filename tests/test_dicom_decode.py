@@ -24,12 +24,14 @@ from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def assert_same_as_simpleitk(series: io_dicom.DicomSeries) -> np.ndarray:
-    """Both paths agree; returns the voxels."""
+def assert_same_as_simpleitk(series: io_dicom.DicomSeries, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """Both paths agree, and read_series_int16 takes the pydicom path; returns the voxels."""
     reference = io_dicom._read_with_simpleitk(series)
     decoded = io_dicom._decode_with_pydicom(series)  # raises if pydicom cannot decode: no silent fallback here
     np.testing.assert_array_equal(decoded, sitk.GetArrayViewFromImage(reference))
-    image = read_series_int16(series)
+    with monkeypatch.context() as patch:
+        patch.setattr(io_dicom, "_read_with_simpleitk", lambda s: pytest.fail("fell back to SimpleITK"))
+        image = read_series_int16(series)
     assert image.GetPixelID() == sitk.sitkInt16
     assert image.GetSize() == reference.GetSize()
     np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=0, atol=1e-9)
@@ -40,10 +42,16 @@ def assert_same_as_simpleitk(series: io_dicom.DicomSeries) -> np.ndarray:
 
 
 def write_slices(folder: Path, stored: np.ndarray, *, bits_stored=16, signed=True, intercepts=None, slope=1.0,
-                 syntax=ExplicitVRLittleEndian, drift=(0.0, 0.0)) -> None:
-    """Raw stored values (uint16 bit patterns or int16) as a series, one file per slice, names against the order."""
+                 syntax=ExplicitVRLittleEndian, drift=(0.0, 0.0), orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                 pixel_spacing=(0.7, 0.9)) -> None:
+    """Raw stored values (uint16 bit patterns or int16) as a series, one file per slice, names against the order.
+
+    Slices run head to feet, 3 mm apart along the normal of ``orientation`` (as written, unnormalised).
+    """
     folder.mkdir(parents=True)
     series_uid = generate_uid()
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal)
     for k, pixels in enumerate(stored):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
@@ -54,9 +62,10 @@ def write_slices(folder: Path, stored: np.ndarray, *, bits_stored=16, signed=Tru
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series_uid, 3
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [-20.0 + k * drift[0], 31.5 + k * drift[1], 100.0 - 3.0 * k]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [0.7, 0.9]
+        position = np.array([-20.0 + k * drift[0], 31.5 + k * drift[1], 0.0]) + (100.0 - 3.0 * k) * normal
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.ImageOrientationPatient = list(orientation)
+        ds.PixelSpacing = list(pixel_spacing)
         ds.Rows, ds.Columns = pixels.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
@@ -75,25 +84,25 @@ def only_series(folder: Path) -> io_dicom.DicomSeries:
     return scan.series[0]
 
 
-def test_real_series_decodes_like_simpleitk(tmp_path):
+def test_real_series_decodes_like_simpleitk(tmp_path, monkeypatch):
     source = DATA / "dcmqi_ct3slice" / "ct-3slice"
     if not source.is_dir():
         pytest.skip("real data ../shared/data/dcmqi_ct3slice is missing")
     shutil.copytree(source, tmp_path / "ct")
     series = only_series(tmp_path / "ct")
     assert series.transfer_syntax in io_dicom.PYDICOM_DECODED
-    voxels = assert_same_as_simpleitk(series)
+    voxels = assert_same_as_simpleitk(series, monkeypatch)
     assert voxels.shape == (3, 512, 512) and voxels.min() >= -3024 and voxels.max() > 1000  # air to bone
 
 
-def test_synthetic_export_decodes_like_simpleitk(tmp_path):
+def test_synthetic_export_decodes_like_simpleitk(tmp_path, monkeypatch):
     synth = pytest.importorskip("care_dataset.synth")
     synth.write_raw_dataset(tmp_path, 10, seed=3, size=64, slices=10)  # every messy feature, every pixel format
     native = compressed = 0
     for case in sorted(p for p in tmp_path.iterdir() if p.is_dir()):
         for series in scan_dicom(case).series:
             if series.transfer_syntax in io_dicom.PYDICOM_DECODED:
-                assert_same_as_simpleitk(series)
+                assert_same_as_simpleitk(series, monkeypatch)
                 native += 1
             else:  # compressed: SimpleITK reads it, and the scan kept no encapsulated pixel data in memory
                 assert all("PixelData" not in ds for ds in series.headers)
@@ -104,8 +113,8 @@ def test_synthetic_export_decodes_like_simpleitk(tmp_path):
 
 @pytest.mark.parametrize("kind", ["u12 with high bits set", "s12 sign in bit 11 only", "s16 full range clipped",
                                   "per-slice intercept", "fractional slope", "implicit VR", "big endian",
-                                  "in-plane drift"])
-def test_pixel_formats_decode_like_simpleitk(tmp_path, kind):
+                                  "in-plane drift", "rounded direction cosines"])
+def test_pixel_formats_decode_like_simpleitk(tmp_path, monkeypatch, kind):
     rng = np.random.default_rng(7)
     shape = (5, 200, 192)  # 75 KiB per slice: above DEFER_SIZE, so the pixels are read where the scan left them
     options: dict = {}
@@ -130,13 +139,16 @@ def test_pixel_formats_decode_like_simpleitk(tmp_path, kind):
     elif kind == "big endian":
         stored = rng.integers(-1000, 3000, shape).astype(np.int16)
         options = dict(syntax=ExplicitVRBigEndian)
-    else:  # slice positions drift sideways by less than the tilt tolerance
+    elif kind == "in-plane drift":  # slice positions drift sideways by less than the tilt tolerance
         stored = rng.integers(-1000, 3000, shape).astype(np.int16)
         options = dict(drift=(0.004, -0.003))
+    else:  # a scanner's cosines written to 6 digits: not exactly unit length
+        stored = rng.integers(-1000, 3000, shape).astype(np.int16)
+        options = dict(orientation=(0.999998, 0.00174, 0.0, -0.00174, 0.999998, 0.0))
     write_slices(tmp_path / "ct", stored, **options)
     series = only_series(tmp_path / "ct")
     assert all(ds.get_item("PixelData", keep_deferred=True).value is None for ds in series.headers)
-    voxels = assert_same_as_simpleitk(series)
+    voxels = assert_same_as_simpleitk(series, monkeypatch)
     if kind == "s16 full range clipped":
         assert voxels.min() == -32768 and voxels.max() == 32767 - 1024
 
@@ -155,11 +167,11 @@ def test_monochrome1_is_left_to_simpleitk(tmp_path):
 
 
 def test_truncated_pixel_data_is_refused_by_both_readers(tmp_path):
-    write_slices(tmp_path / "ct", np.zeros((4, 12, 16), np.int16))
+    write_slices(tmp_path / "ct", np.zeros((4, 200, 192), np.int16))
     victim = sorted((tmp_path / "ct").iterdir())[2]
-    victim.write_bytes(victim.read_bytes()[:-40])
+    victim.write_bytes(victim.read_bytes()[:-1000])
     series = only_series(tmp_path / "ct")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="truncated"):
         io_dicom._decode_with_pydicom(series)
     with pytest.raises(DicomError, match="corrupt or truncated"):
         read_series_int16(series)
@@ -179,3 +191,25 @@ def test_pixel_data_stays_on_disk_after_scan_and_decoding(tmp_path):
     assert not any(values_in_memory())
     np.testing.assert_array_equal(first, hu)
     np.testing.assert_array_equal(io_dicom._decode_with_pydicom(series), hu)  # the headers can be decoded again
+
+
+def test_file_changed_after_the_scan_is_not_decoded_from_the_old_offsets(tmp_path, monkeypatch):
+    hu = np.random.default_rng(5).integers(-1000, 2000, (3, 200, 192)).astype(np.int16)
+    write_slices(tmp_path / "ct", hu + 1024)
+    series = only_series(tmp_path / "ct")
+    victim = series.files[1]
+    ds = pydicom.dcmread(victim)
+    ds.InstitutionName = "A LONGER NAME THAT MOVES THE PIXEL DATA"
+    ds.save_as(victim)
+    with pytest.raises(ValueError, match="changed|not where"):
+        io_dicom._decode_with_pydicom(series)
+    monkeypatch.setattr(series.headers[1], "timestamp", victim.stat().st_mtime)  # same mtime: the tag check
+    with pytest.raises(ValueError, match="not where"):
+        io_dicom._decode_with_pydicom(series)
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 0.0), (-0.7, 0.9)])
+def test_series_without_positive_pixel_spacing_is_set_aside(tmp_path, spacing):
+    write_slices(tmp_path / "ct", np.zeros((3, 12, 16), np.int16), pixel_spacing=spacing)
+    scan = scan_dicom(tmp_path / "ct")
+    assert scan.series == [] and scan.skipped == {"series without valid orientation or pixel spacing": 1}
