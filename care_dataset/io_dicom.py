@@ -1,7 +1,7 @@
 """DICOM series in a case folder: every file parsed once with pydicom, series classified, one series read.
 
 Uncompressed pixel data is decoded by pydicom from the headers the scan already parsed (the values stay on disk
-until then), so each file is parsed once; SimpleITK (GDCM) parses every file again and took 1.4-1.7x the CPU
+until then), so each file is parsed once; SimpleITK (GDCM) parses every file again and took 1.4-1.9x the CPU
 per slice (docs/benchmarks.md). Compressed transfer syntaxes are decoded by SimpleITK (GDCM), as is any series
 pydicom cannot decode. For 8- to 16-bit pixels both give the same voxels and the same grid, and
 tests/test_dicom_decode.py holds them equal; for 32-bit stored values GDCM's rescale is wrong and pydicom's is
