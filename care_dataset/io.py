@@ -59,16 +59,20 @@ def to_canonical(img: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(img, CANONICAL)
 
 
+def as_int16(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded (if fractional) and clipped to the int16 range, as int16."""
+    if values.dtype.kind == "f":
+        values = np.rint(values)
+    return np.clip(values, -32768, 32767).astype(np.int16)
+
+
 def cast_int16(image: sitk.Image) -> sitk.Image:
     """Round (if fractional) and clip a scalar image to int16, keeping its geometry."""
     if image.GetPixelID() == sitk.sitkInt16:
         return image
     if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
         return sitk.Cast(image, sitk.sitkInt16)
-    values = sitk.GetArrayViewFromImage(image)
-    if values.dtype.kind == "f":
-        values = np.rint(values)
-    out = sitk.GetImageFromArray(np.clip(values, -32768, 32767).astype(np.int16))
+    out = sitk.GetImageFromArray(as_int16(sitk.GetArrayViewFromImage(image)))
     out.CopyInformation(image)
     return out
 

@@ -25,7 +25,7 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from care_dataset.io import cast_int16
+from care_dataset.io import as_int16, cast_int16
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = (
@@ -320,9 +320,7 @@ def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
                 stored.max() + intercept <= 32767:
             np.add(stored, np.int32(intercept), out=volume[k], casting="unsafe")  # exact: every value fits
         else:
-            values = stored * slope + intercept  # float64, exact for integral slope and intercept
-            np.clip(np.rint(values, out=values), -32768, 32767, out=values)
-            volume[k] = values
+            volume[k] = as_int16(stored * slope + intercept)  # float64, exact for integral slope and intercept
     return volume
 
 
