@@ -302,6 +302,17 @@ class CareDataset:
             self._handles[case_id] = handle
         return handle
 
+    def missing_cases(self, case_ids: list[str]) -> list[str]:
+        """The cases among ``case_ids`` whose stored slices are absent (a cheap check of the files, not of
+        their contents)."""
+        def present(case_id: str) -> bool:
+            path = _case_path(self.root, self.storage, case_id)
+            if self.storage == "zarr":
+                return all((path / name / "zarr.json").is_file() for name in ("image", "label"))
+            return path.is_file()
+
+        return [case_id for case_id in case_ids if not present(case_id)]
+
     def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Whole case: image (n, H, W) int16, label (n, H, W) uint8."""
         image, label = self._arrays(case_id)

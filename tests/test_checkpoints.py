@@ -180,3 +180,25 @@ def test_overwriting_and_mismatched_models(tmp_path):
         load_checkpoint(tmp_path / "broken")
     with pytest.raises(ValueError, match="needs config.json"):
         load_checkpoint(tmp_path / "nothing")
+
+
+def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
+    torch.manual_seed(0)
+    first, second = create_model("usam_tiny"), create_model("usam_tiny")
+    save_checkpoint(first, tmp_path / "last", {"step": 1}, {"state.pt": lambda path: torch.save({"step": 1}, path)})
+
+    def dies(path):
+        raise KeyboardInterrupt  # killed while the new checkpoint is being staged
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(second, tmp_path / "last", {"step": 2}, {"state.pt": dies})
+    model, config = load_checkpoint(tmp_path / "last")
+    assert config["step"] == 1 and torch.load(tmp_path / "last" / "state.pt")["step"] == 1
+    assert torch.equal(model.cnn.stem[0].weight, first.cnn.stem[0].weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no staging left behind
+
+    save_checkpoint(second, tmp_path / "last", {"step": 2}, {"state.pt": lambda path: torch.save({"step": 2}, path)})
+    assert load_checkpoint(tmp_path / "last")[1]["step"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    with pytest.raises(ValueError, match="may not replace"):
+        save_checkpoint(second, tmp_path / "last", {}, {"config.json": lambda path: None})
+

@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,20 +166,28 @@ def _json_ready(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    model: nn.Module, directory: str | os.PathLike, extra_config: Mapping[str, Any] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    extra_config: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> Path:
-    """Write `directory`/model.safetensors and `directory`/config.json, atomically.
+    """Write `directory`/model.safetensors and `directory`/config.json (and `extra_files`), as one unit.
 
     config.json holds ``{"format", "format_version", "model": model.config, **extra_config}``;
     `extra_config` carries what inference needs besides the weights (classes, intensity
-    window, normalisation, prompt settings, provenance). A new directory appears complete or
-    not at all; in an existing one each file is replaced atomically, weights first.
+    window, normalisation, prompt settings, provenance). `extra_files` maps a file name to a
+    function writing that file at the path it is given (e.g. a training state). Everything is
+    written to a staging folder that then takes the place of `directory` whole, so a reader
+    sees the old checkpoint or the new one, never a mix; see :func:`recover_checkpoint`.
     """
     directory = Path(directory)
     extra = dict(extra_config or {})
     clash = {"format", "format_version", "model"} & set(extra)
     if clash:
         raise ValueError(f"extra_config may not set reserved keys: {', '.join(sorted(clash))}")
+    clash = {WEIGHTS_FILE, CONFIG_FILE} & set(extra_files or {})
+    if clash:
+        raise ValueError(f"extra_files may not replace {', '.join(sorted(clash))}")
     config = _json_ready(
         {
             "format": CHECKPOINT_FORMAT,
@@ -190,20 +198,36 @@ def save_checkpoint(
     )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"checkpoint path {directory} exists and is not a directory")
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if not directory.exists():
-            os.replace(staging, directory)
-            return directory
-        if not directory.is_dir():
-            raise ValueError(f"checkpoint path {directory} exists and is not a directory")
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(staging / name, directory / name)
+        for name, write in (extra_files or {}).items():
+            write(staging / name)
+        previous = _previous_path(directory)
+        if directory.exists():
+            os.replace(directory, previous)
+        os.replace(staging, directory)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _previous_path(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.previous")
+
+
+def recover_checkpoint(directory: str | os.PathLike) -> None:
+    """Finish a `save_checkpoint` that was killed between its two renames: the previous
+    checkpoint, moved aside, takes its place again."""
+    directory = Path(directory)
+    previous = _previous_path(directory)
+    if previous.is_dir() and not directory.exists():
+        os.replace(previous, directory)
 
 
 def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
