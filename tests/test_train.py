@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, rec
     for group_a, group_b in zip(state_a["optimizer"]["state"].values(), state_b["optimizer"]["state"].values()):
         assert torch.equal(group_a["exp_avg_sq"], group_b["exp_avg_sq"])
     assert state_a["scheduler"] == state_b["scheduler"]
+    assert torch.equal(state_a["torch_rng"], state_b["torch_rng"])
     # the log holds each step once
     steps_logged = [json.loads(line)["step"] for line in (interrupted / "log.jsonl").read_text().splitlines()
                     if json.loads(line)["kind"] == "train"]
@@ -104,8 +106,65 @@ def test_resume_refuses_a_changed_recipe(data_dir, tmp_path):
     train(config_for(data_dir, out, max_steps=1), stop_after=1)
     with pytest.raises(ValueError, match="lr_decoder"):
         train(config_for(data_dir, out, max_steps=1, resume=True, lr_decoder=0.5))
-    with pytest.raises(ValueError, match="no resumable run"):
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train(config_for(data_dir, tmp_path / "empty", resume=True))
+
+
+def test_resume_refuses_other_data_and_follows_the_run_folder(data_dir, tmp_path, monkeypatch):
+    # started with relative paths from one directory, resumed from another: the saved paths are absolute
+    monkeypatch.chdir(data_dir.parent)
+    train(config_for(Path(data_dir.name), Path("../run_rel"), max_steps=3), stop_after=1)
+    saved = read_toml(data_dir.parent.parent / "run_rel" / "config.toml")
+    assert saved["data"] == str(data_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    resumed = train(config_for(data_dir, data_dir.parent.parent / "run_rel", max_steps=3, resume=True))
+    assert resumed["step"] == 3
+    # the same run folder resumed on other data (here: one class renamed) is refused
+    run = tmp_path / "run"
+    train(config_for(data_dir, run, max_steps=3), stop_after=1)
+    other = tmp_path / "other_data"
+    shutil.copytree(data_dir, other)
+    manifest = json.loads((other / "dataset.json").read_text())
+    manifest["classes"][1] = "normal rectum"
+    (other / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not the data the run was trained on"):
+        train(config_for(other, run, max_steps=3, resume=True))
+
+
+def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a run killed before its first checkpoint leaves
+    (out / "config.toml").write_text(to_toml(config_for(data_dir, out, max_steps=9, lr_decoder=0.5)))
+    (out / "run.json").write_text("{}")
+    (out / "log.jsonl").write_text(json.dumps({"kind": "train", "step": 7}) + "\n")
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        train(config_for(data_dir, out, max_steps=2, resume=True))
+    result = train(config_for(data_dir, out, max_steps=2, val_every=0, log_every=1))
+    assert result["step"] == 2
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert read_toml(out / "config.toml")["lr_decoder"] != 0.5
+    # killed between save_checkpoint's two renames: last/ moved aside, the new one not yet in place
+    expected = weights(out / "last")
+    os.replace(out / "last", out / ".last.previous")
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config_for(data_dir, out, max_steps=2))
+    assert all(torch.equal(weights(out / "last")[k], v) for k, v in expected.items())
+    assert not (out / ".last.previous").exists()
+    assert train(config_for(data_dir, out, max_steps=4, resume=True))["step"] == 4
+
+
+def test_missing_shards_fail_before_any_work(data_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    case = open_dataset(broken).case_ids("train")[1]
+    shutil.rmtree(broken / "slices.zarr" / case)
+    out = tmp_path / "run"
+    message = fit_error(capsys, ["--data", str(broken), "--out", str(out), "--model", "unet", "--model-arg",
+                                 "base_channels=8", "--device", "cpu", "--workers", "0"])
+    assert "missing" in message and case in message
+    assert not out.exists()
 
 
 def test_validation_is_carved_from_train_patients_only(data_dir):

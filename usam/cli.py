@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
     config = resolve_fit_config(args)
     result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process reports
+        return 0
     best = result["best_mean_dice"]
     print(f"trained {result['step']} steps; best validation mean foreground Dice "
           f"{'n/a' if best is None else f'{best:.4f}'}; run folder {result['out']}")

@@ -133,9 +133,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same options with ``data``, ``out`` and ``sam_checkpoint`` made absolute, so that a saved
+        run resumes from any working directory."""
+        paths = {k: str(Path(getattr(self, k)).resolve()) for k in ("data", "out", "sam_checkpoint")
+                 if getattr(self, k)}
+        return dataclasses.replace(self, **paths)
+
 
 # options that may differ between a run and its resumption without changing its results
-RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "log_every", "epochs", "max_steps", "data"})
+RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "log_every", "epochs", "max_steps", "data",
+                               "out"})
 
 
 def field_names() -> list[str]:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -125,6 +126,10 @@ def open_training_data(config: TrainConfig) -> TrainingData:
         raise ValueError(f"data folder {root}: malformed ({type(error).__name__}: {error})") from None
     if not train_cases:
         raise ValueError(f"data folder {root}: the train split has no cases")
+    missing = source.missing_cases(train_cases) if kind == CONVERTED else []
+    if missing:
+        raise ValueError(f"data folder {root}: the slices of {len(missing)} train case(s) are missing "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     if config.num_classes and config.num_classes != len(class_names):
         raise ValueError(f"--num-classes {config.num_classes} does not match the data, which has "
                          f"{len(class_names)} classes ({', '.join(class_names)})")
@@ -319,26 +324,40 @@ def choose_device(name: str, ddp: Dist) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_resume(config: TrainConfig) -> dict[str, Any] | None:
-    """For ``--resume``: the saved train state, after checking the options did not change the recipe."""
+def resolve_resume(config: TrainConfig, data: TrainingData, main: bool = True) -> dict[str, Any] | None:
+    """For ``--resume``: the saved train state, after checking that neither the recipe nor the data changed.
+
+    Without ``--resume`` a folder holding a checkpoint is refused; the files of a run that stopped before
+    its first checkpoint (a crash, a bad shard) are removed by the main process, and the run starts afresh.
+    """
+    from usam.models.checkpoints import recover_checkpoint
+
     out = Path(config.out)
     last = out / "last"
+    recover_checkpoint(last)
     if not config.resume:
-        if (out / CONFIG_FILE).exists() or last.exists():
+        if last.exists():
             raise ValueError(f"run folder {out} already holds a run; use --resume to continue it or another --out")
+        if main and (out / CONFIG_FILE).is_file():
+            for name in (CONFIG_FILE, RUN_FILE, LOG_FILE, CURVES_FILE):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "best", ignore_errors=True)
         return None
     if not (last / TRAIN_STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
-        raise ValueError(f"--resume: {out} has no resumable run ({last / TRAIN_STATE_FILE} or {CONFIG_FILE} missing)")
+        raise ValueError(f"--resume: {out} has no checkpoint to resume from; run it again without --resume")
     saved = read_toml(out / CONFIG_FILE)
     current = config.to_dict()
     changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and current.get(k) != v)
     if changed:
         raise ValueError(f"--resume: options differ from the saved run in {', '.join(changed)} "
                          f"(allowed to change: {', '.join(sorted(RESUMABLE_CHANGES))})")
+    training = json.loads((last / "config.json").read_text())["training"]
+    if training.get("manifest_sha256") != data.manifest_sha256:
+        raise ValueError(f"--resume: the data in {config.data} is not the data the run was trained on "
+                         f"(its dataset.json differs from the one recorded in {last / 'config.json'})")
     state = torch.load(last / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    checkpoint_step = json.loads((last / "config.json").read_text())["training"]["step"]
-    if state["step"] != checkpoint_step:
-        raise ValueError(f"--resume: {last} is inconsistent (weights at step {checkpoint_step}, "
+    if state["step"] != training["step"]:
+        raise ValueError(f"--resume: {last} is inconsistent (weights at step {training['step']}, "
                          f"train state at step {state['step']})")
     return state
 
@@ -379,6 +398,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     """
     # ---- checks and setup: every user error is raised before any work starts ----
     config.validate()
+    config = config.with_absolute_paths()
     device_type = "cuda" if config.device.startswith("cuda") or (
         config.device == "auto" and torch.cuda.is_available()) else "cpu"
     ddp = setup_distributed(device_type)
@@ -390,7 +410,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     if config.class_weights and len(config.class_weights) != num_classes:
         raise ValueError(f"--class-weights needs {num_classes} values (one per class, background first), "
                          f"got {len(config.class_weights)}")
-    resume_state = resolve_resume(config)
+    resume_state = resolve_resume(config, data, ddp.main)
     torch.manual_seed(config.seed)
     model = build_model(config, num_classes)
     if config.deterministic:
@@ -445,6 +465,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         step, epoch, step_in_epoch = resume_state["step"], resume_state["epoch"], resume_state["step_in_epoch"]
         best_dice = resume_state["best_dice"]
         torch.set_rng_state(resume_state["torch_rng"])
+        if device_type == "cuda" and len(resume_state.get("cuda_rng", [])) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
         if ddp.main:  # drop log lines of steps after the checkpoint: they are run again
             log_path = out / LOG_FILE
             if log_path.exists():
@@ -461,17 +483,21 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
                 state[key] = value.to(device)
 
     workers = config.workers if config.workers >= 0 else min(8, (os.cpu_count() or 1) // ddp.world_size)
+    # the loader draws its workers' base seed from its own generator, not from the global RNG the model uses,
+    # so that a resumed run's global RNG follows the uninterrupted run's exactly
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
+        generator=torch.Generator().manual_seed(config.seed),
         pin_memory=is_cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_set, list(range(ddp.rank, len(val_set), ddp.world_size))),
         batch_size=rank_batch, shuffle=False, num_workers=min(workers, 2), pin_memory=is_cuda,
+        generator=torch.Generator().manual_seed(config.seed),
     )
     train_model = model
     if ddp.enabled:
-        probe = next(iter(torch.utils.data.DataLoader(train_set, batch_size=1)))
+        probe = next(iter(torch.utils.data.DataLoader(train_set, batch_size=1, generator=torch.Generator())))
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if is_cuda else None,
             find_unused_parameters=unused_parameters(model, probe, device))
@@ -527,14 +553,15 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
 
         if not ddp.main:
             return
-        save_checkpoint(model, out / directory, checkpoint_config(config, data, step, epoch, metrics, input_size))
+        extra_files = {}
         if directory == "last":
             state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best_dice": best_dice,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state()}
-            tmp = out / directory / f".{TRAIN_STATE_FILE}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, out / directory / TRAIN_STATE_FILE)
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if is_cuda else []}
+            extra_files[TRAIN_STATE_FILE] = lambda path: torch.save(state, path)
+        save_checkpoint(model, out / directory, checkpoint_config(config, data, step, epoch, metrics, input_size),
+                        extra_files)
 
     # ---- the loop ----
     progress = Progress(ddp.main, total_steps, step, input_size)
@@ -591,6 +618,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
 
             validate_now = (config.val_every and step % config.val_every == 0) or \
                 (not config.val_every and end_of_epoch) or step >= total_steps
+            pause_start = time.perf_counter()  # validation and checkpoints are not training throughput
             if validate_now and len(val_set):
                 metrics = validate()
                 improved = metrics["mean_dice"] is not None and metrics["mean_dice"] > best_dice
@@ -601,7 +629,6 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
                 progress.validation(last_metrics)
                 if improved:
                     save("best", metrics)
-                window_start = time.perf_counter()  # validation time is not training throughput
             if end_of_epoch:
                 epoch += 1
                 step_in_epoch = 0
@@ -609,6 +636,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
                 save("last", last_metrics or None)
                 if ddp.main:
                     plot_curves(out / LOG_FILE, out / CURVES_FILE)
+            window_start += time.perf_counter() - pause_start
             if stopping:
                 break
     progress.close()
