@@ -13,6 +13,7 @@ from scipy.spatial.distance import cdist
 from usam.metrics import (
     confusion_matrix,
     dice_from_confusion,
+    field_of_view_diagonal,
     foreground_mean,
     hausdorff_distance,
     iou_from_confusion,
@@ -99,6 +100,29 @@ def test_empty_set_conventions():
     assert np.isnan(both_empty["dice"][1:]).all() and np.isnan(both_empty["iou"][1:]).all()
     assert math.isnan(foreground_mean(both_empty["dice"]))
     assert math.isnan(hausdorff_distance(pred == 1, truth == 1, (2.0, 1.0, 1.0)))
+
+
+def test_penalised_hd95_gives_misses_and_false_positives_the_field_of_view_diagonal():
+    spacing = (2.5, 0.8, 0.7)  # (z, y, x) mm
+    truth = np.zeros((6, 20, 30), np.uint8)
+    truth[1:4, 5:12, 6:15] = 1  # rectum, predicted a little shifted
+    truth[2:4, 7:10, 8:11] = 2  # tumour, missed entirely
+    pred = np.zeros_like(truth)
+    pred[1:4, 6:13, 6:15] = 1
+    pred[5, 15:18, 20:24] = 3  # a class the truth lacks, predicted
+    m = volume_metrics(pred, truth, 4, spacing=spacing)
+    diagonal = math.sqrt((6 * 2.5) ** 2 + (20 * 0.8) ** 2 + (30 * 0.7) ** 2)  # by hand: 30.2 mm
+    assert field_of_view_diagonal(truth.shape, spacing) == pytest.approx(diagonal)
+    found = _brute_force_hd(pred == 1, truth == 1, spacing, 95.0)
+    assert m["hd95_penalised"][1] == m["hd95"][1] == pytest.approx(found)
+    assert math.isnan(m["hd95"][2]) and m["hd95_penalised"][2] == pytest.approx(diagonal)  # missed
+    assert math.isnan(m["hd95"][3]) and m["hd95_penalised"][3] == pytest.approx(diagonal)  # false positive
+    both_empty = volume_metrics(np.zeros_like(pred), np.zeros_like(truth), 4, spacing=spacing)
+    assert np.isnan(both_empty["hd95_penalised"][1:]).all()
+    # the penalty is a worst case: masks in opposite corners of the volume are still closer than it
+    corner_a, corner_b = np.zeros(truth.shape, bool), np.zeros(truth.shape, bool)
+    corner_a[0, 0, 0], corner_b[-1, -1, -1] = True, True
+    assert hausdorff_distance(corner_a, corner_b, spacing, 100.0) < diagonal
 
 
 def test_summary_excludes_and_counts_undefined():

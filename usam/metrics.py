@@ -2,7 +2,8 @@
 
 Conventions (docs/evaluation.md): a class absent from both truth and prediction has an undefined
 Dice/IoU (NaN, excluded from means and counted); absent from the truth but predicted gives 0; present
-in the truth but not predicted gives 0. The Hausdorff distance is NaN when either surface is empty.
+in the truth but not predicted gives 0. The Hausdorff distance is NaN when either surface is empty;
+the penalised HD95 gives a miss or a false positive the diagonal of the volume's field of view instead.
 """
 
 from __future__ import annotations
@@ -111,13 +112,27 @@ def hausdorff_distance(
     return float(max(np.percentile(forward, percentile), np.percentile(backward, percentile)))
 
 
+def field_of_view_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal in mm of a volume's field of view, sqrt(sum((n_i * s_i)^2)).
+
+    shape: voxels per array axis; spacing: mm per array axis, in the same order. No two points inside
+    the volume are farther apart, so no surface distance between masks of the volume exceeds it.
+    """
+    if len(shape) != len(spacing):
+        raise ValueError(f"spacing {tuple(spacing)} does not match shape {tuple(shape)}")
+    return float(math.sqrt(sum((int(n) * float(s)) ** 2 for n, s in zip(shape, spacing))))
+
+
 def volume_metrics(
     pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: Sequence[float]
 ) -> dict[str, np.ndarray]:
     """Per-class metrics of one volume (index 0 = background, reported but not used in means).
 
     pred, truth: (Z, Y, X) label volumes; spacing: (sz, sy, sx) mm.
-    Returns arrays of length num_classes: dice, iou, hd95 (mm), hd100 (mm), true_voxels, pred_voxels.
+    Returns arrays of length num_classes: dice, iou, hd95 (mm), hd100 (mm), hd95_penalised (mm),
+    true_voxels, pred_voxels. hd95_penalised equals hd95 where both truth and prediction hold the
+    class, is `field_of_view_diagonal(pred.shape, spacing)` where exactly one of them does, and NaN
+    where neither does.
     """
     confusion = confusion_matrix(pred, truth, num_classes)
     _, predicted, true = overlap_counts(confusion)
@@ -128,11 +143,15 @@ def volume_metrics(
             p, t = pred == c, truth == c
             hd95[c] = hausdorff_distance(p, t, spacing, 95.0)
             hd100[c] = hausdorff_distance(p, t, spacing, 100.0)
+    one_side_empty = (predicted > 0) != (true > 0)
+    hd95_penalised = np.where(one_side_empty, field_of_view_diagonal(pred.shape, spacing), hd95)
+    hd95_penalised[0] = np.nan
     return {
         "dice": dice_from_confusion(confusion),
         "iou": iou_from_confusion(confusion),
         "hd95": hd95,
         "hd100": hd100,
+        "hd95_penalised": hd95_penalised,
         "true_voxels": true,
         "pred_voxels": predicted,
     }
