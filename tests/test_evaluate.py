@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from care_dataset import store
 from usam.data import resize_labels
-from usam.evaluate import add_eval_arguments, evaluate_split, report, run_eval
+from usam.evaluate import add_eval_arguments, cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
 from usam.metrics import dice_from_confusion
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
@@ -78,7 +81,8 @@ class OracleModel(nn.Module):
     """Replays logits equal to the nearest-resized truth of each batch, in evaluation order; records
     the prompts it was given."""
 
-    def __init__(self, dataset, split, batch_size, size=224):
+    def __init__(self, dataset, split, batch_size, size=224, miss=None):
+        """miss: optional {case_id: class} whose class is never predicted in that case."""
         super().__init__()
         self.queue, self.truths, self.calls = [], [], []
         for case_id in dataset.case_ids(split):
@@ -86,7 +90,10 @@ class OracleModel(nn.Module):
             for start in range(0, len(label), batch_size):
                 truth = resize_labels(torch.from_numpy(label[start:start + batch_size]), size)
                 self.truths.append(truth)
-                self.queue.append(torch.nn.functional.one_hot(truth, 3).permute(0, 3, 1, 2).float() * 10)
+                logits = torch.nn.functional.one_hot(truth, 3).permute(0, 3, 1, 2).float() * 10
+                if miss and case_id in miss:
+                    logits[:, miss[case_id]] = -10.0
+                self.queue.append(logits)
         self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, images, points=None, point_labels=None):
@@ -132,6 +139,40 @@ def test_oracle_gives_perfect_pooled_dice_and_near_perfect_original_resolution(c
                         assert not (truth[b] == cls).any()
     else:
         assert all(p is None for p, _ in oracle.calls)
+
+
+def test_missed_tumour_is_excluded_from_hd95_but_penalised_in_hd95_penalised(converted):
+    dataset = store.open_dataset(converted)
+    missed = "care_000000000002"
+    oracle = OracleModel(dataset, "test", batch_size=4, miss={missed: 2})
+    evaluation = evaluate_split(oracle, SETTINGS, dataset, "test", 0, batch_size=4)
+    by_id = {case.case_id: case for case in evaluation.cases}
+    # the evaluated volume of the missed case: kept slices 3..7 (5 z positions) of 180 x 150 pixels
+    diagonal = math.sqrt((5 * SPACING[2]) ** 2 + (180 * SPACING[1]) ** 2 + (150 * SPACING[0]) ** 2)
+    assert by_id[missed].dice[2] == 0.0 and math.isnan(by_id[missed].hd95[2])
+    assert by_id[missed].hd95_penalised[2] == pytest.approx(diagonal)
+    found = by_id["care_000000000001"]  # tumour found: both definitions agree
+    assert found.hd95_penalised[2] == found.hd95[2] == 0.0
+    summary = report(evaluation, "oracle")
+    clinical = summary["clinical_protocol"]
+    plain, penalised = clinical["hd95_mm"]["tumor"], clinical["hd95_mm_penalised"]["tumor"]
+    assert plain["mean"] == 0.0 and plain["n"] == 1 and plain["n_undefined"] == 2  # the miss looks perfect
+    assert penalised["n"] == 2 and penalised["n_undefined"] == 1  # only the tumour-free case is excluded
+    assert penalised["mean"] == pytest.approx(diagonal / 2)
+    assert clinical["cases_class_in_truth_but_not_predicted"]["tumor"] == 1
+    assert summary["cases"][1]["hd95_mm_penalised"]["tumor"] == pytest.approx(diagonal)
+    rows = {r["case_id"]: r for r in csv.DictReader(io.StringIO(cases_csv(evaluation)))}
+    assert rows[missed]["hd95_mm_tumor"] == "NaN"
+    assert float(rows[missed]["hd95_mm_penalised_tumor"]) == pytest.approx(diagonal)
+    long = {(r["metric"], r["class"]): r for r in csv.DictReader(io.StringIO(summary_csv(summary)))}
+    assert float(long["hd95_mm_penalised", "tumor"]["mean"]) == pytest.approx(diagonal / 2)
+    assert long["hd95_mm", "tumor"]["n_undefined"] == "2"
+    console = Console(record=True, width=250)
+    print_tables(summary, console)
+    text = console.export_text()
+    assert "HD95 mm penalised" in text and "missed" in text
+    assert f"{diagonal / 2:.2f}" in text
+    assert "misses and false positives are excluded" in text and "field of view" in text
 
 
 def test_fewer_points_than_slots_pads_the_rest(converted):
@@ -195,7 +236,8 @@ def test_cli_with_untrained_model_writes_reports(converted, tiny_checkpoint, tmp
 def test_cli_rejects_bad_input_with_one_line(converted, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "never"
     cases = [
-        (("--data", str(tmp_path / "missing"), "--checkpoint", str(tiny_checkpoint)), "not a converted CARE folder"),
+        (("--data", str(tmp_path / "missing"), "--checkpoint", str(tiny_checkpoint)),
+         "neither a converted CARE folder"),
         (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--split", "val"), "no split"),
         (("--data", str(converted), "--checkpoint", str(tmp_path)), "needs config.json"),
         (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--points", "5"), "prompt slot"),
@@ -205,3 +247,46 @@ def test_cli_rejects_bad_input_with_one_line(converted, tiny_checkpoint, tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith("usam eval: ") and reason in err and "\n" not in err
     assert not out.exists()
+
+
+def test_eval_on_a_published_folder_equals_eval_on_the_converted_one(converted, tiny_checkpoint, tmp_path,
+                                                                       monkeypatch, capsys):
+    from care_dataset.publish import publish
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    published = tmp_path / "care"
+    publish(converted, published)
+    outputs = {}
+    for name, data in (("converted", converted), ("published", published)):
+        outputs[name] = tmp_path / name
+        assert run_eval(_eval_args("--data", str(data), "--checkpoint", str(tiny_checkpoint), "--batch-size", "4",
+                                   "--device", "cpu", "--out", str(outputs[name]))) == 0
+    for file in ("metrics.json", "cases.csv", "summary.csv", "cases_grid.png"):
+        assert (outputs["published"] / file).read_bytes() == (outputs["converted"] / file).read_bytes(), file
+    summary = json.loads((outputs["published"] / "metrics.json").read_text())
+    assert summary["num_cases"] == 3 and summary["num_slices"] == 9
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(published, corrupt)
+    shard = sorted((corrupt / "volumes").glob("test-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:300])  # a truncated download
+    capsys.readouterr()
+    for data, split, reason in ((published, "val", "no split 'val'"), (corrupt, "test", "Parquet")):
+        assert run_eval(_eval_args("--data", str(data), "--checkpoint", str(tiny_checkpoint), "--split", split,
+                                   "--out", str(tmp_path / "never"))) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("usam eval: ") and reason in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_grid_titles_stay_inside_the_image(converted, tiny_checkpoint, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "eval"
+    assert run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--batch-size", "4",
+                               "--device", "cpu", "--out", str(out))) == 0
+    pixels = imread(out / "cases_grid.png")[..., :3]
+    rows = len(json.loads((out / "metrics.json").read_text())["cases"])
+    assert pixels.shape[0] > 300 * min(rows, 3)  # one row of panels per best / median / worst case
+    # the figure is white around its panels: only clipped text would touch the left or right edge
+    edges = np.concatenate([pixels[:, :2], pixels[:, -2:]], axis=1)
+    assert (edges > 0.99).all()

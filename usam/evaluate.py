@@ -1,9 +1,10 @@
-"""`usam eval`: a checkpoint on one split of a converted CARE folder, paper and clinical metrics.
+"""`usam eval`: a checkpoint on one split of a converted or published CARE folder, paper and clinical metrics.
 
 Paper protocol: Dice and IoU per class pooled over every slice of the split at the model's
 224 x 224 resolution (sum of intersections over sum of sizes). Clinical protocol: per volume, on the
 stored slices at their original in-plane resolution (logits resized bilinearly to H x W, then
-argmax), Dice, IoU and the 95th-percentile surface Hausdorff distance in mm; mean and std over cases.
+argmax), Dice, IoU and the 95th-percentile surface Hausdorff distance in mm (as defined, and penalised:
+a miss or a false positive scores the volume's field-of-view diagonal); mean and std over cases.
 Definitions and empty-set conventions: docs/evaluation.md.
 """
 
@@ -54,6 +55,12 @@ PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} 
 CLINICAL_PROTOCOL = (
     "clinical: per volume at the original in-plane resolution (stored slices), mean and std over cases"
 )
+HD95_DEFINITIONS = {
+    "hd95_mm": "HD95 mm: over cases where truth and prediction both hold the class; misses and false "
+               "positives are excluded (counted as HD95 undefined), so missing a tumour never worsens it.",
+    "hd95_mm_penalised": "HD95 mm penalised: misses and false positives score the diagonal of the volume's "
+                         "field of view in mm; only cases empty in both are excluded.",
+}
 
 
 @dataclass
@@ -64,7 +71,8 @@ class CaseResult:
     num_slices: int
     dice: np.ndarray
     iou: np.ndarray
-    hd95: np.ndarray
+    hd95: np.ndarray  # NaN where truth or prediction lacks the class
+    hd95_penalised: np.ndarray  # field-of-view diagonal where exactly one of them lacks it
     true_voxels: np.ndarray
     pred_voxels: np.ndarray
     preview_position: int  # stored slice shown in the overlay grid (largest true foreground)
@@ -107,6 +115,89 @@ def model_prompts(
             source = slice((cls - 1) * k, cls * k)
             points[b, target], point_labels[b, target] = p[source], lab[source]
     return torch.from_numpy(points), torch.from_numpy(point_labels)
+
+
+class PublishedCases:
+    """The `volumes` configuration of a published folder (`care_dataset.hf.load_published`) behind the
+    case interface `evaluate_split` reads from a `care_dataset.store.CareDataset`: class_names,
+    num_classes, case_ids(split), cases[case_id] (split, num_slices, kept_slices, spacing),
+    read_case and read_slice. Each row holds one case's stored slices on their original in-plane grid.
+    """
+
+    def __init__(self, volumes: Any) -> None:
+        self.volumes = {split: table.with_format("numpy", dtype=None) for split, table in volumes.items()}
+        if not self.volumes:
+            raise ValueError("the volumes configuration has no split")
+        features = next(iter(self.volumes.values())).features
+        self.class_names: list[str] = list(features["label_classes"].feature.names)
+        self.cases: dict[str, dict] = {}
+        self._rows: dict[str, tuple[str, int]] = {}
+        self._ids: dict[str, list[str]] = {}
+        for split, table in self.volumes.items():
+            columns = table.select_columns(["case_id", "kept_slices", "spacing", "size"]).with_format("arrow")[:]
+            ids = columns.column("case_id").to_pylist()
+            for row, case_id in enumerate(ids):
+                kept = columns.column("kept_slices")[row].as_py()
+                self.cases[case_id] = {
+                    "split": split, "num_slices": len(kept), "kept_slices": kept,
+                    "spacing": columns.column("spacing")[row].as_py(), "size": columns.column("size")[row].as_py(),
+                }
+                self._rows[case_id] = (split, row)
+            self._ids[split] = ids
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def case_ids(self, split: str) -> list[str]:
+        if split not in self._ids:
+            raise KeyError(f"no split {split!r}; this dataset has {sorted(self._ids)}")
+        return list(self._ids[split])
+
+    def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """image (n, H, W) int16, label (n, H, W) uint8, H x W the case's in-plane size (`size` is x, y, z)."""
+        split, row = self._rows[case_id]
+        record = self.volumes[split].select_columns(["image", "label"])[row]
+        image, label = np.asarray(record["image"], np.int16), np.asarray(record["label"], np.uint8)
+        width, height = self.cases[case_id]["size"][:2]
+        if image.ndim != 3 or image.shape[1:] != (height, width):
+            raise ValueError(f"stored slices {image.shape} are not on the in-plane grid {width} x {height}")
+        return image, label
+
+    def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.read_case(case_id)
+        return image[position], label[position]
+
+
+def open_eval_data(path: str | Path) -> Any:
+    """A converted folder as a `CareDataset`, a published Hugging Face folder as `PublishedCases`.
+
+    Raises InputError with one line naming the folder and the reason.
+    """
+    from care_dataset.hf import VOLUMES, load_published
+    from care_dataset.store import open_dataset
+    from care_dataset.torch_dataset import CONVERTED, source_kind
+
+    def first_line(error: BaseException) -> str:
+        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[0] if lines else type(error).__name__
+
+    readable = (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError)
+    try:
+        if source_kind(path) == CONVERTED:
+            return open_dataset(path)
+    except readable as error:
+        raise InputError(f"--data {path}: {first_line(error)}") from None
+    from datasets.exceptions import DatasetsError  # imported only for a published folder (slow import)
+
+    try:
+        return PublishedCases(load_published(path, VOLUMES))
+    except (*readable, DatasetsError) as error:
+        reason = first_line(error)
+        if isinstance(error, DatasetsError) and error.__cause__ is not None:  # the Parquet reader's reason
+            reason += f" ({first_line(error.__cause__)})"
+        raise InputError(f"--data {path}: {reason}") from None
 
 
 def _case_volumes(pred: np.ndarray, truth: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +269,7 @@ def evaluate_split(
         position = int(np.argmax(foreground))
         results.append(
             CaseResult(
-                case_id, n, m["dice"], m["iou"], m["hd95"], m["true_voxels"], m["pred_voxels"],
+                case_id, n, m["dice"], m["iou"], m["hd95"], m["hd95_penalised"], m["true_voxels"], m["pred_voxels"],
                 position, pred[position].copy(),
             )
         )
@@ -223,6 +314,10 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
         names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] == 0 and case.pred_voxels[c] > 0)
         for c in foreground
     }
+    missed_cases = {
+        names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] > 0 and case.pred_voxels[c] == 0)
+        for c in foreground
+    }
     return {
         "split": evaluation.split,
         "model": model_name,
@@ -247,10 +342,13 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
             "dice": per_volume("dice"),
             "iou": per_volume("iou"),
             "hd95_mm": per_volume("hd95"),
+            "hd95_mm_penalised": per_volume("hd95_penalised"),
+            "hd95_mm_definitions": HD95_DEFINITIONS,
             "mean_dice": mean_summary([case.mean_dice for case in evaluation.cases]),
             "mean_iou": mean_summary([case.mean_iou for case in evaluation.cases]),
             "cases_class_absent_in_truth_and_prediction": undefined_both,
             "cases_class_absent_in_truth_but_predicted": false_positive_cases,
+            "cases_class_in_truth_but_not_predicted": missed_cases,
         },
         "cases": [
             {
@@ -259,6 +357,7 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
                 "dice": {names[c]: _number(case.dice[c]) for c in foreground},
                 "iou": {names[c]: _number(case.iou[c]) for c in foreground},
                 "hd95_mm": {names[c]: _number(case.hd95[c]) for c in foreground},
+                "hd95_mm_penalised": {names[c]: _number(case.hd95_penalised[c]) for c in foreground},
                 "true_voxels": {names[c]: int(case.true_voxels[c]) for c in foreground},
                 "predicted_voxels": {names[c]: int(case.pred_voxels[c]) for c in foreground},
                 "mean_dice": _number(case.mean_dice),
@@ -278,10 +377,10 @@ def _csv_value(value: Any) -> str:
 
 
 def cases_csv(evaluation: Evaluation) -> str:
-    """One row per case: Dice, IoU, HD95 (mm) per class, foreground means; NaN = undefined."""
+    """One row per case: Dice, IoU, HD95 and penalised HD95 (mm) per class, foreground means; NaN = undefined."""
     names = evaluation.settings.class_names
     header = ["case_id", "num_slices"]
-    for metric in ("dice", "iou", "hd95_mm"):
+    for metric in ("dice", "iou", "hd95_mm", "hd95_mm_penalised"):
         header += [f"{metric}_{names[c].replace(' ', '_')}" for c in range(1, len(names))]
     header += ["mean_dice", "mean_iou"]
     buffer = io.StringIO()
@@ -289,7 +388,7 @@ def cases_csv(evaluation: Evaluation) -> str:
     writer.writerow(header)
     for case in evaluation.cases:
         row: list[Any] = [case.case_id, case.num_slices]
-        for values in (case.dice, case.iou, case.hd95):
+        for values in (case.dice, case.iou, case.hd95, case.hd95_penalised):
             row += [float(v) for v in values[1:]]
         row += [case.mean_dice, case.mean_iou]
         writer.writerow([_csv_value(v) for v in row])
@@ -307,10 +406,10 @@ def summary_csv(summary: Mapping[str, Any]) -> str:
             writer.writerow(["paper_pooled_224", metric, name, _csv_value(value), "", "", ""])
         writer.writerow(["paper_pooled_224", metric, "mean", _csv_value(paper[f"mean_{metric}"]), "", "", ""])
     clinical = summary["clinical_protocol"]
-    for metric in ("dice", "iou", "hd95_mm"):
+    for metric in ("dice", "iou", "hd95_mm", "hd95_mm_penalised"):
         for name, s in clinical[metric].items():
             writer.writerow(["clinical_per_volume", metric, name, *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
-        if metric != "hd95_mm":
+        if metric in ("dice", "iou"):
             s = clinical[f"mean_{metric}"]
             writer.writerow(["clinical_per_volume", metric, "mean", *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
     return buffer.getvalue()
@@ -329,7 +428,7 @@ def grid_rows(evaluation: Evaluation, dataset: Any) -> list[dict]:
     for role, case in picks[: min(len(ranked), 3)]:
         image, truth = dataset.read_slice(case.case_id, case.preview_position)
         rows.append({
-            "title": f"{role}: {case.case_id}, mean Dice {case.mean_dice:.3f} (stored slice {case.preview_position})",
+            "title": f"{role}: {case.case_id}\nmean Dice {case.mean_dice:.3f}, stored slice {case.preview_position}",
             "image": image, "truth": truth, "pred": case.preview_pred,
         })
     return rows
@@ -352,7 +451,8 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
 
     clinical = summary["clinical_protocol"]
     table = Table(title=f"CLINICAL protocol - {clinical['description']} ({summary['num_cases']} cases, {prompt})")
-    for column in ("class", "Dice", "IoU", "HD95 mm", "both empty", "false positive", "HD95 undefined"):
+    for column in ("class", "Dice", "IoU", "HD95 mm", "HD95 mm penalised", "both empty", "missed",
+                   "false positive", "HD95 undefined"):
         table.add_column(column, justify="left" if column == "class" else "right")
 
     def pm(s: Mapping[str, Any], digits: int = 4) -> str:
@@ -361,15 +461,18 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
     for name in clinical["dice"]:
         table.add_row(
             name, pm(clinical["dice"][name]), pm(clinical["iou"][name]), pm(clinical["hd95_mm"][name], 2),
+            pm(clinical["hd95_mm_penalised"][name], 2),
             str(clinical["cases_class_absent_in_truth_and_prediction"][name]),
+            str(clinical["cases_class_in_truth_but_not_predicted"][name]),
             str(clinical["cases_class_absent_in_truth_but_predicted"][name]),
             str(clinical["hd95_mm"][name]["n_undefined"]),
         )
-    table.add_row("mean (foreground)", pm(clinical["mean_dice"]), pm(clinical["mean_iou"]), "", "", "", "", style="bold")
+    table.add_row("mean (foreground)", pm(clinical["mean_dice"]), pm(clinical["mean_iou"]), "", "", "", "", "", "",
+                  style="bold")
     console.print(table)
-    console.print("both empty: cases where the class is absent in truth and prediction (excluded from the "
-                  "mean); false positive: absent in truth but predicted (Dice 0); HD95 undefined when "
-                  "either side is empty (excluded). See docs/evaluation.md.")
+    console.print("both empty: class absent in truth and prediction (excluded from every mean); missed: in the "
+                  "truth, not predicted (Dice 0); false positive: absent in the truth but predicted (Dice 0). "
+                  f"{HD95_DEFINITIONS['hd95_mm']} {HD95_DEFINITIONS['hd95_mm_penalised']} See docs/evaluation.md.")
 
 
 def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:
@@ -402,7 +505,8 @@ def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: A
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="converted CARE folder (dataset.json, shards)")
+    parser.add_argument("--data", required=True,
+                        help="converted CARE folder (dataset.json, shards) or a published one (care-publish)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/x/best")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--points", type=int, default=None,
@@ -418,7 +522,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from care_dataset.store import open_dataset
     from usam.models.checkpoints import load_checkpoint
 
     console = Console()
@@ -426,10 +529,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
-        try:
-            dataset = open_dataset(args.data)
-        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as error:
-            raise InputError(f"--data {args.data}: {error}") from None
+        dataset = open_eval_data(args.data)
         try:
             case_ids = dataset.case_ids(args.split)
         except KeyError as error:
