@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from usam.prompts import (
+    CanonicalGrid,
     model_to_voxel,
     model_to_world,
     sample_points,
@@ -130,6 +131,9 @@ def test_voxels_land_where_dicomorient_puts_them(direction):
     assert slices_w.tolist() == [s] and np.allclose(xy_w, xy, atol=1e-4)
     np.testing.assert_allclose(model_to_voxel(slices, xy, image)[0], voxel, atol=1e-4)
     np.testing.assert_allclose(model_to_world(slices, xy, image)[0], world, atol=1e-3)
+    # the canonical slice is named by the image's own axis and index, as the user counts
+    grid = CanonicalGrid.of(image)
+    assert grid.slice_name(s) == f"{'ijk'[grid.slice_axis]}={voxel[grid.slice_axis]}"
 
 
 def test_canonical_slice_is_radiological():
@@ -154,10 +158,17 @@ def test_model_coordinates_match_interpolate_align_corners_false():
     np.testing.assert_allclose(xy.mean(axis=0), [col, row], atol=1e-5)
 
 
-def test_points_outside_the_volume_are_refused():
-    image = marker_volume((1, 0, 0, 0, 1, 0, 0, 0, 1))
-    with pytest.raises(ValueError, match="point 1: outside the volume"):
+def test_points_outside_the_volume_are_refused_in_the_users_coordinates():
+    # z flipped (as DICOM series often are): canonical slice = 4 - k, which the message must not show
+    image = marker_volume((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    with pytest.raises(ValueError, match=r"^point 1: voxel \(0, 0, 9\) outside the image \(0\.\.6, 0\.\.5, 0\.\.4\)$"):
         voxel_to_model(np.array([[0, 0, 0], [0, 0, 9]]), image)
+    with pytest.raises(ValueError, match=r"^point 0: voxel \(2\.5, 7, 1\) outside the image \(0\.\.6, 0\.\.5, 0\.\.4\)"):
+        voxel_to_model(np.array([[2.5, 7, 1]]), image)
+    world = image.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, -3.0))
+    shown = ", ".join(f"{round(v, 2):g}" for v in world)
+    with pytest.raises(ValueError, match=rf"^point 0: world \({shown}\) mm is voxel \(1, 2, -3\), outside the image"):
+        world_to_model(np.array([world]), image)
     with pytest.raises(ValueError, match="N x 3"):
         world_to_model(np.zeros((2, 2)), image)
 

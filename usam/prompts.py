@@ -23,6 +23,31 @@ from scipy import ndimage
 
 PADDING_LABEL = -1
 POINT_LABEL = 1
+AXIS_NAMES = "ijk"
+
+
+def format_position(values: np.ndarray | tuple[float, ...] | list[float]) -> str:
+    """(40, 40, 25) or (40.25, 3, -1.5): whole numbers without decimals, others to 2 decimals."""
+    return "(" + ", ".join(f"{round(float(v), 2):g}" for v in values) + ")"
+
+
+def index_ranges(size: tuple[int, ...], base: int = 0) -> str:
+    """The valid voxel indices per axis, e.g. (0..95, 0..95, 0..19) for base 0."""
+    return "(" + ", ".join(f"{base}..{n - 1 + base}" for n in size) + ")"
+
+
+class OutsideImageError(ValueError):
+    """A click outside the image. `point`: its position in the list; `index`: its continuous 0-based
+    voxel index (i, j, k) of the image; `size`: the image's size (i, j, k)."""
+
+    def __init__(self, point: int, index: np.ndarray, size: tuple[int, int, int], message: str | None = None):
+        self.point = int(point)
+        self.index = tuple(float(v) for v in index)
+        self.size = tuple(int(n) for n in size)
+        super().__init__(
+            message
+            or f"point {self.point}: voxel {format_position(self.index)} outside the image {index_ranges(self.size)}"
+        )
 
 
 def slot_classes(num_classes: int, k: int) -> np.ndarray:
@@ -145,6 +170,19 @@ class CanonicalGrid:
     def size(self) -> tuple[int, int, int]:
         return tuple(self.image_size[p] for p in self.permute)
 
+    @property
+    def slice_axis(self) -> int:
+        """The image axis (0 = i, 1 = j, 2 = k) along which the canonical axial slices are stacked."""
+        return self.permute[2]
+
+    def image_slice(self, canonical_slice: int) -> int:
+        """Canonical axial slice index -> the image's own 0-based index along `slice_axis`."""
+        return self.size[2] - 1 - int(canonical_slice) if self.flip[2] else int(canonical_slice)
+
+    def slice_name(self, canonical_slice: int) -> str:
+        """'k=12': the image's own axis name and 0-based index of a canonical axial slice."""
+        return f"{AXIS_NAMES[self.slice_axis]}={self.image_slice(canonical_slice)}"
+
     def to_canonical(self, index: np.ndarray) -> np.ndarray:
         """N x 3 (continuous) image indices (i, j, k) -> canonical indices (column, row, slice)."""
         out = index[:, list(self.permute)].astype(np.float64)
@@ -170,7 +208,8 @@ def voxel_to_model(
     """N x 3 voxel indices (i, j, k) of `image`, as ITK orders them (ITK-SNAP shows i, j, k,
     0-based here) -> (canonical slice index int64 N, (x, y) float32 N x 2 on the size x size input).
 
-    Raises ValueError for a point outside the volume.
+    Raises OutsideImageError (a ValueError) for a point outside the volume, naming it by the
+    image's own indices and valid ranges.
     """
     indices = np.atleast_2d(np.asarray(indices, dtype=np.float64))
     if indices.shape[1] != 3:
@@ -182,7 +221,7 @@ def voxel_to_model(
     for n, (c, s) in enumerate(zip(canonical, slices)):
         inside = -0.5 <= c[0] < width - 0.5 and -0.5 <= c[1] < height - 0.5 and 0 <= s < depth
         if not inside:
-            raise ValueError(f"point {n}: outside the volume (canonical column/row/slice {c.round(2).tolist()})")
+            raise OutsideImageError(n, indices[n], grid.image_size)
     xy = np.stack(
         [(canonical[:, 0] + 0.5) * size / width - 0.5, (canonical[:, 1] + 0.5) * size / height - 0.5],
         axis=1,
@@ -200,7 +239,16 @@ def world_to_model(
     indices = np.array(
         [image.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in points_mm]
     ).reshape(-1, 3)
-    return voxel_to_model(indices, image, size)
+    try:
+        return voxel_to_model(indices, image, size)
+    except OutsideImageError as error:
+        raise OutsideImageError(
+            error.point,
+            error.index,
+            error.size,
+            f"point {error.point}: world {format_position(points_mm[error.point])} mm is voxel "
+            f"{format_position(error.index)}, outside the image {index_ranges(error.size)}",
+        ) from None
 
 
 def model_to_voxel(
