@@ -141,7 +141,7 @@ def test_points_that_do_not_fit_are_rejected():
     with pytest.raises(ValueError, match="more than 1 points"):
         predict_volume(ThresholdModel(), config, image, points=too_many)
     outside = {"coordinates": "voxel", "points": [{"class": 2, "position": [6, 0, 0]}]}
-    with pytest.raises(ValueError, match="outside the volume"):
+    with pytest.raises(ValueError, match=r"point 0: voxel \(6, 0, 0\) outside the image \(0\.\.5, 0\.\.39, 0\.\.29\)"):
         predict_volume(ThresholdModel(), config, image, points=outside)
     unknown = {"coordinates": "voxel", "points": [{"class": "liver", "position": [1, 1, 1]}]}
     with pytest.raises(ValueError, match="not one of"):
@@ -187,7 +187,7 @@ def test_cli_writes_labels_description_and_overlays(tmp_path, tiny_checkpoint):
     assert all(len(r) == 8 and 0.0 <= float(r[4]) <= 1.0 for r in rows)
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == int((array.max(axis=(0, 1)) > 0).sum())  # one per axial slice holding labels
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file or folder left
 
 
 def test_cli_bad_input_one_line_and_no_output(tmp_path, tiny_checkpoint, capsys):
@@ -257,3 +257,156 @@ def test_nested_hospital_export_folders_read_the_same_series_as_the_converter(tm
         assert got.GetSize() == expected.GetSize()
         np.testing.assert_allclose(got.GetOrigin(), expected.GetOrigin(), atol=1e-3)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))
+
+
+# ---------------------------------------------------------------- the user's own coordinates (z flipped)
+
+FLIPPED_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # slice k grows towards the feet: canonical = 5 - k
+
+
+def _flipped_volume(tumour_slices=(), size=(40, 30, 6)):
+    """A CT (i, j, k) with z flipped; a tumour-valued block on each input slice k in `tumour_slices`."""
+    ni, nj, nk = size
+    hu = np.full((nk, nj, ni), -100, np.int16)  # numpy (k, j, i)
+    for k in tumour_slices:
+        hu[k, 10:20, 5 + 3 * k:15 + 3 * k] = HU_OF_CLASS[2]
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.8, 0.8, 3.0))
+    image.SetOrigin((-20.0, 10.0, 60.0))
+    image.SetDirection(FLIPPED_Z)
+    return image
+
+
+@pytest.mark.parametrize(
+    "coordinates, position, message",
+    [
+        ("voxel", [20, 15, 6], r"point 0: voxel \(20, 15, 6\) outside the image \(0\.\.39, 0\.\.29, 0\.\.5\)$"),
+        ("itksnap", [21, 16, 0],
+         r"point 0: ITK-SNAP voxel \(21, 16, 0\) outside the image \(1\.\.40, 1\.\.30, 1\.\.6\)$"),
+        ("world", [-4.0, 22.0, 69.0], r"point 0: world \(-4, 22, 69\) mm is voxel \(20, 15, -3\), outside the image"),
+    ],
+)
+def test_points_outside_are_reported_in_the_users_coordinates(coordinates, position, message):
+    image = _flipped_volume()
+    points = {"coordinates": coordinates, "points": [{"class": "tumor", "position": position}]}
+    with pytest.raises(ValueError, match=message):
+        predict_volume(ThresholdModel(), _config(points_per_class=1), image, points=points)
+
+
+def test_too_many_points_name_the_users_slice():
+    image = _flipped_volume()
+    points = {"coordinates": "voxel",
+              "points": [{"class": 2, "position": [3, 3, 1]}, {"class": 2, "position": [9, 9, 1]}]}
+    with pytest.raises(ValueError, match=r"on axial slice k=1 \(0-based"):
+        predict_volume(ThresholdModel(), _config(points_per_class=1), image, points=points)
+
+
+@pytest.fixture
+def threshold_model(monkeypatch):
+    """`usam predict` with the thresholding stand-in instead of a trained checkpoint."""
+    monkeypatch.setattr("usam.models.checkpoints.load_checkpoint", lambda *a, **k: (ThresholdModel(), _config()))
+
+
+def _run(tmp_path, image, out, *argv):
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(source))
+    return run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(source), "--out",
+                                     str(out), "--device", "cpu", *argv))
+
+
+def test_overlays_are_named_by_the_inputs_slice_and_replace_the_previous_run(tmp_path, threshold_model, capsys):
+    folder = tmp_path / "png"
+    out = tmp_path / "pred.nii.gz"
+    assert _run(tmp_path, _flipped_volume(tumour_slices=[1]), out, "--overlays", str(folder)) == 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))  # (k, j, i) of the input
+    assert np.flatnonzero(labels.reshape(6, -1).any(axis=1)).tolist() == [1]
+    assert sorted(p.name for p in folder.glob("*.png")) == ["slice_k0001.png"]  # canonical index would be 4
+
+    # a second run into the same folder: only its own overlays remain
+    assert _run(tmp_path, _flipped_volume(tumour_slices=[0, 4]), out, "--overlays", str(folder)) == 0
+    assert sorted(p.name for p in folder.glob("*.png")) == ["slice_k0000.png", "slice_k0004.png"]
+    capsys.readouterr()
+
+    # nothing predicted: one line says so, and no stale overlay is left
+    assert _run(tmp_path, _flipped_volume(), out, "--overlays", str(folder)) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("overlays:")]
+    assert len(said) == 1 and "nothing to draw (no foreground predicted)" in said[0] and str(folder) in said[0]
+    assert folder.is_dir() and not list(folder.glob("*.png"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_overlay_folder_holding_other_files_is_refused_before_any_work(tmp_path, threshold_model, capsys):
+    folder = tmp_path / "png"
+    folder.mkdir()
+    mine = folder / "notes.txt"
+    mine.write_text("keep me")
+    out = tmp_path / "pred.nii.gz"
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(tmp_path / "absent.nii"),
+                                     "--out", str(out), "--overlays", str(folder)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(folder) in err and "did not write" in err
+    assert mine.read_text() == "keep me" and sorted(folder.iterdir()) == [mine] and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "out, reason",
+    [
+        ("pred.xyz", "end it with one of"),
+        ("pred.png", "end it with one of"),
+        ("afile/pred.nii.gz", "is a file, not a folder"),
+        ("afile/sub/pred.nii.gz", "is a file, not a folder"),
+        ("outdir", "is an existing folder"),
+        ("outdir.nii.gz", "is an existing folder"),
+    ],
+)
+def test_bad_out_is_refused_in_one_line_before_reading_anything(tmp_path, out, reason, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir.nii.gz").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    # the image does not exist: the --out problem must be found first
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "none"), "--image", str(tmp_path / "absent.nii"),
+                                     "--out", str(tmp_path / out)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("usam predict: --out ") and "\n" not in err
+    assert str(tmp_path / out) in err and reason in err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"])
+def test_every_accepted_extension_writes_a_volume_on_the_input_grid(tmp_path, threshold_model, extension):
+    image = _flipped_volume(tumour_slices=[2])
+    out = tmp_path / "out" / f"pred{extension}"
+    assert _run(tmp_path, image, out) == 0
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == image.GetSize() and result.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(result.GetDirection(), FLIPPED_Z, atol=1e-6)
+    np.testing.assert_allclose(result.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    expected = (sitk.GetArrayFromImage(image) == HU_OF_CLASS[2]).astype(np.uint8) * 2
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result), expected)
+    assert (out.parent / "pred_labels.txt").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, threshold_model, monkeypatch, capsys):
+    old = tmp_path / "pred.nii.gz"
+    old.write_bytes(b"earlier result")
+    real_write = sitk.WriteImage
+
+    def disk_full(image, path, *args, **kwargs):
+        real_write(image, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:40])  # a truncated file, as a full disk leaves
+        raise RuntimeError("ITK ERROR: NiftiImageIO: Could not write file\nNo space left on device")
+
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(_flipped_volume(tumour_slices=[2]), str(source))
+    monkeypatch.setattr(sitk, "WriteImage", disk_full)
+    for out in (old, tmp_path / "new" / "deeper" / "pred.nii.gz"):
+        before = sorted(tmp_path.rglob("*"))
+        code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(source),
+                                         "--out", str(out), "--device", "cpu"))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err
+        assert err == f"usam predict: --out {out}: could not write (No space left on device)"
+        assert sorted(tmp_path.rglob("*")) == before  # no temporary file, no new folder
+    assert old.read_bytes() == b"earlier result"

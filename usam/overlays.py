@@ -113,27 +113,30 @@ def save_slice_overlays(
     class_names: Sequence[str],
     window: Sequence[float],
     directory: Path,
+    slice_names: Sequence[tuple[str, int]],
 ) -> list[Path]:
-    """One PNG per slice holding any label: slice_<index>.png with the full slice and a zoom.
+    """One PNG per slice holding any label, with the full slice and a zoom.
 
-    hu, labels: (n, H, W) in the canonical orientation (row 0 anterior, column 0 patient right);
-    the index in the file name is the canonical axial slice index.
+    hu, labels: (n, H, W) in the canonical orientation (row 0 anterior, column 0 patient right).
+    slice_names[s]: (axis, index) of canonical slice s in the input image's own voxel indices,
+    0-based (e.g. ('k', 12)); the file is slice_<axis><index:04d>.png, e.g. slice_k0012.png.
     """
     directory = Path(directory)
     written = []
     for index in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
+        axis, number = slice_names[int(index)]
         figure = Figure(figsize=(8, 4))
         ax = figure.subplots(1, 2)
         ax[0].imshow(overlay_rgb(hu[index], labels[index], window), interpolation="nearest")
         box = zoom_box(labels[index])
         ax[1].imshow(overlay_rgb(hu[index][box], labels[index][box], window), interpolation="nearest")
-        ax[0].set_title(f"canonical slice {int(index)}", fontsize=9)
+        ax[0].set_title(f"{axis} = {number} (0-based voxel index; ITK-SNAP cursor: {number + 1})", fontsize=9)
         ax[1].set_title("zoom", fontsize=9)
         for a in ax:
             a.set_axis_off()
         figure.legend(handles=_legend(class_names), loc="lower center", ncol=len(class_names) - 1, fontsize=9)
         figure.tight_layout(rect=(0, 0.06, 1, 1))
-        path = directory / f"slice_{int(index):04d}.png"
+        path = directory / f"slice_{axis}{int(number):04d}.png"
         _save(figure, path)
         written.append(path)
     return written

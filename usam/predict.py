@@ -13,7 +13,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from usam.data import DEFAULT_WINDOW, MODEL_SIZE, resize_images, window_normalize
-from usam.prompts import PADDING_LABEL, POINT_LABEL, voxel_to_model, world_to_model
+from usam.prompts import (
+    AXIS_NAMES,
+    PADDING_LABEL,
+    POINT_LABEL,
+    CanonicalGrid,
+    OutsideImageError,
+    format_position,
+    index_ranges,
+    voxel_to_model,
+    world_to_model,
+)
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
+# Label volume formats SimpleITK writes and ITK-SNAP and 3D Slicer read as volumes (lower case, as
+# ITK's NIfTI writer requires). .nhdr and .mhd write a detached data file beside the header.
+LABEL_VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Marks a --overlays folder as written by usam predict; lists the files it wrote there.
+OVERLAY_MARKER = ".usam-overlays.json"
 # ITK-SNAP label colours (RGB) for classes 1, 2, ...; background is transparent.
 LABEL_COLORS = ((230, 159, 0), (213, 94, 0), (0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233))
 
@@ -334,11 +351,20 @@ def prompts_from_points(
     try:
         if spec["coordinates"] == "world":
             slices, xy = world_to_model(positions, image, settings.img_size)
+        elif spec["coordinates"] == "itksnap":
+            slices, xy = voxel_to_model(positions - 1.0, image, settings.img_size)
         else:
-            offset = 1.0 if spec["coordinates"] == "itksnap" else 0.0
-            slices, xy = voxel_to_model(positions - offset, image, settings.img_size)
+            slices, xy = voxel_to_model(positions, image, settings.img_size)
+    except OutsideImageError as error:
+        if spec["coordinates"] == "itksnap":
+            raise InputError(
+                f"points: point {error.point}: ITK-SNAP voxel {format_position(positions[error.point])} "
+                f"outside the image {index_ranges(error.size, base=1)}"
+            ) from None
+        raise InputError(f"points: {error}") from None
     except ValueError as error:
         raise InputError(f"points: {error}") from None
+    grid = CanonicalGrid.of(image)
     num_slots = (settings.num_classes - 1) * k
     prompts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     filled: dict[tuple[int, int], int] = {}
@@ -348,8 +374,8 @@ def prompts_from_points(
         used = filled.get((s, cls), 0)
         if used == k:
             raise InputError(
-                f"point {n}: more than {k} points for class {settings.class_names[cls]!r} on canonical "
-                f"slice {s} (the model has {k} slots per class)"
+                f"point {n}: more than {k} points for class {settings.class_names[cls]!r} on axial slice "
+                f"{grid.slice_name(s)} (0-based; the model has {k} slots per class)"
             )
         slot = (cls - 1) * k + used
         prompts[s][0][slot] = point
@@ -425,29 +451,193 @@ def label_description(class_names: tuple[str, ...] | list[str]) -> str:
 def label_description_path(out: Path) -> Path:
     """pred.nii.gz -> pred_labels.txt beside it."""
     name = out.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gz"):
+    for suffix in (*LABEL_VOLUME_EXTENSIONS, ".gz"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
     return out.with_name(f"{name}_labels.txt")
 
 
-def write_image_atomic(image: sitk.Image, out: Path) -> None:
-    """Write through a temporary name with the same extension, then rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+def _first_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_parent_creatable(path: Path, what: str) -> None:
+    """The folder `path` exists or can be made: its nearest existing ancestor is a writable folder."""
+    base = _first_existing(path)
+    if not base.is_dir():
+        raise InputError(f"{what}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: cannot create files in {base} (permission denied)")
+
+
+def check_output_path(out: Path, image: Path | None = None) -> None:
+    """Refuse an --out that cannot become a label volume, before any work (InputError, one line)."""
+    if out.is_dir():
+        raise InputError(f"--out {out}: is an existing folder; give a file name such as {out / 'pred.nii.gz'}")
+    if not out.name.endswith(LABEL_VOLUME_EXTENSIONS):
+        raise InputError(
+            f"--out {out}: cannot write a label volume named like this; end it with one of "
+            f"{', '.join(LABEL_VOLUME_EXTENSIONS)}"
+        )
+    if image is not None and out.exists() and out.resolve() == Path(image).resolve():
+        raise InputError(f"--out {out}: is the input image; give another file name")
+    if label_description_path(out).is_dir():
+        raise InputError(f"--out {out}: {label_description_path(out)} is an existing folder")
+    _check_parent_creatable(out.parent, f"--out {out}")
+
+
+def _overlay_folder_is_ours(folder: Path) -> bool:
+    """True for an empty folder, or one whose every entry usam predict listed in its marker."""
+    entries = set(os.listdir(folder))
+    if not entries:
+        return True
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, out)
+        listed = set(json.loads((folder / OVERLAY_MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return entries <= listed | {OVERLAY_MARKER}
+
+
+def check_overlay_folder(folder: Path, out: Path) -> None:
+    """Refuse an --overlays folder we could not replace without losing the user's files."""
+    what = f"--overlays {folder}"
+    if os.path.abspath(folder) == os.path.abspath(out):
+        raise InputError(f"{what}: is the --out path")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what}: is a file, not a folder")
+    if folder.is_dir() and not _overlay_folder_is_ours(folder):
+        raise InputError(
+            f"{what}: holds files usam predict did not write there; give a new or empty folder"
+        )
+    _check_parent_creatable(folder.parent, what)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p; returns the folders it created, outermost first."""
+    missing = []
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return missing[::-1]
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return _first_line(error)
+
+
+class OutputWriter:
+    """Stages every output in hidden temporary folders beside its destination, then moves them in.
+
+    On failure (OSError, RuntimeError) it raises InputError with one line and removes what it staged
+    and the folders it created, leaving no partial output.
+    """
+
+    def __init__(self) -> None:
+        self.staged: list[Path] = []
+        self.created: list[Path] = []
+
+    def stage_folder(self, parent: Path, prefix: str) -> Path:
+        self.created += _make_folders(parent)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        self.staged.append(folder)
+        return folder
+
+    def cleanup(self, failed: bool) -> None:
+        for folder in self.staged:
+            shutil.rmtree(folder, ignore_errors=True)
+        if failed:
+            for folder in reversed(self.created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+
+def _move_files_in(staged: Path, destination: Path, last: str) -> None:
+    """Move every file of `staged` into `destination` (os.replace each), the file named `last` last."""
+    for path in sorted(staged.iterdir(), key=lambda p: (p.name == last, p.name)):
+        os.replace(path, destination / path.name)
+
+
+def _swap_folder(staged: Path, folder: Path) -> None:
+    """Put `staged` in place of `folder` (renames); the old folder, ours, is then removed."""
+    if not folder.exists():
+        os.rename(staged, folder)
+        return
+    if not _overlay_folder_is_ours(folder):  # checked before the run; checked again just before replacing
+        raise InputError(f"--overlays {folder}: holds files usam predict did not write there")
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    os.replace(folder, old)
+    try:
+        os.replace(staged, folder)
+    except OSError:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, str] | None = None) -> None:
+    """Write `image` (and text files `extra_text` {name: text} beside it) through a hidden temporary
+    folder in out's parent, then move them in; the volume's header (out itself) moves last.
+
+    Raises InputError naming `out` and the reason; nothing partial is left.
+    """
+    out = Path(out)
+    writer = OutputWriter()
+    failed = True
+    try:
+        staged = writer.stage_folder(out.parent, ".usam-predict-")
+        sitk.WriteImage(image, str(staged / out.name), useCompression=True)
+        for name, text in (extra_text or {}).items():
+            (staged / name).write_text(text, encoding="utf-8")
+        _move_files_in(staged, out.parent, last=out.name)
+        failed = False
+    except (OSError, RuntimeError) as error:
+        raise InputError(f"--out {out}: could not write ({_reason(error)})") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        writer.cleanup(failed)
 
 
-def write_text_atomic(text: str, out: Path) -> None:
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+def write_overlays(
+    folder: Path,
+    hu: np.ndarray,
+    labels: np.ndarray,
+    settings: InferenceSettings,
+    grid: CanonicalGrid,
+) -> list[str]:
+    """Render the overlays into a hidden temporary folder beside `folder`, then swap it in whole.
+
+    Returns the PNG names written (none when no slice holds a label). Raises InputError, one line.
+    """
+    from usam.overlays import save_slice_overlays
+
+    folder = Path(folder)
+    writer = OutputWriter()
+    failed = True
+    try:
+        staged = writer.stage_folder(folder.parent, f".{folder.name}.tmp-")
+        names = [(AXIS_NAMES[grid.slice_axis], grid.image_slice(s)) for s in range(labels.shape[0])]
+        written = save_slice_overlays(hu, labels, settings.class_names, settings.window, staged, names)
+        files = sorted(path.name for path in written)
+        marker = {"written_by": "usam predict", "files": files}
+        (staged / OVERLAY_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        _swap_folder(staged, folder)
+        failed = False
+    except (OSError, RuntimeError) as error:
+        raise InputError(f"--overlays {folder}: could not write ({_reason(error)})") from None
+    finally:
+        writer.cleanup(failed)
+    return files
 
 
 # ---------------------------------------------------------------- command line
@@ -457,21 +647,38 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors)")
     parser.add_argument("--image", required=True, help="CT: a DICOM folder or a volume file (NIfTI, NRRD, MHA, ...)")
     parser.add_argument("--points", default=None, help="clicks JSON (docs/evaluation.md); without it: unprompted")
-    parser.add_argument("--out", required=True, help="output label volume, e.g. pred.nii.gz")
-    parser.add_argument("--overlays", default=None, help="folder for PNG overlays of the slices with labels")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help=f"output label volume, e.g. pred.nii.gz (one of {', '.join(LABEL_VOLUME_EXTENSIONS)}); "
+        "<name>_labels.txt (ITK-SNAP label descriptions) is written beside it",
+    )
+    parser.add_argument(
+        "--overlays",
+        default=None,
+        help="folder for PNG overlays, one per axial slice holding labels, named slice_k0012.png by the "
+        "input's own 0-based voxel index along its axial axis (k for axial scans; ITK-SNAP's cursor shows "
+        "it + 1). The folder is replaced as a whole on each run (built as a hidden .<name>.tmp-* folder "
+        f"beside it, then swapped in); it must be new, empty, or written by usam predict (it keeps a "
+        f"{OVERLAY_MARKER} list of its files), so no other file is ever deleted",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """`usam predict`; returns the exit status (0 ok, 2 bad input)."""
+    """`usam predict`; returns the exit status (0 ok, 2 bad input or an output that could not be written)."""
     from rich.console import Console
 
     from usam.models.checkpoints import load_checkpoint
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one line per message
     out = Path(args.out)
+    overlays = Path(args.overlays) if args.overlays else None
     try:
+        check_output_path(out, Path(args.image))
+        if overlays is not None:
+            check_overlay_folder(overlays, out)
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
@@ -490,17 +697,25 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     labels = predict_canonical(model, settings, hu, prompts, args.batch_size, device)
     result = labels_on_original_grid(labels, canonical, image)
-    write_image_atomic(result, out)
-    write_text_atomic(label_description(settings.class_names), label_description_path(out))
-    if args.overlays:
-        from usam.overlays import save_slice_overlays
-
-        save_slice_overlays(hu, labels, settings.class_names, settings.window, Path(args.overlays))
+    try:
+        description = label_description_path(out)
+        write_image_atomic(result, out, {description.name: label_description(settings.class_names)})
+        drawn = None
+        if overlays is not None:
+            drawn = write_overlays(overlays, hu, labels, settings, CanonicalGrid.of(image))
+    except InputError as error:
+        print(f"usam predict: {error}", file=sys.stderr)
+        return 2
     counts = np.bincount(labels.reshape(-1), minlength=settings.num_classes)
     run = "unprompted on every slice" if prompts is None else f"prompted on {len(prompts)} slice(s)"
     console.print(f"usam predict: {hu.shape[0]} slices, {run}, on {device.type}; wrote {out}")
     for c in range(1, settings.num_classes):
         console.print(f"  {settings.class_names[c]}: {int(counts[c])} voxels")
+    if drawn is not None:
+        if drawn:
+            console.print(f"  overlays: {len(drawn)} PNG(s) in {overlays}")
+        else:
+            console.print(f"  overlays: nothing to draw (no foreground predicted); {overlays} holds no PNG")
     return 0
 
 
