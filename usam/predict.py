@@ -657,8 +657,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlays",
         default=None,
         help="folder for PNG overlays, one per axial slice holding labels, named slice_k0012.png by the "
-        "input's own 0-based voxel index along its axial axis (k for axial scans; ITK-SNAP's cursor shows "
-        "it + 1). The folder is replaced as a whole on each run (built as a hidden .<name>.tmp-* folder "
+        "input's own 0-based voxel index along its axial axis (k for axial scans; slice_i/slice_j for a "
+        "volume stored in another plane; ITK-SNAP's cursor shows it + 1). The folder is replaced as a whole on each run (built as a hidden .<name>.tmp-* folder "
         f"beside it, then swapped in); it must be new, empty, or written by usam predict (it keeps a "
         f"{OVERLAY_MARKER} list of its files), so no other file is ever deleted",
     )
