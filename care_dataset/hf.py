@@ -1,4 +1,4 @@
-"""Hugging Face side of CARE: the published features, folder detection, loading and row -> sample dict.
+"""Hugging Face side of CARE: the published features, folder detection, loading and Arrow rows -> arrays.
 
 A published folder (written by ``care_dataset.publish``) holds two configurations:
 
@@ -8,6 +8,7 @@ A published folder (written by ``care_dataset.publish``) holds two configuration
 
 When every case has the same in-plane size the arrays are ``Array2D`` / ``Array3D`` features with that
 fixed shape; otherwise they are nested ``List`` features (same Parquet storage, same decoded arrays).
+``care_dataset.published.PublishedDataset`` reads a published folder with the interface of ``CareDataset``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,29 @@ def _nested_to_numpy(scalar: Any, dtype: type) -> np.ndarray:
     rows = scalar.value.values if hasattr(scalar, "value") else scalar.values  # ExtensionScalar -> storage
     flat = rows.flatten().to_numpy(zero_copy_only=False)
     return np.array(flat, dtype=dtype, copy=True).reshape(len(rows), -1)
+
+
+def column_to_arrays(column: Any, dtype: type) -> np.ndarray:
+    """The 2-D arrays of an Arrow column (Array2D storage or nested List, chunked or not) as one writable
+    (n, H, W) array, without the ``datasets`` formatters; every row must have the same shape."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts, shape = [], None
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        rows = storage.flatten()  # one (W,) list per image row; honours the chunk's offset
+        heights, widths = storage.value_lengths().to_numpy(), rows.value_lengths().to_numpy()
+        if heights.min() != heights.max() or widths.min() != widths.max() or \
+                (shape is not None and shape != (heights[0], widths[0])):
+            raise ValueError("the arrays of these rows differ in shape")
+        shape = (int(heights[0]), int(widths[0]))
+        parts.append(rows.flatten().to_numpy(zero_copy_only=False).reshape(len(storage), *shape))
+    if not parts:
+        return np.zeros((0, 0, 0), dtype)
+    return np.array(parts[0], dtype=dtype, copy=True) if len(parts) == 1 else np.concatenate(parts).astype(dtype, copy=False)
 
 
 def table_row_to_sample(table: Any, i: int = 0) -> dict:

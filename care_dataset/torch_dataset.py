@@ -12,34 +12,24 @@ from typing import Any, Callable
 
 import torch.utils.data
 
-from care_dataset.hf import SAMPLE_KEYS, SLICES, is_published_folder, load_published, table_row_to_sample
+from care_dataset.hf import SAMPLE_KEYS, SLICES, load_published, table_row_to_sample
+from care_dataset.published import CONVERTED, PUBLISHED, PublishedDataset, source_kind
 from care_dataset.store import CareDataset, open_dataset
 
-CONVERTED = "converted"
-PUBLISHED = "published"
-
-
-def source_kind(path: str | Path) -> str:
-    """``"converted"`` for a folder with dataset.json, ``"published"`` for a Hugging Face dataset folder."""
-    path = Path(path)
-    if (path / "dataset.json").is_file():
-        return CONVERTED
-    if is_published_folder(path):
-        return PUBLISHED
-    raise FileNotFoundError(f"{path.name or path}: neither a converted CARE folder (dataset.json) nor a published "
-                            "Hugging Face dataset folder (README.md with configs, or Parquet files)")
+__all__ = ["CONVERTED", "PUBLISHED", "CareSliceDataset", "open_source", "source_kind"]
 
 
 def open_source(path: str | Path) -> Any:
-    """A converted folder as a CareDataset, a published folder as a ``datasets.DatasetDict`` of slices."""
+    """A converted folder as a CareDataset, a published folder as a ``datasets.DatasetDict`` of slices
+    (``care_dataset.published.open_any`` gives a PublishedDataset instead)."""
     if source_kind(path) == CONVERTED:
         return open_dataset(path)
     return load_published(path, SLICES)
 
 
 class CareSliceDataset(torch.utils.data.Dataset):
-    """Slices of one split; ``source`` is a folder path (converted or published), a CareDataset, or a loaded
-    ``datasets.Dataset`` / ``DatasetDict`` of the ``slices`` configuration.
+    """Slices of one split; ``source`` is a folder path (converted or published), a CareDataset, a
+    PublishedDataset, or a loaded ``datasets.Dataset`` / ``DatasetDict`` of the ``slices`` configuration.
 
     ``transform`` (picklable, for spawn workers) is applied to the sample dict.
     """
@@ -49,12 +39,12 @@ class CareSliceDataset(torch.utils.data.Dataset):
 
         self.split = split
         self.transform = transform
-        self._care: CareDataset | None = None
+        self._care: CareDataset | PublishedDataset | None = None
         self._hf: Any = None
         self._case_index: dict[str, list[int]] | None = None
         if isinstance(source, (str, Path)):
             source = open_source(source)
-        if isinstance(source, CareDataset):
+        if isinstance(source, (CareDataset, PublishedDataset)):
             self._care = source
             self.case_ids: list[str] = source.case_ids(split)
             table = source.slice_index(split)
@@ -101,12 +91,12 @@ class CareSliceDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        if self._care is not None:  # open zarr/HDF5 handles do not pickle (spawn workers); reopen lazily
+        if isinstance(self._care, CareDataset):  # zarr/HDF5 handles do not pickle (spawn workers); reopen lazily
             care = copy.copy(self._care)
             care._handles = {}
             state["_care"] = care
         return state
 
     def __repr__(self) -> str:
-        kind = "shards" if self._care is not None else "datasets"
+        kind = {CareDataset: "shards", PublishedDataset: "published"}.get(type(self._care), "datasets")
         return f"CareSliceDataset({kind}, split={self.split!r}, {len(self.case_ids)} cases, {len(self)} slices)"

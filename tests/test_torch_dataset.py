@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from care_dataset import store
+from care_dataset import open_any, store
 from care_dataset.publish import publish
 from care_dataset.torch_dataset import CareSliceDataset, open_source, source_kind
 from test_publish import assert_sample_equal, hf_offline, make_converted  # noqa: F401  (fixture re-used)
@@ -36,7 +36,7 @@ def test_every_sample_is_equal_from_shards_and_from_the_hub_format(folders):
     source, output = folders
     care = store.open_dataset(source)
     for split in ("train", "test"):
-        sources = [source, care, output, datasets.load_dataset(str(output)),
+        sources = [source, care, output, open_any(output), datasets.load_dataset(str(output)),
                    datasets.load_dataset(str(output), split=split)]
         views = [CareSliceDataset(s, split) for s in sources]
         assert {len(v) for v in views} == {care.num_slices(split)}
@@ -101,7 +101,7 @@ def test_dataloader_with_two_workers(folders, start_method):
     if start_method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"{start_method} start method not available")
     source, output = folders
-    parts = [CareSliceDataset(src, "train", transform=add_one_to_image) for src in (source, output)]
+    parts = [CareSliceDataset(src, "train", transform=add_one_to_image) for src in (source, output, open_any(output))]
     for part in parts:
         part[0]  # opens handles in the parent: workers must still get fresh ones
     dataset = ConcatDataset(parts)  # one loader (one set of workers) reads both kinds of source

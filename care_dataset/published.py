@@ -1,0 +1,230 @@
+"""Read a published Hugging Face folder (``care-publish``) through the interface of ``CareDataset``.
+
+Only the ``slices`` configuration is read: its rows are ordered by split, case (as in splits.json) and stored
+position, so one case is a contiguous run of rows and holds the same arrays as its ``volumes`` row. A slice
+is one Arrow row and a whole case one contiguous Arrow slice of the memory-mapped table, both converted
+without the ``datasets`` formatters. Per-case metadata comes from ``metadata/cases.json`` (a byte copy of
+the converted folder's), checked against the rows; without it, from the Parquet columns.
+
+``open_any(path)`` opens either kind of folder: a :class:`~care_dataset.store.CareDataset` or a
+:class:`PublishedDataset`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published
+from care_dataset.store import CareDataset, open_dataset
+
+CONVERTED = "converted"
+PUBLISHED = "published"
+METADATA_DIR = "metadata"
+MANIFEST_FILES = {CONVERTED: "dataset.json", PUBLISHED: f"{METADATA_DIR}/dataset.json"}
+
+
+def source_kind(path: str | Path) -> str:
+    """``"converted"`` for a folder with dataset.json, ``"published"`` for a Hugging Face dataset folder."""
+    path = Path(path)
+    if (path / "dataset.json").is_file():
+        return CONVERTED
+    if is_published_folder(path):
+        return PUBLISHED
+    raise FileNotFoundError(f"{path.name or path}: neither a converted CARE folder (dataset.json) nor a published "
+                            "Hugging Face dataset folder (README.md with configs, or Parquet files)")
+
+
+def manifest_path(path: str | Path) -> Path:
+    """The dataset.json of a converted folder, or its copy under metadata/ in a published one."""
+    return Path(path) / MANIFEST_FILES[source_kind(path)]
+
+
+def open_any(path: str | Path) -> CareDataset | PublishedDataset:
+    """A converted folder as a CareDataset, a published folder as a PublishedDataset (same reading interface)."""
+    return open_dataset(path) if source_kind(path) == CONVERTED else PublishedDataset(path)
+
+
+def check_parquet_footers(root: Path) -> None:
+    """Read the footer of every Parquet file under ``root``: a truncated or foreign file fails here, naming it."""
+    import pyarrow.parquet as pq
+
+    for file in sorted(root.rglob("*.parquet")):
+        try:
+            pq.read_metadata(file)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{file.relative_to(root).as_posix()}: not a readable Parquet file ({reason})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+class PublishedDataset:
+    """A published folder read like a converted one: class_names, num_classes, splits, cases, case_ids,
+    missing_cases, read_case, read_labels, read_slice, slice_index, num_slices and sample.
+
+    Arrays are image (n, H, W) / (H, W) int16 HU and label uint8, writable copies. The memory-mapped Arrow
+    tables pickle by file path, so an instance can be handed to DataLoader workers (fork or spawn).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not is_published_folder(self.root):
+            raise FileNotFoundError(f"{self.root.name or self.root}: not a published Hugging Face dataset folder")
+        check_parquet_footers(self.root)
+        from datasets.exceptions import DatasetsError  # imported only here (slow import)
+
+        try:
+            slices = load_published(self.root, SLICES)
+        except DatasetsError as error:
+            reason = _first_line(error)
+            if error.__cause__ is not None:  # the Parquet reader's reason
+                reason += f" ({_first_line(error.__cause__)})"
+            raise ValueError(f"{SLICES} configuration: {reason}") from None
+        if not len(slices):
+            raise ValueError(f"{SLICES} configuration: no split")
+        self.class_names: list[str] = list(next(iter(slices.values())).features["label_classes"].feature.names)
+        self._tables = {split: dataset.data for split, dataset in slices.items()}  # datasets.table.Table
+        # case_id -> (split, first row, number of rows); stored order per split
+        self._rows: dict[str, tuple[str, int, int]] = {}
+        stored: dict[str, list[str]] = {}
+        slice_indices: dict[str, list[int]] = {}
+        spacings: dict[str, list[float]] = {}
+        for split, table in self._tables.items():
+            stored[split] = []
+            case_of_row = table.column("case_id").to_pylist()
+            if not case_of_row:
+                continue
+            index_of_row = table.column("slice_index").to_numpy()
+            starts = [0] + [i for i in range(1, len(case_of_row)) if case_of_row[i] != case_of_row[i - 1]]
+            for start, stop in zip(starts, starts[1:] + [len(case_of_row)]):
+                case_id = case_of_row[start]
+                if case_id in self._rows:
+                    raise ValueError(f"case {case_id}: its slices are not one contiguous run of rows of "
+                                     f"the {SLICES} configuration")
+                self._rows[case_id] = (split, start, stop - start)
+                stored[split].append(case_id)
+                slice_indices[case_id] = [int(k) for k in index_of_row[start:stop]]
+                spacings[case_id] = [float(s) for s in table.column("spacing")[start].as_py()]
+        metadata = self.root / METADATA_DIR
+        if (metadata / "cases.json").is_file():
+            self.manifest: dict = json.loads((metadata / "dataset.json").read_text())
+            self.cases: dict[str, dict] = json.loads((metadata / "cases.json").read_text())
+            self.splits: dict[str, list[str]] = {k: v for k, v in json.loads((metadata / "splits.json").read_text())
+                                                 .items() if isinstance(v, list)}
+            self._check_metadata(stored, slice_indices, spacings)
+        else:
+            self.manifest = {"classes": list(self.class_names)}
+            self.splits = stored
+            self.cases = {case_id: {"split": split, "num_slices": len(slice_indices[case_id]),
+                                    "kept_slices": slice_indices[case_id], "spacing": spacings[case_id]}
+                          for split, ids in stored.items() for case_id in ids}
+            self._add_volume_geometry()
+        self._index_cache: dict[str, np.ndarray] = {}
+
+    def _check_metadata(self, stored: dict[str, list[str]], slice_indices: dict[str, list[int]],
+                        spacings: dict[str, list[float]]) -> None:
+        """metadata/*.json must describe the rows: same classes, splits, case order, kept slices, spacing."""
+        if list(self.manifest.get("classes", [])) != self.class_names:
+            raise ValueError(f"{METADATA_DIR}/dataset.json classes {self.manifest.get('classes')} differ from the "
+                             f"{SLICES} configuration's {self.class_names}")
+        for split in set(self.splits) | set(stored):
+            if self.splits.get(split, []) != stored.get(split, []):
+                raise ValueError(f"split {split!r}: {METADATA_DIR}/splits.json lists {len(self.splits.get(split, []))}"
+                                 f" cases, the {SLICES} configuration holds {len(stored.get(split, []))} (or in "
+                                 "another order)")
+        for case_id, kept in slice_indices.items():
+            geometry = self.cases.get(case_id)
+            if geometry is None:
+                raise ValueError(f"case {case_id}: in the {SLICES} configuration but not in {METADATA_DIR}/cases.json")
+            if geometry.get("kept_slices") != kept or [float(s) for s in geometry.get("spacing", [])] \
+                    != spacings[case_id]:
+                raise ValueError(f"case {case_id}: kept slices or spacing in {METADATA_DIR}/cases.json differ from "
+                                 f"the {SLICES} configuration")
+
+    def _add_volume_geometry(self) -> None:
+        """Without metadata/, the canonical geometry and checksum of each case from the ``volumes`` Parquet
+        columns (the arrays are not read)."""
+        import pyarrow.parquet as pq
+
+        columns = ["case_id", "size", "spacing", "origin", "direction", "checksum"]
+        for file in sorted((self.root / VOLUMES).glob("*.parquet")):
+            for row in pq.read_table(file, columns=columns).to_pylist():
+                geometry = self.cases.get(row["case_id"])
+                if geometry is not None:
+                    geometry["canonical"] = {key: row[key] for key in ("size", "spacing", "origin", "direction")}
+                    geometry["checksum"] = row["checksum"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def case_ids(self, split: str | None = None) -> list[str]:
+        if split is None:
+            return sorted(self.cases)
+        if split not in self.splits:
+            raise KeyError(f"no split {split!r}; this dataset has {sorted(self.splits)}")
+        return list(self.splits[split])
+
+    def missing_cases(self, case_ids: list[str]) -> list[str]:
+        """The cases among ``case_ids`` that have no rows in the ``slices`` configuration."""
+        return [case_id for case_id in case_ids if case_id not in self._rows]
+
+    def _case_table(self, case_id: str, position: int | None = None) -> Any:
+        """The Arrow rows of a whole case, or of one stored position."""
+        location = self._rows.get(case_id)
+        if location is None:
+            raise KeyError(f"unknown case {case_id!r}")
+        split, start, count = location
+        if position is None:
+            return self._tables[split].fast_slice(start, count)
+        if not -count <= position < count:
+            raise IndexError(f"slice {position} out of range for {count} slices")
+        return self._tables[split].fast_slice(start + position % count, 1)
+
+    def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Whole case: image (n, H, W) int16, label (n, H, W) uint8."""
+        table = self._case_table(case_id)
+        return column_to_arrays(table.column("image"), np.int16), column_to_arrays(table.column("label"), np.uint8)
+
+    def read_labels(self, case_id: str) -> np.ndarray:
+        """Every stored label slice of a case, without reading the images: (n, H, W) uint8."""
+        return column_to_arrays(self._case_table(case_id).column("label"), np.uint8)
+
+    def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """One stored slice (position in 0..n-1): image (H, W) int16, label (H, W) uint8."""
+        table = self._case_table(case_id, int(position))
+        return column_to_arrays(table.column("image"), np.int16)[0], column_to_arrays(table.column("label"),
+                                                                                     np.uint8)[0]
+
+    def slice_index(self, split: str | None = None) -> np.ndarray:
+        """(N, 2) int64 table of (case number within ``case_ids(split)``, stored position) for every slice."""
+        key = split or ""
+        if key not in self._index_cache:
+            rows = [np.stack([np.full(self.cases[c]["num_slices"], i), np.arange(self.cases[c]["num_slices"])], 1)
+                    for i, c in enumerate(self.case_ids(split))]
+            self._index_cache[key] = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
+        return self._index_cache[key]
+
+    def num_slices(self, split: str | None = None) -> int:
+        return int(len(self.slice_index(split)))
+
+    def sample(self, split: str | None, i: int) -> dict:
+        """Slice ``i`` of a split as the sample dict of ``CareDataset.sample``."""
+        case_number, position = self.slice_index(split)[i]
+        case_id = (self.splits[split] if split is not None else self.case_ids())[case_number]
+        image, label = self.read_slice(case_id, int(position))
+        geometry = self.cases[case_id]
+        return {"image": image, "label": label, "case_id": case_id,
+                "slice_index": int(geometry["kept_slices"][position]),
+                "spacing": tuple(float(s) for s in geometry["spacing"])}
+
+    def __repr__(self) -> str:
+        splits = ", ".join(f"{k}: {len(v)} cases" for k, v in self.splits.items())
+        return f"PublishedDataset({str(self.root)!r}, {splits})"
