@@ -85,7 +85,7 @@ def mean_foreground(dice: list[float | None]) -> float | None:
 class TrainingData:
     """What training reads: the source's train-split slices, classes and provenance."""
 
-    source: Any  # care_dataset.store.CareDataset or a datasets.Dataset of the train split
+    source: Any  # care_dataset.store.CareDataset or care_dataset.published.PublishedDataset
     class_names: list[str]
     train_ids: list[str]
     val_ids: list[str]
@@ -94,39 +94,31 @@ class TrainingData:
 
 
 def open_training_data(config: TrainConfig) -> TrainingData:
-    """Open the data folder and carve the patient-level validation subset from its train split.
+    """Open the data folder (converted or published) and carve the patient-level validation subset from
+    its train split.
 
     Raises ValueError with one clear line for a missing or malformed folder or a class mismatch.
     """
+    from care_dataset.published import manifest_path, open_any
     from care_dataset.splits import carve_validation
-    from care_dataset.store import open_dataset
-    from care_dataset.torch_dataset import CONVERTED, source_kind
 
     root = Path(config.data)
     if not root.is_dir():
         raise ValueError(f"data folder {root}: not found")
     try:
-        kind = source_kind(root)
         # a published folder carries a byte copy of the converted folder's manifest under metadata/
-        manifest_bytes = (root / ("dataset.json" if kind == CONVERTED else "metadata/dataset.json")).read_bytes()
+        manifest_bytes = manifest_path(root).read_bytes()
         manifest = json.loads(manifest_bytes)
         class_names = [str(c) for c in manifest["classes"]]
-        if kind == CONVERTED:
-            source = open_dataset(root)
-            train_cases = source.case_ids("train")
-        else:
-            from care_dataset.hf import SLICES, load_published
-
-            source = load_published(root, SLICES, split="train")
-            train_cases = sorted(set(source.select_columns(["case_id"]).with_format("arrow")[:]
-                                     .column("case_id").to_pylist()))
+        source = open_any(root)
+        train_cases = source.case_ids("train")
     except FileNotFoundError as error:
         raise ValueError(f"data folder {root}: {error}") from None
     except (KeyError, ValueError, json.JSONDecodeError, TypeError) as error:
         raise ValueError(f"data folder {root}: malformed ({type(error).__name__}: {error})") from None
     if not train_cases:
         raise ValueError(f"data folder {root}: the train split has no cases")
-    missing = source.missing_cases(train_cases) if kind == CONVERTED else []
+    missing = source.missing_cases(train_cases)
     if missing:
         raise ValueError(f"data folder {root}: the slices of {len(missing)} train case(s) are missing "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
@@ -138,33 +130,6 @@ def open_training_data(config: TrainConfig) -> TrainingData:
     data_checksum = checksums.get("all", "") if isinstance(checksums, dict) else ""
     return TrainingData(source, class_names, train_ids, val_ids, str(data_checksum),
                         hashlib.sha256(manifest_bytes).hexdigest())
-
-
-class _PublishedSlices:
-    """Adapter giving a published ``datasets.Dataset`` the reader interface SliceDataset uses."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset.with_format("numpy", dtype=None)
-        self.labels = dataset.select_columns(["label"]).with_format("numpy", dtype=None)
-        case_of_row = dataset.select_columns(["case_id"]).with_format("arrow")[:].column("case_id").to_pylist()
-        self.rows: dict[str, list[int]] = {}
-        for row, case_id in enumerate(case_of_row):
-            self.rows.setdefault(case_id, []).append(row)
-        self.cases = {c: {"num_slices": len(rows)} for c, rows in self.rows.items()}
-
-    def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
-        row = self.dataset[self.rows[case_id][position]]
-        return np.asarray(row["image"], dtype=np.int16), np.asarray(row["label"], dtype=np.uint8)
-
-    def read_labels(self, case_id: str) -> np.ndarray:
-        """Every label slice of a case, without reading the images: (n, H, W) uint8."""
-        return np.stack([np.asarray(label, dtype=np.uint8) for label in self.labels[self.rows[case_id]]["label"]])
-
-
-def slice_reader(source: Any) -> Any:
-    """An object with ``cases[case_id]["num_slices"]``, ``read_slice(case_id, position)`` and
-    ``read_labels(case_id)``."""
-    return source if hasattr(source, "read_slice") else _PublishedSlices(source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,14 +381,13 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    reader = slice_reader(data.source)
     augment = Augmentation(config.flip_prob, config.max_rotation_deg, config.small_rotation_prob) \
         if config.augment else None
     input_size = int(model.config.get("img_size", MODEL_SIZE))
     common = dict(num_classes=num_classes, points_per_class=config.points, window=tuple(config.window),
                   size=input_size)
-    train_set = SliceDataset(reader, data.train_ids, augment=augment, seed=config.seed, **common)
-    val_set = SliceDataset(reader, data.val_ids, augment=None, **common)
+    train_set = SliceDataset(data.source, data.train_ids, augment=augment, seed=config.seed, **common)
+    val_set = SliceDataset(data.source, data.val_ids, augment=None, **common)
     rank_batch = config.batch_size // ddp.world_size
     class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
     sampler = EpochSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=config.seed,
