@@ -117,87 +117,20 @@ def model_prompts(
     return torch.from_numpy(points), torch.from_numpy(point_labels)
 
 
-class PublishedCases:
-    """The `volumes` configuration of a published folder (`care_dataset.hf.load_published`) behind the
-    case interface `evaluate_split` reads from a `care_dataset.store.CareDataset`: class_names,
-    num_classes, case_ids(split), cases[case_id] (split, num_slices, kept_slices, spacing),
-    read_case and read_slice. Each row holds one case's stored slices on their original in-plane grid.
-    """
-
-    def __init__(self, volumes: Any) -> None:
-        self.volumes = {split: table.with_format("numpy", dtype=None) for split, table in volumes.items()}
-        if not self.volumes:
-            raise ValueError("the volumes configuration has no split")
-        features = next(iter(self.volumes.values())).features
-        self.class_names: list[str] = list(features["label_classes"].feature.names)
-        self.cases: dict[str, dict] = {}
-        self._rows: dict[str, tuple[str, int]] = {}
-        self._ids: dict[str, list[str]] = {}
-        for split, table in self.volumes.items():
-            columns = table.select_columns(["case_id", "kept_slices", "spacing", "size"]).with_format("arrow")[:]
-            ids = columns.column("case_id").to_pylist()
-            for row, case_id in enumerate(ids):
-                kept = columns.column("kept_slices")[row].as_py()
-                self.cases[case_id] = {
-                    "split": split, "num_slices": len(kept), "kept_slices": kept,
-                    "spacing": columns.column("spacing")[row].as_py(), "size": columns.column("size")[row].as_py(),
-                }
-                self._rows[case_id] = (split, row)
-            self._ids[split] = ids
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def case_ids(self, split: str) -> list[str]:
-        if split not in self._ids:
-            raise KeyError(f"no split {split!r}; this dataset has {sorted(self._ids)}")
-        return list(self._ids[split])
-
-    def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """image (n, H, W) int16, label (n, H, W) uint8, H x W the case's in-plane size (`size` is x, y, z)."""
-        split, row = self._rows[case_id]
-        record = self.volumes[split].select_columns(["image", "label"])[row]
-        image, label = np.asarray(record["image"], np.int16), np.asarray(record["label"], np.uint8)
-        width, height = self.cases[case_id]["size"][:2]
-        if image.ndim != 3 or image.shape[1:] != (height, width):
-            raise ValueError(f"stored slices {image.shape} are not on the in-plane grid {width} x {height}")
-        return image, label
-
-    def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
-        image, label = self.read_case(case_id)
-        return image[position], label[position]
-
-
 def open_eval_data(path: str | Path) -> Any:
-    """A converted folder as a `CareDataset`, a published Hugging Face folder as `PublishedCases`.
+    """A converted folder as a `CareDataset`, a published Hugging Face folder as a `PublishedDataset`
+    (`care_dataset.published.open_any`: the same reading interface).
 
     Raises InputError with one line naming the folder and the reason.
     """
-    from care_dataset.hf import VOLUMES, load_published
-    from care_dataset.store import open_dataset
-    from care_dataset.torch_dataset import CONVERTED, source_kind
+    from care_dataset.published import open_any
 
-    def first_line(error: BaseException) -> str:
+    try:
+        return open_any(path)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[0] if lines else type(error).__name__
-
-    readable = (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError)
-    try:
-        if source_kind(path) == CONVERTED:
-            return open_dataset(path)
-    except readable as error:
-        raise InputError(f"--data {path}: {first_line(error)}") from None
-    from datasets.exceptions import DatasetsError  # imported only for a published folder (slow import)
-
-    try:
-        return PublishedCases(load_published(path, VOLUMES))
-    except (*readable, DatasetsError) as error:
-        reason = first_line(error)
-        if isinstance(error, DatasetsError) and error.__cause__ is not None:  # the Parquet reader's reason
-            reason += f" ({first_line(error.__cause__)})"
-        raise InputError(f"--data {path}: {reason}") from None
+        raise InputError(f"--data {path}: {lines[0] if lines else type(error).__name__}") from None
 
 
 def _case_volumes(pred: np.ndarray, truth: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +157,7 @@ def evaluate_split(
 ) -> Evaluation:
     """Run every slice of `split` and collect pooled and per-volume metrics.
 
-    dataset: a `care_dataset.store.CareDataset` (read_case, cases, case_ids). points_per_class = 0
+    dataset: a `CareDataset` or `PublishedDataset` (read_case, cases, case_ids). points_per_class = 0
     runs unprompted; otherwise prompts are sampled deterministically (rng=None) from each slice's
     truth at model resolution. `progress`: optional callable(number_of_slices_done).
     """
