@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     write_clicks(label_path, clicks, per_class=3)
     prediction = work / "new_patient_prediction.nii.gz"
     run("usam", "predict", "--checkpoint", run_dir / "best", "--image", case_dir, "--points", clicks,
-        "--out", prediction, "--overlays", work / "overlays")
+        "--out", prediction, "--overlays", work / "new_patient_overlays")
 
     scores = dice_table(prediction, label_path)
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
