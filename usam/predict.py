@@ -658,9 +658,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder for PNG overlays, one per axial slice holding labels, named slice_k0012.png by the "
         "input's own 0-based voxel index along its axial axis (k for axial scans; slice_i/slice_j for a "
-        "volume stored in another plane; ITK-SNAP's cursor shows it + 1). The folder is replaced as a whole on each run (built as a hidden .<name>.tmp-* folder "
-        f"beside it, then swapped in); it must be new, empty, or written by usam predict (it keeps a "
-        f"{OVERLAY_MARKER} list of its files), so no other file is ever deleted",
+        "volume stored in another plane; ITK-SNAP's cursor shows it + 1). The folder is replaced as a whole "
+        "on each run (built as a hidden .<name>.tmp-* folder beside it, then swapped in); it must be new, "
+        f"empty, or written by usam predict (it keeps a {OVERLAY_MARKER} list of its files), so no other file "
+        "is ever deleted",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
