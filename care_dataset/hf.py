@@ -101,6 +101,15 @@ def _nested_to_numpy(scalar: Any, dtype: type) -> np.ndarray:
     return np.array(flat, dtype=dtype, copy=True).reshape(len(rows), -1)
 
 
+def storage_column(column: Any) -> Any:
+    """An Arrow column with ``datasets``' extension types (Array2D, Array3D) replaced by their list storage,
+    without a copy; reading the storage skips the per-access re-creation of the extension type."""
+    import pyarrow as pa
+
+    chunks = [c.storage if isinstance(c, pa.ExtensionArray) else c for c in column.chunks]
+    return pa.chunked_array(chunks, type=chunks[0].type if chunks else None)
+
+
 def column_to_arrays(column: Any, dtype: type) -> np.ndarray:
     """The 2-D arrays of an Arrow column (Array2D storage or nested List, chunked or not) as one writable
     (n, H, W) array, without the ``datasets`` formatters; every row must have the same shape."""
@@ -113,7 +122,7 @@ def column_to_arrays(column: Any, dtype: type) -> np.ndarray:
             continue
         storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
         rows = storage.flatten()  # one (W,) list per image row; honours the chunk's offset
-        heights, widths = storage.value_lengths().to_numpy(), rows.value_lengths().to_numpy()
+        heights, widths = np.diff(storage.offsets.to_numpy()), np.diff(rows.offsets.to_numpy())
         if heights.min() != heights.max() or widths.min() != widths.max() or \
                 (shape is not None and shape != (heights[0], widths[0])):
             raise ValueError("the arrays of these rows differ in shape")
@@ -121,7 +130,9 @@ def column_to_arrays(column: Any, dtype: type) -> np.ndarray:
         parts.append(rows.flatten().to_numpy(zero_copy_only=False).reshape(len(storage), *shape))
     if not parts:
         return np.zeros((0, 0, 0), dtype)
-    return np.array(parts[0], dtype=dtype, copy=True) if len(parts) == 1 else np.concatenate(parts).astype(dtype, copy=False)
+    if len(parts) == 1:
+        return np.array(parts[0], dtype=dtype, copy=True)
+    return np.concatenate(parts).astype(dtype, copy=False)
 
 
 def table_row_to_sample(table: Any, i: int = 0) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published
+from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published, storage_column
 from care_dataset.store import CareDataset, open_dataset
 
 CONVERTED = "converted"
@@ -127,6 +127,13 @@ class PublishedDataset:
                           for split, ids in stored.items() for case_id in ids}
             self._add_volume_geometry()
         self._index_cache: dict[str, np.ndarray] = {}
+        self._columns: dict[tuple[str, str], Any] = {}  # (split, name) -> column as list storage, per process
+
+    def __getstate__(self) -> dict:
+        # the datasets tables pickle by file path; the storage views would pickle their bytes
+        state = self.__dict__.copy()
+        state["_columns"] = {}
+        return state
 
     def _check_metadata(self, stored: dict[str, list[str]], slice_indices: dict[str, list[int]],
                         spacings: dict[str, list[float]]) -> None:
@@ -176,32 +183,33 @@ class PublishedDataset:
         """The cases among ``case_ids`` that have no rows in the ``slices`` configuration."""
         return [case_id for case_id in case_ids if case_id not in self._rows]
 
-    def _case_table(self, case_id: str, position: int | None = None) -> Any:
-        """The Arrow rows of a whole case, or of one stored position."""
+    def _read(self, case_id: str, name: str, dtype: type, position: int | None = None) -> np.ndarray:
+        """Column ``name`` of a whole case (n, H, W), or of one stored position (1, H, W)."""
         location = self._rows.get(case_id)
         if location is None:
             raise KeyError(f"unknown case {case_id!r}")
         split, start, count = location
-        if position is None:
-            return self._tables[split].fast_slice(start, count)
-        if not -count <= position < count:
-            raise IndexError(f"slice {position} out of range for {count} slices")
-        return self._tables[split].fast_slice(start + position % count, 1)
+        if position is not None:
+            if not -count <= position < count:
+                raise IndexError(f"slice {position} out of range for {count} slices")
+            start, count = start + position % count, 1
+        column = self._columns.get((split, name))
+        if column is None:
+            column = self._columns[(split, name)] = storage_column(self._tables[split].column(name))
+        return column_to_arrays(column.slice(start, count), dtype)
 
     def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Whole case: image (n, H, W) int16, label (n, H, W) uint8."""
-        table = self._case_table(case_id)
-        return column_to_arrays(table.column("image"), np.int16), column_to_arrays(table.column("label"), np.uint8)
+        return self._read(case_id, "image", np.int16), self._read(case_id, "label", np.uint8)
 
     def read_labels(self, case_id: str) -> np.ndarray:
         """Every stored label slice of a case, without reading the images: (n, H, W) uint8."""
-        return column_to_arrays(self._case_table(case_id).column("label"), np.uint8)
+        return self._read(case_id, "label", np.uint8)
 
     def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
         """One stored slice (position in 0..n-1): image (H, W) int16, label (H, W) uint8."""
-        table = self._case_table(case_id, int(position))
-        return column_to_arrays(table.column("image"), np.int16)[0], column_to_arrays(table.column("label"),
-                                                                                     np.uint8)[0]
+        position = int(position)
+        return self._read(case_id, "image", np.int16, position)[0], self._read(case_id, "label", np.uint8, position)[0]
 
     def slice_index(self, split: str | None = None) -> np.ndarray:
         """(N, 2) int64 table of (case number within ``case_ids(split)``, stored position) for every slice."""
