@@ -370,7 +370,9 @@ class ShardedSlices:
     index), which dominates random slice access in training. The layout written here is fixed (one shard,
     one (1, H, W) chunk per slice, bytes + Blosc inner codecs, index at the end with crc32c), so the shard
     index is read once and each slice is one ``pread`` and one Blosc decompression, following the zarr v3
-    sharding specification. Whole-array reads (``[...]``) go through zarr itself. Tests check both paths agree.
+    sharding specification. A whole-array read (``[...]`` or ``[:]``) is one read of the shard and one
+    decompression per chunk into the result; any other key goes through zarr itself. Tests check both paths
+    agree with zarr.
     """
 
     def __init__(self, array_dir: Path, array: Any):
@@ -390,6 +392,8 @@ class ShardedSlices:
         self._fd: int | None = None
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if key is Ellipsis or (isinstance(key, slice) and key == slice(None)):
+            return self._read_all()
         if not isinstance(key, (int, np.integer)):
             return np.asarray(self._array[key])
         position = int(key)
@@ -402,6 +406,15 @@ class ShardedSlices:
             self._fd = os.open(self._shard_path, os.O_RDONLY)
         raw = self._decompress(os.pread(self._fd, nbytes, offset))
         return np.frombuffer(raw, dtype=self.dtype.newbyteorder("<")).reshape(self.shape[1:])
+
+    def _read_all(self) -> np.ndarray:
+        stored = np.zeros(self.shape, self.dtype.newbyteorder("<"))
+        with open(self._shard_path, "rb") as f:
+            shard = memoryview(f.read())
+        for position, (offset, nbytes) in enumerate(self._index.tolist()):
+            if offset != EMPTY_CHUNK:
+                self._decompress(shard[offset:offset + nbytes], stored[position])
+        return stored.astype(self.dtype, copy=False)
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:

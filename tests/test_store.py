@@ -74,6 +74,12 @@ def test_fast_slice_path_is_used_and_matches_zarr(tmp_path, cases):
         np.testing.assert_array_equal(fast_label[p], reference["label"][p])
     with pytest.raises(IndexError):
         fast_image[len(cases[case_id][0])]
+    for key in (Ellipsis, slice(None)):  # whole arrays: one read of the shard, chunks decoded in place
+        for fast, name in ((fast_image, "image"), (fast_label, "label")):
+            whole = fast[key]
+            assert whole.dtype == reference[name].dtype and whole.flags.writeable
+            np.testing.assert_array_equal(whole, reference[name][...])
+    np.testing.assert_array_equal(fast_image[1:3], reference["image"][1:3])  # other keys: zarr
 
 
 def test_same_arrays_give_identical_checksums_and_bytes(tmp_path, cases):

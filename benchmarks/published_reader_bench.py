@@ -1,0 +1,130 @@
+"""Reading a published Hugging Face folder: care_dataset.published.PublishedDataset against the plain `datasets`
+numpy formatter (the way usam read published folders until the fifth session: rows of the `slices`
+configuration through `with_format("numpy")`, whole cases from the `volumes` configuration), with CareDataset
+on the converted folder it was published from for reference. Same process, same random picks; every reader's
+values are checked equal first.
+
+python benchmarks/published_reader_bench.py [--cases 8] [--slices 40] [--size 512] [--reads 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test_publish.make_converted
+
+
+class FormatterSlices:
+    """Slices through the `datasets` numpy formatter, one row per slice."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset.with_format("numpy", dtype=None)
+        self.labels = dataset.select_columns(["label"]).with_format("numpy", dtype=None)
+        case_of_row = dataset.select_columns(["case_id"]).with_format("arrow")[:].column("case_id").to_pylist()
+        self.rows = {}
+        for row, case_id in enumerate(case_of_row):
+            self.rows.setdefault(case_id, []).append(row)
+        self.cases = {c: {"num_slices": len(rows)} for c, rows in self.rows.items()}
+
+    def read_slice(self, case_id, position):
+        row = self.dataset[self.rows[case_id][position]]
+        return np.asarray(row["image"], dtype=np.int16), np.asarray(row["label"], dtype=np.uint8)
+
+    def read_labels(self, case_id):
+        return np.stack([np.asarray(label, dtype=np.uint8) for label in self.labels[self.rows[case_id]]["label"]])
+
+
+class FormatterCases:
+    """Whole cases through the `datasets` numpy formatter, one `volumes` row per case."""
+
+    def __init__(self, volumes):
+        self.volumes = {split: table.with_format("numpy", dtype=None) for split, table in volumes.items()}
+        self._rows = {}
+        for split, table in self.volumes.items():
+            ids = table.select_columns(["case_id"]).with_format("arrow")[:].column("case_id").to_pylist()
+            for row, case_id in enumerate(ids):
+                self._rows[case_id] = (split, row)
+
+    def read_case(self, case_id):
+        split, row = self._rows[case_id]
+        record = self.volumes[split].select_columns(["image", "label"])[row]
+        return np.asarray(record["image"], np.int16), np.asarray(record["label"], np.uint8)
+
+
+def timed(fn, reps):
+    start = time.perf_counter()
+    for args in reps:
+        fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=40)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reads", type=int, default=400)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pubbench-"))
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf_cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
+    datasets.disable_progress_bars()
+    from test_publish import make_converted
+
+    from care_dataset import open_any, open_dataset
+    from care_dataset.hf import SLICES, VOLUMES, load_published
+    from care_dataset.publish import publish
+
+    shapes = [(args.slices, args.size, args.size)] * (args.cases + 1)  # the last case is the test split
+    source = make_converted(work / "converted", "zarr", shapes, seed=0)
+    output = work / "care"
+    publish(source, output)
+
+    t0 = time.perf_counter()
+    new = open_any(output)
+    t_open_new = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    old = FormatterSlices(load_published(output, SLICES, split="train"))
+    t_open_old = time.perf_counter() - t0
+    care = open_dataset(source)
+
+    rng = np.random.default_rng(0)
+    train = new.case_ids("train")
+    picks = [(train[rng.integers(len(train))], int(rng.integers(args.slices))) for _ in range(args.reads)]
+    for case_id, position in picks[:20]:  # same values from all three
+        a, b, c = (reader.read_slice(case_id, position) for reader in (new, old, care))
+        assert all(np.array_equal(x, y) and np.array_equal(x, z) for x, y, z in zip(a, b, c))
+    print(f"data: {args.cases} train cases x {args.slices} slices of {args.size}x{args.size}; "
+          f"{args.reads} random slice reads (second pass = warm page cache)")
+    print(f"open: PublishedDataset {t_open_new:.2f} s, numpy formatter {t_open_old:.2f} s (Arrow cache built "
+          "by the first, reused by the second)")
+    def report(what: str, unit: str, rates: dict[str, float]) -> None:
+        base = rates["numpy formatter"]
+        for name, rate in rates.items():
+            print(f"{what + ', ' + name:44s} {rate:9.1f} {unit}  ({rate / base:.2f}x the formatter)")
+
+    def best_rate(fn, calls) -> float:
+        return len(calls) / min(timed(fn, calls) for _ in range(2))
+
+    readers = {"PublishedDataset": new, "numpy formatter": old, "CareDataset (zarr)": care}
+    report("random read_slice", "slices/s", {n: best_rate(r.read_slice, picks) for n, r in readers.items()})
+    cases = [(c,) for c in train]
+    report("read_labels", "cases/s", {n: best_rate(r.read_labels, cases) for n, r in readers.items()})
+    t0 = time.perf_counter()
+    volumes = FormatterCases(load_published(output, VOLUMES))
+    print(f"numpy formatter over `volumes`: open {time.perf_counter() - t0:.2f} s (Arrow cache built)")
+    readers["numpy formatter"] = volumes
+    report("read_case", "cases/s", {n: best_rate(r.read_case, cases) for n, r in readers.items()})
+
+
+if __name__ == "__main__":
+    main()
