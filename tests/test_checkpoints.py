@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -199,6 +200,9 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
 
     save_checkpoint(second, tmp_path / "last", {"step": 2}, {"state.pt": lambda path: torch.save({"step": 2}, path)})
     assert load_checkpoint(tmp_path / "last")[1]["step"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "last").stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as a folder made by mkdir
     with pytest.raises(ValueError, match="may not replace"):
         save_checkpoint(second, tmp_path / "last", {}, {"config.json": lambda path: None})
 

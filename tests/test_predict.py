@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -346,6 +347,35 @@ def test_overlay_folder_holding_other_files_is_refused_before_any_work(tmp_path,
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and str(folder) in err and "did not write" in err
     assert mine.read_text() == "keep me" and sorted(folder.iterdir()) == [mine] and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["holds the output", "is the current folder", "symbolic link"])
+def test_overlay_folder_that_cannot_be_swapped_is_refused_before_any_work(tmp_path, threshold_model, capsys,
+                                                                          monkeypatch, case):
+    image = tmp_path / "absent.nii"  # never read: the refusal comes first
+    if case == "holds the output":
+        folder, out = tmp_path / "png", tmp_path / "png" / "pred.nii.gz"
+    elif case == "is the current folder":
+        monkeypatch.chdir(tmp_path)
+        folder, out = Path("."), Path("pred.nii.gz")
+    else:
+        (tmp_path / "real").mkdir()
+        (tmp_path / "png").symlink_to(tmp_path / "real")
+        folder, out = tmp_path / "png", tmp_path / "pred.nii.gz"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(image),
+                                     "--out", str(out), "--overlays", str(folder)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--overlays" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_overlay_folder_is_as_readable_as_any_folder(tmp_path, threshold_model):
+    folder = tmp_path / "png"
+    assert _run(tmp_path, _flipped_volume(tumour_slices=[1]), tmp_path / "pred.nii.gz", "--overlays", str(folder)) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 @pytest.mark.parametrize(

@@ -131,15 +131,29 @@ def test_resume_refuses_other_data_and_follows_the_run_folder(data_dir, tmp_path
         train(config_for(other, run, max_steps=3, resume=True))
 
 
-def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(data_dir, tmp_path):
+def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(data_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    import usam.models.checkpoints as checkpoints
+
     out = tmp_path / "run"
-    out.mkdir()
-    # what a run killed before its first checkpoint leaves
-    (out / "config.toml").write_text(to_toml(config_for(data_dir, out, max_steps=9, lr_decoder=0.5)))
-    (out / "run.json").write_text("{}")
-    (out / "log.jsonl").write_text(json.dumps({"kind": "train", "step": 7}) + "\n")
+    # a run killed at its first checkpoint: config.toml, run.json and log.jsonl, no last/
+    real_save = checkpoints.save_checkpoint
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_for(data_dir, out, max_steps=9, lr_decoder=0.5, val_every=0, log_every=1, epochs=1))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    assert (out / "config.toml").is_file() and (out / "log.jsonl").is_file() and not (out / "last").exists()
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train(config_for(data_dir, out, max_steps=2, resume=True))
+    # a command that fails its checks removes nothing
+    capsys.readouterr()
+    assert fit_error(capsys, ["--data", str(data_dir), "--out", str(out), "--model", "unet", "--model-arg",
+                              "no_such_option=1", "--device", "cpu"])
+    assert read_toml(out / "config.toml")["lr_decoder"] == 0.5
     result = train(config_for(data_dir, out, max_steps=2, val_every=0, log_every=1))
     assert result["step"] == 2
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -152,7 +166,26 @@ def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(
         train(config_for(data_dir, out, max_steps=2))
     assert all(torch.equal(weights(out / "last")[k], v) for k, v in expected.items())
     assert not (out / ".last.previous").exists()
+    # killed after the renames, before the old folder was removed, and a staging folder of a killed save
+    shutil.copytree(out / "last", out / ".last.previous")
+    (out / ".last.staging-x1y2").mkdir()
     assert train(config_for(data_dir, out, max_steps=4, resume=True))["step"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # the SAM checkpoint a run started from is not read again on resume: it may move
+    assert train(config_for(data_dir, out, max_steps=5, resume=True,
+                            sam_checkpoint=str(tmp_path / "moved.pth")))["step"] == 5
+
+
+def test_a_folder_with_a_config_no_run_wrote_is_refused_and_kept(data_dir, tmp_path, capsys):
+    out = tmp_path / "experiment"
+    out.mkdir()
+    (out / "config.toml").write_text('model = "unet"\n')
+    (out / "best").mkdir()
+    (out / "best" / "notes.txt").write_text("mine")
+    message = fit_error(capsys, ["--config", str(out / "config.toml"), "--data", str(data_dir), "--out", str(out),
+                                 "--model-arg", "base_channels=8", "--device", "cpu"])
+    assert "no usam fit run wrote" in message
+    assert (out / "config.toml").read_text() == 'model = "unet"\n' and (out / "best" / "notes.txt").is_file()
 
 
 def test_missing_shards_fail_before_any_work(data_dir, tmp_path, capsys):

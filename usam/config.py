@@ -142,8 +142,9 @@ class TrainConfig:
 
 
 # options that may differ between a run and its resumption without changing its results
+# (the weights come from last/ on resume, so a moved SAM checkpoint file does not matter)
 RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "log_every", "epochs", "max_steps", "data",
-                               "out"})
+                               "out", "sam_checkpoint"})
 
 
 def field_names() -> list[str]:

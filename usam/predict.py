@@ -508,6 +508,10 @@ def check_overlay_folder(folder: Path, out: Path) -> None:
     what = f"--overlays {folder}"
     if os.path.abspath(folder) == os.path.abspath(out):
         raise InputError(f"{what}: is the --out path")
+    if Path(os.path.abspath(out)).is_relative_to(os.path.abspath(folder)):
+        raise InputError(f"{what}: would hold the --out file; give a separate folder")
+    if folder.is_symlink():
+        raise InputError(f"{what}: is a symbolic link; give the folder it points to")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{what}: is a file, not a folder")
     if folder.is_dir() and not _overlay_folder_is_ours(folder):
@@ -549,6 +553,9 @@ class OutputWriter:
     def stage_folder(self, parent: Path, prefix: str) -> Path:
         self.created += _make_folders(parent)
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(folder, 0o777 & ~mask)  # mkdtemp makes it private; a staged folder may become the output
         self.staged.append(folder)
         return folder
 
@@ -576,7 +583,8 @@ def _swap_folder(staged: Path, folder: Path) -> None:
         return
     if not _overlay_folder_is_ours(folder):  # checked before the run; checked again just before replacing
         raise InputError(f"--overlays {folder}: holds files usam predict did not write there")
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
     os.replace(folder, old)
     try:
         os.replace(staged, folder)

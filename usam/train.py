@@ -18,7 +18,7 @@ import platform
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -289,11 +289,36 @@ def choose_device(name: str, ddp: Dist) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_resume(config: TrainConfig, data: TrainingData, main: bool = True) -> dict[str, Any] | None:
+def is_run_record(path: Path) -> bool:
+    """True if ``path`` is a run.json that `train` wrote."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and {"manifest_sha256", "total_steps", "world_size"} <= record.keys()
+
+
+def remove_unfinished_run(out: Path) -> None:
+    """Remove what a run that never wrote ``last/`` left in ``out`` (only files a run writes)."""
+    from usam.models.checkpoints import read_checkpoint_config
+
+    if (out / "last").exists() or not is_run_record(out / RUN_FILE):
+        return
+    for name in (CONFIG_FILE, LOG_FILE, CURVES_FILE, RUN_FILE):
+        (out / name).unlink(missing_ok=True)
+    try:
+        read_checkpoint_config(out / "best")
+    except ValueError:
+        return
+    shutil.rmtree(out / "best", ignore_errors=True)
+
+
+def resolve_resume(config: TrainConfig, data: TrainingData) -> dict[str, Any] | None:
     """For ``--resume``: the saved train state, after checking that neither the recipe nor the data changed.
 
-    Without ``--resume`` a folder holding a checkpoint is refused; the files of a run that stopped before
-    its first checkpoint (a crash, a bad shard) are removed by the main process, and the run starts afresh.
+    Without ``--resume`` a folder holding a checkpoint is refused, and so is a ``config.toml`` that no run
+    wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
+    (:func:`remove_unfinished_run`, after every check).
     """
     from usam.models.checkpoints import recover_checkpoint
 
@@ -303,10 +328,9 @@ def resolve_resume(config: TrainConfig, data: TrainingData, main: bool = True) -
     if not config.resume:
         if last.exists():
             raise ValueError(f"run folder {out} already holds a run; use --resume to continue it or another --out")
-        if main and (out / CONFIG_FILE).is_file():
-            for name in (CONFIG_FILE, RUN_FILE, LOG_FILE, CURVES_FILE):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(out / "best", ignore_errors=True)
+        if (out / CONFIG_FILE).exists() and not is_run_record(out / RUN_FILE):
+            raise ValueError(f"run folder {out} holds a {CONFIG_FILE} that no usam fit run wrote there; "
+                             "use another --out")
         return None
     if not (last / TRAIN_STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
         raise ValueError(f"--resume: {out} has no checkpoint to resume from; run it again without --resume")
@@ -375,9 +399,10 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     if config.class_weights and len(config.class_weights) != num_classes:
         raise ValueError(f"--class-weights needs {num_classes} values (one per class, background first), "
                          f"got {len(config.class_weights)}")
-    resume_state = resolve_resume(config, data, ddp.main)
+    resume_state = resolve_resume(config, data)
     torch.manual_seed(config.seed)
-    model = build_model(config, num_classes)
+    # on resume the weights come from last/: the SAM checkpoint the run started from is not read again
+    model = build_model(config if resume_state is None else replace(config, sam_checkpoint=""), num_classes)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -402,14 +427,16 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     # ---- run folder ----
     out = Path(config.out)
     if ddp.main:
+        if resume_state is None:
+            remove_unfinished_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / CONFIG_FILE, to_toml(config))
         run_info = {"data_checksum": data.data_checksum, "manifest_sha256": data.manifest_sha256,
                     "classes": data.class_names, "train_cases": len(data.train_ids), "val_cases": len(data.val_ids),
                     "train_slices": len(train_set), "val_slices": len(val_set), "steps_per_epoch": steps_per_epoch,
                     "total_steps": total_steps, "world_size": ddp.world_size, "device": str(device),
                     "git_commit": git_commit(), "versions": package_versions()}
-        write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
+        write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")  # first: it marks a run folder
+        write_text_atomic(out / CONFIG_FILE, to_toml(config))
 
     # ---- model, optimizer, schedule ----
     groups = model.parameter_groups()

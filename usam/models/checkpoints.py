@@ -177,8 +177,10 @@ def save_checkpoint(
     `extra_config` carries what inference needs besides the weights (classes, intensity
     window, normalisation, prompt settings, provenance). `extra_files` maps a file name to a
     function writing that file at the path it is given (e.g. a training state). Everything is
-    written to a staging folder that then takes the place of `directory` whole, so a reader
-    sees the old checkpoint or the new one, never a mix; see :func:`recover_checkpoint`.
+    written to a staging folder that then takes the place of `directory` whole (the old folder
+    is moved aside first), so an interruption leaves the old checkpoint or the new one, never
+    files of both; see :func:`recover_checkpoint`. A reader that opens the folder's files one
+    by one while a save replaces it may still see both.
     """
     directory = Path(directory)
     extra = dict(extra_config or {})
@@ -201,7 +203,8 @@ def save_checkpoint(
     recover_checkpoint(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"checkpoint path {directory} exists and is not a directory")
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is as readable as any file
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -221,13 +224,27 @@ def _previous_path(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.previous")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def recover_checkpoint(directory: str | os.PathLike) -> None:
-    """Finish a `save_checkpoint` that was killed between its two renames: the previous
-    checkpoint, moved aside, takes its place again."""
+    """Tidy up after a `save_checkpoint` that was killed: killed between its two renames, the
+    previous checkpoint (moved aside) takes its place again; killed after them, the previous one
+    is removed; staging folders of killed saves are removed. Safe to call from several processes."""
     directory = Path(directory)
     previous = _previous_path(directory)
     if previous.is_dir() and not directory.exists():
-        os.replace(previous, directory)
+        try:
+            os.replace(previous, directory)
+        except FileNotFoundError:  # another process recovered it first
+            pass
+    if previous.is_dir() and directory.is_dir():
+        shutil.rmtree(previous, ignore_errors=True)
+    for staging in directory.parent.glob(f".{directory.name}.staging-*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
