@@ -304,11 +304,13 @@ class CareDataset:
 
     def missing_cases(self, case_ids: list[str]) -> list[str]:
         """The cases among ``case_ids`` whose stored slices are absent (a cheap check of the files, not of
-        their contents)."""
+        their contents). A zarr array without its shard file counts as absent: zarr omits the shard only when
+        every slice is all zeros, which a stored case (every slice holds a labelled class) never is."""
         def present(case_id: str) -> bool:
             path = _case_path(self.root, self.storage, case_id)
             if self.storage == "zarr":
-                return all((path / name / "zarr.json").is_file() for name in ("image", "label"))
+                return all((path / name / "zarr.json").is_file() and (path / name / "c" / "0" / "0" / "0").is_file()
+                           for name in ("image", "label"))
             return path.is_file()
 
         return [case_id for case_id in case_ids if not present(case_id)]

@@ -198,6 +198,12 @@ def test_missing_shards_fail_before_any_work(data_dir, tmp_path, capsys):
                                  "base_channels=8", "--device", "cpu", "--workers", "0"])
     assert "missing" in message and case in message
     assert not out.exists()
+    shutil.copytree(data_dir / "slices.zarr" / case, broken / "slices.zarr" / case)
+    (broken / "slices.zarr" / case / "image" / "c" / "0" / "0" / "0").unlink()  # only the shard lost
+    message = fit_error(capsys, ["--data", str(broken), "--out", str(out), "--model", "unet", "--model-arg",
+                                 "base_channels=8", "--device", "cpu", "--workers", "0"])
+    assert "missing" in message and case in message
+    assert not out.exists()
 
 
 def test_validation_is_carved_from_train_patients_only(data_dir):
