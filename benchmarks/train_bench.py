@@ -88,6 +88,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # as usam fit does on CUDA
     flops = flops_per_image(args.model, device)
     variants = ["fp32", "bf16", "bf16+channels_last"] + (["bf16+channels_last+compile"] if args.compile else [])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -465,6 +465,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
                         if line.strip() and json.loads(line)["step"] <= step]
                 write_text_atomic(log_path, "".join(line + "\n" for line in kept))
     is_cuda = device.type == "cuda"
+    if is_cuda:  # every step has the same shapes: let cuDNN time its convolution algorithms once
+        torch.backends.cudnn.benchmark = not config.deterministic
     model.to(device)
     if is_cuda and config.channels_last:
         model.to(memory_format=torch.channels_last)
