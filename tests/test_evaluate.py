@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -206,6 +207,9 @@ def test_cli_with_untrained_model_writes_reports(converted, tiny_checkpoint, tmp
                                "--batch-size", "4", "--device", "cpu", "--out", str(out))) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cases.csv", "cases_grid.png", "metrics.json", "summary.csv"]
     assert (out / "cases_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # staged, renamed in, readable as any folder
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["points_per_class"] == 3 and summary["num_cases"] == 3 and summary["num_slices"] == 9
     for protocol in ("paper_protocol", "clinical_protocol"):

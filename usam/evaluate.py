@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from usam.predict import (
     resolve_device,
 )
 from usam.prompts import PADDING_LABEL, sample_points
+from usam.staging import make_staging_dir
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
 CLINICAL_PROTOCOL = (
@@ -414,7 +414,7 @@ def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: A
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = make_staging_dir(out.parent, f".{out.name}.")
     names = ["metrics.json", "cases.csv", "summary.csv", "cases_grid.png"]
     try:
         (staging / names[0]).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")

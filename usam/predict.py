@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from usam.prompts import (
     voxel_to_model,
     world_to_model,
 )
+from usam.staging import make_staging_dir
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
@@ -552,10 +552,7 @@ class OutputWriter:
 
     def stage_folder(self, parent: Path, prefix: str) -> Path:
         self.created += _make_folders(parent)
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(folder, 0o777 & ~mask)  # mkdtemp makes it private; a staged folder may become the output
+        folder = make_staging_dir(parent, prefix)
         self.staged.append(folder)
         return folder
 

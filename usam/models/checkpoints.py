@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from usam.staging import make_staging_dir
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -203,8 +204,7 @@ def save_checkpoint(
     recover_checkpoint(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"checkpoint path {directory} exists and is not a directory")
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is as readable as any file
+    staging = make_staging_dir(directory.parent, f".{directory.name}.staging-")
     try:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -222,12 +222,6 @@ def save_checkpoint(
 
 def _previous_path(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.previous")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def recover_checkpoint(directory: str | os.PathLike) -> None:
