@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published, storage_column
-from care_dataset.store import CareDataset, open_dataset
+from care_dataset.store import CareDataset, SplitSlices, open_dataset
 
 CONVERTED = "converted"
 PUBLISHED = "published"
@@ -65,7 +65,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-class PublishedDataset:
+class PublishedDataset(SplitSlices):
     """A published folder read like a converted one: class_names, num_classes, splits, cases, case_ids,
     missing_cases, read_case, read_labels, read_slice, slice_index, num_slices and sample.
 
@@ -126,6 +126,7 @@ class PublishedDataset:
                                     "kept_slices": slice_indices[case_id], "spacing": spacings[case_id]}
                           for split, ids in stored.items() for case_id in ids}
             self._add_volume_geometry()
+        self._all_ids = sorted(self.cases)
         self._index_cache: dict[str, np.ndarray] = {}
         self._columns: dict[tuple[str, str], Any] = {}  # (split, name) -> column as list storage, per process
 
@@ -172,12 +173,12 @@ class PublishedDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def case_ids(self, split: str | None = None) -> list[str]:
+    def _ordered_ids(self, split: str | None) -> list[str]:
         if split is None:
-            return sorted(self.cases)
+            return self._all_ids
         if split not in self.splits:
             raise KeyError(f"no split {split!r}; this dataset has {sorted(self.splits)}")
-        return list(self.splits[split])
+        return self.splits[split]
 
     def missing_cases(self, case_ids: list[str]) -> list[str]:
         """The cases among ``case_ids`` that have no rows in the ``slices`` configuration."""
@@ -210,28 +211,6 @@ class PublishedDataset:
         """One stored slice (position in 0..n-1): image (H, W) int16, label (H, W) uint8."""
         position = int(position)
         return self._read(case_id, "image", np.int16, position)[0], self._read(case_id, "label", np.uint8, position)[0]
-
-    def slice_index(self, split: str | None = None) -> np.ndarray:
-        """(N, 2) int64 table of (case number within ``case_ids(split)``, stored position) for every slice."""
-        key = split or ""
-        if key not in self._index_cache:
-            rows = [np.stack([np.full(self.cases[c]["num_slices"], i), np.arange(self.cases[c]["num_slices"])], 1)
-                    for i, c in enumerate(self.case_ids(split))]
-            self._index_cache[key] = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
-        return self._index_cache[key]
-
-    def num_slices(self, split: str | None = None) -> int:
-        return int(len(self.slice_index(split)))
-
-    def sample(self, split: str | None, i: int) -> dict:
-        """Slice ``i`` of a split as the sample dict of ``CareDataset.sample``."""
-        case_number, position = self.slice_index(split)[i]
-        case_id = (self.splits[split] if split is not None else self.case_ids())[case_number]
-        image, label = self.read_slice(case_id, int(position))
-        geometry = self.cases[case_id]
-        return {"image": image, "label": label, "case_id": case_id,
-                "slice_index": int(geometry["kept_slices"][position]),
-                "spacing": tuple(float(s) for s in geometry["spacing"])}
 
     def __repr__(self) -> str:
         splits = ", ".join(f"{k}: {len(v)} cases" for k, v in self.splits.items())

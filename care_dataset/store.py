@@ -227,7 +227,60 @@ def _write_h5_file(path: Path, image: np.ndarray, label: np.ndarray) -> None:
                              shuffle=True, track_times=False)
 
 
-class CareDataset:
+class SplitSlices:
+    """One numbering of the stored slices of a split's cases, in split order: what a reader of cases offers
+    as a flat slice dataset (`CareDataset` and `care_dataset.published.PublishedDataset`).
+
+    A reader defines ``cases`` (per case ``num_slices``, ``kept_slices``, ``spacing``),
+    ``_ordered_ids(split)`` (the split's case IDs, all of them sorted for ``None``), ``read_slice`` and an
+    ``_index_cache`` dict.
+    """
+
+    cases: dict[str, dict]
+    _index_cache: dict[str, np.ndarray]
+
+    def _ordered_ids(self, split: str | None) -> list[str]:
+        raise NotImplementedError
+
+    def read_slice(self, case_id: str, position: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def case_ids(self, split: str | None = None) -> list[str]:
+        return list(self._ordered_ids(split))
+
+    def slice_index(self, split: str | None = None) -> np.ndarray:
+        """(N, 2) int64 table of (case number within ``case_ids(split)``, stored position) for every slice."""
+        key = split or ""
+        if key not in self._index_cache:
+            rows = [np.stack([np.full(self.cases[c]["num_slices"], i), np.arange(self.cases[c]["num_slices"])], 1)
+                    for i, c in enumerate(self.case_ids(split))]
+            self._index_cache[key] = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
+        return self._index_cache[key]
+
+    def num_slices(self, split: str | None = None) -> int:
+        return int(len(self.slice_index(split)))
+
+    def sample(self, split: str | None, i: int) -> dict:
+        """Slice ``i`` of a split as the common sample dict (also produced from a Hugging Face dataset).
+
+        Keys: image (H, W) int16 HU, label (H, W) uint8, case_id str, slice_index int (axial index in the
+        case's canonical volume), spacing (x, y, z) mm.
+        """
+        case_number, position = self.slice_index(split)[i]
+        case_id = self._ordered_ids(split)[case_number]
+        image, label = self.read_slice(case_id, int(position))
+        geometry = self.cases[case_id]
+        return {
+            "image": image,
+            "label": label,
+            "case_id": case_id,
+            "slice_index": int(geometry["kept_slices"][position]),
+            "spacing": tuple(float(s) for s in geometry["spacing"]),
+        }
+
+
+
+class CareDataset(SplitSlices):
     """Read a converted CARE folder: manifest, splits, per-case geometry and slices.
 
     Handles to zarr groups / HDF5 files are opened lazily per process, so an instance can be handed to
@@ -269,9 +322,6 @@ class CareDataset:
     @property
     def num_classes(self) -> int:
         return len(self.manifest["classes"])
-
-    def case_ids(self, split: str | None = None) -> list[str]:
-        return list(self._ordered_ids(split))
 
     def _ordered_ids(self, split: str | None) -> list[str]:
         """``case_ids(split)`` without a copy per call (``sample`` is on the training hot path)."""
@@ -329,36 +379,6 @@ class CareDataset:
         """One stored slice (position in 0..n-1): image (H, W) int16, label (H, W) uint8."""
         image, label = self._arrays(case_id)
         return np.asarray(image[position]), np.asarray(label[position])
-
-    def slice_index(self, split: str | None = None) -> np.ndarray:
-        """(N, 2) int64 table of (case number within ``case_ids(split)``, stored position) for every slice."""
-        key = split or ""
-        if key not in self._index_cache:
-            rows = [np.stack([np.full(self.cases[c]["num_slices"], i), np.arange(self.cases[c]["num_slices"])], 1)
-                    for i, c in enumerate(self.case_ids(split))]
-            self._index_cache[key] = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
-        return self._index_cache[key]
-
-    def num_slices(self, split: str | None = None) -> int:
-        return int(len(self.slice_index(split)))
-
-    def sample(self, split: str | None, i: int) -> dict:
-        """Slice ``i`` of a split as the common sample dict (also produced from a Hugging Face dataset).
-
-        Keys: image (H, W) int16 HU, label (H, W) uint8, case_id str, slice_index int (axial index in the
-        case's canonical volume), spacing (x, y, z) mm.
-        """
-        case_number, position = self.slice_index(split)[i]
-        case_id = self._ordered_ids(split)[case_number]
-        image, label = self.read_slice(case_id, int(position))
-        geometry = self.cases[case_id]
-        return {
-            "image": image,
-            "label": label,
-            "case_id": case_id,
-            "slice_index": int(geometry["kept_slices"][position]),
-            "spacing": tuple(float(s) for s in geometry["spacing"]),
-        }
 
     def __repr__(self) -> str:
         splits = ", ".join(f"{k}: {len(v)} cases" for k, v in self.splits.items())
