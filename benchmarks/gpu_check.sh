@@ -13,6 +13,7 @@ FIG="$OUTDIR/figures.jsonl"
 : > "$FIG"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  if [ -f .whl/simpleitk.tar.xz ]; then tar xJf .whl/simpleitk.tar.xz -C /tmp/site || exit 1; fi
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
