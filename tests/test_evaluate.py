@@ -171,7 +171,7 @@ def test_missed_tumour_is_excluded_from_hd95_but_penalised_in_hd95_penalised(con
     console = Console(record=True, width=250)
     print_tables(summary, console)
     text = console.export_text()
-    assert "HD95 mm penalised" in text and "missed" in text
+    assert "HD95 mm" in text and "penalised" in text and "missed" in text
     assert f"{diagonal / 2:.2f}" in text
     assert "misses and false positives are excluded" in text and "field of view" in text
 

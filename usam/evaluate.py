@@ -384,26 +384,27 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
 
     clinical = summary["clinical_protocol"]
     table = Table(title=f"CLINICAL protocol - {clinical['description']} ({summary['num_cases']} cases, {prompt})")
-    for column in ("class", "Dice", "IoU", "HD95 mm", "HD95 mm penalised", "both empty", "missed",
-                   "false positive", "HD95 undefined"):
-        table.add_column(column, justify="left" if column == "class" else "right")
+    for column in ("class", "Dice", "IoU", "HD95 mm", "HD95 mm\npenalised"):
+        table.add_column(column, justify="left" if column == "class" else "right", no_wrap=column != "class")
 
-    def pm(s: Mapping[str, Any], digits: int = 4) -> str:
+    def pm(s: Mapping[str, Any], digits: int) -> str:
         return "NaN" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
     for name in clinical["dice"]:
-        table.add_row(
-            name, pm(clinical["dice"][name]), pm(clinical["iou"][name]), pm(clinical["hd95_mm"][name], 2),
-            pm(clinical["hd95_mm_penalised"][name], 2),
-            str(clinical["cases_class_absent_in_truth_and_prediction"][name]),
-            str(clinical["cases_class_in_truth_but_not_predicted"][name]),
-            str(clinical["cases_class_absent_in_truth_but_predicted"][name]),
-            str(clinical["hd95_mm"][name]["n_undefined"]),
-        )
-    table.add_row("mean (foreground)", pm(clinical["mean_dice"]), pm(clinical["mean_iou"]), "", "", "", "", "", "",
-                  style="bold")
+        table.add_row(name, pm(clinical["dice"][name], 3), pm(clinical["iou"][name], 3),
+                      pm(clinical["hd95_mm"][name], 2), pm(clinical["hd95_mm_penalised"][name], 2))
+    table.add_row("mean (fg)", pm(clinical["mean_dice"], 3), pm(clinical["mean_iou"], 3), "", "", style="bold")
     console.print(table)
-    console.print("both empty: class absent in truth and prediction (excluded from every mean); missed: in the "
+    counts = Table(title="CLINICAL protocol - cases where a class is absent from the truth or the prediction")
+    for column in ("class", "both empty", "missed", "false positive", "HD95 undefined"):
+        counts.add_column(column, justify="left" if column == "class" else "right")
+    for name in clinical["dice"]:
+        counts.add_row(name, str(clinical["cases_class_absent_in_truth_and_prediction"][name]),
+                       str(clinical["cases_class_in_truth_but_not_predicted"][name]),
+                       str(clinical["cases_class_absent_in_truth_but_predicted"][name]),
+                       str(clinical["hd95_mm"][name]["n_undefined"]))
+    console.print(counts)
+    console.print("mean (fg): over the foreground classes. both empty: class absent in truth and prediction (excluded from every mean); missed: in the "
                   "truth, not predicted (Dice 0); false positive: absent in the truth but predicted (Dice 0). "
                   f"{HD95_DEFINITIONS['hd95_mm']} {HD95_DEFINITIONS['hd95_mm_penalised']} See docs/evaluation.md.")
 
