@@ -38,7 +38,7 @@ from usam.prompts import (
     voxel_to_model,
     world_to_model,
 )
-from usam.staging import make_staging_dir
+from usam.staging import make_staging_dir, replace_folder
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
@@ -574,21 +574,10 @@ def _move_files_in(staged: Path, destination: Path, last: str) -> None:
 
 
 def _swap_folder(staged: Path, folder: Path) -> None:
-    """Put `staged` in place of `folder` (renames); the old folder, ours, is then removed."""
-    if not folder.exists():
-        os.rename(staged, folder)
-        return
-    if not _overlay_folder_is_ours(folder):  # checked before the run; checked again just before replacing
+    """Put `staged` in place of `folder`, whose files, ours, are then removed."""
+    if folder.exists() and not _overlay_folder_is_ours(folder):  # checked before the run, and again here
         raise InputError(f"--overlays {folder}: holds files usam predict did not write there")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(folder, old)
-    try:
-        os.replace(staged, folder)
-    except OSError:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staged, folder)
 
 
 def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,3 +16,27 @@ def make_staging_dir(parent: Path, prefix: str) -> Path:
     os.umask(mask)
     os.chmod(folder, 0o777 & ~mask)
     return folder
+
+
+def previous_path(folder: Path) -> Path:
+    """Where `replace_folder` moves the folder it replaces: ``.<name>.previous`` beside it."""
+    return folder.with_name(f".{folder.name}.previous")
+
+
+def replace_folder(staged: Path, folder: Path) -> None:
+    """Put `staged` in place of `folder` as a whole: an existing `folder` is moved aside to
+    `previous_path(folder)`, `staged` is renamed into place and the old folder removed; if that rename
+    fails, the old folder is put back. A process killed between the two renames leaves the old folder
+    at `previous_path(folder)` and no `folder`."""
+    if not folder.exists():
+        os.replace(staged, folder)
+        return
+    previous = previous_path(folder)
+    shutil.rmtree(previous, ignore_errors=True)  # left by a run killed after its renames
+    os.replace(folder, previous)
+    try:
+        os.replace(staged, folder)
+    except OSError:
+        os.replace(previous, folder)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)

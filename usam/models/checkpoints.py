@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from usam.staging import make_staging_dir
+from usam.staging import make_staging_dir, previous_path, replace_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -210,18 +210,10 @@ def save_checkpoint(
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, write in (extra_files or {}).items():
             write(staging / name)
-        previous = _previous_path(directory)
-        if directory.exists():
-            os.replace(directory, previous)
-        os.replace(staging, directory)
-        shutil.rmtree(previous, ignore_errors=True)
+        replace_folder(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
-
-
-def _previous_path(directory: Path) -> Path:
-    return directory.with_name(f".{directory.name}.previous")
 
 
 def recover_checkpoint(directory: str | os.PathLike) -> None:
@@ -229,7 +221,7 @@ def recover_checkpoint(directory: str | os.PathLike) -> None:
     previous checkpoint (moved aside) takes its place again; killed after them, the previous one
     is removed; staging folders of killed saves are removed. Safe to call from several processes."""
     directory = Path(directory)
-    previous = _previous_path(directory)
+    previous = previous_path(directory)
     if previous.is_dir() and not directory.exists():
         try:
             os.replace(previous, directory)
