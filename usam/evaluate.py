@@ -239,18 +239,15 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
         s = summarize(values)
         return {k: _number(v) if isinstance(v, float) else v for k, v in s.items()}
 
-    undefined_both = {
-        names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] == 0 and case.pred_voxels[c] == 0)
-        for c in foreground
-    }
-    false_positive_cases = {
-        names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] == 0 and case.pred_voxels[c] > 0)
-        for c in foreground
-    }
-    missed_cases = {
-        names[c]: sum(1 for case in evaluation.cases if case.true_voxels[c] > 0 and case.pred_voxels[c] == 0)
-        for c in foreground
-    }
+    def cases_where(in_truth: bool, predicted: bool) -> dict[str, int]:
+        """Per class, the cases whose truth holds it (or not) and whose prediction holds it (or not)."""
+        return {names[c]: sum(1 for case in evaluation.cases
+                              if (case.true_voxels[c] > 0) == in_truth and (case.pred_voxels[c] > 0) == predicted)
+                for c in foreground}
+
+    undefined_both = cases_where(in_truth=False, predicted=False)
+    false_positive_cases = cases_where(in_truth=False, predicted=True)
+    missed_cases = cases_where(in_truth=True, predicted=False)
     return {
         "split": evaluation.split,
         "model": model_name,
@@ -404,8 +401,9 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
                        str(clinical["cases_class_absent_in_truth_but_predicted"][name]),
                        str(clinical["hd95_mm"][name]["n_undefined"]))
     console.print(counts)
-    console.print("mean (fg): over the foreground classes. both empty: class absent in truth and prediction (excluded from every mean); missed: in the "
-                  "truth, not predicted (Dice 0); false positive: absent in the truth but predicted (Dice 0). "
+    console.print("mean (fg): over the foreground classes. both empty: class absent in truth and prediction "
+                  "(excluded from every mean); missed: in the truth, not predicted (Dice 0); false positive: "
+                  "absent in the truth but predicted (Dice 0). "
                   f"{HD95_DEFINITIONS['hd95_mm']} {HD95_DEFINITIONS['hd95_mm_penalised']} See docs/evaluation.md.")
 
 
