@@ -6,7 +6,6 @@ slice_index int, spacing (x, y, z) mm; training code does not care which one it 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,14 +87,6 @@ class CareSliceDataset(torch.utils.data.Dataset):
         if indices is None:
             raise KeyError(f"unknown case {case_id!r} in split {self.split!r}")
         return list(indices)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        if isinstance(self._care, CareDataset):  # zarr/HDF5 handles do not pickle (spawn workers); reopen lazily
-            care = copy.copy(self._care)
-            care._handles = {}
-            state["_care"] = care
-        return state
 
     def __repr__(self) -> str:
         kind = {CareDataset: "shards", PublishedDataset: "published"}.get(type(self._care), "datasets")
