@@ -56,8 +56,8 @@ def check_parquet_footers(root: Path) -> None:
         try:
             pq.read_metadata(file)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-            reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"{file.relative_to(root).as_posix()}: not a readable Parquet file ({reason})") from None
+            raise ValueError(f"{file.relative_to(root).as_posix()}: not a readable Parquet file "
+                             f"({_first_line(error)})") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -279,7 +279,6 @@ class SplitSlices:
         }
 
 
-
 class CareDataset(SplitSlices):
     """Read a converted CARE folder: manifest, splits, per-case geometry and slices.
 

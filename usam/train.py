@@ -320,7 +320,7 @@ def resolve_resume(config: TrainConfig, data: TrainingData) -> dict[str, Any] | 
     wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
     (:func:`remove_unfinished_run`, after every check).
     """
-    from usam.models.checkpoints import recover_checkpoint
+    from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
 
     out = Path(config.out)
     last = out / "last"
@@ -340,7 +340,7 @@ def resolve_resume(config: TrainConfig, data: TrainingData) -> dict[str, Any] | 
     if changed:
         raise ValueError(f"--resume: options differ from the saved run in {', '.join(changed)} "
                          f"(allowed to change: {', '.join(sorted(RESUMABLE_CHANGES))})")
-    training = json.loads((last / "config.json").read_text())["training"]
+    training = read_checkpoint_config(last)["training"]
     if training.get("manifest_sha256") != data.manifest_sha256:
         raise ValueError(f"--resume: the data in {config.data} is not the data the run was trained on "
                          f"(its dataset.json differs from the one recorded in {last / 'config.json'})")
