@@ -13,14 +13,14 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from care_dataset import store
 from care_dataset.convert import convert_dataset, to_original_grid
 from care_dataset.profiles import load_profile
 from care_dataset.splits import patient_of
 from care_dataset.synth_phantom import phantom_volume
+from ct_instances import new_ct_instance
 
 KEY = b"test-key-not-secret"
 SIZE = 64  # in-plane pixels
@@ -57,13 +57,7 @@ def write_dicom_case(case_dir: Path, hu: np.ndarray, label: np.ndarray, phi: dic
     origin = (-SIZE * SPACING[0] / 2, -SIZE * SPACING[1] / 2, -100.0)
     uids = [study, series, frame]
     for k in range(hu.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds = new_ct_instance()
         uids.append(ds.SOPInstanceUID)
         ds.Modality = modality
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame

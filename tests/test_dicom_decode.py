@@ -14,12 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          generate_uid)
 
 from care_dataset import io_dicom
 from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
+from ct_instances import new_ct_instance
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -53,13 +53,7 @@ def write_slices(folder: Path, stored: np.ndarray, *, bits_stored=16, signed=Tru
     normal = np.cross(orientation[:3], orientation[3:])
     normal /= np.linalg.norm(normal)
     for k, pixels in enumerate(stored):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = syntax
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds = new_ct_instance(syntax)
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series_uid, 3
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         position = np.array([-20.0 + k * drift[0], 31.5 + k * drift[1], 0.0]) + (100.0 - 3.0 * k) * normal

@@ -9,8 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import RLELossless, generate_uid
 
 from care_dataset.io import (
     CaseError,
@@ -23,6 +22,7 @@ from care_dataset.io import (
     to_canonical,
 )
 from care_dataset.profiles import load_profile, parse_profile
+from ct_instances import new_ct_instance
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PHI_FOLDER = "DOE^JOHN 1961-04-02"
@@ -51,13 +51,7 @@ def write_series(
     normal = np.cross(row, col)
     stored = np.rint((hu.astype(np.float64) - intercept) / slope).astype(np.int16)
     for k, pixels in enumerate(stored):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds = new_ct_instance()
         ds.PatientName, ds.PatientID, ds.Modality = "DOE^JOHN", "PID-4711", modality
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, 2
         ds.ImageType = list(image_type)
