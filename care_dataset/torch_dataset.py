@@ -11,24 +11,17 @@ from typing import Any, Callable
 
 import torch.utils.data
 
-from care_dataset.hf import SAMPLE_KEYS, SLICES, load_published, table_row_to_sample
-from care_dataset.published import CONVERTED, PUBLISHED, PublishedDataset, source_kind
-from care_dataset.store import CareDataset, open_dataset
+from care_dataset.hf import SAMPLE_KEYS, table_row_to_sample
+from care_dataset.published import CONVERTED, PUBLISHED, PublishedDataset, open_any, source_kind
+from care_dataset.store import CareDataset
 
-__all__ = ["CONVERTED", "PUBLISHED", "CareSliceDataset", "open_source", "source_kind"]
-
-
-def open_source(path: str | Path) -> Any:
-    """A converted folder as a CareDataset, a published folder as a ``datasets.DatasetDict`` of slices
-    (``care_dataset.published.open_any`` gives a PublishedDataset instead)."""
-    if source_kind(path) == CONVERTED:
-        return open_dataset(path)
-    return load_published(path, SLICES)
+__all__ = ["CONVERTED", "PUBLISHED", "CareSliceDataset", "source_kind"]
 
 
 class CareSliceDataset(torch.utils.data.Dataset):
-    """Slices of one split; ``source`` is a folder path (converted or published), a CareDataset, a
-    PublishedDataset, or a loaded ``datasets.Dataset`` / ``DatasetDict`` of the ``slices`` configuration.
+    """Slices of one split; ``source`` is a folder path (converted or published, opened with
+    ``care_dataset.open_any``), a CareDataset, a PublishedDataset, or a loaded ``datasets.Dataset`` /
+    ``DatasetDict`` of the ``slices`` configuration.
 
     ``transform`` (picklable, for spawn workers) is applied to the sample dict.
     """
@@ -42,7 +35,7 @@ class CareSliceDataset(torch.utils.data.Dataset):
         self._hf: Any = None
         self._case_index: dict[str, list[int]] | None = None
         if isinstance(source, (str, Path)):
-            source = open_source(source)
+            source = open_any(source)
         if isinstance(source, (CareDataset, PublishedDataset)):
             self._care = source
             self.case_ids: list[str] = source.case_ids(split)

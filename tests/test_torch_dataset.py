@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from care_dataset import open_any, store
 from care_dataset.publish import publish
-from care_dataset.torch_dataset import CareSliceDataset, open_source, source_kind
+from care_dataset.torch_dataset import CareSliceDataset, source_kind
 from test_publish import assert_sample_equal, hf_offline, make_converted  # noqa: F401  (fixture re-used)
 
 
@@ -86,14 +86,16 @@ def test_transform_is_applied(folders):
     np.testing.assert_array_equal(shifted[2]["image"], plain[2]["image"].astype(np.int32) + 1)
 
 
-def test_open_source_detects_the_folder_kind(folders, tmp_path):
-    import datasets
-
+def test_a_folder_path_is_opened_with_the_reader_of_its_kind(folders, tmp_path):
     source, output = folders
-    assert source_kind(source) == "converted" and isinstance(open_source(source), store.CareDataset)
-    assert source_kind(output) == "published" and isinstance(open_source(output), datasets.DatasetDict)
+    assert source_kind(source) == "converted" and repr(CareSliceDataset(source, "test")).startswith(
+        "CareSliceDataset(shards,")
+    assert source_kind(output) == "published" and repr(CareSliceDataset(output, "test")).startswith(
+        "CareSliceDataset(published,")
     with pytest.raises(FileNotFoundError, match="neither"):
         source_kind(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        CareSliceDataset(tmp_path)
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
@@ -101,7 +103,10 @@ def test_dataloader_with_two_workers(folders, start_method):
     if start_method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"{start_method} start method not available")
     source, output = folders
-    parts = [CareSliceDataset(src, "train", transform=add_one_to_image) for src in (source, output, open_any(output))]
+    import datasets
+
+    sources = (source, output, datasets.load_dataset(str(output), split="train"))
+    parts = [CareSliceDataset(src, "train", transform=add_one_to_image) for src in sources]
     for part in parts:
         part[0]  # opens handles in the parent: workers must still get fresh ones
     dataset = ConcatDataset(parts)  # one loader (one set of workers) reads both kinds of source
