@@ -217,7 +217,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
-            raise InputError(f"{path}: not a readable image ({_first_line(error)})") from None
+            raise InputError(f"{path}: not a readable image ({_last_line(error)})") from None
     else:
         raise InputError(f"{path}: no such file or folder")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -228,7 +228,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     return image
 
 
-def _first_line(error: Exception) -> str:
+def _last_line(error: Exception) -> str:
+    """The last non-empty line of an error: where SimpleITK puts its reason, after the C++ source location."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 
@@ -536,7 +537,7 @@ def _make_folders(folder: Path) -> list[Path]:
 def _reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return _first_line(error)
+    return _last_line(error)
 
 
 class OutputWriter:
