@@ -68,14 +68,16 @@ def make_splits(case_ids: list[str], split_sizes: dict[str, int], seed: int) -> 
 def carve_validation(case_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split training case IDs into (train, validation) by patient; about ``fraction`` of the patients validate.
 
-    At least one validation patient when ``fraction > 0`` and there are two or more patients, and never all.
+    At least one validation patient when ``fraction > 0`` and there are two or more patients, and never all:
+    a single patient always trains.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
     patients = sorted({patient_of(c) for c in case_ids})
     num_val = int(round(fraction * len(patients)))
-    if fraction > 0 and len(patients) >= 2:
-        num_val = min(max(num_val, 1), len(patients) - 1)
+    if fraction > 0:
+        num_val = max(num_val, 1)
+    num_val = min(num_val, len(patients) - 1) if patients else 0
     order = np.random.default_rng(seed).permutation(len(patients))
     val_patients = {patients[i] for i in order[:num_val]}
     train = sorted(c for c in case_ids if patient_of(c) not in val_patients)

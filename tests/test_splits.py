@@ -72,3 +72,21 @@ def test_carve_validation_by_patient():
     assert carve_validation(case_ids, 0.0, seed=0) == (sorted(case_ids), [])
     with pytest.raises(ValueError):
         carve_validation(case_ids, 1.0, seed=0)
+
+
+@pytest.mark.parametrize("num_patients, fraction, num_val", [
+    (1, 0.01, 0), (1, 0.5, 0), (1, 0.99, 0),  # one patient: it trains, nothing validates
+    (2, 0.01, 1), (2, 0.5, 1), (2, 0.99, 1),
+    (3, 0.01, 1), (3, 0.99, 2),
+])
+def test_carve_validation_never_takes_every_patient(num_patients, fraction, num_val):
+    case_ids = _case_ids(num_patients, cases_per_patient=lambda i: 2)
+    train, val = carve_validation(case_ids, fraction, seed=0)
+    assert sorted(train + val) == sorted(case_ids)
+    train_patients, val_patients = {patient_of(c) for c in train}, {patient_of(c) for c in val}
+    assert train_patients and not train_patients & val_patients
+    assert len(val_patients) == num_val
+
+
+def test_carve_validation_of_no_cases_is_empty():
+    assert carve_validation([], 0.5, seed=0) == ([], [])
