@@ -253,6 +253,47 @@ def test_bad_input_fails_early_with_one_line(data_dir, tmp_path, capsys):
     assert not out.exists()  # nothing written by any failed run
 
 
+@pytest.mark.parametrize("option, value", [
+    ("flip_prob", 2.0), ("flip_prob", -0.1), ("small_rotation_prob", -1.0), ("small_rotation_prob", float("nan")),
+    ("max_rotation_deg", float("nan")), ("max_rotation_deg", float("inf")), ("max_rotation_deg", -5.0),
+    ("weight_decay", -5.0), ("weight_decay", float("inf")), ("poly_power", -1.0), ("poly_power", float("nan")),
+    ("lr_decoder", float("inf")), ("lr_encoder", float("nan")), ("ce_weight", float("inf")),
+    ("dice_weight", float("nan")), ("seed", -1), ("seed", 2**63), ("workers", -2),
+])
+def test_validate_refuses_out_of_range_options(option, value):
+    config = build_config({"data": "somewhere"})
+    config.validate()
+    with pytest.raises(ValueError, match=option if option not in ("lr_decoder", "lr_encoder") else "learning rates"):
+        build_config({"data": "somewhere", option: value}).validate()
+
+
+@pytest.mark.parametrize("option, value", [("flip_prob", 0.0), ("flip_prob", 1.0), ("max_rotation_deg", 0.0),
+                                           ("small_rotation_prob", 1.0), ("weight_decay", 0.0), ("poly_power", 0.0),
+                                           ("workers", -1), ("seed", 2**63 - 1)])
+def test_validate_accepts_the_ends_of_each_range(option, value):
+    build_config({"data": "somewhere", option: value}).validate()
+
+
+@pytest.mark.parametrize("key, flag", [("points_per_class", "--points"), ("num_classes", "--num-classes"),
+                                       ("name", "--model"), ("sam_checkpoint", "--sam-checkpoint")])
+def test_model_args_the_trainer_sets_are_refused(data_dir, tmp_path, capsys, key, flag):
+    out = tmp_path / "run"
+    message = fit_error(capsys, ["--data", str(data_dir), "--out", str(out), "--model", "unet", "--model-arg",
+                                 f"{key}=5", "--device", "cpu", "--workers", "0"])
+    assert f"--model-arg {key}" in message and flag in message
+    assert not out.exists()
+
+
+def test_bad_numeric_options_write_nothing(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(data_dir), "--out", str(out), "--model", "unet", "--model-arg", "base_channels=8",
+            "--device", "cpu", "--workers", "0", "--max-steps", "1"]
+    for flag, value, name in (("--poly-power", "-1", "poly_power"), ("--weight-decay", "-5", "weight_decay"),
+                              ("--max-rotation-deg", "nan", "max_rotation_deg"), ("--flip-prob", "2", "flip_prob")):
+        assert name in fit_error(capsys, [*base, flag, value])
+        assert not out.exists()
+
+
 def test_config_file_and_command_line_precedence(data_dir, tmp_path):
     from usam.cli import build_parser, resolve_fit_config
 

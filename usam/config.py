@@ -71,7 +71,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     """AdamW decoupled weight decay (PyTorch's default)."""
     poly_power: float = 0.9
-    """Polynomial decay: lr = base_lr * (1 - step / total_steps) ** poly_power."""
+    """Polynomial decay: lr = base_lr * (1 - step / total_steps) ** poly_power (0 = constant lr)."""
     ce_weight: float = 0.4
     """Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' code: 0.4 / 0.6)."""
     dice_weight: float = 0.6
@@ -105,28 +105,49 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
+        def finite(*values: float) -> bool:
+            return all(math.isfinite(float(v)) for v in values)
+
         checks = [
             (len(self.window) == 2 and float(self.window[0]) < float(self.window[1]),
              f"window must be two numbers low < high, got {self.window}"),
             (self.points >= 0, f"points must be >= 0, got {self.points}"),
+            (0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}"),
+            (finite(self.max_rotation_deg) and self.max_rotation_deg >= 0,
+             f"max_rotation_deg must be finite and >= 0, got {self.max_rotation_deg}"),
+            (0.0 <= self.small_rotation_prob <= 1.0,
+             f"small_rotation_prob must be in [0, 1], got {self.small_rotation_prob}"),
             (0.0 <= self.class_balance <= 1.0, f"class_balance must be in [0, 1], got {self.class_balance}"),
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.ce_weight >= 0 and self.dice_weight >= 0 and self.ce_weight + self.dice_weight > 0,
-             "ce_weight and dice_weight must be >= 0 and not both 0"),
-            (self.lr_encoder >= 0 and self.lr_decoder >= 0, "learning rates must be >= 0"),
+            (finite(self.lr_encoder, self.lr_decoder) and self.lr_encoder >= 0 and self.lr_decoder >= 0,
+             f"learning rates must be finite and >= 0, got lr_encoder {self.lr_encoder}, "
+             f"lr_decoder {self.lr_decoder}"),
+            (finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be finite and >= 0, got {self.weight_decay}"),
+            (finite(self.poly_power) and self.poly_power >= 0,
+             f"poly_power must be finite and >= 0, got {self.poly_power}"),
+            (finite(self.ce_weight, self.dice_weight) and self.ce_weight >= 0 and self.dice_weight >= 0
+             and self.ce_weight + self.dice_weight > 0,
+             "ce_weight and dice_weight must be finite, >= 0 and not both 0"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.val_every >= 0, f"val_every must be >= 0, got {self.val_every}"),
+            (self.workers >= -1, f"workers must be >= 0, or -1 for automatic, got {self.workers}"),
             (self.num_classes == 0 or self.num_classes >= 2, f"num_classes must be 0 or >= 2, got {self.num_classes}"),
-            (all(math.isfinite(float(w)) for w in self.window), "window must be finite"),
+            (finite(*self.window), "window must be finite"),
             (all(math.isfinite(float(w)) and float(w) >= 0 for w in self.class_weights),
              f"class_weights must be finite and >= 0, got {self.class_weights}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        reserved = sorted(set(self.model_args) & set(TRAINER_MODEL_ARGS))
+        if reserved:
+            key = reserved[0]
+            raise ValueError(f"--model-arg {key}: the trainer sets it; use {TRAINER_MODEL_ARGS[key]}")
         if not self.data:
             raise ValueError("no data folder given (--data)")
 
@@ -140,6 +161,10 @@ class TrainConfig:
                  if getattr(self, k)}
         return dataclasses.replace(self, **paths)
 
+
+# create_model arguments the trainer passes itself, and the option that sets each
+TRAINER_MODEL_ARGS = {"name": "--model", "num_classes": "--num-classes", "points_per_class": "--points",
+                      "sam_checkpoint": "--sam-checkpoint"}
 
 # options that may differ between a run and its resumption without changing its results
 # (the weights come from last/ on resume, so a moved SAM checkpoint file does not matter)
