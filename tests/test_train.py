@@ -294,6 +294,20 @@ def test_bad_numeric_options_write_nothing(data_dir, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_paths_of_the_wrong_kind_fail_with_one_line(data_dir, tmp_path, capsys):
+    a_file = tmp_path / "fit.toml"
+    a_file.write_text('model = "unet"\n')
+    base = ["--model", "unet", "--model-arg", "base_channels=8", "--device", "cpu", "--workers", "0"]
+    out = tmp_path / "run"
+    assert "is not a folder" in fit_error(capsys, ["--data", str(a_file), "--out", str(out), *base])
+    message = fit_error(capsys, ["--config", str(data_dir), "--out", str(out), *base])
+    assert str(data_dir) in message and "is a folder" in message
+    for bad_out in (a_file, a_file / "run"):
+        message = fit_error(capsys, ["--data", str(data_dir), "--out", str(bad_out), *base, "--max-steps", "1"])
+        assert "exists and is not a folder" in message
+    assert a_file.read_text() == 'model = "unet"\n' and not out.exists()
+
+
 def test_config_file_and_command_line_precedence(data_dir, tmp_path):
     from usam.cli import build_parser, resolve_fit_config
 

@@ -214,6 +214,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"config file {path}: not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path}: is a folder, not a file") from None
+    except OSError as error:
+        raise ValueError(f"config file {path}: unreadable ({error.strerror or error})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"config file {path}: not valid TOML ({error})") from None
     known = set(field_names())

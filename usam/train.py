@@ -103,8 +103,10 @@ def open_training_data(config: TrainConfig) -> TrainingData:
     from care_dataset.splits import carve_validation
 
     root = Path(config.data)
-    if not root.is_dir():
+    if not root.exists():
         raise ValueError(f"data folder {root}: not found")
+    if not root.is_dir():
+        raise ValueError(f"data folder {root}: is not a folder")
     try:
         # a published folder carries a byte copy of the converted folder's manifest under metadata/
         manifest_bytes = manifest_path(root).read_bytes()
@@ -323,6 +325,9 @@ def resolve_resume(config: TrainConfig, data: TrainingData) -> dict[str, Any] | 
     from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
 
     out = Path(config.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"run folder {out}: {'it' if existing == out else existing} exists and is not a folder")
     last = out / "last"
     recover_checkpoint(last)
     if not config.resume:
@@ -424,6 +429,15 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
 
+    # ---- optimizer, schedule (before the run folder: torch's own checks come first) ----
+    groups = model.parameter_groups()
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[name], "lr": lr, "name": name}
+         for name, lr in (("encoder", config.lr_encoder), ("decoder", config.lr_decoder)) if groups[name]],
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=config.poly_power)
+
     # ---- run folder ----
     out = Path(config.out)
     if ddp.main:
@@ -438,14 +452,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")  # first: it marks a run folder
         write_text_atomic(out / CONFIG_FILE, to_toml(config))
 
-    # ---- model, optimizer, schedule ----
-    groups = model.parameter_groups()
-    optimizer = torch.optim.AdamW(
-        [{"params": groups[name], "lr": lr, "name": name}
-         for name, lr in (("encoder", config.lr_encoder), ("decoder", config.lr_decoder)) if groups[name]],
-        weight_decay=config.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=config.poly_power)
+    # ---- resumed state ----
     step, epoch, step_in_epoch, best_dice = 0, 0, 0, -1.0
     if resume_state is not None:
         from usam.models.checkpoints import load_weights
