@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from care_dataset import store
 from care_dataset.cli import anonymize_main, convert_main, publish_main, synth_main, verify_main
 from care_dataset.synth_phantom import phantom_volume
+from usam.cli import main as usam_main
 
 
 def write_volume_case(case_dir: Path, seed: int) -> None:
@@ -168,3 +169,21 @@ def test_care_synth_writes_cases_and_refuses_a_foreign_folder(tmp_path, capsys):
     (out / "unrelated.txt").write_text("x")
     assert synth_main([str(out), "--cases", "2", "--size", "64", "--slices", "8", "--no-messy"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_usam_fit_resume_without_a_run_names_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "no_run"
+    assert usam_main(["fit", "--out", str(out), "--resume"]) == 2
+    assert error_of(capsys).strip() == f"usam fit: error: --resume: {out} has no run to resume"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rank, prints", [(None, True), ("0", True), ("1", False)])
+def test_usam_fit_errors_are_printed_by_the_main_rank_only(tmp_path, capsys, monkeypatch, rank, prints):
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert usam_main(["fit", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--flip-prob", "2"]) == 2
+    err = error_of(capsys)
+    assert err == ("usam fit: error: flip_prob must be in [0, 1], got 2.0\n" if prints else "")

@@ -77,7 +77,9 @@ def resolve_fit_config(args: argparse.Namespace) -> TrainConfig:
     resume = given.get("resume", file_options.get("resume", False))
     out = given.get("out", file_options.get("out", TrainConfig().out))
     saved = Path(out) / "config.toml"
-    if resume and saved.is_file():
+    if resume:
+        if not saved.is_file():
+            raise ValueError(f"--resume: {out} has no run to resume")
         layers.append(read_toml(saved))
     layers += [file_options, {k: coerce(k, v) for k, v in given.items()}]
     return build_config(*layers)
@@ -141,14 +143,17 @@ def _unavailable(command: str, error: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    reports = os.environ.get("RANK", "0") == "0"  # under torchrun every rank fails alike; the main one says why
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"usam {args.command}: error: {message}", file=sys.stderr)
+        if reports:
+            print(f"usam {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"usam {args.command}: interrupted", file=sys.stderr)
+        if reports:
+            print(f"usam {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
