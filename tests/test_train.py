@@ -72,19 +72,34 @@ def test_fit_writes_run_folder(data_dir, tmp_path):
     assert usam_main(["fit", "--data", str(data_dir), "--out", str(out), "--model", "unet"]) == 2
 
 
-@pytest.mark.parametrize("recipe", [{}, {"class_balance": 0.5, "class_weights": [1.0, 1.0, 5.0]}],
-                         ids=["paper", "rare-class"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, recipe):
-    steps = dict(max_steps=5, val_every=0, log_every=1, **recipe)
+TIMING_FIELDS = ("images_per_s", "data_wait_fraction")
+
+
+def log_records(out: Path, timing: bool = False) -> list[dict]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return records if timing else [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+@pytest.mark.parametrize("recipe, schedule, stop_after, train_lines", [
+    ({}, dict(max_steps=5, val_every=0, log_every=1), 2, [1, 2, 3, 4, 5]),
+    ({"class_balance": 0.5, "class_weights": [1.0, 1.0, 5.0]}, dict(max_steps=5, val_every=0, log_every=1), 2,
+     [1, 2, 3, 4, 5]),
+    # the checkpoint of step 3 falls inside the logging window of steps 3-4: the window closes there
+    ({}, dict(max_steps=6, val_every=3, log_every=2), 3, [2, 3, 4, 6]),
+], ids=["paper", "rare-class", "checkpoint-inside-log-window"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, recipe, schedule, stop_after,
+                                                         train_lines):
+    steps = dict(**schedule, **recipe)
+    total = schedule["max_steps"]
     straight = train(config_for(data_dir, tmp_path / "straight", **steps))
-    assert straight["step"] == 5 and straight["epoch"] == 0  # stops mid-epoch: the sampler position matters
+    assert straight["step"] == total and straight["epoch"] == 0  # stops mid-epoch: the sampler position matters
     interrupted = tmp_path / "interrupted"
-    first = train(config_for(data_dir, interrupted, **steps), stop_after=2)
-    assert first["step"] == 2
+    first = train(config_for(data_dir, interrupted, **steps), stop_after=stop_after)
+    assert first["step"] == stop_after
     partial = weights(interrupted / "last")
     assert any(not torch.equal(partial[k], v) for k, v in weights(tmp_path / "straight" / "last").items())
     resumed = train(config_for(data_dir, interrupted, resume=True, **steps))
-    assert resumed["step"] == 5
+    assert resumed["step"] == total
     a, b = weights(tmp_path / "straight" / "last"), weights(interrupted / "last")
     assert a.keys() == b.keys()
     for key in a:
@@ -95,10 +110,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, rec
         assert torch.equal(group_a["exp_avg_sq"], group_b["exp_avg_sq"])
     assert state_a["scheduler"] == state_b["scheduler"]
     assert torch.equal(state_a["torch_rng"], state_b["torch_rng"])
-    # the log holds each step once
-    steps_logged = [json.loads(line)["step"] for line in (interrupted / "log.jsonl").read_text().splitlines()
-                    if json.loads(line)["kind"] == "train"]
-    assert steps_logged == [1, 2, 3, 4, 5]
+    # the log holds each window once, the same windows and values as the uninterrupted run's
+    straight_log = log_records(tmp_path / "straight")
+    assert [r["step"] for r in straight_log if r["kind"] == "train"] == train_lines
+    assert log_records(interrupted) == straight_log
+    # lr is the rate the line's step used: base_lr x (1 - (step - 1) / total) ^ 0.9, base_lr at step 1
+    for record in (r for r in straight_log if r["kind"] == "train"):
+        expected = 1e-3 * (1 - (record["step"] - 1) / total) ** 0.9
+        assert record["lr"]["decoder"] == pytest.approx(expected, rel=1e-9), record["step"]
 
 
 def test_resume_refuses_a_changed_recipe(data_dir, tmp_path):

@@ -588,6 +588,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step_lr = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step used
             scheduler.step()
             step += 1
             step_in_epoch += 1
@@ -598,7 +599,11 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
 
             end_of_epoch = step_in_epoch == steps_per_epoch
             stopping = step >= total_steps or (stop_after is not None and steps_this_call >= stop_after)
-            if step % config.log_every == 0 or end_of_epoch or stopping:
+            validate_now = (config.val_every and step % config.val_every == 0) or \
+                (not config.val_every and end_of_epoch) or step >= total_steps
+            checkpoint_now = validate_now or end_of_epoch or stopping
+            # no window spans a checkpoint: a resumed run logs the windows an uninterrupted one does
+            if step % config.log_every == 0 or checkpoint_now:
                 all_reduce_sum(window_stats, ddp)
                 all_reduce_sum(window_counts, ddp)
                 elapsed = time.perf_counter() - window_start
@@ -607,7 +612,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
                 record = {"kind": "train", "step": step, "epoch": epoch, "loss": mean[0], "ce": mean[1],
                           "dice_loss": mean[2], "dice": dict(zip(data.class_names, dice)),
                           "mean_dice": mean_foreground(dice),
-                          "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                          "lr": step_lr,
                           "images_per_s": window_steps * config.batch_size / elapsed,
                           "data_wait_fraction": window_wait / elapsed}
                 log(record)
@@ -616,8 +621,6 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
                 window_counts.zero_()
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
 
-            validate_now = (config.val_every and step % config.val_every == 0) or \
-                (not config.val_every and end_of_epoch) or step >= total_steps
             pause_start = time.perf_counter()  # validation and checkpoints are not training throughput
             if validate_now and len(val_set):
                 metrics = validate()
@@ -632,7 +635,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
             if end_of_epoch:
                 epoch += 1
                 step_in_epoch = 0
-            if validate_now or end_of_epoch or stopping:
+            if checkpoint_now:
                 save("last", last_metrics or None)
                 if ddp.main:
                     plot_curves(out / LOG_FILE, out / CURVES_FILE)
