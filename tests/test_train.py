@@ -114,6 +114,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, rec
     straight_log = log_records(tmp_path / "straight")
     assert [r["step"] for r in straight_log if r["kind"] == "train"] == train_lines
     assert log_records(interrupted) == straight_log
+    # run.json keeps the run's own record; the resume is added to it
+    run_straight = json.loads((tmp_path / "straight" / "run.json").read_text())
+    run_resumed = json.loads((interrupted / "run.json").read_text())
+    assert run_straight["resumes"] == [] and run_straight["total_steps"] == total
+    assert {k: v for k, v in run_resumed.items() if k != "resumes"} == \
+        {k: v for k, v in run_straight.items() if k != "resumes"}
+    assert [(r["step"], r["total_steps"]) for r in run_resumed["resumes"]] == [(stop_after, total)]
     # lr is the rate the line's step used: base_lr x (1 - (step - 1) / total) ^ 0.9, base_lr at step 1
     for record in (r for r in straight_log if r["kind"] == "train"):
         expected = 1e-3 * (1 - (record["step"] - 1) / total) ** 0.9
@@ -127,6 +134,21 @@ def test_resume_refuses_a_changed_recipe(data_dir, tmp_path):
         train(config_for(data_dir, out, max_steps=1, resume=True, lr_decoder=0.5))
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train(config_for(data_dir, tmp_path / "empty", resume=True))
+    # a train state written before train states recorded the world size: run.json's world size counts
+    state_path = out / "last" / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["world_size"] == 1
+    del state["world_size"]
+    torch.save(state, state_path)
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "world_size": 2}))
+    with pytest.raises(ValueError, match="trained by 2 process"):
+        train(config_for(data_dir, out, max_steps=2, resume=True))
+    (out / "run.json").write_text(json.dumps(run))
+    assert train(config_for(data_dir, out, max_steps=2, resume=True))["step"] == 2
+    # the schedule's length stays the run's: run.json keeps it and records the longer resumed run
+    run = json.loads((out / "run.json").read_text())
+    assert run["total_steps"] == 1 and [(r["step"], r["total_steps"]) for r in run["resumes"]] == [(1, 2)]
 
 
 def test_resume_refuses_other_data_and_follows_the_run_folder(data_dir, tmp_path, monkeypatch):
@@ -384,6 +406,10 @@ def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
     saved = weights(out / "last")
     for key, value in saved.items():
         assert torch.equal(value, rank0["state"][key]), key
+    # a run of 2 processes does not continue in one: the per-rank data order and batch would change
+    with pytest.raises(ValueError, match="trained by 2 process"):
+        train(build_config({**TINY, "data": str(data_dir), "out": str(out), "max_steps": 4, "val_every": 3,
+                            "resume": True}))
 
 
 def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path, monkeypatch):

@@ -291,13 +291,20 @@ def choose_device(name: str, ddp: Dist) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
-def is_run_record(path: Path) -> bool:
-    """True if ``path`` is a run.json that `train` wrote."""
+def read_run_record(path: Path) -> dict[str, Any] | None:
+    """The run.json that `train` wrote at ``path``, or None."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(record, dict) and {"manifest_sha256", "total_steps", "world_size"} <= record.keys()
+        return None
+    if isinstance(record, dict) and {"manifest_sha256", "total_steps", "world_size"} <= record.keys():
+        return record
+    return None
+
+
+def is_run_record(path: Path) -> bool:
+    """True if ``path`` is a run.json that `train` wrote."""
+    return read_run_record(path) is not None
 
 
 def remove_unfinished_run(out: Path) -> None:
@@ -315,7 +322,7 @@ def remove_unfinished_run(out: Path) -> None:
     shutil.rmtree(out / "best", ignore_errors=True)
 
 
-def resolve_resume(config: TrainConfig, data: TrainingData) -> dict[str, Any] | None:
+def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1) -> dict[str, Any] | None:
     """For ``--resume``: the saved train state, after checking that neither the recipe nor the data changed.
 
     Without ``--resume`` a folder holding a checkpoint is refused, and so is a ``config.toml`` that no run
@@ -353,6 +360,13 @@ def resolve_resume(config: TrainConfig, data: TrainingData) -> dict[str, Any] | 
     if state["step"] != training["step"]:
         raise ValueError(f"--resume: {last} is inconsistent (weights at step {training['step']}, "
                          f"train state at step {state['step']})")
+    saved_world_size = state.get("world_size")
+    if saved_world_size is None:  # a train state written before it recorded the world size: run.json says
+        saved_world_size = (read_run_record(out / RUN_FILE) or {}).get("world_size", 1)
+    if saved_world_size != world_size:
+        raise ValueError(f"--resume: the run was trained by {saved_world_size} process(es), this is {world_size}; "
+                         f"each rank's share of the data and batch depend on it, so resume it with "
+                         f"{saved_world_size}")
     return state
 
 
@@ -404,7 +418,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     if config.class_weights and len(config.class_weights) != num_classes:
         raise ValueError(f"--class-weights needs {num_classes} values (one per class, background first), "
                          f"got {len(config.class_weights)}")
-    resume_state = resolve_resume(config, data)
+    resume_state = resolve_resume(config, data, ddp.world_size)
     torch.manual_seed(config.seed)
     # on resume the weights come from last/: the SAM checkpoint the run started from is not read again
     model = build_model(config if resume_state is None else replace(config, sam_checkpoint=""), num_classes)
@@ -444,11 +458,17 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         if resume_state is None:
             remove_unfinished_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        run_info = {"data_checksum": data.data_checksum, "manifest_sha256": data.manifest_sha256,
-                    "classes": data.class_names, "train_cases": len(data.train_ids), "val_cases": len(data.val_ids),
-                    "train_slices": len(train_set), "val_slices": len(val_set), "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps, "world_size": ddp.world_size, "device": str(device),
-                    "git_commit": git_commit(), "versions": package_versions()}
+        started = {"device": str(device), "git_commit": git_commit(), "versions": package_versions()}
+        run_info = read_run_record(out / RUN_FILE) if resume_state is not None else None
+        if run_info is None:
+            run_info = {"data_checksum": data.data_checksum, "manifest_sha256": data.manifest_sha256,
+                        "classes": data.class_names, "train_cases": len(data.train_ids),
+                        "val_cases": len(data.val_ids), "train_slices": len(train_set), "val_slices": len(val_set),
+                        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                        "world_size": ddp.world_size, **started, "resumes": []}
+        else:  # the run's own record stays; each resume adds where it went on from
+            run_info.setdefault("resumes", []).append({"step": resume_state["step"], "total_steps": total_steps,
+                                                       **started})
         write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")  # first: it marks a run folder
         write_text_atomic(out / CONFIG_FILE, to_toml(config))
 
@@ -556,6 +576,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         extra_files = {}
         if directory == "last":
             state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best_dice": best_dice,
+                     "world_size": ddp.world_size,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if is_cuda else []}
