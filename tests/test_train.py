@@ -149,6 +149,15 @@ def test_resume_refuses_a_changed_recipe(data_dir, tmp_path):
     # the schedule's length stays the run's: run.json keeps it and records the longer resumed run
     run = json.loads((out / "run.json").read_text())
     assert run["total_steps"] == 1 and [(r["step"], r["total_steps"]) for r in run["resumes"]] == [(1, 2)]
+    # deterministic may change on resume; amp and channels_last (CUDA arithmetic) may not
+    for option in ("amp", "channels_last"):
+        with pytest.raises(ValueError, match=option):
+            train(config_for(data_dir, out, max_steps=3, resume=True, **{option: False}))
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        assert train(config_for(data_dir, out, max_steps=3, resume=True, deterministic=True))["step"] == 3
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def test_resume_refuses_other_data_and_follows_the_run_folder(data_dir, tmp_path, monkeypatch):

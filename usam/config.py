@@ -166,10 +166,11 @@ class TrainConfig:
 TRAINER_MODEL_ARGS = {"name": "--model", "num_classes": "--num-classes", "points_per_class": "--points",
                       "sam_checkpoint": "--sam-checkpoint"}
 
-# options that may differ between a run and its resumption without changing its results
-# (the weights come from last/ on resume, so a moved SAM checkpoint file does not matter)
-RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "log_every", "epochs", "max_steps", "data",
-                               "out", "sam_checkpoint"})
+# options that may differ between a run and its resumption without changing its results on CPU
+# (the weights come from last/ on resume, so a moved SAM checkpoint file does not matter; deterministic only
+# picks CUDA kernels, while amp and channels_last change the arithmetic of every CUDA step and stay fixed)
+RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "deterministic", "log_every", "epochs",
+                               "max_steps", "data", "out", "sam_checkpoint"})
 
 
 def field_names() -> list[str]:
