@@ -209,16 +209,24 @@ def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert read_toml(out / "config.toml")["lr_decoder"] != 0.5
-    # killed between save_checkpoint's two renames: last/ moved aside, the new one not yet in place
-    expected = weights(out / "last")
-    os.replace(out / "last", out / ".last.previous")
-    with pytest.raises(ValueError, match="already holds a run"):
-        train(config_for(data_dir, out, max_steps=2))
-    assert all(torch.equal(weights(out / "last")[k], v) for k, v in expected.items())
-    assert not (out / ".last.previous").exists()
+    # killed between save_checkpoint's two renames: last/ (or best/) moved aside, the new one not yet in place
+    for name in ("last", "best"):
+        expected = weights(out / name)
+        os.replace(out / name, out / f".{name}.previous")
+        with pytest.raises(ValueError, match="already holds a run"):
+            train(config_for(data_dir, out, max_steps=2))
+        assert all(torch.equal(weights(out / name)[k], v) for k, v in expected.items())
+        assert not (out / f".{name}.previous").exists()
+    # the same on resume, where no later validation rewrites best/
+    best_before = (out / "best" / "config.json").read_text()
+    os.replace(out / "best", out / ".best.previous")
+    assert train(config_for(data_dir, out, max_steps=2, resume=True))["step"] == 2
+    assert (out / "best" / "config.json").read_text() == best_before and not (out / ".best.previous").exists()
     # killed after the renames, before the old folder was removed, and a staging folder of a killed save
     shutil.copytree(out / "last", out / ".last.previous")
+    shutil.copytree(out / "best", out / ".best.previous")
     (out / ".last.staging-x1y2").mkdir()
+    (out / ".best.staging-x1y2").mkdir()
     assert train(config_for(data_dir, out, max_steps=4, resume=True))["step"] == 4
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     # the SAM checkpoint a run started from is not read again on resume: it may move

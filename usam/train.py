@@ -336,7 +336,8 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     if not existing.is_dir():
         raise ValueError(f"run folder {out}: {'it' if existing == out else existing} exists and is not a folder")
     last = out / "last"
-    recover_checkpoint(last)
+    for checkpoint in (last, out / "best"):  # a save killed between its renames, or after them
+        recover_checkpoint(checkpoint)
     if not config.resume:
         if last.exists():
             raise ValueError(f"run folder {out} already holds a run; use --resume to continue it or another --out")
