@@ -334,7 +334,8 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     out = Path(config.out)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"run folder {out}: {'it' if existing == out else existing} exists and is not a folder")
+        where = "" if existing == out else f" {existing}"
+        raise ValueError(f"run folder {out}:{where} exists and is not a folder")
     last = out / "last"
     for checkpoint in (last, out / "best"):  # a save killed between its renames, or after them
         recover_checkpoint(checkpoint)
@@ -365,8 +366,8 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     if saved_world_size is None:  # a train state written before it recorded the world size: run.json says
         saved_world_size = (read_run_record(out / RUN_FILE) or {}).get("world_size", 1)
     if saved_world_size != world_size:
-        raise ValueError(f"--resume: the run was trained by {saved_world_size} process(es), this is {world_size}; "
-                         f"each rank's share of the data and batch depend on it, so resume it with "
+        raise ValueError(f"--resume: the run was trained by {saved_world_size} process(es), not {world_size}; "
+                         f"each rank's share of the data and its batch depend on that number, so resume it with "
                          f"{saved_world_size}")
     return state
 
