@@ -264,10 +264,16 @@ def parse_label_description(path: Path) -> dict[int, str]:
 
 
 def _read_volume(path: Path, what: str) -> sitk.Image:
+    from care_dataset.nifti import NiftiError, check_nifti, is_nifti
+
     try:
         image = sitk.ReadImage(str(path))
+        if is_nifti(path):
+            check_nifti(path)
     except RuntimeError:
         raise CaseError(f"the {what} file cannot be read (corrupt, truncated or not a volume)") from None
+    except NiftiError as error:
+        raise CaseError(f"the {what} file: {error}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"the {what} is not a 3-D scalar volume")
     return image
@@ -353,7 +359,7 @@ def _choose_series(series: list[DicomSeries], label_grid: dict, tolerance: float
     )
 
 
-def _no_series_reason(skipped: dict[str, int], num_files: int) -> str:
+def no_series_reason(skipped: dict[str, int], num_files: int) -> str:
     if num_files == 0:
         return "no image found (neither a DICOM series nor a volume file)"
     found = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
@@ -413,7 +419,7 @@ def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float) -> tu
     try:
         scan = scan_dicom(root, exclude={p for p in skip if p is not None})
         if not scan.series:
-            raise CaseError(_no_series_reason(scan.skipped, scan.num_files))
+            raise CaseError(no_series_reason(scan.skipped, scan.num_files))
         chosen = _choose_series(scan.series, label_grid, tolerance)
         if chosen.modality != "CT":
             raise CaseError(f"modality {chosen.modality} is not CT")

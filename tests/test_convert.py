@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -360,9 +361,35 @@ def _break_modality(case: Path) -> None:
         ds.save_as(f)
 
 
+def _break_truncated_label(case: Path) -> None:
+    """The annotation cut short after its header, as an interrupted copy leaves it (ITK reads it as zeros)."""
+    (seg_path,) = case.glob("*_seg.nii.gz")
+    whole = gzip.compress(gzip.decompress(seg_path.read_bytes()), compresslevel=0)
+    seg_path.write_bytes(whole[: len(whole) // 2])
+
+
+def _break_label_xforms(case: Path) -> None:
+    """An annotation whose qform is 20 mm off its sform (a header edited by hand or by a registration tool)."""
+    import nibabel as nib
+
+    (seg_path,) = case.glob("*_seg.nii.gz")
+    seg = nib.load(seg_path)
+    qform = seg.affine.copy()
+    qform[2, 3] += 20.0
+    edited = nib.Nifti1Image(np.asarray(seg.dataobj), seg.affine, seg.header)
+    edited.set_sform(seg.affine, code=2)
+    edited.set_qform(qform, code=1)
+    nib.save(edited, seg_path)
+
+
 BREAKERS = {"truncated_dicom": _break_truncated, "no_label": _break_no_label, "mismatched_grid": _break_grid,
             "empty_label": _break_empty, "unknown_label_value": _break_unknown_value,
-            "non_ct_modality": _break_modality}
+            "non_ct_modality": _break_modality, "truncated_label": _break_truncated_label,
+            "label_qform_sform": _break_label_xforms}
+# what the one-line reason must say, where the failure is not obvious from the kind
+REASONS = {"truncated_label": "the annotation file: truncated NIfTI",
+           "label_qform_sform": "the annotation file: the header's qform (code 1) and sform (code 2) place the "
+                                "volume up to 20.00 mm apart"}
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +426,8 @@ def test_each_bad_case_fails_alone_without_leftovers(broken, converted, tmp_path
     lines = [line for line in err.splitlines() if line.startswith("FAILED")]
     assert len(lines) == len(BREAKERS)
     for i, kind in enumerate(BREAKERS):
-        assert sum(f"Patient_{kind}_Lastname{i}" in line for line in lines) == 1
+        (line,) = [line for line in lines if f"Patient_{kind}_Lastname{i}" in line]
+        assert REASONS.get(kind, "") in line
     # the good cases are exactly the ones converted without the broken ones
     assert_arrays_equal_by_checksum(out, converted["zarr"][0])
     ds = store.open_dataset(out)
