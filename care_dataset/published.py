@@ -34,7 +34,9 @@ def source_kind(path: str | Path) -> str:
         return CONVERTED
     if is_published_folder(path):
         return PUBLISHED
-    raise FileNotFoundError(f"{path.name or path}: neither a converted CARE folder (dataset.json) nor a published "
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {'not a folder' if path.exists() else 'no such folder'}")
+    raise FileNotFoundError(f"{path}: neither a converted CARE folder (dataset.json) nor a published "
                             "Hugging Face dataset folder (README.md with configs, or Parquet files)")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import pickle
 from pathlib import Path
@@ -179,8 +180,28 @@ def test_overwriting_and_mismatched_models(tmp_path):
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a usam-checkpoint config"):
         load_checkpoint(tmp_path / "broken")
-    with pytest.raises(ValueError, match="needs config.json"):
+    with pytest.raises(ValueError, match="no such folder"):
         load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="needs config.json"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_damaged_weights_and_unknown_models_are_one_line_errors(tmp_path):
+    model = create_model("usam_tiny", num_classes=3)
+    save_checkpoint(model, tmp_path / "ok")
+    weights = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    for name, damaged in (("truncated", weights[: len(weights) // 2]), ("garbage", b"\xff" * 64)):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        (tmp_path / name / "model.safetensors").write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path / name}: model.safetensors is not a readable"):
+            load_checkpoint(tmp_path / name)
+    shutil.copytree(tmp_path / "ok", tmp_path / "unknown")
+    config = json.loads((tmp_path / "unknown" / "config.json").read_text())
+    config["model"]["name"] = "usam_huge"
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"checkpoint .*unknown: cannot build its model .*usam_huge"):
+        load_checkpoint(tmp_path / "unknown")
 
 
 def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):

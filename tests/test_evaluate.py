@@ -240,8 +240,10 @@ def test_cli_with_untrained_model_writes_reports(converted, tiny_checkpoint, tmp
 def test_cli_rejects_bad_input_with_one_line(converted, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "never"
     cases = [
-        (("--data", str(tmp_path / "missing"), "--checkpoint", str(tiny_checkpoint)),
-         "neither a converted CARE folder"),
+        (("--data", str(tmp_path / "missing"), "--checkpoint", str(tiny_checkpoint)), "missing: no such folder"),
+        (("--data", str(tmp_path), "--checkpoint", str(tiny_checkpoint)), "neither a converted CARE folder"),
+        (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--device", "gpu"), "not a device"),
+        (("--data", str(converted), "--checkpoint", str(tmp_path / "missing")), "missing: no such folder"),
         (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--split", "val"), "no split"),
         (("--data", str(converted), "--checkpoint", str(tmp_path)), "needs config.json"),
         (("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--points", "5"), "prompt slot"),
@@ -251,6 +253,27 @@ def test_cli_rejects_bad_input_with_one_line(converted, tiny_checkpoint, tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith("usam eval: ") and reason in err and "\n" not in err
     assert not out.exists()
+
+
+def test_a_bad_out_folder_is_refused_before_any_work(converted, tiny_checkpoint, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (a_file, "exists and is not a folder"),
+        (a_file / "sub", "is a file, not a folder"),
+        (converted / "eval", "inside the --data folder"),
+        (tiny_checkpoint, "inside the --checkpoint folder"),
+    ]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    checkpoint_files = sorted(tiny_checkpoint.iterdir())
+    for out, reason in cases:
+        args = _eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--out", str(out))
+        assert run_eval(args) == 2
+        captured = capsys.readouterr()
+        assert reason in captured.err and "\n" not in captured.err.strip()
+        assert "Dice" not in captured.out  # refused before the evaluation ran
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not (converted / "eval").exists() and sorted(tiny_checkpoint.iterdir()) == checkpoint_files
 
 
 def test_eval_on_a_published_folder_equals_eval_on_the_converted_one(converted, tiny_checkpoint, tmp_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def test_cli_bad_input_one_line_and_no_output(tmp_path, tiny_checkpoint, capsys)
     for argv, reason in [
         (("--image", str(tmp_path / "nothing.nii.gz")), "no such file or folder"),
         (("--image", str(source), "--points", str(bad_points)), "'coordinates' must be one of"),
-        (("--image", str(tmp_path)), "no DICOM series"),
+        (("--image", str(tmp_path)), "no DICOM files"),
     ]:
         assert run_predict(_predict_args("--checkpoint", str(tiny_checkpoint), "--out", str(out), *argv)) == 2
         err = capsys.readouterr().err.strip()
@@ -440,3 +441,127 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, threshold_model
         assert err == f"usam predict: --out {out}: could not write (No space left on device)"
         assert sorted(tmp_path.rglob("*")) == before  # no temporary file, no new folder
     assert old.read_bytes() == b"earlier result"
+
+
+def _nifti_copy(tmp_path, name, edit):
+    """The flipped test volume as NIfTI, its header or bytes changed by `edit(nibabel image) -> image | bytes`."""
+    source = tmp_path / "source.nii"
+    sitk.WriteImage(_flipped_volume(tumour_slices=[2]), str(source))
+    changed = edit(nib.load(source))
+    path = tmp_path / name
+    if isinstance(changed, bytes):
+        path.write_bytes(changed)
+    else:
+        nib.save(changed, path)
+    return path
+
+
+def _qform_moved(image, shift_mm):
+    image = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header)
+    qform = image.affine.copy()
+    qform[0, 3] += shift_mm
+    image.set_qform(qform, code=1)
+    image.set_sform(image.affine, code=2)
+    return image
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("truncated.nii", "truncated NIfTI"),
+    ("truncated.nii.gz", "truncated NIfTI"),
+    ("disagreeing.nii.gz", "qform (code 1) and sform (code 2) place the volume up to 30.00 mm apart"),
+])
+def test_a_nifti_simpleitk_would_misread_is_refused(tmp_path, threshold_model, case, reason, capsys):
+    if case == "truncated.nii":
+        source = _nifti_copy(tmp_path, case, lambda image: image.get_filename() and
+                             Path(image.get_filename()).read_bytes()[:-500])
+    elif case == "truncated.nii.gz":  # the header and the first slices are intact
+        source = _nifti_copy(tmp_path, case, lambda image: gzip.compress(
+            Path(image.get_filename()).read_bytes(), compresslevel=0)[:2000])
+    else:
+        source = _nifti_copy(tmp_path, case, lambda image: _qform_moved(image, 30.0))
+    out = tmp_path / "pred.nii.gz"
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(source),
+                                     "--out", str(out), "--device", "cpu"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith(f"usam predict: {source}: ") and reason in err
+    assert not out.exists()
+
+
+def test_qform_and_sform_that_agree_within_rounding_are_read(tmp_path, threshold_model):
+    source = _nifti_copy(tmp_path, "agreeing.nii.gz", lambda image: _qform_moved(image, 0.001))
+    assert _run(tmp_path, sitk.ReadImage(str(source)), tmp_path / "pred.nii.gz") == 0
+
+
+def test_points_file_errors_name_the_file_and_the_point(tmp_path, threshold_model, capsys):
+    points = tmp_path / "clicks.json"
+    out = tmp_path / "pred.nii.gz"
+    for classes, reason in [
+        (["normal rectum", "liver"], "point 1: class 'liver': not one of normal rectum, tumor"),
+        ([1, 3], "point 1: class 3: label values are 1..2 (normal rectum, tumor)"),
+    ]:
+        points.write_text(json.dumps({"coordinates": "voxel", "points": [
+            {"class": c, "position": [3, 3, 1 + n]} for n, c in enumerate(classes)]}))
+        assert _run(tmp_path, _flipped_volume(), out, "--points", str(points)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"usam predict: {points}: {reason}"
+    # label values written as JSON floats or strings name the same class as the integer
+    for value in (2, 2.0, "2", "Tumor"):
+        points.write_text(json.dumps({"coordinates": "voxel", "points": [{"class": value, "position": [3, 3, 1]}]}))
+        assert _run(tmp_path, _flipped_volume(tumour_slices=[1]), out, "--points", str(points)) == 0
+    assert _run(tmp_path, _flipped_volume(), out, "--points", str(tmp_path)) == 2  # a folder
+    assert "cannot read the points file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (("--device", "gpu"), "--device 'gpu': not a device"),
+    (("--device", "meta"), "--device 'meta': give auto, cpu, cuda or cuda:N"),
+    (("--out-name", ".nii.gz"), "give the file a name before its extension"),
+])
+def test_bad_device_and_nameless_out_are_one_line(tmp_path, threshold_model, argv, reason, capsys):
+    out = tmp_path / "pred.nii.gz"
+    if argv[0] == "--out-name":
+        out, argv = tmp_path / argv[1], ()
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(tmp_path / "absent.nii"),
+                                     "--out", str(out), *argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and reason in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_one_dicom_file_is_refused_and_a_dicom_folder_says_which_series_it_read(tmp_path, threshold_model, capsys):
+    folder = SHARED / "dcmqi_ct3slice" / "ct-3slice"
+    if not folder.is_dir():
+        pytest.skip(f"real DICOM test data not found at {folder}")
+    out = tmp_path / "pred.nii.gz"
+    one_file = sorted(folder.iterdir())[0]
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(one_file),
+                                     "--out", str(out), "--device", "cpu"))
+    assert code == 2 and "one DICOM file; give the folder that holds its series" in capsys.readouterr().err
+    code = run_predict(_predict_args("--checkpoint", str(tmp_path / "best"), "--image", str(folder),
+                                     "--out", str(out), "--device", "cpu"))
+    err = capsys.readouterr().err
+    assert code == 0 and "usam predict: read the CT series" in err and "(3 slices)" in err
+    assert "set aside" not in err  # the folder holds one series
+
+
+def test_8_bit_volumes_are_read_with_a_note(tmp_path, threshold_model):
+    notes = []
+    source = tmp_path / "u8.nii.gz"
+    sitk.WriteImage(sitk.Cast(_flipped_volume() > 0, sitk.sitkUInt8), str(source))
+    read_image(source, notes)
+    assert len(notes) == 1 and "8-bit voxels read as HU" in notes[0]
+    notes = []
+    read_image(_nifti_copy(tmp_path, "int16.nii.gz", lambda image: image), notes)
+    assert notes == []
+
+
+def test_a_failed_overlay_write_leaves_no_label_volume_either(tmp_path, threshold_model, monkeypatch, capsys):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("usam.overlays.save_slice_overlays", no_space)
+    out = tmp_path / "pred.nii.gz"
+    assert _run(tmp_path, _flipped_volume(tumour_slices=[2]), out, "--overlays", str(tmp_path / "png")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"usam predict: --overlays {tmp_path / 'png'}: could not write (No space left on device)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

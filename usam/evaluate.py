@@ -49,7 +49,7 @@ from usam.predict import (
     resolve_device,
 )
 from usam.prompts import PADDING_LABEL, sample_points
-from usam.staging import make_staging_dir
+from usam.staging import make_staging_dir, replace_folder
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
 CLINICAL_PROTOCOL = (
@@ -127,7 +127,9 @@ def open_eval_data(path: str | Path) -> Any:
 
     try:
         return open_any(path)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
+    except FileNotFoundError as error:  # its message starts with the path
+        raise InputError(f"--data {error}") from None
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         raise InputError(f"--data {path}: {lines[0] if lines else type(error).__name__}") from None
@@ -407,29 +409,53 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
                   f"{HD95_DEFINITIONS['hd95_mm']} {HD95_DEFINITIONS['hd95_mm_penalised']} See docs/evaluation.md.")
 
 
+OUTPUT_FILES = ("metrics.json", "cases.csv", "summary.csv", "cases_grid.png")
+
+
+def check_output_folder(out: Path, data: Path, checkpoint: Path) -> None:
+    """Refuse, before any work, an --out that is a file, lies inside the data or checkpoint folder, or
+    cannot be created. InputError, one line."""
+    from usam.predict import check_parent_creatable
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    target = Path(os.path.abspath(out))
+    for what, folder in (("--data", data), ("--checkpoint", checkpoint)):
+        if target.is_relative_to(os.path.abspath(folder)):
+            raise InputError(f"--out {out}: is inside the {what} folder {folder}; give a folder of its own")
+    check_parent_creatable(out, f"--out {out}")
+
+
 def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:
-    """metrics.json, cases.csv, summary.csv, cases_grid.png into `out`, all or nothing."""
+    """metrics.json, cases.csv, summary.csv, cases_grid.png into `out`.
+
+    Rendered into a hidden folder beside `out`, then moved in: a new folder, or one that holds only
+    these files, is replaced whole; in a folder that also holds other files, each of the four is
+    replaced on its own and the others are kept. Raises InputError, one line, leaving nothing partial.
+    """
     from usam.overlays import save_case_grid
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out.parent, f".{out.name}.")
-    names = ["metrics.json", "cases.csv", "summary.csv", "cases_grid.png"]
+    staging = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_staging_dir(out.parent, f".{out.name}.")
+        names = OUTPUT_FILES
         (staging / names[0]).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (staging / names[1]).write_text(cases_csv(evaluation), encoding="utf-8")
         (staging / names[2]).write_text(summary_csv(summary), encoding="utf-8")
         save_case_grid(grid_rows(evaluation, dataset), evaluation.settings.class_names,
                        evaluation.settings.window, staging / names[3])
-        if not out.exists():
-            os.replace(staging, out)
-        else:
-            if not out.is_dir():
-                raise InputError(f"--out {out} exists and is not a folder")
+        if out.is_dir() and not set(os.listdir(out)) <= set(names):
             for name in names:
                 os.replace(staging / name, out / name)
+        else:
+            replace_folder(staging, out)
+    except OSError as error:
+        raise InputError(f"--out {out}: could not write ({error.strerror or error})") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in names]
 
 
@@ -487,6 +513,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"(use 0..{settings.points_per_class})"
             )
         out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}_points{k}"
+        check_output_folder(out, Path(args.data), Path(args.checkpoint))
     except InputError as error:
         print(f"usam eval: {error}", file=sys.stderr)
         return 2
@@ -503,7 +530,11 @@ def run_eval(args: argparse.Namespace) -> int:
             return 2
     summary = report(evaluation, str(config["model"].get("name", "model")))
     print_tables(summary, console)
-    written = write_outputs(evaluation, summary, dataset, out)
+    try:
+        written = write_outputs(evaluation, summary, dataset, out)
+    except InputError as error:
+        print(f"usam eval: {error}", file=sys.stderr)
+        return 2
     console.print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 

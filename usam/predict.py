@@ -113,7 +113,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; anything else as torch spells it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: not a device; give auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} requested but CUDA is not available")
     return device
@@ -194,30 +199,46 @@ def segment_slices(
 # ---------------------------------------------------------------- reading and geometry
 
 
-def read_image(path: str | os.PathLike) -> sitk.Image:
+def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.Image:
     """A 3-D CT from a volume file (NIfTI, NRRD, MHA, ...) or a DICOM folder.
 
     For a folder, every DICOM file below it (any nesting) is scanned as care-convert does
     (``care_dataset.io_dicom.scan_dicom``: localizers and single images set aside) and the CT series
-    with the most slices is read in HU. Raises InputError with the reason.
+    with the most slices is read in HU (ties: the original before a derived series, then the lowest
+    series number). A NIfTI file is also checked for truncated data and for a qform and sform that
+    disagree (``care_dataset.nifti``). Raises InputError with the reason; appends to ``notes`` what the
+    user should know about the choice made (which series, 8-bit voxels).
     """
+    notes = notes if notes is not None else []
     path = Path(path)
     if path.is_dir():
+        from care_dataset.io import no_series_reason
         from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
 
         try:
             scan = scan_dicom(path)
+            if not scan.num_files:
+                raise InputError(f"{path}: no DICOM files in this folder or below it")
             if not scan.series:
-                raise InputError(f"{path}: no DICOM series found in this folder or below it")
+                raise InputError(f"{path}: {no_series_reason(scan.skipped, scan.num_files)}")
             chosen = max(scan.series, key=lambda s: (s.modality == "CT", s.size[2]))
             image = read_series_int16(chosen)
         except DicomError as error:
             raise InputError(f"{path}: {error}") from None
+        notes.append(_series_note(scan.series, chosen))
     elif path.is_file():
+        from care_dataset.nifti import NiftiError, check_nifti, is_nifti
+
         try:
+            if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
+                raise InputError(f"{path}: one DICOM file; give the folder that holds its series")
             image = sitk.ReadImage(str(path))
+            if is_nifti(path):
+                check_nifti(path)
         except RuntimeError as error:
             raise InputError(f"{path}: not a readable image ({_last_line(error)})") from None
+        except NiftiError as error:
+            raise InputError(f"{path}: {error}") from None
     else:
         raise InputError(f"{path}: no such file or folder")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -225,7 +246,24 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             f"{path}: need a 3-D single-channel CT, got {image.GetDimension()}-D with "
             f"{image.GetNumberOfComponentsPerPixel()} components"
         )
+    if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
+        notes.append("8-bit voxels read as HU: an 8-bit CT is usually a windowed export, not Hounsfield units, "
+                     "and the model expects HU")
     return image
+
+
+def _series_note(series: list, chosen: Any) -> str:
+    """Which DICOM series was read, by slice count and series number only (no descriptions or UIDs)."""
+    number = chosen.sort_key[1] if len(chosen.sort_key) > 1 else 0
+    note = f"read the {chosen.modality} series {number} ({chosen.size[2]} slices)"
+    others = len(series) - 1
+    if others:
+        tied = sum(1 for s in series if s is not chosen and s.modality == chosen.modality
+                   and s.size[2] == chosen.size[2])
+        note += f"; set aside {others} other series"
+        if tied:
+            note += f", {tied} of them with as many slices (choose one by giving its own folder)"
+    return note
 
 
 def _last_line(error: Exception) -> str:
@@ -289,6 +327,8 @@ def load_points(path: str | os.PathLike) -> dict[str, Any]:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such points file") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the points file ({error.strerror or error})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not valid JSON ({error})") from None
     return validate_points(spec, source=str(path))
@@ -318,36 +358,47 @@ def validate_points(spec: Any, source: str = "points") -> dict[str, Any]:
 
 
 def class_index(value: Any, class_names: tuple[str, ...]) -> int:
-    """A foreground class given by name (case-insensitive) or by label value."""
+    """A foreground class given by name (case-insensitive) or by label value (1, 1.0 or "1")."""
     if isinstance(value, bool):
         raise InputError(f"class {value!r}: give a class name or a label value")
-    if isinstance(value, int):
-        if 1 <= value < len(class_names):
-            return value
-        raise InputError(f"class {value}: label values are 1..{len(class_names) - 1}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, str):
         lowered = [n.lower() for n in class_names]
         if value.strip().lower() in lowered[1:]:
             return lowered.index(value.strip().lower(), 1)
-        raise InputError(f"class {value!r}: not one of {', '.join(class_names[1:])}")
+        if not value.strip().isdigit():
+            raise InputError(f"class {value!r}: not one of {', '.join(class_names[1:])}")
+        value = int(value)
+    if isinstance(value, int):
+        if 1 <= value < len(class_names):
+            return value
+        raise InputError(f"class {value}: label values are 1..{len(class_names) - 1} "
+                         f"({', '.join(class_names[1:])})")
     raise InputError(f"class {value!r}: give a class name or a label value")
 
 
 def prompts_from_points(
-    spec: Mapping[str, Any], image: sitk.Image, settings: InferenceSettings
+    spec: Mapping[str, Any], image: sitk.Image, settings: InferenceSettings, source: str = "points"
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Clicks -> {canonical slice: (points K x 2 float32 model-input (x, y), labels K int64)}.
 
     'voxel': 0-based (i, j, k) indices of `image`, as SimpleITK and nibabel count; 'itksnap': the
     1-based voxel coordinates ITK-SNAP's cursor inspector shows; 'world': physical (x, y, z) mm in
     ITK's LPS convention. Per slice, class c fills its slots (c - 1) * k .. c * k - 1 in click order;
-    unused slots are padding.
+    unused slots are padding. Errors name ``source`` (the points file) and the point.
     """
-    spec = validate_points(spec)
+    spec = validate_points(spec, source)
     k = settings.points_per_class
     if k == 0:
-        raise InputError("this model takes no point prompts; run without --points")
-    classes = np.array([class_index(p["class"], settings.class_names) for p in spec["points"]])
+        raise InputError(f"{source}: this model takes no point prompts; run without --points")
+    classes = []
+    for n, point in enumerate(spec["points"]):
+        try:
+            classes.append(class_index(point["class"], settings.class_names))
+        except InputError as error:
+            raise InputError(f"{source}: point {n}: {error}") from None
+    classes = np.array(classes)
     positions = np.array([p["position"] for p in spec["points"]], dtype=np.float64)
     try:
         if spec["coordinates"] == "world":
@@ -359,12 +410,12 @@ def prompts_from_points(
     except OutsideImageError as error:
         if spec["coordinates"] == "itksnap":
             raise InputError(
-                f"points: point {error.point}: ITK-SNAP voxel {format_position(positions[error.point])} "
+                f"{source}: point {error.point}: ITK-SNAP voxel {format_position(positions[error.point])} "
                 f"outside the image {index_ranges(error.size, base=1)}"
             ) from None
-        raise InputError(f"points: {error}") from None
+        raise InputError(f"{source}: {error}") from None
     except ValueError as error:
-        raise InputError(f"points: {error}") from None
+        raise InputError(f"{source}: {error}") from None
     grid = CanonicalGrid.of(image)
     num_slots = (settings.num_classes - 1) * k
     prompts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -375,7 +426,7 @@ def prompts_from_points(
         used = filled.get((s, cls), 0)
         if used == k:
             raise InputError(
-                f"point {n}: more than {k} points for class {settings.class_names[cls]!r} on axial slice "
+                f"{source}: point {n}: more than {k} points for class {settings.class_names[cls]!r} on axial slice "
                 f"{grid.slice_name(s)} (0-based; the model has {k} slots per class)"
             )
         slot = (cls - 1) * k + used
@@ -467,7 +518,7 @@ def _first_existing(path: Path) -> Path:
     return path
 
 
-def _check_parent_creatable(path: Path, what: str) -> None:
+def check_parent_creatable(path: Path, what: str) -> None:
     """The folder `path` exists or can be made: its nearest existing ancestor is a writable folder."""
     base = _first_existing(path)
     if not base.is_dir():
@@ -485,11 +536,13 @@ def check_output_path(out: Path, image: Path | None = None) -> None:
             f"--out {out}: cannot write a label volume named like this; end it with one of "
             f"{', '.join(LABEL_VOLUME_EXTENSIONS)}"
         )
+    if label_description_path(out).name == "_labels.txt":
+        raise InputError(f"--out {out}: give the file a name before its extension, such as pred.nii.gz")
     if image is not None and out.exists() and out.resolve() == Path(image).resolve():
         raise InputError(f"--out {out}: is the input image; give another file name")
     if label_description_path(out).is_dir():
         raise InputError(f"--out {out}: {label_description_path(out)} is an existing folder")
-    _check_parent_creatable(out.parent, f"--out {out}")
+    check_parent_creatable(out.parent, f"--out {out}")
 
 
 def _overlay_folder_is_ours(folder: Path) -> bool:
@@ -519,7 +572,7 @@ def check_overlay_folder(folder: Path, out: Path) -> None:
         raise InputError(
             f"{what}: holds files usam predict did not write there; give a new or empty folder"
         )
-    _check_parent_creatable(folder.parent, what)
+    check_parent_creatable(folder.parent, what)
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -603,33 +656,58 @@ def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, st
         writer.cleanup(failed)
 
 
-def write_overlays(
+def stage_overlays(
+    writer: OutputWriter,
     folder: Path,
     hu: np.ndarray,
     labels: np.ndarray,
     settings: InferenceSettings,
     grid: CanonicalGrid,
-) -> list[str]:
-    """Render the overlays into a hidden temporary folder beside `folder`, then swap it in whole.
+) -> tuple[Path, list[str]]:
+    """Render the overlays into a hidden temporary folder beside `folder` (with the marker file).
 
-    Returns the PNG names written (none when no slice holds a label). Raises InputError, one line.
+    Returns the staged folder and the PNG names written (none when no slice holds a label).
     """
     from usam.overlays import save_slice_overlays
 
-    folder = Path(folder)
+    staged = writer.stage_folder(folder.parent, f".{folder.name}.tmp-")
+    names = [(AXIS_NAMES[grid.slice_axis], grid.image_slice(s)) for s in range(labels.shape[0])]
+    written = save_slice_overlays(hu, labels, settings.class_names, settings.window, staged, names)
+    files = sorted(path.name for path in written)
+    marker = {"written_by": "usam predict", "files": files}
+    (staged / OVERLAY_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    return staged, files
+
+
+def write_outputs(
+    result: sitk.Image,
+    out: Path,
+    settings: InferenceSettings,
+    overlays: tuple[Path, np.ndarray, np.ndarray, CanonicalGrid] | None = None,
+) -> list[str] | None:
+    """Write the label volume and its label description file, and the overlays when asked
+    (``overlays``: folder, canonical HU, canonical labels, grid).
+
+    Everything is rendered and staged before anything is moved in, so a failure leaves no partial
+    output. Returns the overlay PNG names (None without overlays). Raises InputError, one line.
+    """
     writer = OutputWriter()
     failed = True
+    staged_overlays = files = None
+    what = f"--out {out}"
     try:
-        staged = writer.stage_folder(folder.parent, f".{folder.name}.tmp-")
-        names = [(AXIS_NAMES[grid.slice_axis], grid.image_slice(s)) for s in range(labels.shape[0])]
-        written = save_slice_overlays(hu, labels, settings.class_names, settings.window, staged, names)
-        files = sorted(path.name for path in written)
-        marker = {"written_by": "usam predict", "files": files}
-        (staged / OVERLAY_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        _swap_folder(staged, folder)
+        if overlays is not None:
+            folder, hu, labels, grid = overlays
+            what = f"--overlays {folder}"
+            staged_overlays, files = stage_overlays(writer, Path(folder), hu, labels, settings, grid)
+        description = label_description_path(out)
+        write_image_atomic(result, out, {description.name: label_description(settings.class_names)})
+        if staged_overlays is not None:
+            what = f"--overlays {folder} (the label volume {out} was written)"
+            _swap_folder(staged_overlays, Path(folder))
         failed = False
     except (OSError, RuntimeError) as error:
-        raise InputError(f"--overlays {folder}: could not write ({_reason(error)})") from None
+        raise InputError(f"{what}: could not write ({_reason(error)})") from None
     finally:
         writer.cleanup(failed)
     return files
@@ -679,7 +757,8 @@ def run_predict(args: argparse.Namespace) -> int:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
         spec = load_points(args.points) if args.points else None
-        image = read_image(args.image)
+        notes: list[str] = []
+        image = read_image(args.image, notes)
         try:
             model, config = load_checkpoint(args.checkpoint, map_location="cpu")
         except (ValueError, FileNotFoundError) as error:
@@ -687,23 +766,22 @@ def run_predict(args: argparse.Namespace) -> int:
         settings = inference_settings(config)
         model = model.to(device).eval()
         canonical, hu = canonical_hu(image)
-        prompts = prompts_from_points(spec, image, settings) if spec is not None else None
+        prompts = prompts_from_points(spec, image, settings, args.points) if spec is not None else None
     except InputError as error:
         print(f"usam predict: {error}", file=sys.stderr)
         return 2
     labels = predict_canonical(model, settings, hu, prompts, args.batch_size, device)
     result = labels_on_original_grid(labels, canonical, image)
     try:
-        description = label_description_path(out)
-        write_image_atomic(result, out, {description.name: label_description(settings.class_names)})
-        drawn = None
-        if overlays is not None:
-            drawn = write_overlays(overlays, hu, labels, settings, CanonicalGrid.of(image))
+        drawn = write_outputs(result, out, settings,
+                              None if overlays is None else (overlays, hu, labels, CanonicalGrid.of(image)))
     except InputError as error:
         print(f"usam predict: {error}", file=sys.stderr)
         return 2
     counts = np.bincount(labels.reshape(-1), minlength=settings.num_classes)
     run = "unprompted on every slice" if prompts is None else f"prompted on {len(prompts)} slice(s)"
+    for note in notes:
+        console.print(f"usam predict: {note}")
     console.print(f"usam predict: {hu.shape[0]} slices, {run}, on {device.type}; wrote {out}")
     for c in range(1, settings.num_classes):
         console.print(f"  {settings.class_names[c]}: {int(counts[c])} voxels")

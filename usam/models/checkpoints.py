@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -237,6 +238,8 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The config.json of a checkpoint written by `save_checkpoint`, validated."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint {directory}: no such folder")
     if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise ValueError(f"checkpoint {directory}: needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
@@ -271,7 +274,11 @@ def load_weights(
         raise ValueError(
             f"checkpoint {directory}: model config differs in {', '.join(differing)}"
         )
-    state = load_file(directory / WEIGHTS_FILE, device=str(map_location))
+    try:
+        state = load_file(directory / WEIGHTS_FILE, device=str(map_location))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"checkpoint {directory}: {WEIGHTS_FILE} is not a readable safetensors file "
+                         f"({error})") from None
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
@@ -290,6 +297,9 @@ def load_checkpoint(
     from usam.models.registry import create_model
 
     config = read_checkpoint_config(directory)
-    model = create_model(**config["model"])
+    try:
+        model = create_model(**config["model"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"checkpoint {directory}: cannot build its model ({error})") from None
     load_weights(model, directory, map_location=map_location)
     return model.to(map_location), config
