@@ -367,7 +367,7 @@ def class_index(value: Any, class_names: tuple[str, ...]) -> int:
         lowered = [n.lower() for n in class_names]
         if value.strip().lower() in lowered[1:]:
             return lowered.index(value.strip().lower(), 1)
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):
             raise InputError(f"class {value!r}: not one of {', '.join(class_names[1:])}")
         value = int(value)
     if isinstance(value, int):

@@ -108,8 +108,12 @@ def open_training_data(config: TrainConfig) -> TrainingData:
     if not root.is_dir():
         raise ValueError(f"data folder {root}: is not a folder")
     try:
+        manifest_file = manifest_path(root)
+    except FileNotFoundError as error:  # neither kind of folder; the message starts with the path
+        raise ValueError(f"data folder {error}") from None
+    try:
         # a published folder carries a byte copy of the converted folder's manifest under metadata/
-        manifest_bytes = manifest_path(root).read_bytes()
+        manifest_bytes = manifest_file.read_bytes()
         manifest = json.loads(manifest_bytes)
         class_names = [str(c) for c in manifest["classes"]]
         source = open_any(root)
