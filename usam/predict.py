@@ -262,7 +262,7 @@ def _series_note(series: list, chosen: Any) -> str:
                    and s.size[2] == chosen.size[2])
         note += f"; set aside {others} other series"
         if tied:
-            note += f", {tied} of them with as many slices (choose one by giving its own folder)"
+            note += f", {tied} of them with as many slices (to read another, give a folder holding only it)"
     return note
 
 
