@@ -195,6 +195,23 @@ def test_validation_items_are_deterministic_unaugmented(converted):
     torch.testing.assert_close(data[(0, 0)]["points"], item["points"], rtol=0, atol=0)
 
 
+def test_training_points_are_drawn_anew_each_epoch_also_without_augmentation(converted):
+    dataset = store.open_dataset(converted)
+    ids = dataset.case_ids("train")
+    train = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None, random_points=True, seed=3)
+    validation = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None)
+    index = next(i for i in range(len(train)) if (train[(0, i)]["point_labels"] >= 0).sum() >= 3)
+    epochs = [train[(epoch, index)] for epoch in range(4)]
+    for item in epochs:  # unaugmented: the image is the validation one, only the points differ
+        torch.testing.assert_close(item["image"], validation[(0, index)]["image"], rtol=0, atol=0)
+        labels = item["label"].numpy()
+        for slot, ((x, y), used) in enumerate(zip(item["points"].numpy(), item["point_labels"].numpy())):
+            assert used < 0 or labels[int(y), int(x)] == slot // 3 + 1  # on a pixel of its slot's class
+    points = [item["points"].numpy().tobytes() for item in epochs]
+    assert len(set(points)) == 4
+    assert train[(2, index)]["points"].numpy().tobytes() == points[2]  # and reproducibly so
+
+
 def test_epoch_sampler_resumes_mid_epoch_and_shards_ranks():
     data = list(range(10))
     full = EpochSampler(data, seed=3)

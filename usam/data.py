@@ -170,8 +170,9 @@ class SliceDataset(torch.utils.data.Dataset):
     Item key: ``index`` or ``(epoch, index)`` (what ``EpochSampler`` yields). Item: dict with
     image (1, size, size) float32 in [0, 1], label (size, size) uint8, points (K, 2) float32 (x, y)
     in model pixels, point_labels (K,) int64, K = (num_classes - 1) * points_per_class. With
-    ``augment`` set, points are drawn at random from the augmented label; without it they are the
-    deterministic evaluation points (``usam.prompts.sample_points`` with no rng).
+    ``augment`` or ``random_points`` set (training), points are drawn at random from the final label,
+    anew for each (epoch, index); otherwise (validation) they are the deterministic evaluation points
+    (``usam.prompts.sample_points`` with no rng).
     """
 
     def __init__(
@@ -184,6 +185,7 @@ class SliceDataset(torch.utils.data.Dataset):
         window: tuple[float, float] = DEFAULT_WINDOW,
         size: int = MODEL_SIZE,
         augment: Augmentation | None = None,
+        random_points: bool = False,
         seed: int = 0,
     ) -> None:
         self.source = source
@@ -194,6 +196,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.window = (float(window[0]), float(window[1]))
         self.size = size
         self.augment = augment
+        self.random_points = random_points or augment is not None
         self.seed = seed
 
     def __len__(self) -> int:
@@ -207,8 +210,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def transform(self, image_hu: np.ndarray, label: np.ndarray, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """Window, augment + resize, then sample points from the final label."""
-        rng = sample_generator(self.seed, epoch, index) if self.augment is not None else None
-        matrix = sampling_matrix(*self.augment.draw(rng)) if rng is not None else None
+        rng = sample_generator(self.seed, epoch, index) if self.random_points else None
+        matrix = sampling_matrix(*self.augment.draw(rng)) if self.augment is not None else None
         image, label_t = resample_slice(image_hu, label, matrix, self.window, self.size)
         points, point_labels = sample_points(label_t.numpy(), self.num_classes, self.points_per_class, rng)
         return {

@@ -436,7 +436,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     input_size = int(model.config.get("img_size", MODEL_SIZE))
     common = dict(num_classes=num_classes, points_per_class=config.points, window=tuple(config.window),
                   size=input_size)
-    train_set = SliceDataset(data.source, data.train_ids, augment=augment, seed=config.seed, **common)
+    train_set = SliceDataset(data.source, data.train_ids, augment=augment, random_points=True, seed=config.seed,
+                             **common)
     val_set = SliceDataset(data.source, data.val_ids, augment=None, **common)
     rank_batch = config.batch_size // ddp.world_size
     class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
