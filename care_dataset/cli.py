@@ -56,7 +56,8 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool = False) -> int:
-    from care_dataset.convert import ConvertError, check_paths, convert_dataset, keep_freed_buffers
+    from care_dataset.convert import (ConvertError, OutputBusyError, check_paths, convert_dataset,
+                                      keep_freed_buffers)
     from care_dataset.pseudonyms import KeyMissingError, load_key
     from care_dataset.profiles import ProfileError, load_profile
     from care_dataset.progress import print_summary, stderr_console
@@ -86,6 +87,9 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
         summary = convert_dataset(args.raw, args.out, profile, key, reproducible, seed=args.seed,
                                   storage=args.storage, workers=args.workers, private_map=args.private_map,
                                   progress=not args.quiet)
+    except OutputBusyError as err:  # not a usage mistake: one line, no usage text
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     except ConvertError as err:
         return usage_error(str(err))
     except OSError as err:

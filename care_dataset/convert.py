@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from care_dataset import __version__, store
+from care_dataset.locking import LOCK_NAME, OutputLockedError, hold_output_lock
 from care_dataset.profiles import Profile
 from care_dataset.splits import CASE_SUFFIX_SEPARATOR, make_splits
 
@@ -39,6 +41,10 @@ GEOMETRY_ATOL = 1e-4
 
 class ConvertError(ValueError):
     """The conversion cannot start (bad paths, nothing to convert); one line for the user."""
+
+
+class OutputBusyError(ConvertError):
+    """Another process is writing the output folder (it holds the folder's lock)."""
 
 
 @dataclass(frozen=True)
@@ -395,7 +401,7 @@ def check_paths(raw_dir: Path, out_dir: Path, private_map: Path | None) -> tuple
         raise ConvertError("the raw folder must not be inside the output folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConvertError(f"output path {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (
+    if out_dir.is_dir() and any(p.name != LOCK_NAME for p in out_dir.iterdir()) and not (
             (out_dir / "dataset.json").exists() or (out_dir / store.TMP_DIR).is_dir()):
         raise ConvertError(f"output folder {out_dir} is not empty and holds no care-convert output")
     if private_map is not None:
@@ -406,7 +412,26 @@ def check_paths(raw_dir: Path, out_dir: Path, private_map: Path | None) -> tuple
             raise ConvertError("--private-map must not be inside the raw folder")
         if private_map.is_dir():
             raise ConvertError(f"--private-map {private_map} is a folder, expected a file path")
+        _check_writable_location(private_map)
     return raw_dir, out_dir, private_map
+
+
+def _check_writable_location(path: Path) -> None:
+    """Raise ConvertError unless a file can be created at ``path`` (its missing folders included).
+
+    Tries a temporary file in the nearest existing folder on the way, so an unwritable place is found before
+    any case is converted; creates nothing that stays.
+    """
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConvertError(f"--private-map {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConvertError(f"--private-map {path} cannot be written ({err.strerror or err})") from None
 
 
 def _prepare_output(out_dir: Path, storage: str) -> None:
@@ -515,7 +540,6 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     output. Raises ConvertError when the conversion cannot start.
     """
     from care_dataset.io import discover_cases
-    from care_dataset.progress import CaseProgress
 
     if storage not in store.STORAGE_FORMATS:
         raise ConvertError(f"unknown storage format {storage!r}; expected one of {', '.join(store.STORAGE_FORMATS)}")
@@ -525,6 +549,26 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     raws = list(discover_cases(raw_dir, profile))
     if not raws:
         raise ConvertError(f"no cases found in {raw_dir} for profile {profile.name!r}")
+    try:
+        with hold_output_lock(out_dir, "care-convert"):
+            outcomes, failures, outputs = _convert_locked(raws, raw_dir, out_dir, profile, key, key_reproducible,
+                                                          seed, storage, workers, private_map, progress)
+    except OutputLockedError as err:
+        raise OutputBusyError(str(err)) from None
+
+    done = [o for o in outcomes if o.status == "converted"]
+    manifest = outputs["dataset.json"]
+    return ConvertSummary(out_dir=out_dir, storage=storage, class_names=list(profile.class_names),
+                          split_stats=manifest["splits"], converted=len(done), failed=len(outcomes) - len(done),
+                          report=outputs["report.json"], failures=failures)
+
+
+def _convert_locked(raws: list, raw_dir: Path, out_dir: Path, profile: Profile, key: bytes,
+                    key_reproducible: bool, seed: int, storage: str, workers: int, private_map: Path | None,
+                    progress: bool) -> tuple[list[CaseOutcome], list[tuple[str, str]], dict[str, Any]]:
+    """The conversion proper, run while this process holds the output folder's lock."""
+    from care_dataset.progress import CaseProgress
+
     _prepare_output(out_dir, storage)
     existing = _load_records(out_dir)
     settings = settings_digest(profile, storage)
@@ -560,16 +604,12 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     _prune(out_dir, storage, {o.case_id for o in done})
     outputs = build_outputs([o.record for o in done], [_report_entry(o) for o in outcomes], profile, storage,
                             seed, key_reproducible)
-    for name in FINAL_FILES:
-        store.write_json_atomic(out_dir / name, outputs[name])
-    if private_map is not None:
+    if private_map is not None:  # before the completion marker: a run that cannot write it does not look done
         private_map.parent.mkdir(parents=True, exist_ok=True)
         store.write_json_atomic(private_map, {o.raw_name: o.case_id for o in outcomes})
-
-    manifest = outputs["dataset.json"]
-    return ConvertSummary(out_dir=out_dir, storage=storage, class_names=list(profile.class_names),
-                          split_stats=manifest["splits"], converted=len(done), failed=len(outcomes) - len(done),
-                          report=outputs["report.json"], failures=failures)
+    for name in FINAL_FILES:
+        store.write_json_atomic(out_dir / name, outputs[name])
+    return outcomes, failures, outputs
 
 
 def _fail_duplicate_ids(outcomes: list[CaseOutcome], out_dir: Path, storage: str,

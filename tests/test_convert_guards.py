@@ -1,0 +1,131 @@
+"""care-convert guards: one writer per output folder, checks before any work, placeholder patient IDs,
+safe report reasons, profile validation and odd raw folders (symbolic links, nested cases)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from care_dataset import store
+from care_dataset.cli import convert_main
+from care_dataset.convert import convert_dataset
+from care_dataset.locking import LOCK_NAME, hold_output_lock
+from care_dataset.profiles import load_profile
+from care_dataset.synth_phantom import phantom_volume
+
+KEY = b"guard-test-key"
+SHAPE = (12, 32, 32)  # z, y, x
+SPACING = (8.0, 8.0, 3.0)  # x, y, z mm
+
+
+def write_volume_case(case_dir: Path, seed: int) -> None:
+    """A small .mha image and label pair with rectum and tumour."""
+    hu, label = phantom_volume(SHAPE, SPACING[::-1], np.random.default_rng(seed), tumour=True)
+    case_dir.mkdir(parents=True)
+    for array, name in ((hu, "ct.mha"), (label, "ct_seg.mha")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(SPACING)
+        sitk.WriteImage(image, str(case_dir / name))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    for i in range(3):
+        write_volume_case(root / f"Patient_{i}", seed=i)
+    return root
+
+
+@pytest.fixture()
+def key_file(tmp_path) -> Path:
+    path = tmp_path / "key.txt"
+    path.write_bytes(KEY + b"\n")
+    return path
+
+
+def run_convert(raw: Path, out: Path, key_file: Path, *extra: str) -> int:
+    return convert_main([str(raw), str(out), "--key-file", str(key_file), "--quiet", *extra])
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+# --- finding: concurrent runs on one output folder ------------------------------------------------------------
+
+
+def test_second_writer_is_refused_at_once_and_touches_nothing(raw, key_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_convert(raw, out, key_file) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with hold_output_lock(out, "care-convert"):
+        code = run_convert(raw, out, key_file)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "being written by another care-convert" in err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the refused run removed no marker, record or array
+
+
+def test_lock_held_by_another_process_refuses_then_frees(raw, key_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from care_dataset.locking import hold_output_lock
+            with hold_output_lock({str(out)!r}, "care-convert"):
+                print("held", flush=True)
+                sys.stdin.readline()
+            """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_convert(raw, out, key_file) == 2
+        assert f"(process {holder.pid})" in capsys.readouterr().err
+        assert not (out / "dataset.json").exists() and not (out / store.TMP_DIR).exists()
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0
+    assert not out.exists()  # the holder created the folder and removed it again, empty
+    assert run_convert(raw, out, key_file) == 0
+    assert LOCK_NAME not in {p.name for p in out.iterdir()}  # nothing left that lists as output
+
+
+def test_stale_lock_file_of_a_killed_run_does_not_block(raw, key_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("999999\n")  # kill -9 leaves the file; the kernel dropped the lock
+    assert run_convert(raw, out, key_file) == 0
+    assert len(store.open_dataset(out).case_ids()) == 3
+    assert not (out / LOCK_NAME).exists()
+
+
+# --- finding: options checked before any work -------------------------------------------------------------------
+
+
+def test_unwritable_private_map_is_a_usage_error_before_work(raw, key_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    code = run_convert(raw, out, key_file, "--private-map", str(blocker / "sub" / "map.json"))
+    assert code == 2 and "--private-map" in error_lines(capsys.readouterr().err)[0]
+    assert not out.exists()
+
+
+def test_private_map_is_written_before_the_completion_marker(raw, key_file, tmp_path, monkeypatch):
+    written = []
+    real = store.write_json_atomic
+    monkeypatch.setattr(store, "write_json_atomic", lambda path, obj: (written.append(Path(path).name),
+                                                                       real(path, obj))[1])
+    mapping = tmp_path / "custodian" / "map.json"
+    convert_dataset(raw, tmp_path / "out", load_profile("care"), KEY, True, private_map=mapping, progress=False)
+    assert written.index("map.json") < written.index("dataset.json")
+    assert set(json.loads(mapping.read_text())) == {"Patient_0", "Patient_1", "Patient_2"}
