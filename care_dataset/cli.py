@@ -69,6 +69,8 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
 
     if args.workers < 1:
         return usage_error(f"--workers must be at least 1, got {args.workers}")
+    if args.seed < 0:
+        return usage_error(f"--seed must be a non-negative integer, got {args.seed}")
     try:
         profile = load_profile(args.profile)
     except ProfileError as err:

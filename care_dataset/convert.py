@@ -545,6 +545,8 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
         raise ConvertError(f"unknown storage format {storage!r}; expected one of {', '.join(store.STORAGE_FORMATS)}")
     if not key:
         raise ConvertError("an empty de-identification key is not allowed")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConvertError(f"the split seed must be a non-negative integer, got {seed!r}")
     raw_dir, out_dir, private_map = check_paths(raw_dir, out_dir, private_map)
     raws = list(discover_cases(raw_dir, profile))
     if not raws:

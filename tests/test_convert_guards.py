@@ -129,3 +129,17 @@ def test_private_map_is_written_before_the_completion_marker(raw, key_file, tmp_
     convert_dataset(raw, tmp_path / "out", load_profile("care"), KEY, True, private_map=mapping, progress=False)
     assert written.index("map.json") < written.index("dataset.json")
     assert set(json.loads(mapping.read_text())) == {"Patient_0", "Patient_1", "Patient_2"}
+
+
+@pytest.mark.parametrize("seed", ["-5", "-1"])
+def test_negative_seed_is_a_usage_error_before_work(raw, key_file, tmp_path, capsys, seed):
+    out = tmp_path / "out"
+    assert run_convert(raw, out, key_file, "--seed", seed) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "--seed" in line and seed in line
+    assert not out.exists()
+    from care_dataset.convert import ConvertError
+
+    with pytest.raises(ConvertError, match="seed"):
+        convert_dataset(raw, out, load_profile("care"), KEY, True, seed=int(seed), progress=False)
+    assert not out.exists()
