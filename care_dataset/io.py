@@ -25,6 +25,15 @@ if TYPE_CHECKING:  # pydicom and io_dicom are imported when a case holds DICOM f
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 CANONICAL = "LPS"
+# Modality (0008,0060) defined terms of PS3.3 C.7.3.1.1.1, current and retired: only these may be echoed in a
+# reason (report.json); any other value is free text typed in somewhere and is never copied out.
+DICOM_MODALITIES = frozenset("""
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG
+    RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN
+    TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())
 
 
 class CaseError(Exception):
@@ -413,6 +422,15 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
     return LoadedCase(image=image, label=label, original=original, header=header, description_names=names)
 
 
+def not_ct_reason(modality: str) -> str:
+    """Why a series of ``modality`` is refused; names the modality only when it is a DICOM defined term."""
+    if modality in DICOM_MODALITIES:
+        return f"modality {modality} is not CT"
+    if modality == "unknown":  # io_dicom's value for an empty Modality
+        return "the image series has no modality (not CT)"
+    return "the image series is not CT (non-standard modality code)"
+
+
 def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float) -> tuple[sitk.Image, pydicom.Dataset]:
     from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
 
@@ -422,7 +440,7 @@ def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float) -> tu
             raise CaseError(no_series_reason(scan.skipped, scan.num_files))
         chosen = _choose_series(scan.series, label_grid, tolerance)
         if chosen.modality != "CT":
-            raise CaseError(f"modality {chosen.modality} is not CT")
+            raise CaseError(not_ct_reason(chosen.modality))
         return read_series_int16(chosen), chosen.header
     except DicomError as err:
         raise CaseError(str(err)) from None

@@ -19,6 +19,7 @@ from care_dataset.convert import convert_dataset
 from care_dataset.locking import LOCK_NAME, hold_output_lock
 from care_dataset.profiles import load_profile
 from care_dataset.synth_phantom import phantom_volume
+from test_convert import phantom, write_dicom_case
 
 KEY = b"guard-test-key"
 SHAPE = (12, 32, 32)  # z, y, x
@@ -143,3 +144,21 @@ def test_negative_seed_is_a_usage_error_before_work(raw, key_file, tmp_path, cap
     with pytest.raises(ConvertError, match="seed"):
         convert_dataset(raw, out, load_profile("care"), KEY, True, seed=int(seed), progress=False)
     assert not out.exists()
+
+
+# --- finding: raw header text in report.json -----------------------------------------------------------------
+
+
+def test_only_dicom_defined_modality_terms_reach_the_report(key_file, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    for folder, modality in (("typed_in", "SMITHJOHN"), ("mr_scan", "MR")):
+        hu, label = phantom(1)
+        write_dicom_case(raw / folder, hu, label, dict(PatientName="Smith^John", PatientID=f"ID-{folder}"),
+                         modality=modality)
+    out = tmp_path / "out"
+    assert run_convert(raw, out, key_file) == 1
+    terminal = capsys.readouterr().err
+    reasons = sorted(r["reason"] for r in json.loads((out / "report.json").read_text()))
+    assert reasons == ["modality MR is not CT", "the image series is not CT (non-standard modality code)"]
+    assert "SMITHJOHN" not in terminal
+    assert not [p for p in out.rglob("*") if p.is_file() and b"SMITHJOHN" in p.read_bytes()]
