@@ -83,6 +83,7 @@ class ConvertSummary:
     failed: int
     report: list[dict]
     failures: list[tuple[str, str]]  # (raw folder, reason): terminal only, never written under out_dir
+    warnings: list[str] = field(default_factory=list)  # terminal lines without identifying values
 
     @property
     def all_converted(self) -> bool:
@@ -119,6 +120,40 @@ def raw_fingerprint(raw: Any, raw_dir: Path, key: bytes) -> str:
             relative = path
         mac.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return mac.hexdigest()
+
+
+def header_check(header: Any, patient_id: str, key: bytes) -> dict[str, str]:
+    """Keyed digests of the header's PatientName and PatientBirthDate, to compare the cases of one patient
+    prefix without keeping the values; keyed with the prefix too, so they cannot link different patients.
+
+    Names are compared without case and trailing empty components ("Doe^Jane" equals "DOE^JANE^^"). Empty
+    values and volume files without a header give no digest.
+    """
+    if header is None:
+        return {}
+    values = {"name": str(header.get("PatientName", "") or "").strip().rstrip("^ ").casefold(),
+              "birth_date": str(header.get("PatientBirthDate", "") or "").strip()}
+    return {field_name: hmac.new(key, f"header-check\0{patient_id}\0{field_name}\0{value}".encode(
+                "utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]
+            for field_name, value in values.items() if value}
+
+
+def identity_conflicts(records: list[dict]) -> list[str]:
+    """One warning per patient prefix whose cases' headers disagree on patient name or birth date."""
+    from care_dataset.splits import patient_of
+
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(patient_of(record["case_id"]), []).append(record.get("header_check") or {})
+    described = {"name": "patient name", "birth_date": "birth date"}
+    warnings = []
+    for prefix, checks in sorted(groups.items()):
+        differing = [text for name, text in described.items() if len({c[name] for c in checks if name in c}) > 1]
+        if differing:
+            warnings.append(f"warning: the {len(checks)} cases of patient {prefix} share a PatientID but their "
+                            f"headers differ in {' and '.join(differing)} (a reused PatientID?); "
+                            "they stay in one split")
+    return warnings
 
 
 def settings_digest(profile: Profile, storage: str) -> str:
@@ -238,7 +273,8 @@ def convert_case(job: CaseJob, loaded: Any = None) -> CaseOutcome:
             "voxels_after": after,
             "checksum": checksum.result(),
         }
-        record = {"case_id": case_id, "entry": entry, "fingerprint": job.fingerprint, "settings": job.settings}
+        record = {"case_id": case_id, "entry": entry, "fingerprint": job.fingerprint, "settings": job.settings,
+                  "header_check": header_check(loaded.header, patient_id, job.key)}
         store.write_json_atomic(_record_path(job.out_dir, case_id), record)
         reason = f"converted {len(kept)} of {canonical['size'][2]} axial slices"
         return CaseOutcome(raw.key, case_id, "converted", reason, record=record)
@@ -553,8 +589,8 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
         raise ConvertError(f"no cases found in {raw_dir} for profile {profile.name!r}")
     try:
         with hold_output_lock(out_dir, "care-convert"):
-            outcomes, failures, outputs = _convert_locked(raws, raw_dir, out_dir, profile, key, key_reproducible,
-                                                          seed, storage, workers, private_map, progress)
+            outcomes, failures, warnings, outputs = _convert_locked(
+                raws, raw_dir, out_dir, profile, key, key_reproducible, seed, storage, workers, private_map, progress)
     except OutputLockedError as err:
         raise OutputBusyError(str(err)) from None
 
@@ -562,14 +598,14 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     manifest = outputs["dataset.json"]
     return ConvertSummary(out_dir=out_dir, storage=storage, class_names=list(profile.class_names),
                           split_stats=manifest["splits"], converted=len(done), failed=len(outcomes) - len(done),
-                          report=outputs["report.json"], failures=failures)
+                          report=outputs["report.json"], failures=failures, warnings=warnings)
 
 
 def _convert_locked(raws: list, raw_dir: Path, out_dir: Path, profile: Profile, key: bytes,
                     key_reproducible: bool, seed: int, storage: str, workers: int, private_map: Path | None,
-                    progress: bool) -> tuple[list[CaseOutcome], list[tuple[str, str]], dict[str, Any]]:
+                    progress: bool) -> tuple[list[CaseOutcome], list[tuple[str, str]], list[str], dict[str, Any]]:
     """The conversion proper, run while this process holds the output folder's lock."""
-    from care_dataset.progress import CaseProgress
+    from care_dataset.progress import CaseProgress, stderr_console
 
     _prepare_output(out_dir, storage)
     existing = _load_records(out_dir)
@@ -603,6 +639,9 @@ def _convert_locked(raws: list, raw_dir: Path, out_dir: Path, profile: Profile, 
 
     _fail_duplicate_ids(outcomes, out_dir, storage, failures)
     done = [o for o in outcomes if o is not None and o.status == "converted"]
+    warnings = identity_conflicts([o.record for o in done])
+    for line in warnings:
+        stderr_console().print(line, style="yellow", markup=False, highlight=False)
     _prune(out_dir, storage, {o.case_id for o in done})
     outputs = build_outputs([o.record for o in done], [_report_entry(o) for o in outcomes], profile, storage,
                             seed, key_reproducible)
@@ -611,7 +650,7 @@ def _convert_locked(raws: list, raw_dir: Path, out_dir: Path, profile: Profile, 
         store.write_json_atomic(private_map, {o.raw_name: o.case_id for o in outcomes})
     for name in FINAL_FILES:
         store.write_json_atomic(out_dir / name, outputs[name])
-    return outcomes, failures, outputs
+    return outcomes, failures, warnings, outputs
 
 
 def _fail_duplicate_ids(outcomes: list[CaseOutcome], out_dir: Path, storage: str,

@@ -1,7 +1,8 @@
 """Pseudonyms from a secret key: case IDs, remapped UIDs and per-patient date offsets.
 
 A case ID is `prefix + "_" + the first 12 hex digits of HMAC-SHA256(key, identity)`, where the identity is
-the DICOM PatientID ("issuer|id" when IssuerOfPatientID is present) or, without DICOM, the case folder name.
+the DICOM PatientID ("issuer|id" when IssuerOfPatientID is present) or, without DICOM or with a placeholder
+PatientID such as ANONYMOUS (`is_placeholder_id`), the case folder name.
 The same key gives the same IDs; the key is never written.
 
 From the same key: UIDs map to "2.25.<decimal of the first 128 bits of HMAC-SHA256(key, uid)>" (the same
@@ -22,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 KEY_ENV_VAR = "CARE_DEID_KEY"
+# PatientIDs that name nobody (left by anonymising exports and scanner defaults), compared lower-case with
+# everything but letters and digits removed; IDs made of zeros only, or of no letter or digit, count too.
+PLACEHOLDER_PATIENT_IDS = frozenset({
+    "anonymous", "anonymized", "anonymised", "anon", "deidentified", "removed", "redacted", "unknown", "unk",
+    "none", "null", "nil", "na", "notavailable", "noid", "patient", "patientid", "id",
+})
 UID_ROOT = "2.25."
 STANDARD_UID_ROOT = "1.2.840.10008."
 DATE_OFFSET_RANGE = (-3650, -365)
@@ -75,12 +82,19 @@ def make_case_id(identity: str, key: bytes, prefix: str = "care") -> str:
     return f"{prefix}_{_hmac(key, identity).hex()[:12]}"
 
 
+def is_placeholder_id(patient_id: str) -> bool:
+    """True for a PatientID that names nobody: empty, zeros only, no letter or digit, or a placeholder word
+    of PLACEHOLDER_PATIENT_IDS (any case, any punctuation: "ANONYMOUS", "N/A", "Unknown", "0000")."""
+    letters_digits = "".join(ch for ch in str(patient_id).casefold() if ch.isalnum())
+    return not letters_digits.strip("0") or letters_digits in PLACEHOLDER_PATIENT_IDS
+
+
 def patient_identity(header: Mapping[str, Any] | Any | None, case_folder_name: str) -> str:
     """PatientID ("issuer|id" when IssuerOfPatientID is set) of a DICOM header (a pydicom Dataset or anything
-    with ``get(keyword, default)``), else the case folder name."""
+    with ``get(keyword, default)``), else the case folder name (also for a placeholder PatientID)."""
     if header is not None:
         patient_id = str(header.get("PatientID", "") or "").strip()
-        if patient_id:
+        if not is_placeholder_id(patient_id):
             issuer = str(header.get("IssuerOfPatientID", "") or "").strip()
             return f"{issuer}|{patient_id}" if issuer else patient_id
     return case_folder_name

@@ -162,3 +162,52 @@ def test_only_dicom_defined_modality_terms_reach_the_report(key_file, tmp_path, 
     assert reasons == ["modality MR is not CT", "the image series is not CT (non-standard modality code)"]
     assert "SMITHJOHN" not in terminal
     assert not [p for p in out.rglob("*") if p.is_file() and b"SMITHJOHN" in p.read_bytes()]
+
+
+# --- finding: placeholder PatientIDs and one prefix for different people ------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["ANONYMOUS", "anonymized", "Unknown", "NONE", "N/A", "0", "000000", "", " ",
+                                   "-", "?"])
+def test_placeholder_patient_ids_fall_back_to_the_folder(value):
+    from care_dataset.pseudonyms import is_placeholder_id, patient_identity
+
+    assert is_placeholder_id(value)
+    assert patient_identity({"PatientID": value, "IssuerOfPatientID": "HOSP"}, "case_folder") == "case_folder"
+
+
+@pytest.mark.parametrize("value", ["PID778812", "1", "0001", "A0", "NONE-4711"])
+def test_real_patient_ids_are_kept(value):
+    from care_dataset.pseudonyms import is_placeholder_id, patient_identity
+
+    assert not is_placeholder_id(value)
+    assert patient_identity({"PatientID": value}, "case_folder") == value
+
+
+def test_placeholder_ids_do_not_merge_patients_and_reused_ids_warn(key_file, tmp_path, capsys):
+    from care_dataset.splits import patient_of
+
+    raw = tmp_path / "raw"
+    cases = {  # folder: (PatientName, PatientID, PatientBirthDate)
+        "anon_a": ("Brennan^John", "ANONYMOUS", "19500101"),
+        "anon_b": ("Schmidt^Ahmed", "ANONYMOUS", "19530228"),
+        "keller_scan": ("Keller^Jonas", "PID4711", "19610203"),
+        "novak_scan": ("Novak^Irena", "PID4711", "19610203"),
+        "same_a": ("Roe^Richard", "PID5519", "19550417"),
+        "same_b": ("ROE^RICHARD^^", "PID5519", "19550417"),
+    }
+    for seed, (folder, (name, pid, birth)) in enumerate(cases.items()):
+        hu, label = phantom(seed)
+        write_dicom_case(raw / folder, hu, label, dict(PatientName=name, PatientID=pid, PatientBirthDate=birth))
+    mapping = tmp_path / "map.json"
+    out = tmp_path / "out"
+    for _ in range(2):  # the warning comes again when every case is resumed from its record
+        assert run_convert(raw, out, key_file, "--private-map", str(mapping)) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+        ids = json.loads(mapping.read_text())
+        assert patient_of(ids["anon_a"]) != patient_of(ids["anon_b"])
+        assert patient_of(ids["keller_scan"]) == patient_of(ids["novak_scan"])
+        assert patient_of(ids["same_a"]) == patient_of(ids["same_b"])
+        (line,) = warnings
+        assert patient_of(ids["keller_scan"]) in line and "patient name" in line and "birth date" not in line
+        assert not [v for v in ("Keller", "Novak", "PID4711", "_scan", "19610203") if v.lower() in line.lower()]
