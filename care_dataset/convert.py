@@ -470,6 +470,28 @@ def _check_writable_location(path: Path) -> None:
         raise ConvertError(f"--private-map {path} cannot be written ({err.strerror or err})") from None
 
 
+def drop_linked_cases(raws: list, raw_dir: Path, out_dir: Path) -> tuple[list, list[tuple[str, str]]]:
+    """Raw cases reached through symbolic links that would convert the wrong thing, left out.
+
+    Skipped: a case that leads into the output folder (or above it), one that leads to the raw folder itself or
+    above it (a link loop), and one that leads to a folder another case already is (the same scan twice; the
+    case that is not a link is kept). Returns the kept cases and (raw name, why) of each skipped one.
+    """
+    kept, skipped, seen = [], [], {}
+    for raw in sorted(raws, key=lambda r: (Path(r.root).is_symlink(), r.key)):
+        target = Path(raw.root).resolve()
+        if target == out_dir or out_dir in target.parents or target in out_dir.parents:
+            skipped.append((raw.key, "it leads to the output folder (a symbolic link)"))
+        elif target == raw_dir or target in raw_dir.parents:
+            skipped.append((raw.key, "it leads to the raw folder itself (a symbolic link loop)"))
+        elif target in seen:
+            skipped.append((raw.key, f"it is the same folder as case folder {seen[target]} (a symbolic link)"))
+        else:
+            seen[target] = raw.key
+            kept.append(raw)
+    return sorted(kept, key=lambda r: r.key), sorted(skipped)
+
+
 def _prepare_output(out_dir: Path, storage: str) -> None:
     """Create the output, drop the completion marker and stale temporaries (records are kept for resume)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -584,7 +606,12 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConvertError(f"the split seed must be a non-negative integer, got {seed!r}")
     raw_dir, out_dir, private_map = check_paths(raw_dir, out_dir, private_map)
-    raws = list(discover_cases(raw_dir, profile))
+    raws, skipped = drop_linked_cases(discover_cases(raw_dir, profile), raw_dir, out_dir)
+    if skipped:
+        from care_dataset.progress import stderr_console
+
+        for name, why in skipped:
+            stderr_console().print(f"note: skipped case folder {name}: {why}", markup=False, highlight=False)
     if not raws:
         raise ConvertError(f"no cases found in {raw_dir} for profile {profile.name!r}")
     try:

@@ -178,7 +178,7 @@ def _files_under(folder: Path) -> list[Path]:
     for parent, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(parent) / f for f in sorted(files) if not f.startswith(".")]
-    return found
+    return [f for f in found if f.exists()]  # drops dangling symbolic links
 
 
 def _label_files(files: list[Path], profile: Profile) -> list[Path]:
@@ -210,6 +210,8 @@ def discover_cases(raw_dir: Path, profile: Profile) -> list[RawCase]:
             problem = f"no annotation file matching {', '.join(profile.label_patterns)}"
         elif len(labels) > 1:
             problem = f"several annotation files ({len(labels)}) match {', '.join(profile.label_patterns)}"
+            if len({label.parent for label in labels}) > 1:
+                problem += " in different sub-folders (case folders must be directly under the raw folder)"
         cases.append(RawCase(
             key=folder.name,
             root=folder,

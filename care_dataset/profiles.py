@@ -117,16 +117,23 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
     if kind not in ("case_folders", "paired_folders"):
         raise ProfileError(f"profile {origin}: [layout] kind must be 'case_folders' or 'paired_folders'")
     as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)  # noqa: E731
+    patterns = labels.get("patterns", ["*seg*", "*label*"])
+    if not isinstance(patterns, (str, list)) or not as_tuple(patterns) or not all(
+            isinstance(p, str) and p.strip() for p in as_tuple(patterns)):
+        raise ProfileError(f"profile {origin}: [labels] patterns must be one or more non-empty file name patterns")
+    margin = raw.get("slices", {}).get("margin", 0)
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ProfileError(f"profile {origin}: [slices] margin must be a whole number of slices >= 0, not {margin!r}")
     return Profile(
         name=str(raw.get("name", Path(origin).stem)),
         description=str(raw.get("description", "")),
         class_names=class_names,
-        label_patterns=as_tuple(labels.get("patterns", ["*seg*", "*label*"])),
+        label_patterns=as_tuple(patterns),
         value_map=value_map,
         name_map=name_map,
         unmapped=unmapped,
         keep_classes=keep,
-        margin=int(raw.get("slices", {}).get("margin", 0)),
+        margin=margin,
         split_sizes=split,
         layout=kind,
         image_dirs=as_tuple(layout.get("images", ())),

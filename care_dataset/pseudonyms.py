@@ -41,9 +41,9 @@ class KeyMissingError(ValueError):
 def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_key: bool = False) -> tuple[bytes, bool]:
     """The secret key and whether IDs made with it are reproducible.
 
-    Order: `key_file` (its bytes, trailing newline removed), then the environment variable
-    (UTF-8), then `random_key` (32 random bytes, not reproducible). Raises KeyMissingError
-    when none is given.
+    Order: `key_file` (its bytes), then the environment variable (UTF-8), then `random_key` (32 random bytes,
+    not reproducible); trailing line ends (CR, LF) are removed from the file and the variable alike, so one
+    secret gives one key either way. Raises KeyMissingError when none is given.
     """
     if key_file is not None:
         if random_key:
@@ -57,7 +57,10 @@ def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_ke
         return key, True
     env_value = os.environ.get(env_var, "")
     if env_value and not random_key:
-        return env_value.encode("utf-8"), True
+        key = env_value.encode("utf-8").rstrip(b"\r\n")
+        if not key:
+            raise KeyMissingError(f"the {env_var} environment variable holds only line ends")
+        return key, True
     if random_key:
         return os.urandom(32), False
     raise KeyMissingError(

@@ -211,3 +211,70 @@ def test_placeholder_ids_do_not_merge_patients_and_reused_ids_warn(key_file, tmp
         (line,) = warnings
         assert patient_of(ids["keller_scan"]) in line and "patient name" in line and "birth date" not in line
         assert not [v for v in ("Keller", "Novak", "PID4711", "_scan", "19610203") if v.lower() in line.lower()]
+
+
+# --- nits: profile validation, odd raw folders, key from the environment ------------------------------------------
+
+
+@pytest.mark.parametrize("slices, patterns, wanted", [
+    ("margin = -2", '["*seg*"]', "margin"),
+    ("margin = 1.7", '["*seg*"]', "margin"),
+    ("margin = true", '["*seg*"]', "margin"),
+    ("margin = 1", "[]", "patterns"),
+    ("margin = 1", '["*seg*", ""]', "patterns"),
+])
+def test_bad_margin_or_patterns_is_a_profile_error(tmp_path, raw, key_file, capsys, slices, patterns, wanted):
+    from care_dataset.profiles import ProfileError
+
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[classes]\nnames = ["background", "rectum", "tumor"]\n'
+                    f"[labels]\npatterns = {patterns}\n[slices]\n{slices}\n")
+    with pytest.raises(ProfileError, match=wanted):
+        load_profile(path)
+    assert run_convert(raw, tmp_path / "out", key_file, "--profile", str(path)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert wanted in line and not (tmp_path / "out").exists()
+
+
+def test_dangling_link_is_not_an_annotation_and_nested_cases_get_a_hint(tmp_path, key_file, capsys):
+    raw = tmp_path / "raw"
+    write_volume_case(raw / "case_a", seed=0)
+    (raw / "case_a" / "old_seg.nii.gz").symlink_to(tmp_path / "gone" / "x.nii.gz")
+    write_volume_case(raw / "group" / "A", seed=1)
+    write_volume_case(raw / "group" / "B", seed=2)
+    out = tmp_path / "out"
+    assert run_convert(raw, out, key_file) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(r["status"] for r in report) == ["converted", "failed"]
+    (failed,) = [r["reason"] for r in report if r["status"] == "failed"]
+    assert failed.startswith("several annotation files (2)") and "directly under the raw folder" in failed
+
+
+def test_links_to_the_output_to_raw_itself_or_to_another_case_are_skipped(raw, key_file, tmp_path, capsys):
+    linked = tmp_path / "raw"
+    linked.mkdir()
+    for case in sorted(raw.iterdir()):
+        (linked / case.name).symlink_to(case, target_is_directory=True)
+    out = tmp_path / "out"
+    assert run_convert(linked, out, key_file) == 0  # case folders that are links to real cases are fine
+    reference = json.loads((out / "cases.json").read_text())
+    (linked / "loop").symlink_to(linked, target_is_directory=True)
+    (linked / "outlink").symlink_to(out, target_is_directory=True)
+    (linked / "zz_again").symlink_to(linked / "Patient_0", target_is_directory=True)
+    capsys.readouterr()
+    assert run_convert(linked, out, key_file) == 0
+    notes = sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: skipped"))
+    assert [n.split(":")[1].split()[-1] for n in notes] == ["loop", "outlink", "zz_again"]
+    assert json.loads((out / "cases.json").read_text()) == reference
+
+
+def test_key_from_the_environment_loses_its_line_end_like_the_key_file(tmp_path, monkeypatch):
+    from care_dataset.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
+
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"s3cret\r\n")
+    monkeypatch.setenv(KEY_ENV_VAR, "s3cret\n")
+    assert load_key(None) == load_key(key_file) == (b"s3cret", True)
+    monkeypatch.setenv(KEY_ENV_VAR, "\n")
+    with pytest.raises(KeyMissingError, match=KEY_ENV_VAR):
+        load_key(None)
