@@ -30,6 +30,7 @@ from pydicom.uid import UID
 
 from care_dataset import __version__
 from care_dataset.annex_e import AnnexETable, load_basic_profile
+from care_dataset.locking import hold_output_lock
 from care_dataset.pseudonyms import (
     KeyMissingError,
     add_key_arguments,
@@ -359,7 +360,8 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
 
     Returns one dict per case: case_id (None when unknown), status ("anonymized", "skipped" or
     "failed"), reason, files, and raw_folder. raw_folder is the raw name, for the operator's
-    terminal only: never write it under out_dir.
+    terminal only: never write it under out_dir. Raises OutputLockedError (a ValueError) at once
+    when another run writes to out_dir.
     """
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw_dir.is_dir():
@@ -367,15 +369,16 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
     if out_dir == raw_dir or raw_dir in out_dir.parents:
         raise ValueError("the output folder must not be inside the raw folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.glob(".partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    cases = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    taken: set[str] = set()
-    results = []
-    for index, case_dir in enumerate(cases, start=1):
-        results.append(anonymize_case(case_dir, out_dir, key, allow_burned_in, taken))
-        if progress is not None:
-            progress(index, len(cases))
+    with hold_output_lock(out_dir, "care-anonymize"):
+        for leftover in out_dir.glob(".partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        cases = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        taken: set[str] = set()
+        results = []
+        for index, case_dir in enumerate(cases, start=1):
+            results.append(anonymize_case(case_dir, out_dir, key, allow_burned_in, taken))
+            if progress is not None:
+                progress(index, len(cases))
     return results
 
 

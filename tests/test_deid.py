@@ -8,6 +8,8 @@ import hmac
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 from care_dataset import deid
 from care_dataset.annex_e import load_basic_profile
 from care_dataset.deid import BurnedInAnnotationError, DeidContext, anonymize_dataset, anonymize_tree
+from care_dataset.locking import OutputLockedError
 from care_dataset.pseudonyms import KeyMissingError, load_key, make_case_id, patient_identity
 from care_dataset.verify import collect_identifying_values, scan_for_leaks
 
@@ -433,3 +436,31 @@ def test_run_anonymize_exit_codes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CARE_DEID_KEY", "k")
     assert deid.run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 0
     assert deid.run_anonymize(parser.parse_args([str(raw), str(raw / "inside")])) == 2
+
+
+# --- concurrent runs ----------------------------------------------------------------------------
+
+def test_second_run_on_one_output_folder_refuses_at_once(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "anon"
+    _write_case(raw / "Doe case", "PID-L", n=1)
+    out.mkdir()
+    other_runs_work = out / ".partial-other-run"
+    (other_runs_work / "001").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from care_dataset.locking import hold_output_lock\n"
+         "with hold_output_lock(Path(sys.argv[1]), 'care-anonymize'):\n"
+         "    print('held', flush=True); sys.stdin.readline()",
+         str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLockedError, match="another care-anonymize"):
+            anonymize_tree(raw, out, KEY)
+        assert sorted(p.name for p in out.iterdir()) == [".lock", ".partial-other-run"]
+        assert (other_runs_work / "001").is_dir()
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0
+    results = anonymize_tree(raw, out, KEY)  # the lock is free again; the dead run's partial folder goes
+    assert sorted(p.name for p in out.iterdir()) == [results[0]["case_id"]]
