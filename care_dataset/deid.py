@@ -4,9 +4,10 @@ Case IDs, remapped UIDs and the per-patient date offset all come from the secret
 :mod:`care_dataset.pseudonyms`.
 
 `care-anonymize raw/ anon/` writes anon/<case_id>/<series>/<instance>.dcm (three- and five-digit
-indices ordered by SeriesNumber and InstanceNumber, then new UID). Only DICOM files are copied:
-volume files, label description files and other non-DICOM files are not. Pixel data is copied
-byte for byte in its original transfer syntax.
+indices ordered by SeriesNumber and InstanceNumber, then new UID). The case ID is care-convert's:
+the patient pseudonym, "-", and the keyed suffix of the raw case folder, so two studies of one
+patient get two folders. Only DICOM files are copied: volume files, label description files and
+other non-DICOM files are not. Pixel data is copied byte for byte in its original transfer syntax.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pydicom.uid import UID
 
 from care_dataset import __version__
 from care_dataset.annex_e import AnnexETable, load_basic_profile
+from care_dataset.convert import case_suffix
 from care_dataset.locking import hold_output_lock
 from care_dataset.pseudonyms import (
     KeyMissingError,
@@ -40,6 +42,7 @@ from care_dataset.pseudonyms import (
     patient_identity,
     remap_uid,
 )
+from care_dataset.splits import CASE_SUFFIX_SEPARATOR
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -172,7 +175,7 @@ def anonymize_dataset(ds: Dataset, ctx: DeidContext, in_place: bool = False) -> 
     """De-identify one dataset (Annex E Basic Profile + Retain Longitudinal Modified Dates).
 
     Private tags and group lengths are removed, every sequence item is cleaned with the same
-    rules, PatientName and PatientID become the case ID and the method is recorded. Pixel data
+    rules, PatientName and PatientID become the patient pseudonym and the method is recorded. Pixel data
     is left untouched. Raises BurnedInAnnotationError for BurnedInAnnotation = YES unless
     `ctx.allow_burned_in`.
     """
@@ -305,7 +308,10 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
 
 def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
                    taken_ids: set[str] | None = None) -> dict:
-    """De-identify the DICOM files of one case into out_dir/<case_id>/ (all or nothing)."""
+    """De-identify the DICOM files of one case into out_dir/<case_id>/ (all or nothing).
+
+    The case ID is care-convert's: patient pseudonym + "-" + the keyed suffix of the raw folder name.
+    """
     result = {"case_id": None, "status": "failed", "reason": "", "raw_folder": case_dir.name, "files": 0}
     tmp_dir: Path | None = None
     try:
@@ -316,12 +322,13 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
         if len(identities) > 1:
             raise DeidError(f"the DICOM files of the case belong to {len(identities)} different patients")
         ctx = DeidContext(key=key, identity=identities.pop(), allow_burned_in=allow_burned_in)
-        result["case_id"] = ctx.case_id
+        case_id = f"{ctx.case_id}{CASE_SUFFIX_SEPARATOR}{case_suffix(ctx.case_id, case_dir.name, key)}"
+        result["case_id"] = case_id
         if taken_ids is not None:
-            if ctx.case_id in taken_ids:
-                raise DeidError("another case folder holds the same patient (same pseudonym)")
-            taken_ids.add(ctx.case_id)
-        final_dir = out_dir / ctx.case_id
+            if case_id in taken_ids:
+                raise DeidError("another raw case received the same case ID; anonymize it with another key")
+            taken_ids.add(case_id)
+        final_dir = out_dir / case_id
         if final_dir.exists():
             result.update(status="anonymized", reason="already present", files=len(instances))
             return result

@@ -8,6 +8,7 @@ import hmac
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from care_dataset.annex_e import load_basic_profile
 from care_dataset.deid import BurnedInAnnotationError, DeidContext, anonymize_dataset, anonymize_tree
 from care_dataset.locking import OutputLockedError
 from care_dataset.pseudonyms import KeyMissingError, load_key, make_case_id, patient_identity
+from care_dataset.splits import patient_of
 from care_dataset.verify import collect_identifying_values, scan_for_leaks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +160,7 @@ def test_real_series_layout_and_status(real_anon):
     out, results = real_anon
     assert [r["status"] for r in results] == ["anonymized"]
     case_id = results[0]["case_id"]
-    assert case_id == make_case_id(patient_identity(_raw_by_instance()[1], "ct-3slice"), KEY)
+    assert patient_of(case_id) == make_case_id(patient_identity(_raw_by_instance()[1], "ct-3slice"), KEY)
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert names == [f"{case_id}/001/0000{i}.dcm" for i in (1, 2, 3)]
 
@@ -172,7 +174,7 @@ def test_real_headers_lose_every_identifier(real_anon):
     assert sorted(anon) == sorted(raw) == [1, 2, 3]
     for number, (path, ds) in anon.items():
         src = raw[number]
-        assert str(ds.PatientName) == case_id and ds.PatientID == case_id
+        assert str(ds.PatientName) == patient_of(case_id) and ds.PatientID == patient_of(case_id)
         assert str(src.PatientName) not in path.read_bytes().decode("latin-1")
         assert ds.AccessionNumber in ("", None) and src.AccessionNumber == "03086212"
         assert "PatientAge" not in ds and "PatientAge" in src
@@ -358,7 +360,7 @@ def test_tree_with_nested_layout_non_dicom_files_and_two_series(tmp_path):
     results = anonymize_tree(raw, out, KEY)
     assert [(r["status"], r["files"]) for r in results] == [("anonymized", 5)]
     case_id = results[0]["case_id"]
-    assert case_id == make_case_id("ST-EXAMPLE-HOSP|PID-1", KEY)
+    assert patient_of(case_id) == make_case_id("ST-EXAMPLE-HOSP|PID-1", KEY)
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert names == [f"{case_id}/001/0000{i}.dcm" for i in (1, 2)] + [f"{case_id}/002/0000{i}.dcm" for i in (1, 2, 3)]
     assert pydicom.dcmread(out / case_id / "002" / "00003.dcm").PixelData == first[2].PixelData
@@ -407,7 +409,9 @@ def test_burned_in_refused_unless_allowed_and_broken_case_fails_alone(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [status["A good case"]["case_id"]]  # nothing partial
     allowed = anonymize_tree(raw, out, KEY, allow_burned_in=True)
     assert {r["raw_folder"]: r["status"] for r in allowed}["B burned"] == "anonymized"
-    assert len(burned) == 2 and (out / make_case_id("ST-EXAMPLE-HOSP|PID-B", KEY)).is_dir()
+    burned_id = {r["raw_folder"]: r["case_id"] for r in allowed}["B burned"]
+    assert len(burned) == 2 and patient_of(burned_id) == make_case_id("ST-EXAMPLE-HOSP|PID-B", KEY)
+    assert len(list((out / burned_id).rglob("*.dcm"))) == 2
     with pytest.raises(BurnedInAnnotationError):
         anonymize_dataset(pydicom.dcmread(next((raw / "B burned").rglob("IMG_*"))),
                           DeidContext(key=KEY, identity="x"))
@@ -438,7 +442,57 @@ def test_run_anonymize_exit_codes(tmp_path, monkeypatch, capsys):
     assert deid.run_anonymize(parser.parse_args([str(raw), str(raw / "inside")])) == 2
 
 
-# --- concurrent runs ----------------------------------------------------------------------------
+# --- several studies of one patient, concurrent runs ------------------------------------------
+
+def _new_study(case_dir: Path) -> None:
+    """Give every file of `case_dir` the UIDs of one new study and series (a follow-up scan)."""
+    study, series = generate_uid(), generate_uid()
+    for path in sorted(p for p in case_dir.rglob("*") if p.is_file() and p.suffix != ".nrrd"):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_two_studies_of_one_patient_get_two_case_folders(tmp_path):
+    raw = tmp_path / "raw"
+    _write_case(raw / "Doe baseline", "PID-77", n=2)
+    _write_case(raw / "Doe follow-up", "PID-77", n=3)
+    results = anonymize_tree(raw, tmp_path / "anon", KEY)
+    assert [r["status"] for r in results] == ["anonymized", "anonymized"]
+    ids = [r["case_id"] for r in results]
+    assert ids[0] != ids[1] and {patient_of(c) for c in ids} == {make_case_id("ST-EXAMPLE-HOSP|PID-77", KEY)}
+    headers = {c: [pydicom.dcmread(p) for p in sorted((tmp_path / "anon" / c).rglob("*.dcm"))] for c in ids}
+    assert [len(headers[c]) for c in ids] == [2, 3]
+    assert {ds.PatientID for c in ids for ds in headers[c]} == {patient_of(ids[0])}  # one patient, longitudinal
+    assert {ds.StudyDate for c in ids for ds in headers[c]} == {headers[ids[0]][0].StudyDate}  # one date offset
+    assert len({ds.StudyInstanceUID for c in ids for ds in headers[c]}) == 2
+    again = anonymize_tree(raw, tmp_path / "again", KEY)
+    assert [r["case_id"] for r in again] == ids
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    assert files(tmp_path / "anon") == files(tmp_path / "again")
+
+
+@needs_real_ct
+def test_case_ids_are_those_of_care_convert(tmp_path):
+    from care_dataset.convert import convert_dataset
+    from care_dataset.profiles import load_profile
+
+    raw = tmp_path / "raw"
+    for scan in ("scan A", "scan B"):
+        shutil.copytree(REAL_RAW / "ct-3slice", raw / scan / "ct")
+        shutil.copy(REAL_RAW / "liver_spine_seg.nrrd", raw / scan / "liver_spine_seg.nrrd")
+    _new_study(raw / "scan B")
+    (tmp_path / "profile.toml").write_text(
+        'name = "liver-spine"\n[classes]\nnames = ["background", "liver", "spine"]\n'
+        "[labels]\nvalues = { 0 = 0, 1 = 1, 2 = 2 }\n[slices]\nkeep_classes = [1]\n")
+    convert_dataset(raw, tmp_path / "out", load_profile(tmp_path / "profile.toml"), KEY, True,
+                    private_map=tmp_path / "map.json", progress=False)
+    converted = json.loads((tmp_path / "map.json").read_text())
+    anonymized = {r["raw_folder"]: r["case_id"] for r in anonymize_tree(raw, tmp_path / "anon", KEY)}
+    assert anonymized == converted and len(set(anonymized.values())) == 2
+    assert sorted(p.name for p in (tmp_path / "anon").iterdir()) == sorted(converted.values())
+
 
 def test_second_run_on_one_output_folder_refuses_at_once(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "anon"
