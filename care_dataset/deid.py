@@ -8,6 +8,10 @@ indices ordered by SeriesNumber and InstanceNumber, then new UID). The case ID i
 the patient pseudonym, "-", and the keyed suffix of the raw case folder, so two studies of one
 patient get two folders. Only DICOM files are copied: volume files, label description files and
 other non-DICOM files are not. Pixel data is copied byte for byte in its original transfer syntax.
+
+Beyond Table E.1-1: free text (LT, ST, UT) that the table would keep gets a dummy value at any
+depth, and every overlay group (60xx) is removed whole: the table removes its Overlay Data and
+Comments, and the rest of the group would describe an overlay that is not there.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from care_dataset.pseudonyms import (
 from care_dataset.splits import CASE_SUFFIX_SEPARATOR
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 NON_DICOM_SUFFIXES = (
     ".nii", ".nii.gz", ".mha", ".mhd", ".raw", ".nrrd", ".nhdr", ".txt", ".json", ".csv", ".md",
@@ -144,13 +149,24 @@ def _set_values(elem, values: list[str]) -> None:
     elem.value = values[0] if len(values) == 1 else ("" if not values else values)
 
 
+def is_overlay_group(group: int) -> bool:
+    """Whether a group number is one of the repeating overlay groups 6000-60FF (even)."""
+    return 0x6000 <= group <= 0x60FF and group % 2 == 0
+
+
+def element_action(table: AnnexETable, tag: int, vr: str) -> str:
+    """The table's action, except that free text the table would keep gets a dummy value."""
+    action = table.action(tag, vr)
+    return "D" if action == "K" and vr in FREE_TEXT_VRS else action
+
+
 def _clean(ds: Dataset, ctx: DeidContext) -> None:
     for tag in list(ds.keys()):
-        if tag.is_private or tag.element == 0 or tag.group == 0x0002:
+        if tag.is_private or tag.element == 0 or tag.group == 0x0002 or is_overlay_group(tag.group):
             del ds[tag]
             continue
         elem = ds[tag]
-        action = ctx.table.action(int(tag), elem.VR)
+        action = element_action(ctx.table, int(tag), elem.VR)
         if action == "X":
             del ds[tag]
         elif action == "Z":
@@ -174,8 +190,9 @@ def _has_pixels(ds: Dataset) -> bool:
 def anonymize_dataset(ds: Dataset, ctx: DeidContext, in_place: bool = False) -> Dataset:
     """De-identify one dataset (Annex E Basic Profile + Retain Longitudinal Modified Dates).
 
-    Private tags and group lengths are removed, every sequence item is cleaned with the same
-    rules, PatientName and PatientID become the patient pseudonym and the method is recorded. Pixel data
+    Private tags, group lengths and overlay groups are removed, free text that the table would
+    keep gets a dummy value, every sequence item is cleaned with the same rules, PatientName and
+    PatientID become the patient pseudonym and the method is recorded. Pixel data
     is left untouched. Raises BurnedInAnnotationError for BurnedInAnnotation = YES unless
     `ctx.allow_burned_in`.
     """

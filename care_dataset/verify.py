@@ -2,9 +2,11 @@
 
 Values collected from raw/:
 - DICOM headers (DICOMDIR included): every value of an attribute whose Annex E action under the
-  Modified Dates Option is not "keep" (as care_dataset.annex_e resolves it), at any sequence
-  depth, and every string value of a private tag (UN values too when they decode to printable
-  latin-1 text). Only text VRs count (CS code strings and binary numbers are not searched).
+  Modified Dates Option is not "keep" (as care_dataset.annex_e resolves it), every free-text
+  value (LT, ST, UT) and every text value of an overlay group (60xx), whatever the table says,
+  at any sequence depth, and every string value of a private tag (UN values too when they decode
+  to printable latin-1 text). Only text VRs count (CS code strings and binary numbers are not
+  searched).
   Person names are also split on "^" and "=" into components; dates (DA, and the date part of
   DT) are also searched as YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD.
 - every folder and file name under raw/ (each path component and its stem without extensions);
@@ -32,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid import is_non_dicom_name, iter_case_files, read_dicom
+from care_dataset.deid import FREE_TEXT_VRS, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
 from care_dataset.pseudonyms import STANDARD_UID_ROOT
 
 MIN_TEXT_LENGTH = 4
@@ -148,8 +151,9 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             continue
         if tag.is_private:
             category = "DICOM private tag"
-        elif table.action(int(tag), elem.VR) != "K":
-            category = f"DICOM {elem.keyword or 'attribute ' + str(tag)}"
+        elif (elem.VR in FREE_TEXT_VRS or is_overlay_group(tag.group)
+              or table.action(int(tag), elem.VR) != "K"):
+            category = f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}"
         else:
             continue
         for text in _element_strings(elem):

@@ -349,6 +349,40 @@ def test_nested_sequences_and_private_tags_are_cleaned():
         assert value not in text
 
 
+def test_free_text_and_overlay_groups_are_removed_at_any_depth():
+    src = _ct_dataset("PID-TXT", generate_uid(), generate_uid(), generate_uid(), 1)
+    finding = Dataset()
+    finding.ValueType = "TEXT"
+    finding.TextValue = "Biopsy booked with Dr Pennywhistle"  # UT: not listed in Table E.1-1
+    deeper = Dataset()
+    deeper.ValueType = "TEXT"
+    deeper.TextValue = "Husband Ambrose Thistlewood called"
+    finding.ContentSequence = Sequence([deeper])
+    src.ContentSequence = Sequence([finding])  # Content Sequence: D, so its items are cleaned
+    src.add_new(0x00400400, "LT", "Tell Mrs Thistlewood the date")  # unlisted LT at the top level
+    src.AnatomicRegionSequence[0].add_new(0x00700006, "ST", "marked by Pennywhistle")  # unlisted ST, nested
+    src.add_new(0x60000010, "US", 16)  # overlay 6000: rows, columns, type, origin, bits, data, text
+    src.add_new(0x60000011, "US", 16)
+    src.add_new(0x60000040, "CS", "G")
+    src.add_new(0x60000050, "SS", [1, 1])
+    src.add_new(0x60000100, "US", 1)
+    src.add_new(0x60000102, "US", 0)
+    src.add_new(0x60003000, "OW", b"\x01" * 32)
+    src.add_new(0x60000022, "LO", "Arrow drawn by Pennywhistle")
+    src.add_new(0x60004000, "LT", "Overlay note Thistlewood")
+    src.add_new(0x60020022, "LO", "Second overlay Pennywhistle")  # a group without overlay data
+    out = anonymize_dataset(src, DeidContext(key=KEY, identity="PID-TXT"))
+    assert not [e.tag for e in out.iterall() if 0x6000 <= e.tag.group <= 0x60FF]
+    assert out.ContentSequence[0].ValueType == "TEXT"
+    assert out.ContentSequence[0].TextValue == out.ContentSequence[0].ContentSequence[0].TextValue == "ANONYMIZED"
+    assert out[0x00400400].value == "ANONYMIZED"
+    assert out.AnatomicRegionSequence[0][0x00700006].value == "ANONYMIZED"
+    assert out.AnatomicRegionSequence[0].CodeMeaning == "Rectum"  # coded text (LO) is not free text
+    text = str(out)
+    assert "Pennywhistle" not in text and "Thistlewood" not in text
+    assert out.Rows == 16 and out.PixelData == src.PixelData
+
+
 def test_tree_with_nested_layout_non_dicom_files_and_two_series(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "anon"
     case = raw / "Doe, Johnathan 1957"

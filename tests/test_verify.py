@@ -164,3 +164,26 @@ def test_real_ct_raw_values_found_in_a_copied_header(tmp_path):
     shutil.copy(REAL_RAW / "ct-3slice" / "02.dcm", out / "slice.bin")  # an un-anonymized header
     categories = {leak.category for leak in scan_for_leaks(out, values)}
     assert {"DICOM PatientName", "DICOM AccessionNumber", "DICOM StudyInstanceUID"} <= categories
+
+
+def test_free_text_and_overlay_text_are_collected_whatever_the_table_says(raw_tree, tmp_path):
+    path = next((raw_tree / "Quillfeather_M_1961" / "exam").iterdir())
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.ValueType = "TEXT"
+    item.TextValue = "Discussed with sister Philippa Ormsby"  # UT, not listed in Table E.1-1
+    ds.ContentSequence = Sequence([item])
+    ds.add_new(0x00400400, "LT", "Patient prefers Wednesday mornings")  # LT, not listed
+    ds.add_new(0x60000022, "LO", "Marker placed by Ormsby")  # Overlay Description, not listed
+    ds.save_as(path, enforce_file_format=True)
+    values = collect_identifying_values(raw_tree)
+    assert values["Discussed with sister Philippa Ormsby"] == "DICOM TextValue"
+    assert values["Patient prefers Wednesday mornings"] == "DICOM CommentsOnTheScheduledProcedureStep"
+    assert values["Marker placed by Ormsby"] == "DICOM OverlayDescription"
+
+    out = tmp_path / "out"
+    assert anonymize_tree(raw_tree, out, KEY)[0]["status"] == "anonymized"
+    assert scan_for_leaks(out, values) == []
+    shutil.copy(path, out / "header.bin")  # an un-anonymized copy
+    categories = {leak.category for leak in scan_for_leaks(out, values)}
+    assert {"DICOM TextValue", "DICOM CommentsOnTheScheduledProcedureStep", "DICOM OverlayDescription"} <= categories
