@@ -11,6 +11,8 @@ Values collected from raw/:
   DT) are also searched as YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD.
 - every folder and file name under raw/ (each path component and its stem without extensions);
 - NIfTI header text fields (descrip, aux_file, intent_name, db_name);
+- NRRD and MetaImage header values (.nrrd, .nhdr, .mha, .mhd, as SimpleITK reads them, e.g. 3D
+  Slicer segment names), except numbers-only values and ITK_/NRRD_ geometry keys;
 - label names (quoted last column) in ITK-SNAP label description .txt files.
 
 A value is skipped as too short or generic when it has fewer than 4 characters, has no letter
@@ -48,6 +50,10 @@ MIN_NUMBER_DIGITS = 6
 CHUNK_BYTES = 8 << 20
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
+ITK_HEADER_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+ITK_GEOMETRY_KEY_PREFIXES = ("ITK_", "NRRD_")
+METAIMAGE_UNKNOWN_MODALITY = "MET_MOD_UNKNOWN"
+NUMBER_SEPARATORS = re.compile(r"[\s,;()\[\]]+")
 GENERIC_WORDS = frozenset("""
 ct mr pt us cr dx mg nm ot sc rt seg sr pr ko doc
 yes no none null true false unknown other anonymous anonymized removed empty na n a
@@ -183,6 +189,34 @@ def _nifti_strings(path: Path) -> list[str]:
     return out
 
 
+def _image_header_strings(path: Path) -> list[str]:
+    """Text values of an NRRD or MetaImage header (numbers-only values and geometry keys left out)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    out = []
+    for key in reader.GetMetaDataKeys():
+        value = reader.GetMetaData(key)
+        if key.startswith(ITK_GEOMETRY_KEY_PREFIXES) or value == METAIMAGE_UNKNOWN_MODALITY:
+            continue
+        if not _numbers_only(value):
+            out.append(value)
+    return out
+
+
+def _numbers_only(value: str) -> bool:
+    """Whether `value` is a list of numbers, e.g. a color "0.5 0.2 0.1" or an extent "0 63 0 63 0 15"."""
+    for token in NUMBER_SEPARATORS.split(value):
+        if token:
+            try:
+                float(token)
+            except ValueError:
+                return False
+    return True
+
+
 def _label_names(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -214,6 +248,12 @@ def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) 
             try:
                 for text in _nifti_strings(path):
                     _add(found, text, "NIfTI header text")
+            except Exception:  # noqa: BLE001 - an unreadable volume has no header text to collect
+                pass
+        elif name.endswith(ITK_HEADER_SUFFIXES):
+            try:
+                for text in _image_header_strings(path):
+                    _add(found, text, "image header text")
             except Exception:  # noqa: BLE001 - an unreadable volume has no header text to collect
                 pass
         elif name.endswith(".txt"):

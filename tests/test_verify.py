@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -187,3 +188,29 @@ def test_free_text_and_overlay_text_are_collected_whatever_the_table_says(raw_tr
     shutil.copy(path, out / "header.bin")  # an un-anonymized copy
     categories = {leak.category for leak in scan_for_leaks(out, values)}
     assert {"DICOM TextValue", "DICOM CommentsOnTheScheduledProcedureStep", "DICOM OverlayDescription"} <= categories
+
+
+def test_nrrd_and_metaimage_header_text_is_collected(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "c").mkdir(parents=True)
+    label = sitk.GetImageFromArray(np.zeros((2, 4, 4), np.uint8))
+    label.SetMetaData("Segment0_Name", "Tumour outlined by Dr Fennimore")  # a 3D Slicer segment name
+    label.SetMetaData("Segment0_Color", "0.5 0.2 0.1")
+    label.SetMetaData("Segment0_Extent", "0 3 0 3 0 1")
+    sitk.WriteImage(label, str(raw / "c" / "lesion.seg.nrrd"))
+    image = sitk.GetImageFromArray(np.zeros((2, 4, 4), np.int16))
+    image.SetMetaData("ReferringClinic", "Larkspur Vale Clinic")
+    image.SetMetaData("ScanDate", "2018-11-05")
+    sitk.WriteImage(image, str(raw / "c" / "ct.mha"))
+    values = collect_identifying_values(raw)
+    assert values["Tumour outlined by Dr Fennimore"] == "image header text"
+    assert values["Larkspur Vale Clinic"] == "image header text"
+    assert values["2018-11-05"] == "image header text"
+    for not_text in ("0.5 0.2 0.1", "0 3 0 3 0 1", "NrrdImageIO", "MetaImageIO", "MET_MOD_UNKNOWN"):
+        assert not_text not in values, not_text
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classes.json").write_text(json.dumps({"1": "Tumour outlined by Dr Fennimore"}))
+    assert [(leak.path, leak.category) for leak in scan_for_leaks(out, values)] == [
+        ("classes.json", "image header text")]
