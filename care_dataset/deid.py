@@ -12,12 +12,18 @@ other non-DICOM files are not. Pixel data is copied byte for byte in its origina
 Beyond Table E.1-1: free text (LT, ST, UT) that the table would keep gets a dummy value at any
 depth, and every overlay group (60xx) is removed whole: the table removes its Overlay Data and
 Comments, and the rest of the group would describe an overlay that is not there.
+Each case folder holds `.fingerprint`, a keyed hash of the raw case's files and of these rules; a
+rerun rebuilds a case whose fingerprint differs and keeps the others.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import sys
@@ -35,7 +41,8 @@ from pydicom.uid import UID
 
 from care_dataset import __version__
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.convert import case_suffix
+from care_dataset.convert import case_suffix, raw_fingerprint
+from care_dataset.io import RawCase
 from care_dataset.locking import hold_output_lock
 from care_dataset.pseudonyms import (
     KeyMissingError,
@@ -50,6 +57,10 @@ from care_dataset.splits import CASE_SUFFIX_SEPARATOR
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+FINGERPRINT_NAME = ".fingerprint"
+PARTIAL_PREFIX = ".partial-"
+REPLACED_PREFIX = ".replaced-"
+RULES_VERSION = "2"  # raise when a change of the rules below must rebuild existing cases
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 NON_DICOM_SUFFIXES = (
     ".nii", ".nii.gz", ".mha", ".mhd", ".raw", ".nrrd", ".nhdr", ".txt", ".json", ".csv", ".md",
@@ -323,11 +334,42 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def raw_case_tag(case_name: str, key: bytes) -> str:
+    """Keyed hash of a raw case folder's name: finds the earlier output of that folder without naming it."""
+    message = f"care-anonymize raw case\0{case_name}".encode("utf-8", "surrogateescape")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def case_fingerprint(case_dir: Path, raw_dir: Path, key: bytes) -> dict[str, str]:
+    """What `.fingerprint` holds: the raw case's tag, and a keyed hash of its files (care-convert's raw
+    fingerprint: relative paths, sizes, modification times) and of the de-identification rules.
+
+    Holds nothing identifying: every name, size and time goes through an HMAC with the secret key.
+    """
+    raw_case = RawCase(key=case_dir.name, root=case_dir, label_path=None, description_path=None)
+    rules = f"{RULES_VERSION}\0{__version__}\0{load_basic_profile().edition}"
+    mac = hmac.new(key, f"care-anonymize\0{rules}\0".encode(), hashlib.sha256)
+    mac.update(raw_fingerprint(raw_case, raw_dir, key).encode("ascii"))
+    return {"raw_case": raw_case_tag(case_dir.name, key), "inputs": mac.hexdigest()}
+
+
+def read_fingerprint(case_dir: Path) -> dict | None:
+    """The `.fingerprint` of an output case folder, None when it has none or it cannot be read."""
+    try:
+        stored = json.loads((case_dir / FINGERPRINT_NAME).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
 def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
-                   taken_ids: set[str] | None = None) -> dict:
+                   taken_ids: set[str] | None = None, raw_dir: Path | None = None) -> dict:
     """De-identify the DICOM files of one case into out_dir/<case_id>/ (all or nothing).
 
     The case ID is care-convert's: patient pseudonym + "-" + the keyed suffix of the raw folder name.
+    A case folder whose stored fingerprint matches the raw case is kept as it is; otherwise it is
+    rebuilt beside it and swapped in. `raw_dir` (default: the parent of `case_dir`) is the root the
+    fingerprint's relative paths start from.
     """
     result = {"case_id": None, "status": "failed", "reason": "", "raw_folder": case_dir.name, "files": 0}
     tmp_dir: Path | None = None
@@ -346,12 +388,13 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
                 raise DeidError("another raw case received the same case ID; anonymize it with another key")
             taken_ids.add(case_id)
         final_dir = out_dir / case_id
-        if final_dir.exists():
+        fingerprint = case_fingerprint(case_dir, raw_dir or case_dir.parent, key)
+        if final_dir.is_dir() and read_fingerprint(final_dir) == fingerprint:
             result.update(status="anonymized", reason="already present", files=len(instances))
             return result
         series_uids = sorted({i.series_uid for i in instances},
                              key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=out_dir))
         for series_index, series_uid in enumerate(series_uids, start=1):
             series_dir = tmp_dir / f"{series_index:03d}"
             series_dir.mkdir()
@@ -365,7 +408,8 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
                 _check_pixel_length(ds)
                 clean = anonymize_dataset(ds, ctx, in_place=True)
                 _write_atomic(clean, series_dir / f"{instance_index:05d}.dcm")
-        os.rename(tmp_dir, final_dir)
+        (tmp_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, sort_keys=True) + "\n", encoding="ascii")
+        _swap_in(tmp_dir, final_dir)
         tmp_dir = None
         result.update(status="anonymized", reason="", files=len(instances))
     except DeidError as exc:
@@ -378,13 +422,32 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
     return result
 
 
+def _remove_case(final_dir: Path) -> None:
+    aside = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=final_dir.parent))
+    os.replace(final_dir, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _swap_in(new_dir: Path, final_dir: Path) -> None:
+    """Rename `new_dir` to `final_dir`; an older `final_dir` is moved aside first and then removed.
+
+    An interruption leaves either the old case, the new case, or no case folder (plus hidden
+    leftovers that the next run removes), never a mixture.
+    """
+    if final_dir.exists():
+        _remove_case(final_dir)
+    os.rename(new_dir, final_dir)
+
+
 def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """De-identify every case folder directly under raw_dir into out_dir.
 
     Returns one dict per case: case_id (None when unknown), status ("anonymized", "skipped" or
     "failed"), reason, files, and raw_folder. raw_folder is the raw name, for the operator's
-    terminal only: never write it under out_dir. Raises OutputLockedError (a ValueError) at once
+    terminal only: never write it under out_dir. Case folders an earlier run wrote for these raw
+    cases are removed when the case now fails, is skipped or gets another case ID; folders of raw
+    cases absent from this run are left alone. Raises OutputLockedError (a ValueError) at once
     when another run writes to out_dir.
     """
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
@@ -394,16 +457,33 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
         raise ValueError("the output folder must not be inside the raw folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     with hold_output_lock(out_dir, "care-anonymize"):
-        for leftover in out_dir.glob(".partial-*"):
+        for leftover in (*out_dir.glob(PARTIAL_PREFIX + "*"), *out_dir.glob(REPLACED_PREFIX + "*")):
             shutil.rmtree(leftover, ignore_errors=True)
+        earlier = _earlier_outputs(out_dir)
         cases = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         taken: set[str] = set()
         results = []
         for index, case_dir in enumerate(cases, start=1):
-            results.append(anonymize_case(case_dir, out_dir, key, allow_burned_in, taken))
+            results.append(anonymize_case(case_dir, out_dir, key, allow_burned_in, taken, raw_dir))
             if progress is not None:
                 progress(index, len(cases))
+        written = {r["case_id"] for r in results if r["status"] == "anonymized"}
+        for case_dir in cases:
+            for name in earlier.get(raw_case_tag(case_dir.name, key), ()):
+                if name not in written:  # the case now fails, is skipped, or moved to another patient
+                    with contextlib.suppress(OSError):
+                        _remove_case(out_dir / name)
     return results
+
+
+def _earlier_outputs(out_dir: Path) -> dict[str, list[str]]:
+    """Raw case tag -> names of the case folders an earlier run wrote for that raw case."""
+    earlier: dict[str, list[str]] = {}
+    for folder in sorted(out_dir.iterdir()):
+        stored = read_fingerprint(folder) if folder.is_dir() else None
+        if stored is not None and isinstance(stored.get("raw_case"), str):
+            earlier.setdefault(stored["raw_case"], []).append(folder.name)
+    return earlier
 
 
 # --- command line (wired by care_dataset.cli) ------------------------------------------------

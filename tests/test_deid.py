@@ -162,7 +162,7 @@ def test_real_series_layout_and_status(real_anon):
     case_id = results[0]["case_id"]
     assert patient_of(case_id) == make_case_id(patient_identity(_raw_by_instance()[1], "ct-3slice"), KEY)
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == [f"{case_id}/001/0000{i}.dcm" for i in (1, 2, 3)]
+    assert names == [f"{case_id}/.fingerprint"] + [f"{case_id}/001/0000{i}.dcm" for i in (1, 2, 3)]
 
 
 @needs_real_ct
@@ -395,7 +395,7 @@ def test_tree_with_nested_layout_non_dicom_files_and_two_series(tmp_path):
     assert [(r["status"], r["files"]) for r in results] == [("anonymized", 5)]
     case_id = results[0]["case_id"]
     assert patient_of(case_id) == make_case_id("ST-EXAMPLE-HOSP|PID-1", KEY)
-    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.dcm"))
     assert names == [f"{case_id}/001/0000{i}.dcm" for i in (1, 2)] + [f"{case_id}/002/0000{i}.dcm" for i in (1, 2, 3)]
     assert pydicom.dcmread(out / case_id / "002" / "00003.dcm").PixelData == first[2].PixelData
     assert pydicom.dcmread(out / case_id / "001" / "00001.dcm").PixelData == second[0].PixelData
@@ -476,7 +476,7 @@ def test_run_anonymize_exit_codes(tmp_path, monkeypatch, capsys):
     assert deid.run_anonymize(parser.parse_args([str(raw), str(raw / "inside")])) == 2
 
 
-# --- several studies of one patient, concurrent runs ------------------------------------------
+# --- several studies of one patient, reruns, concurrent runs ------------------------------------
 
 def _new_study(case_dir: Path) -> None:
     """Give every file of `case_dir` the UIDs of one new study and series (a follow-up scan)."""
@@ -526,6 +526,46 @@ def test_case_ids_are_those_of_care_convert(tmp_path):
     anonymized = {r["raw_folder"]: r["case_id"] for r in anonymize_tree(raw, tmp_path / "anon", KEY)}
     assert anonymized == converted and len(set(anonymized.values())) == 2
     assert sorted(p.name for p in (tmp_path / "anon").iterdir()) == sorted(converted.values())
+
+
+def test_rerun_rebuilds_a_changed_case_and_keeps_the_others(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "anon"
+    _write_case(raw / "A changes", "PID-A", n=2, series_number=3)
+    _write_case(raw / "B stays", "PID-B", n=2)
+    first = {r["raw_folder"]: r for r in anonymize_tree(raw, out, KEY)}
+    a_dir, b_dir = out / first["A changes"]["case_id"], out / first["B stays"]["case_id"]
+    b_before = {p: p.stat().st_mtime_ns for p in b_dir.rglob("*")}
+    fingerprint = json.loads((a_dir / ".fingerprint").read_text())
+    assert sorted(fingerprint) == ["inputs", "raw_case"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", value) for value in fingerprint.values())  # keyed hashes only
+    assert scan_for_leaks(out, collect_identifying_values(raw)) == []
+
+    unchanged = {r["raw_folder"]: r for r in anonymize_tree(raw, out, KEY)}
+    assert [r["reason"] for r in unchanged.values()] == ["already present", "already present"]
+
+    added = _ct_dataset("PID-A", generate_uid(), generate_uid(), generate_uid(), 1, series_number=9)
+    added.save_as(raw / "A changes" / "late series.dcm", enforce_file_format=True)
+    second = {r["raw_folder"]: r for r in anonymize_tree(raw, out, KEY)}
+    assert second["A changes"] == {**first["A changes"], "files": 3}
+    assert sorted(p.relative_to(a_dir).as_posix() for p in a_dir.rglob("*.dcm")) == [
+        "001/00001.dcm", "001/00002.dcm", "002/00001.dcm"]
+    assert pydicom.dcmread(a_dir / "002" / "00001.dcm").PixelData == added.PixelData
+    assert json.loads((a_dir / ".fingerprint").read_text()) != fingerprint
+    assert {p: p.stat().st_mtime_ns for p in b_dir.rglob("*")} == b_before
+    assert sorted(p.name for p in out.iterdir()) == sorted([a_dir.name, b_dir.name])  # nothing partial or aside
+
+    for path in (raw / "B stays").rglob("IMG_*"):  # a corrected PatientID: B moves to another pseudonym
+        ds = pydicom.dcmread(path)
+        ds.PatientID = "PID-B-CORRECTED"
+        ds.save_as(path, enforce_file_format=True)
+    moved = {r["raw_folder"]: r for r in anonymize_tree(raw, out, KEY)}["B stays"]["case_id"]
+    assert patient_of(moved) == make_case_id("ST-EXAMPLE-HOSP|PID-B-CORRECTED", KEY)
+    assert sorted(p.name for p in out.iterdir()) == sorted([a_dir.name, moved])  # the old B folder is gone
+    late = raw / "A changes" / "late series.dcm"
+    late.write_bytes(late.read_bytes()[:300])  # truncated in its header: the case fails, its old copy goes
+    third = {r["raw_folder"]: r for r in anonymize_tree(raw, out, KEY)}
+    assert third["A changes"]["status"] == "failed"
+    assert sorted(p.name for p in out.iterdir()) == [moved]
 
 
 def test_second_run_on_one_output_folder_refuses_at_once(tmp_path):
