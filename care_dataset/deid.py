@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from care_dataset.pseudonyms import (
     remap_uid,
 )
 from care_dataset.splits import CASE_SUFFIX_SEPARATOR
+from care_dataset.staging import make_staging_dir
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
@@ -394,7 +394,7 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
             return result
         series_uids = sorted({i.series_uid for i in instances},
                              key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
-        tmp_dir = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=out_dir))
+        tmp_dir = make_staging_dir(out_dir, PARTIAL_PREFIX)
         for series_index, series_uid in enumerate(series_uids, start=1):
             series_dir = tmp_dir / f"{series_index:03d}"
             series_dir.mkdir()
@@ -423,7 +423,7 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
 
 
 def _remove_case(final_dir: Path) -> None:
-    aside = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=final_dir.parent))
+    aside = make_staging_dir(final_dir.parent, REPLACED_PREFIX)
     os.replace(final_dir, aside)
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -14,7 +14,6 @@ import argparse
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from .staging import make_staging_dir
 from .synth_phantom import phantom_volume
 
 __all__ = [
@@ -708,7 +708,7 @@ def write_case(plan: CasePlan, out_dir: Path) -> Path:
     """Render and write one case into ``out_dir / plan.folder`` atomically; returns that folder."""
     out_dir = Path(out_dir)
     final = out_dir / plan.folder
-    staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=out_dir))
+    staging = make_staging_dir(out_dir, ".synth-")
     try:
         hu, label = case_volume(plan)
         base = _patient_dataset(plan)

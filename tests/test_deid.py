@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -402,6 +403,9 @@ def test_tree_with_nested_layout_non_dicom_files_and_two_series(tmp_path):
     study = {pydicom.dcmread(p).StudyInstanceUID for p in out.rglob("*.dcm")}
     assert len(study) == 2  # two studies in the raw case stay two, each remapped once
     assert scan_for_leaks(out, collect_identifying_values(raw)) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / case_id).stat().st_mode & 0o777 == 0o777 & ~umask  # shareable like any folder, not 0700
 
 
 def test_compressed_pixel_data_is_copied_without_decoding(tmp_path):

@@ -49,7 +49,7 @@ from usam.predict import (
     resolve_device,
 )
 from usam.prompts import PADDING_LABEL, sample_points
-from usam.staging import make_staging_dir, replace_folder
+from care_dataset.staging import make_staging_dir, replace_folder
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
 CLINICAL_PROTOCOL = (

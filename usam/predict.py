@@ -38,7 +38,7 @@ from usam.prompts import (
     voxel_to_model,
     world_to_model,
 )
-from usam.staging import make_staging_dir, replace_folder
+from care_dataset.staging import make_staging_dir, replace_folder
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from usam.staging import make_staging_dir, previous_path, replace_folder
+from care_dataset.staging import make_staging_dir, previous_path, replace_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -1,4 +1,4 @@
-"""Staging folders for outputs written all or nothing: filled, then renamed into place."""
+"""Staging folders for outputs written all or nothing: filled, then renamed into place (used by both packages)."""
 
 from __future__ import annotations
 
