@@ -232,6 +232,13 @@ def _label_names(path: Path) -> list[str]:
     return names
 
 
+# volume files whose header text is collected: (name suffixes, reader of its strings, category)
+VOLUME_HEADER_TEXT = (
+    (NIFTI_SUFFIXES, _nifti_strings, "NIfTI header text"),
+    (ITK_HEADER_SUFFIXES, _image_header_strings, "image header text"),
+)
+
+
 def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) -> dict[str, str]:
     """value -> category for every identifying value found under raw_dir (rule in module docstring)."""
     table = table or load_basic_profile()
@@ -244,16 +251,13 @@ def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) 
             _add(found, part, category)
             _add(found, _stem(part), category)
         name = path.name.lower()
-        if name.endswith(NIFTI_SUFFIXES):
+        header = next(((read, category) for suffixes, read, category in VOLUME_HEADER_TEXT
+                       if name.endswith(suffixes)), None)
+        if header is not None:
+            read, category = header
             try:
-                for text in _nifti_strings(path):
-                    _add(found, text, "NIfTI header text")
-            except Exception:  # noqa: BLE001 - an unreadable volume has no header text to collect
-                pass
-        elif name.endswith(ITK_HEADER_SUFFIXES):
-            try:
-                for text in _image_header_strings(path):
-                    _add(found, text, "image header text")
+                for text in read(path):
+                    _add(found, text, category)
             except Exception:  # noqa: BLE001 - an unreadable volume has no header text to collect
                 pass
         elif name.endswith(".txt"):
