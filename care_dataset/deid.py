@@ -334,9 +334,11 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def raw_case_tag(case_name: str, key: bytes) -> str:
-    """Keyed hash of a raw case folder's name: finds the earlier output of that folder without naming it."""
-    message = f"care-anonymize raw case\0{case_name}".encode("utf-8", "surrogateescape")
+def raw_case_tag(case_dir: Path, key: bytes) -> str:
+    """Keyed hash of a raw case folder's resolved path: finds the earlier output of that very folder
+    without naming it (two batches whose case folders share a name, such as 001, stay apart; a raw
+    tree that was moved counts as new, so its earlier copies are kept, not removed)."""
+    message = f"care-anonymize raw case\0{Path(case_dir).resolve()}".encode("utf-8", "surrogateescape")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
@@ -350,7 +352,7 @@ def case_fingerprint(case_dir: Path, raw_dir: Path, key: bytes) -> dict[str, str
     rules = f"{RULES_VERSION}\0{__version__}\0{load_basic_profile().edition}"
     mac = hmac.new(key, f"care-anonymize\0{rules}\0".encode(), hashlib.sha256)
     mac.update(raw_fingerprint(raw_case, raw_dir, key).encode("ascii"))
-    return {"raw_case": raw_case_tag(case_dir.name, key), "inputs": mac.hexdigest()}
+    return {"raw_case": raw_case_tag(case_dir, key), "inputs": mac.hexdigest()}
 
 
 def read_fingerprint(case_dir: Path) -> dict | None:
@@ -469,7 +471,7 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
                 progress(index, len(cases))
         written = {r["case_id"] for r in results if r["status"] == "anonymized"}
         for case_dir in cases:
-            for name in earlier.get(raw_case_tag(case_dir.name, key), ()):
+            for name in earlier.get(raw_case_tag(case_dir, key), ()):
                 if name not in written:  # the case now fails, is skipped, or moved to another patient
                     with contextlib.suppress(OSError):
                         _remove_case(out_dir / name)

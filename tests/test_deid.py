@@ -572,6 +572,19 @@ def test_rerun_rebuilds_a_changed_case_and_keeps_the_others(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [moved]
 
 
+def test_batches_whose_case_folders_share_a_name_do_not_replace_each_other(tmp_path):
+    out = tmp_path / "anon"
+    _write_case(tmp_path / "batch A" / "001", "PID-FIRST", n=1)
+    _write_case(tmp_path / "batch B" / "001", "PID-SECOND", n=1)
+    (first,) = anonymize_tree(tmp_path / "batch A", out, KEY)
+    (second,) = anonymize_tree(tmp_path / "batch B", out, KEY)
+    assert first["status"] == second["status"] == "anonymized" and first["case_id"] != second["case_id"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([first["case_id"], second["case_id"]])
+    (again,) = anonymize_tree(tmp_path / "batch A", out, KEY)  # each batch still finds its own earlier copy
+    assert again["reason"] == "already present"
+    assert len(list(out.iterdir())) == 2
+
+
 def test_second_run_on_one_output_folder_refuses_at_once(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "anon"
     _write_case(raw / "Doe case", "PID-L", n=1)
