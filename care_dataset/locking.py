@@ -19,6 +19,23 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+# Descriptors of the locks this process holds. A forked child (a conversion worker) closes its copies at
+# once: the lock then lives and dies with the process that took it, and workers left behind by a killed
+# run do not keep the folder locked.
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _held:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 class OutputLockedError(ValueError):
@@ -75,12 +92,14 @@ def hold_output_lock(folder: Path, what: str) -> Iterator[Path]:
         yield path
         return
     fd = _acquire(path, what)
+    _held.add(fd)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         yield path
     finally:
         path.unlink(missing_ok=True)  # before unlocking: a waiting opener then sees a changed inode and retries
+        _held.discard(fd)
         os.close(fd)
         if created:
             try:

@@ -109,6 +109,32 @@ def test_stale_lock_file_of_a_killed_run_does_not_block(raw, key_file, tmp_path)
     assert not (out / LOCK_NAME).exists()
 
 
+def test_workers_left_behind_by_a_killed_run_do_not_hold_the_lock(tmp_path):
+    """The OOM killer may kill the main process only: its forked workers must not keep the folder locked."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from care_dataset.locking import hold_output_lock
+        with hold_output_lock({str(out)!r}, "care-convert"):
+            worker = os.fork()
+            if worker == 0:  # a worker: lives on after its parent dies (and lets go of the output pipe)
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                time.sleep(60)
+                os._exit(0)
+            print(worker, flush=True)
+            os._exit(0)  # the main process dies without releasing anything, as under kill -9
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker = int(result.stdout.strip())
+    try:
+        with hold_output_lock(out, "care-convert"):  # the worker is alive, the lock is free
+            assert Path(f"/proc/{worker}").exists() or sys.platform != "linux"
+    finally:
+        subprocess.run(["kill", "-9", str(worker)], check=False)
+
+
 # --- finding: options checked before any work -------------------------------------------------------------------
 
 
