@@ -254,8 +254,11 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
 
 def _series_note(series: list, chosen: Any) -> str:
     """Which DICOM series was read, by slice count and series number only (no descriptions or UIDs)."""
+    from care_dataset.io import DICOM_MODALITIES
+
     number = chosen.sort_key[1] if len(chosen.sort_key) > 1 else 0
-    note = f"read the {chosen.modality} series {number} ({chosen.size[2]} slices)"
+    modality = chosen.modality if chosen.modality in DICOM_MODALITIES else "image"  # no free text from headers
+    note = f"read the {modality} series {number} ({chosen.size[2]} slices)"
     others = len(series) - 1
     if others:
         tied = sum(1 for s in series if s is not chosen and s.modality == chosen.modality
@@ -688,8 +691,9 @@ def write_outputs(
     """Write the label volume and its label description file, and the overlays when asked
     (``overlays``: folder, canonical HU, canonical labels, grid).
 
-    Everything is rendered and staged before anything is moved in, so a failure leaves no partial
-    output. Returns the overlay PNG names (None without overlays). Raises InputError, one line.
+    Everything is rendered and staged before anything is moved in, so a failure while writing leaves
+    no partial output (only a failed final rename of the overlay folder, after the volume is in place,
+    says so in its message). Returns the overlay PNG names (None without overlays). Raises InputError, one line.
     """
     writer = OutputWriter()
     failed = True
