@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -300,10 +302,21 @@ def kept_slices_of(volume: np.ndarray, kept: np.ndarray, dtype: type) -> np.ndar
     return np.ascontiguousarray(volume, dtype)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     store.set_encode_threads(threads)
     keep_freed_buffers()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this worker once the conversion's main process is gone (killed, say by the OOM killer): a pool
+    worker waiting for its next case would otherwise live on, holding its memory. The next run removes what
+    the worker left half-written."""
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def keep_freed_buffers() -> None:
@@ -358,7 +371,7 @@ class CasePool:
         threads = max(1, (os.cpu_count() or 1) // workers)
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                   initializer=_init_worker, initargs=(threads,))
+                                   initializer=_init_worker, initargs=(threads, os.getpid()))
 
     @staticmethod
     def _run_here(jobs: list[tuple[int, CaseJob]]) -> Iterator[tuple[int, CaseOutcome]]:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,38 @@ def test_workers_left_behind_by_a_killed_run_do_not_hold_the_lock(tmp_path):
             assert Path(f"/proc/{worker}").exists() or sys.platform != "linux"
     finally:
         subprocess.run(["kill", "-9", str(worker)], check=False)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie waiting to be reaped has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_conversion_workers_end_when_the_main_process_is_killed(tmp_path):
+    script = textwrap.dedent("""
+        import os
+        from care_dataset.convert import CasePool
+        pool = CasePool(2)  # forks its workers now
+        print(" ".join(str(pid) for pid in pool._pool._processes), flush=True)
+        os._exit(0)  # the main process dies without shutting the pool down, as under kill -9
+        """)
+    printed = tmp_path / "workers.txt"  # a file, not a pipe: workers that live on would hold a pipe open
+    with open(printed, "w") as stdout:
+        subprocess.run([sys.executable, "-c", script], stdout=stdout, timeout=120, check=True)
+    workers = [int(pid) for pid in printed.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+    assert left == []
 
 
 # --- finding: options checked before any work -------------------------------------------------------------------
