@@ -8,7 +8,9 @@ lock is released, so a finished run leaves nothing behind. Without ``fcntl`` (Wi
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+# flock errors of a file system that cannot lock at all: the run goes on, with a warning
+UNLOCKABLE_ERRNOS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 # Descriptors of the locks this process holds. A forked child (a conversion worker) closes its copies at
 # once: the lock then lives and dies with the process that took it, and workers left behind by a killed
 # run do not keep the folder locked.
@@ -54,8 +58,10 @@ def _holder(path: Path) -> str:
     return f" (process {pid})" if pid.isdigit() else ""
 
 
-def _acquire(path: Path, what: str) -> int:
-    """Open and lock ``path``; retried when the file was removed by its previous holder meanwhile."""
+def _acquire(path: Path, what: str) -> int | None:
+    """Open and lock ``path``; retried when the file was removed by its previous holder meanwhile.
+
+    None when the file system cannot lock files (some network and FUSE mounts)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -64,6 +70,11 @@ def _acquire(path: Path, what: str) -> int:
             os.close(fd)
             raise OutputLockedError(f"output folder {path.parent} is being written by another "
                                     f"{what}{_holder(path)}; wait for it to finish") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in UNLOCKABLE_ERRNOS:
+                return None
+            raise
         except BaseException:
             os.close(fd)
             raise
@@ -92,6 +103,12 @@ def hold_output_lock(folder: Path, what: str) -> Iterator[Path]:
         yield path
         return
     fd = _acquire(path, what)
+    if fd is None:
+        print(f"warning: {what}: the file system of {folder} cannot lock files; make sure no other run writes "
+              "this output folder at the same time", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        yield path
+        return
     _held.add(fd)
     try:
         os.ftruncate(fd, 0)

@@ -136,6 +136,21 @@ def test_workers_left_behind_by_a_killed_run_do_not_hold_the_lock(tmp_path):
         subprocess.run(["kill", "-9", str(worker)], check=False)
 
 
+def test_a_file_system_that_cannot_lock_gives_a_warning_not_a_failure(raw, key_file, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import care_dataset.locking as locking
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locking.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    assert run_convert(raw, out, key_file) == 0
+    assert "cannot lock files; make sure no other run writes this output folder" in capsys.readouterr().err
+    assert len(store.open_dataset(out).case_ids()) == 3 and not (out / LOCK_NAME).exists()
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and has not exited (a zombie waiting to be reaped has exited)."""
     try:
