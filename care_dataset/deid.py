@@ -40,7 +40,7 @@ from pydicom.uid import UID
 
 from care_dataset import __version__
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.convert import case_suffix, raw_fingerprint
+from care_dataset.convert import case_suffix, drop_linked_cases, raw_fingerprint
 from care_dataset.io import RawCase
 from care_dataset.locking import hold_output_lock
 from care_dataset.pseudonyms import (
@@ -462,13 +462,18 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
         for leftover in (*out_dir.glob(PARTIAL_PREFIX + "*"), *out_dir.glob(REPLACED_PREFIX + "*")):
             shutil.rmtree(leftover, ignore_errors=True)
         earlier = _earlier_outputs(out_dir)
-        cases = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = [RawCase(key=p.name, root=p, label_path=None, description_path=None)
+                   for p in sorted(raw_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        kept, linked = drop_linked_cases(folders, raw_dir, out_dir)  # care-convert's rule for symbolic links
+        cases = [raw.root for raw in kept]
         taken: set[str] = set()
         results = []
         for index, case_dir in enumerate(cases, start=1):
             results.append(anonymize_case(case_dir, out_dir, key, allow_burned_in, taken, raw_dir))
             if progress is not None:
                 progress(index, len(cases))
+        results += [{"case_id": None, "status": "skipped", "reason": why, "raw_folder": name, "files": 0}
+                    for name, why in linked]
         written = {r["case_id"] for r in results if r["status"] == "anonymized"}
         for case_dir in cases:
             for name in earlier.get(raw_case_tag(case_dir, key), ()):

@@ -609,3 +609,15 @@ def test_second_run_on_one_output_folder_refuses_at_once(tmp_path):
     assert holder.returncode == 0
     results = anonymize_tree(raw, out, KEY)  # the lock is free again; the dead run's partial folder goes
     assert sorted(p.name for p in out.iterdir()) == [results[0]["case_id"]]
+
+
+def test_a_linked_case_folder_is_exported_once(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "anon"
+    _write_case(raw / "Doe case", "PID-LINK", n=2)
+    (raw / "same scan again").symlink_to(raw / "Doe case")
+    (raw / "loop").symlink_to(raw)
+    results = {r["raw_folder"]: r for r in anonymize_tree(raw, out, KEY)}
+    assert results["Doe case"]["status"] == "anonymized"
+    assert results["same scan again"]["status"] == results["loop"]["status"] == "skipped"
+    assert "same folder as case folder Doe case" in results["same scan again"]["reason"]
+    assert [p.name for p in out.iterdir()] == [results["Doe case"]["case_id"]]
