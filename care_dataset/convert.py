@@ -101,6 +101,12 @@ def case_suffix(patient_id: str, raw_name: str, key: bytes) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()[:CASE_SUFFIX_HEX]
 
 
+def case_id_for(patient_id: str, raw_name: str, key: bytes) -> str:
+    """The case ID of one raw case folder: patient pseudonym, separator, per-raw-case suffix (care-convert and
+    care-anonymize name cases alike)."""
+    return f"{patient_id}{CASE_SUFFIX_SEPARATOR}{case_suffix(patient_id, raw_name, key)}"
+
+
 def raw_fingerprint(raw: Any, raw_dir: Path, key: bytes) -> str:
     """Keyed hash of a raw case's inputs (relative paths, sizes, modification times): detects changed inputs
     on resume without storing anything identifying."""
@@ -252,7 +258,7 @@ def convert_case(job: CaseJob, loaded: Any = None) -> CaseOutcome:
         if isinstance(loaded, Exception):
             raise loaded
         patient_id = make_case_id(patient_identity(loaded.header, raw.key), job.key)
-        case_id = f"{patient_id}{CASE_SUFFIX_SEPARATOR}{case_suffix(patient_id, raw.key, job.key)}"
+        case_id = case_id_for(patient_id, raw.key, job.key)
         stage = "filtering"
         image = sitk.GetArrayViewFromImage(loaded.image)  # (Z, Y, X), no copy: `loaded` outlives the views
         label = sitk.GetArrayViewFromImage(loaded.label)

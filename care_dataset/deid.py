@@ -40,7 +40,7 @@ from pydicom.uid import UID
 
 from care_dataset import __version__
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.convert import case_suffix, drop_linked_cases, raw_fingerprint
+from care_dataset.convert import case_id_for, drop_linked_cases, raw_fingerprint
 from care_dataset.io import RawCase
 from care_dataset.locking import hold_output_lock
 from care_dataset.pseudonyms import (
@@ -52,7 +52,6 @@ from care_dataset.pseudonyms import (
     patient_identity,
     remap_uid,
 )
-from care_dataset.splits import CASE_SUFFIX_SEPARATOR
 from care_dataset.staging import make_staging_dir
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
@@ -383,7 +382,7 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
         if len(identities) > 1:
             raise DeidError(f"the DICOM files of the case belong to {len(identities)} different patients")
         ctx = DeidContext(key=key, identity=identities.pop(), allow_burned_in=allow_burned_in)
-        case_id = f"{ctx.case_id}{CASE_SUFFIX_SEPARATOR}{case_suffix(ctx.case_id, case_dir.name, key)}"
+        case_id = case_id_for(ctx.case_id, case_dir.name, key)
         result["case_id"] = case_id
         if taken_ids is not None:
             if case_id in taken_ids:
