@@ -42,13 +42,13 @@ from pydicom.multival import MultiValue
 
 from care_dataset.annex_e import AnnexETable, load_basic_profile
 from care_dataset.deid import FREE_TEXT_VRS, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
+from care_dataset.nifti import NIFTI_SUFFIXES
 from care_dataset.pseudonyms import STANDARD_UID_ROOT
 
 MIN_TEXT_LENGTH = 4
 MIN_BINARY_LENGTH = 6
 MIN_NUMBER_DIGITS = 6
 CHUNK_BYTES = 8 << 20
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
 ITK_HEADER_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_GEOMETRY_KEY_PREFIXES = ("ITK_", "NRRD_")
