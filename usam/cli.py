@@ -90,7 +90,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
     config = resolve_fit_config(args)
     result = train(config)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process reports
+    if not _is_main_rank():  # under torchrun the main process reports
         return 0
     best = result["best_mean_dice"]
     print(f"trained {result['step']} steps; best validation mean foreground Dice "
@@ -140,10 +140,15 @@ def _unavailable(command: str, error: Exception) -> int:
     return 2
 
 
+def _is_main_rank() -> bool:
+    """True outside torchrun and in its rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reports = os.environ.get("RANK", "0") == "0"  # under torchrun every rank fails alike; the main one says why
+    reports = _is_main_rank()  # under torchrun every rank fails alike; the main one says why
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as error:
