@@ -34,6 +34,7 @@ from care_dataset import __version__, store
 from care_dataset.locking import LOCK_NAME, OutputLockedError, hold_output_lock
 from care_dataset.profiles import Profile
 from care_dataset.splits import CASE_SUFFIX_SEPARATOR, make_splits
+from care_dataset.staging import nearest_existing
 
 RECORDS_DIR = "records"
 CASE_SUFFIX_HEX = 6
@@ -477,9 +478,7 @@ def _check_writable_location(path: Path) -> None:
     Tries a temporary file in the nearest existing folder on the way, so an unwritable place is found before
     any case is converted; creates nothing that stays.
     """
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise ConvertError(f"--private-map {path}: {folder} is not a folder")
     try:

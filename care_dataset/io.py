@@ -274,13 +274,22 @@ def parse_label_description(path: Path) -> dict[int, str]:
     return names
 
 
+def read_volume_file(path: Path) -> sitk.Image:
+    """A volume file as SimpleITK reads it, a NIfTI file also checked for what ITK reads wrongly
+    (``care_dataset.nifti.check_nifti``). Raises RuntimeError (SimpleITK) or NiftiError."""
+    from care_dataset.nifti import check_nifti, is_nifti
+
+    image = sitk.ReadImage(str(path))
+    if is_nifti(path):
+        check_nifti(path)
+    return image
+
+
 def _read_volume(path: Path, what: str) -> sitk.Image:
-    from care_dataset.nifti import NiftiError, check_nifti, is_nifti
+    from care_dataset.nifti import NiftiError
 
     try:
-        image = sitk.ReadImage(str(path))
-        if is_nifti(path):
-            check_nifti(path)
+        image = read_volume_file(path)
     except RuntimeError:
         raise CaseError(f"the {what} file cannot be read (corrupt, truncated or not a volume)") from None
     except NiftiError as error:

@@ -18,6 +18,14 @@ def make_staging_dir(parent: Path, prefix: str) -> Path:
     return folder
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` (made absolute) or its nearest ancestor that exists: where creating it would begin."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def previous_path(folder: Path) -> Path:
     """Where `replace_folder` moves the folder it replaces: ``.<name>.previous`` beside it."""
     return folder.with_name(f".{folder.name}.previous")

@@ -38,7 +38,7 @@ from usam.prompts import (
     voxel_to_model,
     world_to_model,
 )
-from care_dataset.staging import make_staging_dir, replace_folder
+from care_dataset.staging import make_staging_dir, nearest_existing, replace_folder
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
@@ -227,14 +227,13 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
             raise InputError(f"{path}: {error}") from None
         notes.append(_series_note(scan.series, chosen))
     elif path.is_file():
-        from care_dataset.nifti import NiftiError, check_nifti, is_nifti
+        from care_dataset.io import read_volume_file
+        from care_dataset.nifti import NiftiError
 
         try:
             if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
                 raise InputError(f"{path}: one DICOM file; give the folder that holds its series")
-            image = sitk.ReadImage(str(path))
-            if is_nifti(path):
-                check_nifti(path)
+            image = read_volume_file(path)
         except RuntimeError as error:
             raise InputError(f"{path}: not a readable image ({_last_line(error)})") from None
         except NiftiError as error:
@@ -513,17 +512,9 @@ def label_description_path(out: Path) -> Path:
     return out.with_name(f"{name}_labels.txt")
 
 
-def _first_existing(path: Path) -> Path:
-    """`path` or its nearest ancestor that exists."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_parent_creatable(path: Path, what: str) -> None:
     """The folder `path` exists or can be made: its nearest existing ancestor is a writable folder."""
-    base = _first_existing(path)
+    base = nearest_existing(path)
     if not base.is_dir():
         raise InputError(f"{what}: {base} is a file, not a folder")
     if not os.access(base, os.W_OK | os.X_OK):
