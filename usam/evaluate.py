@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from care_dataset.staging import make_staging_dir, replace_folder
 from usam.data import resize_labels
 from usam.metrics import (
     confusion_matrix,
@@ -40,6 +41,7 @@ from usam.metrics import (
 from usam.predict import (
     InferenceSettings,
     InputError,
+    check_parent_creatable,
     config_value,
     forward_logits,
     inference_settings,
@@ -49,7 +51,6 @@ from usam.predict import (
     resolve_device,
 )
 from usam.prompts import PADDING_LABEL, sample_points
-from care_dataset.staging import make_staging_dir, replace_folder
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
 CLINICAL_PROTOCOL = (
@@ -415,8 +416,6 @@ OUTPUT_FILES = ("metrics.json", "cases.csv", "summary.csv", "cases_grid.png")
 def check_output_folder(out: Path, data: Path, checkpoint: Path) -> None:
     """Refuse, before any work, an --out that is a file, lies inside the data or checkpoint folder, or
     cannot be created. InputError, one line."""
-    from usam.predict import check_parent_creatable
-
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     target = Path(os.path.abspath(out))
