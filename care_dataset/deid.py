@@ -52,7 +52,7 @@ from care_dataset.pseudonyms import (
     patient_identity,
     remap_uid,
 )
-from care_dataset.staging import make_staging_dir
+from care_dataset.staging import make_staging_dir, previous_path, replace_folder
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
@@ -410,7 +410,9 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
                 clean = anonymize_dataset(ds, ctx, in_place=True)
                 _write_atomic(clean, series_dir / f"{instance_index:05d}.dcm")
         (tmp_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, sort_keys=True) + "\n", encoding="ascii")
-        _swap_in(tmp_dir, final_dir)
+        # an interruption leaves the old case, the new one, or the old one aside as .<case_id>.previous
+        # (the next run removes it and rebuilds the case), never a mixture
+        replace_folder(tmp_dir, final_dir)
         tmp_dir = None
         result.update(status="anonymized", reason="", files=len(instances))
     except DeidError as exc:
@@ -427,17 +429,6 @@ def _remove_case(final_dir: Path) -> None:
     aside = make_staging_dir(final_dir.parent, REPLACED_PREFIX)
     os.replace(final_dir, aside)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _swap_in(new_dir: Path, final_dir: Path) -> None:
-    """Rename `new_dir` to `final_dir`; an older `final_dir` is moved aside first and then removed.
-
-    An interruption leaves either the old case, the new case, or no case folder (plus hidden
-    leftovers that the next run removes), never a mixture.
-    """
-    if final_dir.exists():
-        _remove_case(final_dir)
-    os.rename(new_dir, final_dir)
 
 
 def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
@@ -458,7 +449,8 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
         raise ValueError("the output folder must not be inside the raw folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     with hold_output_lock(out_dir, "care-anonymize"):
-        for leftover in (*out_dir.glob(PARTIAL_PREFIX + "*"), *out_dir.glob(REPLACED_PREFIX + "*")):
+        for leftover in (*out_dir.glob(PARTIAL_PREFIX + "*"), *out_dir.glob(REPLACED_PREFIX + "*"),
+                         *out_dir.glob(previous_path(out_dir / "*").name)):
             shutil.rmtree(leftover, ignore_errors=True)
         earlier = _earlier_outputs(out_dir)
         folders = [RawCase(key=p.name, root=p, label_path=None, description_path=None)
