@@ -129,10 +129,15 @@ def _write_zarr_group(path: Path, image: np.ndarray, label: np.ndarray) -> None:
         _write_zarr_metadata(path / name, zarr_array_metadata(data.shape, data.dtype))
         shard = encode_shard(data)
         if shard:  # zarr writes no shard when every chunk holds only the fill value
-            shard_path = path / name / "c" / "0" / "0" / "0"
-            shard_path.parent.mkdir(parents=True)
-            with open(shard_path, "wb") as f:
+            shard_file = shard_path(path / name)
+            shard_file.parent.mkdir(parents=True)
+            with open(shard_file, "wb") as f:
                 f.writelines(shard)
+
+
+def shard_path(array_dir: Path) -> Path:
+    """The one shard file of an array written here (a single (n, H, W) shard, chunk key encoding "default")."""
+    return array_dir / "c" / "0" / "0" / "0"
 
 
 def zarr_group_metadata(attributes: dict) -> dict:
@@ -358,7 +363,7 @@ class CareDataset(SplitSlices):
         def present(case_id: str) -> bool:
             path = _case_path(self.root, self.storage, case_id)
             if self.storage == "zarr":
-                return all((path / name / "zarr.json").is_file() and (path / name / "c" / "0" / "0" / "0").is_file()
+                return all((path / name / "zarr.json").is_file() and shard_path(path / name).is_file()
                            for name in ("image", "label"))
             return path.is_file()
 
@@ -403,7 +408,7 @@ class ShardedSlices:
         self._decompress = numcodecs.blosc.decompress
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
-        self._shard_path = array_dir / "c" / "0" / "0" / "0"
+        self._shard_path = shard_path(array_dir)
         n = self.shape[0]
         index_bytes = 16 * n + 4
         with open(self._shard_path, "rb") as f:
