@@ -333,10 +333,12 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
     (:func:`remove_unfinished_run`, after every check).
     """
+    from care_dataset.staging import nearest_existing
+
     from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
 
     out = Path(config.out)
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = nearest_existing(out)
     if not existing.is_dir():
         where = "" if existing == out else f" {existing}"
         raise ValueError(f"run folder {out}:{where} exists and is not a folder")
