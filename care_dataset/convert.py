@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -34,7 +33,7 @@ from care_dataset import __version__, store
 from care_dataset.locking import LOCK_NAME, OutputLockedError, hold_output_lock
 from care_dataset.profiles import Profile
 from care_dataset.splits import CASE_SUFFIX_SEPARATOR, make_splits
-from care_dataset.staging import nearest_existing
+from care_dataset.staging import creation_problem
 
 RECORDS_DIR = "records"
 CASE_SUFFIX_HEX = 6
@@ -457,6 +456,8 @@ def check_paths(raw_dir: Path, out_dir: Path, private_map: Path | None) -> tuple
         raise ConvertError("the raw folder must not be inside the output folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConvertError(f"output path {out_dir} exists and is not a folder")
+    if problem := creation_problem(out_dir):
+        raise ConvertError(f"output folder {out_dir}: {problem}")
     if out_dir.is_dir() and any(p.name != LOCK_NAME for p in out_dir.iterdir()) and not (
             (out_dir / "dataset.json").exists() or (out_dir / store.TMP_DIR).is_dir()):
         raise ConvertError(f"output folder {out_dir} is not empty and holds no care-convert output")
@@ -468,24 +469,9 @@ def check_paths(raw_dir: Path, out_dir: Path, private_map: Path | None) -> tuple
             raise ConvertError("--private-map must not be inside the raw folder")
         if private_map.is_dir():
             raise ConvertError(f"--private-map {private_map} is a folder, expected a file path")
-        _check_writable_location(private_map)
+        if problem := creation_problem(private_map.parent):
+            raise ConvertError(f"--private-map {private_map}: {problem}")
     return raw_dir, out_dir, private_map
-
-
-def _check_writable_location(path: Path) -> None:
-    """Raise ConvertError unless a file can be created at ``path`` (its missing folders included).
-
-    Tries a temporary file in the nearest existing folder on the way, so an unwritable place is found before
-    any case is converted; creates nothing that stays.
-    """
-    folder = nearest_existing(path.parent)
-    if not folder.is_dir():
-        raise ConvertError(f"--private-map {path}: {folder} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ConvertError(f"--private-map {path} cannot be written ({err.strerror or err})") from None
 
 
 def drop_linked_cases(raws: list, raw_dir: Path, out_dir: Path) -> tuple[list, list[tuple[str, str]]]:

@@ -52,7 +52,7 @@ from care_dataset.pseudonyms import (
     patient_identity,
     remap_uid,
 )
-from care_dataset.staging import make_staging_dir, previous_path, replace_folder
+from care_dataset.staging import creation_problem, make_staging_dir, previous_path, replace_folder
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
@@ -447,6 +447,8 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
         raise NotADirectoryError(f"raw folder not found: {raw_dir}")
     if out_dir == raw_dir or raw_dir in out_dir.parents:
         raise ValueError("the output folder must not be inside the raw folder")
+    if problem := creation_problem(out_dir):
+        raise ValueError(f"output folder {out_dir}: {problem}")
     out_dir.mkdir(parents=True, exist_ok=True)
     with hold_output_lock(out_dir, "care-anonymize"):
         for leftover in (*out_dir.glob(PARTIAL_PREFIX + "*"), *out_dir.glob(REPLACED_PREFIX + "*"),

@@ -25,6 +25,7 @@ import numpy as np
 
 from care_dataset import __version__
 from care_dataset.hf import CONFIGS, SLICES, VOLUMES, slice_features, split_order, volume_features
+from care_dataset.staging import creation_problem
 from care_dataset.store import CareDataset, content_checksum, open_dataset
 
 DEFAULT_MAX_SHARD_MB = 400.0
@@ -373,6 +374,8 @@ def publish(source: str | Path, output: str | Path, max_shard_mb: float = DEFAUL
         raise PublishError("the output folder must be outside the converted folder")
     if output.exists() and not overwrite:
         raise PublishError(f"{output.name}: output folder exists; pass --overwrite to replace it")
+    if problem := creation_problem(output.parent):  # the folder is staged beside its final place
+        raise PublishError(f"output folder {output}: {problem}")
     card = Path(card_path) if card_path else default_card_path()
     if not card.is_file():
         raise PublishError(f"dataset card {card.name} not found")
@@ -467,8 +470,8 @@ def run(args: argparse.Namespace) -> int:
             stats = publish(args.source, args.output, args.max_shard_mb, args.card, args.overwrite,
                             progress=lambda: bar.advance(task))
         url = push(args.output, args.push, args.private) if args.push else None
-    except (PublishError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        console.print(f"care-publish: {err}", markup=False, highlight=False)
+    except (PublishError, OSError, KeyError, ValueError, TypeError) as err:
+        print(f"care-publish: {err}", file=sys.stderr)  # not through rich: it would wrap the line
         return 1
     table = Table(title=f"published {args.output.name}")
     for column in ("config", "split", "rows", "files", "bytes"):
@@ -479,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
                           _human_bytes(sum(f.num_bytes for f in s.files)))
     Console().print(table)
     if url:
-        Console().print(f"pushed to {url}", markup=False)
+        Console().print(f"pushed to {url}", markup=False, soft_wrap=True)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from care_dataset.error_text import error_line
 from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published, storage_column
 from care_dataset.store import CareDataset, SplitSlices, open_dataset
 
@@ -59,12 +60,7 @@ def check_parquet_footers(root: Path) -> None:
             pq.read_metadata(file)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
             raise ValueError(f"{file.relative_to(root).as_posix()}: not a readable Parquet file "
-                             f"({_first_line(error)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+                             f"({error_line(error)})") from None
 
 
 class PublishedDataset(SplitSlices):
@@ -85,9 +81,9 @@ class PublishedDataset(SplitSlices):
         try:
             slices = load_published(self.root, SLICES)
         except DatasetsError as error:
-            reason = _first_line(error)
+            reason = error_line(error)
             if error.__cause__ is not None:  # the Parquet reader's reason
-                reason += f" ({_first_line(error.__cause__)})"
+                reason += f" ({error_line(error.__cause__)})"
             raise ValueError(f"{SLICES} configuration: {reason}") from None
         if not len(slices):
             raise ValueError(f"{SLICES} configuration: no split")

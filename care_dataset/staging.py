@@ -26,6 +26,23 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+def creation_problem(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (its missing parents made first), or None when they can.
+
+    Creates and removes a temporary file in the nearest existing folder: that also finds read-only mounts and
+    folders such as /proc, where ``os.access`` says yes to root. Nothing stays behind.
+    """
+    base = nearest_existing(folder)
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as error:
+        return f"cannot create files in {base} ({error.strerror or error})"
+    return None
+
+
 def previous_path(folder: Path) -> Path:
     """Where `replace_folder` moves the folder it replaces: ``.<name>.previous`` beside it."""
     return folder.with_name(f".{folder.name}.previous")

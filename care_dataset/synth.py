@@ -36,7 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .staging import make_staging_dir
+from .staging import creation_problem, make_staging_dir
 from .synth_phantom import phantom_volume
 
 __all__ = [
@@ -744,6 +744,8 @@ def write_raw_dataset(
     """
     out_dir = Path(out_dir)
     plans = plan_dataset(cases, seed, size=size, slices=slices, messy=messy)
+    if problem := creation_problem(out_dir):
+        raise ValueError(f"output folder {out_dir}: {problem}")
     out_dir.mkdir(parents=True, exist_ok=True)
     expected = {plan.folder for plan in plans}
     for entry in out_dir.iterdir():

@@ -187,3 +187,43 @@ def test_usam_fit_errors_are_printed_by_the_main_rank_only(tmp_path, capsys, mon
     assert usam_main(["fit", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--flip-prob", "2"]) == 2
     err = error_of(capsys)
     assert err == ("usam fit: error: flip_prob must be in [0, 1], got 2.0\n" if prints else "")
+
+
+def _places_no_file_can_be_made(tmp_path: Path) -> list[tuple[Path, str]]:
+    """(output path, reason expected): under a regular file, and under /proc where the OS refuses new files."""
+    from care_dataset.staging import creation_problem
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    places = [(a_file / "sub" / "out", f"{a_file} is a file, not a folder")]
+    if Path("/proc/self").is_dir() and creation_problem(Path("/proc")) is not None:
+        places.append((Path("/proc/care-usam-test-out"), "cannot create files in /proc ("))
+    return places
+
+
+def test_every_command_refuses_an_output_where_no_file_can_be_made(raw, tmp_path, key_file, capsys):
+    """One line naming the output and the reason, before any work, nothing written; each command asks the same
+    care_dataset.staging.creation_problem, which tries a file (os.access says yes to root on /proc)."""
+    converted = tmp_path / "converted"
+    assert convert_main([str(raw), str(converted), "--key-file", str(key_file), "--quiet"]) == 0
+    commands = {
+        "care-synth": lambda out: synth_main([str(out), "--cases", "1", "--size", "64", "--slices", "8"]),
+        "care-convert": lambda out: convert_main([str(raw), str(out), "--key-file", str(key_file)]),
+        "care-convert --private-map": lambda out: convert_main(
+            [str(raw), str(tmp_path / "never"), "--key-file", str(key_file), "--private-map", str(out / "map.json")]),
+        "care-anonymize": lambda out: anonymize_main([str(raw), str(out), "--key-file", str(key_file)]),
+        "care-publish": lambda out: publish_main([str(converted), str(out)]),
+        "usam fit": lambda out: usam_main(["fit", "--data", str(converted), "--out", str(out), "--model",
+                                           "usam_tiny", "--max-steps", "1", "--batch-size", "2"]),
+    }
+    capsys.readouterr()
+    for out, reason in _places_no_file_can_be_made(tmp_path):
+        for name, run in commands.items():
+            before = sorted(tmp_path.rglob("*"))
+            code = run(out)
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.strip() and not line.startswith("usage:")
+                     and not line.startswith(" ")]
+            assert code in (1, 2), (name, out, err)
+            assert len(lines) == 1 and reason in lines[0] and str(out) in lines[0], (name, err)
+            assert not out.exists() and sorted(tmp_path.rglob("*")) == before, name

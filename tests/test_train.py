@@ -360,9 +360,9 @@ def test_paths_of_the_wrong_kind_fail_with_one_line(data_dir, tmp_path, capsys):
     assert "is not a folder" in fit_error(capsys, ["--data", str(a_file), "--out", str(out), *base])
     message = fit_error(capsys, ["--config", str(data_dir), "--out", str(out), *base])
     assert str(data_dir) in message and "is a folder" in message
-    for bad_out in (a_file, a_file / "run"):
+    for bad_out, reason in ((a_file, "exists and is not a folder"), (a_file / "run", "is a file, not a folder")):
         message = fit_error(capsys, ["--data", str(data_dir), "--out", str(bad_out), *base, "--max-steps", "1"])
-        assert "exists and is not a folder" in message
+        assert reason in message
     assert a_file.read_text() == 'model = "unet"\n' and not out.exists()
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from care_dataset.error_text import error_line
 from care_dataset.staging import make_staging_dir, replace_folder
 from usam.data import resize_labels
 from usam.metrics import (
@@ -131,9 +132,7 @@ def open_eval_data(path: str | Path) -> Any:
     except FileNotFoundError as error:  # its message starts with the path
         raise InputError(f"--data {error}") from None
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
-        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        raise InputError(f"--data {path}: {lines[0] if lines else type(error).__name__}") from None
+        raise InputError(f"--data {path}: {error_line(error)}") from None
 
 
 def _case_volumes(pred: np.ndarray, truth: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -534,7 +533,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except InputError as error:
         print(f"usam eval: {error}", file=sys.stderr)
         return 2
-    console.print(f"wrote {', '.join(str(p) for p in written)}")
+    console.print(f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True, markup=False, highlight=False)
     return 0
 
 

@@ -38,7 +38,8 @@ from usam.prompts import (
     voxel_to_model,
     world_to_model,
 )
-from care_dataset.staging import make_staging_dir, nearest_existing, replace_folder
+from care_dataset.error_text import error_line
+from care_dataset.staging import creation_problem, make_staging_dir, replace_folder
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
@@ -235,7 +236,7 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
                 raise InputError(f"{path}: one DICOM file; give the folder that holds its series")
             image = read_volume_file(path)
         except RuntimeError as error:
-            raise InputError(f"{path}: not a readable image ({_last_line(error)})") from None
+            raise InputError(f"{path}: not a readable image ({error_line(error, last=True)})") from None
         except NiftiError as error:
             raise InputError(f"{path}: {error}") from None
     else:
@@ -266,12 +267,6 @@ def _series_note(series: list, chosen: Any) -> str:
         if tied:
             note += f", {tied} of them with as many slices (to read another, give a folder holding only it)"
     return note
-
-
-def _last_line(error: Exception) -> str:
-    """The last non-empty line of an error: where SimpleITK puts its reason, after the C++ source location."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def orientation_code(image: sitk.Image) -> str:
@@ -514,11 +509,8 @@ def label_description_path(out: Path) -> Path:
 
 def check_parent_creatable(path: Path, what: str) -> None:
     """The folder `path` exists or can be made: its nearest existing ancestor is a writable folder."""
-    base = nearest_existing(path)
-    if not base.is_dir():
-        raise InputError(f"{what}: {base} is a file, not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise InputError(f"{what}: cannot create files in {base} (permission denied)")
+    if problem := creation_problem(path):
+        raise InputError(f"{what}: {problem}")
 
 
 def check_output_path(out: Path, image: Path | None = None) -> None:
@@ -584,7 +576,7 @@ def _make_folders(folder: Path) -> list[Path]:
 def _reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return _last_line(error)
+    return error_line(error, last=True)
 
 
 class OutputWriter:

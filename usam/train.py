@@ -333,15 +333,15 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
     (:func:`remove_unfinished_run`, after every check).
     """
-    from care_dataset.staging import nearest_existing
+    from care_dataset.staging import creation_problem
 
     from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
 
     out = Path(config.out)
-    existing = nearest_existing(out)
-    if not existing.is_dir():
-        where = "" if existing == out else f" {existing}"
-        raise ValueError(f"run folder {out}:{where} exists and is not a folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run folder {out}: exists and is not a folder")
+    if problem := creation_problem(out):
+        raise ValueError(f"run folder {out}: {problem}")
     last = out / "last"
     for checkpoint in (last, out / "best"):  # a save killed between its renames, or after them
         recover_checkpoint(checkpoint)
@@ -714,7 +714,7 @@ class Progress:
         mean = record["mean_dice"]
         self.console.print(f"step {record['step']} validation ({record['slices']} slices, pooled at {self.size} px): "
                            f"loss {record['loss']:.4f}, Dice {dice}, mean "
-                           f"{'n/a' if mean is None else f'{mean:.3f}'}", highlight=False)
+                           f"{'n/a' if mean is None else f'{mean:.3f}'}", highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from care_dataset.error_text import error_line
 from care_dataset.staging import make_staging_dir, previous_path, replace_folder
 
 WEIGHTS_FILE = "model.safetensors"
@@ -86,8 +87,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused or not a torch file at all
         raise ValueError(
-            f"SAM checkpoint {path}: not a plain torch state dict ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
+            f"SAM checkpoint {path}: not a plain torch state dict ({type(error).__name__}: {error_line(error)})"
         ) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
