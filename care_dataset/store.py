@@ -442,9 +442,9 @@ class ShardedSlices:
                 self._decompress(shard[offset:offset + nbytes], stored[position])
         return stored.astype(self.dtype, copy=False)
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # bound here: at interpreter exit the module's os may be gone
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            _close(self._fd)
 
 
 def _open_zarr_slices(array_dir: Path) -> Any:

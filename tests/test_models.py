@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +339,28 @@ def test_torch_compile_runs_the_tiny_model():
         torch.testing.assert_close(
             compiled(images, points, point_labels), model(images, points, point_labels)
         )
+
+
+@pytest.mark.parametrize("torchvision_init", [
+    None,  # not installed (as on the development machine, beside the CPU torch)
+    'raise RuntimeError("operator torchvision::nms does not exist")\n',  # built for another torch
+])
+def test_sam_parts_load_without_a_working_torchvision(tmp_path, torchvision_init):
+    """segment_anything's package __init__ imports torchvision; the models need only its modeling code."""
+    if torchvision_init is not None:
+        (tmp_path / "torchvision").mkdir()
+        (tmp_path / "torchvision" / "__init__.py").write_text(torchvision_init)
+    code = ("import importlib.util, sys\n"
+            "found = importlib.util.find_spec('torchvision')\n"
+            "assert (found is None) == (sys.argv[1] == 'absent'), found\n"
+            "from usam.models import create_model\n"
+            "import torch\n"
+            "model = create_model('usam_tiny').eval()\n"
+            "print(tuple(model(torch.zeros(1, 1, 224, 224), None, None).shape))\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code, "absent" if torchvision_init is None else "broken"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    if torchvision_init is None and "AssertionError" in result.stderr:
+        pytest.skip("a torchvision is installed here")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(1, 3, 224, 224)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +115,17 @@ def test_reader_refuses_foreign_or_newer_folders(tmp_path, cases):
     (tmp_path / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="format version 2.0"):
         store.open_dataset(tmp_path)
+
+
+def test_an_open_reader_left_for_interpreter_exit_closes_quietly(tmp_path, cases):
+    """A reader kept in a module global is collected after the os module is torn down: no 'Exception ignored'."""
+    _write_minimal_dataset(tmp_path, "zarr", cases)
+    code = ("import sys\nfrom care_dataset import store\n"
+            "dataset = store.open_dataset(sys.argv[1])\n"
+            "readers = [dataset._arrays(case_id)[0] for case_id in dataset.case_ids('train')]\n"
+            "slices = [reader[1] for reader in readers]\n"
+            "assert all(reader._fd is not None for reader in readers)\n"
+            "store.os = None  # as at interpreter exit, when module globals are cleared before late objects\n"
+            "del dataset, readers\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from functools import partial
 from types import ModuleType
 
@@ -15,14 +16,15 @@ def _import_sam_modeling() -> ModuleType:
     """Import `segment_anything.modeling`, which needs only torch.
 
     The package's own ``__init__`` also imports the predictor, which needs torchvision. Where
-    torchvision is missing, we register an empty parent package (its spec, never executed) in
-    ``sys.modules`` and import the ``modeling`` subpackage under it; ``build_sam`` imports the
-    same way. The normal import is always tried first.
+    torchvision is missing, or fails to import (one built for another torch raises RuntimeError),
+    we register an empty parent package (its spec, never executed) in ``sys.modules`` and import
+    the ``modeling`` subpackage under it; ``build_sam`` imports the same way. The normal import is
+    always tried first.
     """
     try:
         return importlib.import_module("segment_anything.modeling")
-    except ImportError as error:
-        if "torchvision" not in str(error):
+    except Exception as error:
+        if not _raised_by_torchvision(error):
             raise
     spec = importlib.util.find_spec("segment_anything")
     if spec is None or spec.submodule_search_locations is None:  # pragma: no cover
@@ -30,6 +32,11 @@ def _import_sam_modeling() -> ModuleType:
     parent = importlib.util.module_from_spec(spec)
     sys.modules["segment_anything"] = parent
     return importlib.import_module("segment_anything.modeling")
+
+
+def _raised_by_torchvision(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return "torchvision" in str(error) or any("torchvision" in frame.filename for frame in frames)
 
 
 sam_modeling = _import_sam_modeling()
