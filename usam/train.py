@@ -636,6 +636,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
             if step % config.log_every == 0 or checkpoint_now:
                 all_reduce_sum(window_stats, ddp)
                 all_reduce_sum(window_counts, ddp)
+                if is_cuda:  # the window ends when its last step has run on the GPU, not when it was queued
+                    torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
                 mean = (window_stats / (window_steps * ddp.world_size)).tolist()
                 dice = dice_from_counts(window_counts.cpu())
