@@ -4,14 +4,18 @@ images/s and the fraction of step time spent waiting for data, with the real Dat
     python benchmarks/fit_probe.py --model usam_b --batch-size 24 --steps 60 --workers 8   # CUDA
     python benchmarks/fit_probe.py --model usam_tiny --batch-size 4 --steps 6 --workers 1  # CPU smoke run
 
-Data: CASES phantom cases (care_dataset.synth_phantom) of SLICES x 512 x 512 written as zarr shards per
-docs/format.md. The first logging window (start-up, compilation, worker spawn) is left out of the figures.
+Data: CASES cases of SLICES x 512 x 512 written as zarr shards per docs/format.md, each holding the labelled
+slices of one phantom (care_dataset.synth_phantom) repeated: a probe measures throughput, so the cases need not
+differ. By default SLICES is chosen so that one epoch outlasts --steps: a window that starts an epoch waits for
+the workers' first batches and ends with a validation and a checkpoint, which a real run of hundreds of steps per
+epoch amortises. The first logging window (start-up, compilation, worker spawn) is left out of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -27,21 +31,23 @@ from usam.train import train
 
 
 def synthetic_shards(root: Path, cases: int, slices: int, size: int = 512) -> Path:
+    hu, label = phantom_volume((48, size, size), (2.5, 0.8, 0.8), np.random.default_rng(0), tumour=True)
+    labelled = np.flatnonzero(label.reshape(len(label), -1).max(1) > 0)
+    repeated = np.resize(labelled, slices)
+    hu, label = np.ascontiguousarray(hu[repeated]), np.ascontiguousarray(label[repeated])
+    checksum = store.content_checksum(hu, label)
     store.init_store(root, "zarr")
-    records, checksums, ids = {}, {}, []
-    for c in range(cases):
-        case_id = f"care_{c:012x}-000000"
-        hu, label = phantom_volume((slices, size, size), (2.5, 0.8, 0.8), np.random.default_rng(c), tumour=True)
+    ids = [f"care_{c:012x}-000000" for c in range(cases)]
+    for case_id in ids:
         store.write_case(root, "zarr", case_id, hu, label)
-        checksums[case_id] = store.content_checksum(hu, label)
-        records[case_id] = {"num_slices": slices, "kept_slices": list(range(slices)), "spacing": [0.8, 0.8, 2.5],
-                            "split": "train"}
-        ids.append(case_id)
+    records = {case_id: {"num_slices": slices, "kept_slices": list(range(slices)), "spacing": [0.8, 0.8, 2.5],
+                         "split": "train"} for case_id in ids}
     store.write_json_atomic(root / "cases.json", records)
     store.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": ids, "test": []})
     store.write_json_atomic(root / "dataset.json", {
         "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": "zarr",
-        "classes": ["background", "normal rectum", "tumor"], "checksums": {"cases": checksums, "all": ""}})
+        "classes": ["background", "normal rectum", "tumor"],
+        "checksums": {"cases": dict.fromkeys(ids, checksum), "all": ""}})
     return root
 
 
@@ -52,18 +58,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--slices", type=int, default=30)
+    parser.add_argument("--slices", type=int, default=None,
+                        help="slices per case (default: enough that one epoch outlasts --steps)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--json", default=None, help="also append the figures as one JSON line here")
     args = parser.parse_args()
+    val_fraction = 0.125
+    train_cases = args.cases - max(1, round(val_fraction * args.cases))
+    slices = args.slices or math.ceil((args.steps + 1) * args.batch_size / train_cases)
     with tempfile.TemporaryDirectory() as tmp:
-        data = synthetic_shards(Path(tmp) / "out", args.cases, args.slices)
+        data = synthetic_shards(Path(tmp) / "out", args.cases, slices)
         run = Path(tmp) / "run"
         log_every = max(1, args.steps // 6)
         config = build_config({"data": str(data), "out": str(run), "model": args.model, "batch_size": args.batch_size,
                                "max_steps": args.steps, "workers": args.workers, "device": args.device,
-                               "log_every": log_every, "val_every": 0, "val_fraction": 0.125,
+                               "log_every": log_every, "val_every": 0, "val_fraction": val_fraction,
                                "compile": args.compile})
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

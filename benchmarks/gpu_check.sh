@@ -11,9 +11,14 @@ OUTDIR=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUTDIR"
 FIG="$OUTDIR/figures.jsonl"
 : > "$FIG"
+# A failed install is reported, not fatal: the steps that do not need the package still give their figures.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  if [ -f .whl/simpleitk.tar.xz ]; then tar xJf .whl/simpleitk.tar.xz -C /tmp/site || exit 1; fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "gpu_check: installing the carried wheels FAILED"
+  if [ -f .whl/simpleitk.tar.xz ]; then  # Python's tarfile, not tar -J: the image may lack the xz program
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .whl/simpleitk.tar.xz /tmp/site \
+      || echo "gpu_check: unpacking SimpleITK FAILED"
+  fi
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
@@ -21,12 +26,17 @@ fi
 export HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_OFFLINE=1 HF_DATASETS_CACHE=$(mktemp -d) PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+python3 -c 'import numpy, zarr, numcodecs, SimpleITK, nibabel, pydicom, safetensors, rich, matplotlib, scipy
+from usam.models import sam_parts
+print("numpy", numpy.__version__, "zarr", zarr.__version__, "SimpleITK", SimpleITK.Version_VersionString())' \
+  || echo "gpu_check: an import FAILED (above); the steps that need it will fail too"
+df -h /dev/shm | tail -1  # DataLoader workers pass batches through it
 
 echo "== CUDA tests"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUTDIR/cuda_tests.log" | tail -5
+timeout 80 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUTDIR/cuda_tests.log" | tail -5
 
 echo "== bf16 matrix rate (8192^3, mean of 10 after 3 warm-ups)"
-timeout 30 python3 - "$FIG" <<'PY'
+timeout 20 python3 - "$FIG" <<'PY'
 import json, sys, time, torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
 for _ in range(3): a @ b
@@ -38,13 +48,16 @@ open(sys.argv[1], "a").write(json.dumps({"bench": "matmul", "tflops": rate / 1e1
 PY
 
 echo "== training step, model only (usam_b, batch 24)"
-timeout 150 python3 benchmarks/train_bench.py --model usam_b --batch-size 24 --steps 15 --json "$FIG" 2>&1 | tail -8
+timeout 190 python3 benchmarks/train_bench.py --model usam_b --batch-size 24 --steps 15 --json "$FIG" 2>&1 \
+  | tee "$OUTDIR/train.log" | tail -8
 
 echo "== usam fit with the real data pipeline (usam_b, batch 24, 8 workers, bf16 + channels_last)"
-timeout 100 python3 benchmarks/fit_probe.py --model usam_b --batch-size 24 --steps 48 --workers 8 --json "$FIG" 2>&1 | tail -2
+timeout 90 python3 benchmarks/fit_probe.py --model usam_b --batch-size 24 --steps 48 --workers 8 --json "$FIG" 2>&1 \
+  | tee "$OUTDIR/fit.log" | tail -2
 
 echo "== inference, 100 x 512 x 512 volume end to end (read, predict, write)"
-timeout 60 python3 benchmarks/infer_bench.py --device cuda --repeats 3 --batch-size 32 --baseline-slices 20 --json "$FIG" 2>&1 | tail -5
+timeout 60 python3 benchmarks/infer_bench.py --device cuda --repeats 3 --batch-size 32 --baseline-slices 20 --json "$FIG" 2>&1 \
+  | tee "$OUTDIR/infer.log" | tail -5
 
 echo "== summary"
 python3 - "$FIG" <<'PY'

@@ -60,11 +60,10 @@ def measure(name: str, variant: str, size: int, steps: int, device: torch.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if "compile" in variant else model
     autocast = "bf16" in variant
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     train_step(step_model, optimizer, inputs, autocast, device)  # warm-up (and compilation)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)  # the steady state's peak, without cuDNN's and Inductor's trials
     start = time.perf_counter()
     for _ in range(steps):
         train_step(step_model, optimizer, inputs, autocast, device)
@@ -85,9 +84,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also append the figures as JSON lines here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # TF32 stays as torch sets it (matmuls in fp32), as in usam fit with --no-amp
         torch.backends.cudnn.benchmark = True  # as usam fit does on CUDA
     flops = flops_per_image(args.model, device)
     variants = ["fp32", "bf16", "bf16+channels_last"] + (["bf16+channels_last+compile"] if args.compile else [])

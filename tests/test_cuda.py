@@ -43,12 +43,16 @@ def test_bf16_channels_last_training_step(name):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    # bf16 forward agrees with fp32 on the same weights
+    # bf16 forward agrees with fp32 on the same weights; without the head's class-prior bias, which alone would
+    # make every pixel background in both
     with torch.no_grad():
         model.eval()
+        if hasattr(model, "head"):
+            model.head.bias.zero_()
         reference = model(images.float(), points, labels)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             half = model(images, points, labels).float()
+    assert ((half - reference).norm() / reference.norm()).item() < 0.05  # 0.005-0.011 with CPU bf16
     agreement = (half.argmax(1) == reference.argmax(1)).float().mean().item()
     assert agreement > 0.98
 
@@ -67,16 +71,27 @@ def test_fit_on_cuda_logs_and_checkpoints(tmp_path):
 
 
 def test_gpu_inference_matches_cpu():
+    """Device-side window and resize, bf16, channels_last and the way back to the input grid give the CPU's
+    labels. The untrained model's head is shifted so that each class wins on part of the volume (left alone,
+    its class-prior bias makes every voxel background on both devices, and a flipped result would pass)."""
     torch.manual_seed(0)
-    model = create_model("usam_tiny").eval()
+    model = create_model("unet").eval()
     hu, _ = phantom_volume((12, 256, 256), (2.5, 1.2, 1.2), np.random.default_rng(3), tumour=True)
     image = sitk.GetImageFromArray(hu)
     image.SetSpacing((1.2, 1.2, 2.5))
     image.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))  # not the canonical orientation
     config = {"model": dict(model.config), "classes": ["background", "normal rectum", "tumor"],
               "window": [-125.0, 275.0]}
+    head_outputs = []
+    hook = model.head.register_forward_hook(lambda module, inputs, output: head_outputs.append(output))
+    predict_volume(model, config, image, device="cpu")
+    hook.remove()
+    with torch.no_grad():  # each class's median logit over the volume to 0
+        model.head.bias -= torch.cat(head_outputs).transpose(0, 1).flatten(1).median(dim=1).values
     cpu = sitk.GetArrayFromImage(predict_volume(model, config, image, device="cpu"))
+    assert min((cpu == c).mean() for c in range(3)) > 0.05
     gpu_image = predict_volume(model, config, image, device="cuda")
     gpu = sitk.GetArrayFromImage(gpu_image)
     assert gpu_image.GetSize() == image.GetSize() and gpu_image.GetDirection() == image.GetDirection()
-    assert (cpu == gpu).mean() > 0.99  # bf16 on the GPU: a few boundary voxels may differ
+    assert (cpu == gpu).mean() > 0.98  # bf16 on the GPU: voxels near a tie may differ (0.997 with CPU bf16)
+    assert (cpu == gpu[:, :, ::-1]).mean() < 0.9  # and the check can tell a mirrored result
