@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also append the figures as one JSON line here")
     args = parser.parse_args()
     val_fraction = 0.125
-    train_cases = args.cases - max(1, round(val_fraction * args.cases))
+    train_cases = args.cases - min(max(1, round(val_fraction * args.cases)), args.cases - 1)  # carve_validation's
     slices = args.slices or math.ceil((args.steps + 1) * args.batch_size / train_cases)
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_shards(Path(tmp) / "out", args.cases, slices)

@@ -16,7 +16,8 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "gpu_check: installing the carried wheels FAILED"
   if [ -f .whl/simpleitk.tar.xz ]; then  # Python's tarfile, not tar -J: the image may lack the xz program
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .whl/simpleitk.tar.xz /tmp/site \
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+      .whl/simpleitk.tar.xz /tmp/site \
       || echo "gpu_check: unpacking SimpleITK FAILED"
   fi
   export PYTHONPATH=/tmp/site:$PWD

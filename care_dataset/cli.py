@@ -56,8 +56,8 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool = False) -> int:
-    from care_dataset.convert import (ConvertError, OutputBusyError, check_paths, convert_dataset,
-                                      keep_freed_buffers)
+    from care_dataset.convert import (ConvertError, OutputBusyError, OutputNotWritableError, check_paths,
+                                      convert_dataset, keep_freed_buffers)
     from care_dataset.pseudonyms import KeyMissingError, load_key
     from care_dataset.profiles import ProfileError, load_profile
     from care_dataset.progress import print_summary, stderr_console
@@ -78,6 +78,9 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
     try:
         check_paths(args.raw, args.out, args.private_map)
         key, reproducible = load_key(args.key_file, random_key=args.random_key)
+    except OutputNotWritableError as err:  # one line, no usage text
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     except (ConvertError, KeyMissingError) as err:
         return usage_error(str(err))
     if not reproducible:
@@ -89,7 +92,7 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
         summary = convert_dataset(args.raw, args.out, profile, key, reproducible, seed=args.seed,
                                   storage=args.storage, workers=args.workers, private_map=args.private_map,
                                   progress=not args.quiet)
-    except OutputBusyError as err:  # not a usage mistake: one line, no usage text
+    except (OutputBusyError, OutputNotWritableError) as err:  # not a usage mistake: one line, no usage text
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     except ConvertError as err:
@@ -132,6 +135,9 @@ def synth_main(argv: list[str] | None = None) -> int:
                     written = synth.run_from_args(args, progress=bar)
         except ValueError as err:
             parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # where the output goes, not how the command was typed: no usage text
             print(f"{parser.prog}: error: {err}", file=sys.stderr)
             return 2
         print(f"wrote {len(written)} raw cases to {args.out_dir}")

@@ -49,6 +49,10 @@ class OutputBusyError(ConvertError):
     """Another process is writing the output folder (it holds the folder's lock)."""
 
 
+class OutputNotWritableError(ConvertError):
+    """No file can be created where the output (or the private map) goes: not a usage mistake."""
+
+
 @dataclass(frozen=True)
 class CaseJob:
     """Everything one worker needs to convert one raw case (picklable)."""
@@ -448,16 +452,16 @@ def _discard_leftovers_of_unknown_case(job: CaseJob) -> None:
 def check_paths(raw_dir: Path, out_dir: Path, private_map: Path | None) -> tuple[Path, Path, Path | None]:
     """Resolve and validate the folders; raises ConvertError with one clear line."""
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
-    if not raw_dir.is_dir():
+    if not os.path.isdir(raw_dir):
         raise ConvertError(f"raw folder {raw_dir} does not exist or is not a folder")
     if out_dir == raw_dir or raw_dir in out_dir.parents:
         raise ConvertError("the output folder must not be inside the raw folder")
     if out_dir in raw_dir.parents:
         raise ConvertError("the raw folder must not be inside the output folder")
-    if out_dir.exists() and not out_dir.is_dir():
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ConvertError(f"output path {out_dir} exists and is not a folder")
     if problem := creation_problem(out_dir):
-        raise ConvertError(f"output folder {out_dir}: {problem}")
+        raise OutputNotWritableError(f"output folder {out_dir}: {problem}")
     if out_dir.is_dir() and any(p.name != LOCK_NAME for p in out_dir.iterdir()) and not (
             (out_dir / "dataset.json").exists() or (out_dir / store.TMP_DIR).is_dir()):
         raise ConvertError(f"output folder {out_dir} is not empty and holds no care-convert output")
@@ -467,10 +471,10 @@ def check_paths(raw_dir: Path, out_dir: Path, private_map: Path | None) -> tuple
             raise ConvertError("--private-map must not be inside the output folder (it names raw folders)")
         if raw_dir in private_map.parents:
             raise ConvertError("--private-map must not be inside the raw folder")
-        if private_map.is_dir():
+        if os.path.isdir(private_map):
             raise ConvertError(f"--private-map {private_map} is a folder, expected a file path")
         if problem := creation_problem(private_map.parent):
-            raise ConvertError(f"--private-map {private_map}: {problem}")
+            raise OutputNotWritableError(f"--private-map {private_map}: {problem}")
     return raw_dir, out_dir, private_map
 
 

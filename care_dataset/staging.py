@@ -19,9 +19,11 @@ def make_staging_dir(parent: Path, prefix: str) -> Path:
 
 
 def nearest_existing(path: Path) -> Path:
-    """`path` (made absolute) or its nearest ancestor that exists: where creating it would begin."""
+    """`path` (made absolute) or its nearest ancestor that exists: where creating it would begin. A symbolic
+    link counts as existing even when it leads nowhere; a path inside a folder one may not search does not
+    exist (``os.path``, not ``Path.exists``, which raises there before Python 3.13)."""
     path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
+    while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -33,7 +35,9 @@ def creation_problem(folder: Path) -> str | None:
     folders such as /proc, where ``os.access`` says yes to root. Nothing stays behind.
     """
     base = nearest_existing(folder)
-    if not base.is_dir():
+    if os.path.islink(base) and not os.path.exists(base):
+        return f"{base} is a symbolic link to {os.readlink(base)}, which does not exist"
+    if not os.path.isdir(base):
         return f"{base} is a file, not a folder"
     try:
         with tempfile.TemporaryFile(dir=base):

@@ -745,7 +745,7 @@ def write_raw_dataset(
     out_dir = Path(out_dir)
     plans = plan_dataset(cases, seed, size=size, slices=slices, messy=messy)
     if problem := creation_problem(out_dir):
-        raise ValueError(f"output folder {out_dir}: {problem}")
+        raise OSError(f"output folder {out_dir}: {problem}")
     out_dir.mkdir(parents=True, exist_ok=True)
     expected = {plan.folder for plan in plans}
     for entry in out_dir.iterdir():

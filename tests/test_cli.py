@@ -227,3 +227,64 @@ def test_every_command_refuses_an_output_where_no_file_can_be_made(raw, tmp_path
             assert code in (1, 2), (name, out, err)
             assert len(lines) == 1 and reason in lines[0] and str(out) in lines[0], (name, err)
             assert not out.exists() and sorted(tmp_path.rglob("*")) == before, name
+
+
+def test_an_output_behind_a_dangling_link_is_one_line(tmp_path, capsys):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere" / "x")
+    assert synth_main([str(link), "--cases", "1", "--size", "64", "--slices", "8"]) == 2
+    assert "is a symbolic link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+    from usam.predict import main as predict_main
+
+    out = link / "pred.nii.gz"
+    assert predict_main(["--checkpoint", str(tmp_path / "none"), "--image", str(tmp_path / "none.nii.gz"),
+                         "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{link} is a symbolic link to" in err
+
+
+def _without_file_permission_override() -> list[str] | None:
+    """A command prefix under which permissions apply: none for a user, setpriv without root's DAC override."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        return None
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path, key_file):
+    """Path.exists raises PermissionError there before Python 3.13; every check goes through os.path."""
+    import os
+
+    prefix = _without_file_permission_override()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(private, 65534, 65534)  # nobody's, and root without DAC override may not enter it
+    else:
+        private.chmod(0)
+    out = private / "out"
+    run = "import sys; from {} import {} as main; sys.exit(main(sys.argv[1:]))"
+    commands = {
+        "care-synth": (run.format("care_dataset.cli", "synth_main"), [str(out), "--cases", "1"]),
+        "care-convert": (run.format("care_dataset.cli", "convert_main"),
+                         [str(raw), str(out), "--key-file", str(key_file)]),
+        "usam predict": (run.format("usam.predict", "main"), ["--checkpoint", str(tmp_path / "none"), "--image",
+                                                              str(tmp_path / "none.nii"), "--out", str(out / "p.nii.gz")]),
+    }
+    try:
+        for name, (code, argv) in commands.items():
+            result = subprocess.run([*prefix, sys.executable, "-c", code, *argv], capture_output=True, text=True)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1, (name, result.stderr[-1500:])
+            assert f"cannot create files in {private} (Permission denied)" in lines[0], (name, lines[0])
+    finally:
+        private.chmod(0o700)
+        if os.geteuid() == 0:
+            os.chown(private, 0, 0)

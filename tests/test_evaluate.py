@@ -317,3 +317,37 @@ def test_grid_titles_stay_inside_the_image(converted, tiny_checkpoint, tmp_path)
     # the figure is white around its panels: only clipped text would touch the left or right edge
     edges = np.concatenate([pixels[:, :2], pixels[:, -2:]], axis=1)
     assert (edges > 0.99).all()
+
+
+def test_an_out_folder_whose_parent_is_not_writable_is_refused_before_any_work(converted, tiny_checkpoint,
+                                                                                 tmp_path):
+    """The files are staged beside --out and moved in, so its parent must take new files too."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cli import _without_file_permission_override
+
+    prefix = _without_file_permission_override()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    parent = tmp_path / "shared"
+    out = parent / "mine"
+    out.mkdir(parents=True)
+    if os.geteuid() == 0:
+        os.chown(parent, 65534, 65534)  # nobody's (mode 755): root without DAC override may enter, not write
+    else:
+        parent.chmod(0o555)
+    code = "import sys; from usam.cli import main; sys.exit(main(sys.argv[1:]))"
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-c", code, "eval", "--data", str(converted),
+                                 "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"],
+                                capture_output=True, text=True)
+    finally:
+        parent.chmod(0o755)
+        if os.geteuid() == 0:
+            os.chown(parent, 0, 0)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-1500:]
+    assert f"cannot create files in {parent} (Permission denied)" in lines[0]
+    assert "Dice" not in result.stdout and list(out.iterdir()) == []

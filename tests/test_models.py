@@ -357,7 +357,7 @@ def test_sam_parts_load_without_a_working_torchvision(tmp_path, torchvision_init
             "import torch\n"
             "model = create_model('usam_tiny').eval()\n"
             "print(tuple(model(torch.zeros(1, 1, 224, 224), None, None).shape))\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code, "absent" if torchvision_init is None else "broken"],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     if torchvision_init is None and "AssertionError" in result.stderr:

@@ -415,13 +415,14 @@ OUTPUT_FILES = ("metrics.json", "cases.csv", "summary.csv", "cases_grid.png")
 def check_output_folder(out: Path, data: Path, checkpoint: Path) -> None:
     """Refuse, before any work, an --out that is a file, lies inside the data or checkpoint folder, or
     cannot be created. InputError, one line."""
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out}: exists and is not a folder")
     target = Path(os.path.abspath(out))
     for what, folder in (("--data", data), ("--checkpoint", checkpoint)):
         if target.is_relative_to(os.path.abspath(folder)):
             raise InputError(f"--out {out}: is inside the {what} folder {folder}; give a folder of its own")
     check_parent_creatable(out, f"--out {out}")
+    check_parent_creatable(target.parent, f"--out {out}")  # the files are staged beside it, then moved in
 
 
 def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:

@@ -515,7 +515,7 @@ def check_parent_creatable(path: Path, what: str) -> None:
 
 def check_output_path(out: Path, image: Path | None = None) -> None:
     """Refuse an --out that cannot become a label volume, before any work (InputError, one line)."""
-    if out.is_dir():
+    if os.path.isdir(out):
         raise InputError(f"--out {out}: is an existing folder; give a file name such as {out / 'pred.nii.gz'}")
     if not out.name.endswith(LABEL_VOLUME_EXTENSIONS):
         raise InputError(
@@ -524,9 +524,9 @@ def check_output_path(out: Path, image: Path | None = None) -> None:
         )
     if label_description_path(out).name == "_labels.txt":
         raise InputError(f"--out {out}: give the file a name before its extension, such as pred.nii.gz")
-    if image is not None and out.exists() and out.resolve() == Path(image).resolve():
+    if image is not None and os.path.exists(out) and out.resolve() == Path(image).resolve():
         raise InputError(f"--out {out}: is the input image; give another file name")
-    if label_description_path(out).is_dir():
+    if os.path.isdir(label_description_path(out)):
         raise InputError(f"--out {out}: {label_description_path(out)} is an existing folder")
     check_parent_creatable(out.parent, f"--out {out}")
 
@@ -550,11 +550,11 @@ def check_overlay_folder(folder: Path, out: Path) -> None:
         raise InputError(f"{what}: is the --out path")
     if Path(os.path.abspath(out)).is_relative_to(os.path.abspath(folder)):
         raise InputError(f"{what}: would hold the --out file; give a separate folder")
-    if folder.is_symlink():
+    if os.path.islink(folder):
         raise InputError(f"{what}: is a symbolic link; give the folder it points to")
-    if folder.exists() and not folder.is_dir():
+    if os.path.lexists(folder) and not os.path.isdir(folder):
         raise InputError(f"{what}: is a file, not a folder")
-    if folder.is_dir() and not _overlay_folder_is_ours(folder):
+    if os.path.isdir(folder) and not _overlay_folder_is_ours(folder):
         raise InputError(
             f"{what}: holds files usam predict did not write there; give a new or empty folder"
         )

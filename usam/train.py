@@ -338,7 +338,7 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
 
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"run folder {out}: exists and is not a folder")
     if problem := creation_problem(out):
         raise ValueError(f"run folder {out}: {problem}")

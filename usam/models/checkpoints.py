@@ -79,6 +79,13 @@ def _resize_rel_pos(rel_pos: torch.Tensor, rows: int) -> torch.Tensor:
     return x.squeeze(0).t().contiguous().to(rel_pos.dtype)
 
 
+def _described(error: Exception) -> str:
+    if isinstance(error, EOFError):
+        return "an empty or truncated file"
+    reason = error_line(error)
+    return reason if reason == type(error).__name__ else f"{type(error).__name__}: {reason}"
+
+
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -87,7 +94,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused or not a torch file at all
         raise ValueError(
-            f"SAM checkpoint {path}: not a plain torch state dict ({type(error).__name__}: {error_line(error)})"
+            f"SAM checkpoint {path}: not a plain torch state dict ({_described(error)})"
         ) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
