@@ -288,3 +288,14 @@ def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path,
         private.chmod(0o700)
         if os.geteuid() == 0:
             os.chown(private, 0, 0)
+
+
+def test_usam_fit_errors_after_the_process_group_is_joined_are_printed_by_their_rank(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Before the group is joined every rank fails alike (rank 0 reports); after it, an error may be one rank's."""
+    import torch.distributed
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert usam_main(["fit", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--flip-prob", "2"]) == 2
+    assert error_of(capsys) == "usam fit (rank 1): error: flip_prob must be in [0, 1], got 2.0\n"

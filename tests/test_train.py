@@ -429,6 +429,23 @@ def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
                             "resume": True}))
 
 
+def test_a_rank_fails_its_checks_before_joining_the_process_group(data_dir, tmp_path):
+    """Rank 1 of 2 with an --out it cannot use: it stops at once (no wait for rank 0 in init_process_group) and
+    leaves the message to rank 0, which fails the same check."""
+    import subprocess
+    import sys
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    argv = ["fit", "--data", str(data_dir), "--out", str(a_file), "--model", "unet", "--model-arg",
+            "base_channels=8", "--device", "cpu", "--batch-size", "4", "--max-steps", "1"]
+    result = subprocess.run([sys.executable, "-c", "import sys; from usam.cli import main; sys.exit(main(sys.argv[1:]))",
+                             *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == "", result.stderr[-1500:]
+
+
 def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path, monkeypatch):
     from care_dataset.publish import publish
 

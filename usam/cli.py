@@ -145,16 +145,24 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _in_process_group() -> bool:
+    """True once `usam fit` has joined torchrun's process group, which it does after all its checks."""
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reports = _is_main_rank()  # under torchrun every rank fails alike; the main one says why
+    reports = _is_main_rank()
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         if reports:
             print(f"usam {args.command}: error: {message}", file=sys.stderr)
+        elif _in_process_group():  # past the checks every rank fails alike on, an error may be this rank's own
+            print(f"usam {args.command} (rank {os.environ['RANK']}): error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if reports:

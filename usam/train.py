@@ -252,16 +252,19 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device_type: str) -> Dist:
-    """Join the process group torchrun describes in the environment (no-op for one process)."""
+def distributed_from_env() -> Dist:
+    """This process's place in the run torchrun describes in the environment (one process without it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Dist()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank,
-                                world_size=world_size)
-    return Dist(rank, local_rank, world_size)
+    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+
+
+def join_process_group(ddp: Dist, device: torch.device) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU); a no-op for one process."""
+    if ddp.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=ddp.rank,
+                                world_size=ddp.world_size)
 
 
 def sync_buffers(model: torch.nn.Module, ddp: Dist) -> None:
@@ -415,10 +418,10 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
     # ---- checks and setup: every user error is raised before any work starts ----
     config.validate()
     config = config.with_absolute_paths()
-    device_type = "cuda" if config.device.startswith("cuda") or (
-        config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ddp = setup_distributed(device_type)
+    ddp = distributed_from_env()
     device = choose_device(config.device, ddp)
+    if device.type == "cuda":  # this rank's GPU is the current one (NCCL, pinned-memory threads)
+        torch.cuda.set_device(device)
     if config.batch_size % ddp.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ddp.world_size} processes")
     data = open_training_data(config)
@@ -460,6 +463,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=config.poly_power)
+    # after every check: an error raised before here is the same on every rank, and rank 0 alone reports it
+    join_process_group(ddp, device)
 
     # ---- run folder ----
     out = Path(config.out)
@@ -492,7 +497,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, An
         step, epoch, step_in_epoch = resume_state["step"], resume_state["epoch"], resume_state["step_in_epoch"]
         best_dice = resume_state["best_dice"]
         torch.set_rng_state(resume_state["torch_rng"])
-        if device_type == "cuda" and len(resume_state.get("cuda_rng", [])) == torch.cuda.device_count():
+        if device.type == "cuda" and len(resume_state.get("cuda_rng", [])) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
         if ddp.main:  # drop log lines of steps after the checkpoint: they are run again
             log_path = out / LOG_FILE
