@@ -41,7 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid import FREE_TEXT_VRS, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
+from care_dataset.deid import element_action, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
 from care_dataset.nifti import NIFTI_SUFFIXES
 from care_dataset.pseudonyms import STANDARD_UID_ROOT
 
@@ -157,8 +157,7 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             continue
         if tag.is_private:
             category = "DICOM private tag"
-        elif (elem.VR in FREE_TEXT_VRS or is_overlay_group(tag.group)
-              or table.action(int(tag), elem.VR) != "K"):
+        elif is_overlay_group(tag.group) or element_action(table, int(tag), elem.VR) != "K":  # what deid changes
             category = f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}"
         else:
             continue
