@@ -421,8 +421,9 @@ def check_output_folder(out: Path, data: Path, checkpoint: Path) -> None:
     for what, folder in (("--data", data), ("--checkpoint", checkpoint)):
         if target.is_relative_to(os.path.abspath(folder)):
             raise InputError(f"--out {out}: is inside the {what} folder {folder}; give a folder of its own")
-    check_parent_creatable(out, f"--out {out}")
     check_parent_creatable(target.parent, f"--out {out}")  # the files are staged beside it, then moved in
+    if os.path.isdir(out):  # into a folder that holds other files they are moved one by one
+        check_parent_creatable(out, f"--out {out}")
 
 
 def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:
