@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from care_dataset import __version__, store
 from care_dataset.locking import LOCK_NAME, OutputLockedError, hold_output_lock
 from care_dataset.profiles import Profile
-from care_dataset.splits import CASE_SUFFIX_SEPARATOR, make_splits
+from care_dataset.splits import CASE_SUFFIX_SEPARATOR, make_splits, patient_of
 from care_dataset.staging import creation_problem
 
 RECORDS_DIR = "records"
@@ -152,8 +152,6 @@ def header_check(header: Any, patient_id: str, key: bytes) -> dict[str, str]:
 
 def identity_conflicts(records: list[dict]) -> list[str]:
     """One warning per patient prefix whose cases' headers disagree on patient name or birth date."""
-    from care_dataset.splits import patient_of
-
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(patient_of(record["case_id"]), []).append(record.get("header_check") or {})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,9 +247,6 @@ def test_an_output_behind_a_dangling_link_is_one_line(tmp_path, capsys):
 
 def _without_file_permission_override() -> list[str] | None:
     """A command prefix under which permissions apply: none for a user, setpriv without root's DAC override."""
-    import os
-    import shutil
-
     if os.geteuid() != 0:
         return []
     if shutil.which("setpriv") is None:
@@ -258,8 +257,6 @@ def _without_file_permission_override() -> list[str] | None:
 
 def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path, key_file):
     """Path.exists raises PermissionError there before Python 3.13; every check goes through os.path."""
-    import os
-
     prefix = _without_file_permission_override()
     if prefix is None:
         pytest.skip("running as root without setpriv: permissions cannot be made to apply")

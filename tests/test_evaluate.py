@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -322,10 +324,6 @@ def test_grid_titles_stay_inside_the_image(converted, tiny_checkpoint, tmp_path)
 def test_an_out_folder_whose_parent_is_not_writable_is_refused_before_any_work(converted, tiny_checkpoint,
                                                                                  tmp_path):
     """The files are staged beside --out and moved in, so its parent must take new files too."""
-    import os
-    import subprocess
-    import sys
-
     from test_cli import _without_file_permission_override
 
     prefix = _without_file_permission_override()

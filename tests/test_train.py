@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -432,9 +434,6 @@ def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
 def test_a_rank_fails_its_checks_before_joining_the_process_group(data_dir, tmp_path):
     """Rank 1 of 2 with an --out it cannot use: it stops at once (no wait for rank 0 in init_process_group) and
     leaves the message to rank 0, which fails the same check."""
-    import subprocess
-    import sys
-
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

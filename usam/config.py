@@ -138,7 +138,7 @@ class TrainConfig:
             (self.workers >= -1, f"workers must be >= 0, or -1 for automatic, got {self.workers}"),
             (self.num_classes == 0 or self.num_classes >= 2, f"num_classes must be 0 or >= 2, got {self.num_classes}"),
             (finite(*self.window), "window must be finite"),
-            (all(math.isfinite(float(w)) and float(w) >= 0 for w in self.class_weights),
+            (finite(*self.class_weights) and all(float(w) >= 0 for w in self.class_weights),
              f"class_weights must be finite and >= 0, got {self.class_weights}"),
         ]
         for ok, message in checks:
