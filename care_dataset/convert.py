@@ -33,7 +33,7 @@ from care_dataset import __version__, store
 from care_dataset.locking import LOCK_NAME, OutputLockedError, hold_output_lock
 from care_dataset.profiles import Profile
 from care_dataset.splits import CASE_SUFFIX_SEPARATOR, make_splits, patient_of
-from care_dataset.staging import creation_problem
+from care_dataset.files import creation_problem
 
 RECORDS_DIR = "records"
 CASE_SUFFIX_HEX = 6

@@ -52,7 +52,7 @@ from care_dataset.pseudonyms import (
     patient_identity,
     remap_uid,
 )
-from care_dataset.staging import creation_problem, make_staging_dir, previous_path, replace_folder
+from care_dataset.files import creation_problem, make_staging_dir, previous_path, replace_folder
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})

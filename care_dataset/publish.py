@@ -25,7 +25,7 @@ import numpy as np
 
 from care_dataset import __version__
 from care_dataset.hf import CONFIGS, SLICES, VOLUMES, slice_features, split_order, volume_features
-from care_dataset.staging import creation_problem
+from care_dataset.files import creation_problem
 from care_dataset.store import CareDataset, content_checksum, open_dataset
 
 DEFAULT_MAX_SHARD_MB = 400.0

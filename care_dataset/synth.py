@@ -36,7 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .staging import creation_problem, make_staging_dir
+from .files import creation_problem, make_staging_dir
 from .synth_phantom import phantom_volume
 
 __all__ = [

@@ -193,7 +193,7 @@ def test_usam_fit_errors_are_printed_by_the_main_rank_only(tmp_path, capsys, mon
 
 def _places_no_file_can_be_made(tmp_path: Path) -> list[tuple[Path, str]]:
     """(output path, reason expected): under a regular file, and under /proc where the OS refuses new files."""
-    from care_dataset.staging import creation_problem
+    from care_dataset.files import creation_problem
 
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
@@ -205,7 +205,7 @@ def _places_no_file_can_be_made(tmp_path: Path) -> list[tuple[Path, str]]:
 
 def test_every_command_refuses_an_output_where_no_file_can_be_made(raw, tmp_path, key_file, capsys):
     """One line naming the output and the reason, before any work, nothing written; each command asks the same
-    care_dataset.staging.creation_problem, which tries a file (os.access says yes to root on /proc)."""
+    care_dataset.files.creation_problem, which tries a file (os.access says yes to root on /proc)."""
     converted = tmp_path / "converted"
     assert convert_main([str(raw), str(converted), "--key-file", str(key_file), "--quiet"]) == 0
     commands = {

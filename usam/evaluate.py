@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from care_dataset.error_text import error_line
-from care_dataset.staging import make_staging_dir, replace_folder
+from care_dataset.files import make_staging_dir, replace_folder
 from usam.data import resize_labels
 from usam.metrics import (
     confusion_matrix,

@@ -39,7 +39,7 @@ from usam.prompts import (
     world_to_model,
 )
 from care_dataset.error_text import error_line
-from care_dataset.staging import creation_problem, make_staging_dir, replace_folder
+from care_dataset.files import creation_problem, make_staging_dir, replace_folder
 
 CANONICAL_ORIENTATION = "LPS"
 COORDINATE_KINDS = ("voxel", "itksnap", "world")

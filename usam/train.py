@@ -336,7 +336,7 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
     wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
     (:func:`remove_unfinished_run`, after every check).
     """
-    from care_dataset.staging import creation_problem
+    from care_dataset.files import creation_problem
 
     from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from care_dataset.error_text import error_line
-from care_dataset.staging import make_staging_dir, previous_path, replace_folder
+from care_dataset.files import make_staging_dir, previous_path, replace_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -1,11 +1,48 @@
-"""Staging folders for outputs written all or nothing: filled, then renamed into place (used by both packages)."""
+"""The one place for writing files all or nothing (used by both packages): atomic file writes, staging folders
+renamed into place, and "can files be created here?"."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+
+def temporary_path(path: Path) -> Path:
+    """The hidden temporary name beside `path` that `atomic_file` writes first: ``.<name>.tmp<suffixes>``, so a
+    writer that picks its format from the file name (SimpleITK, matplotlib) still finds it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block ends without error it is renamed onto
+    `path` in one step, otherwise removed. Readers never see a partly written `path`."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write `obj` as sorted, 2-space indented ASCII JSON with a final newline through `atomic_file`."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
 
 
 def make_staging_dir(parent: Path, prefix: str) -> Path:
