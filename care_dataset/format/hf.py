@@ -1,6 +1,6 @@
-"""Hugging Face side of CARE: the published features, folder detection, loading and Arrow rows -> arrays.
+"""The published folder's Hugging Face side: its features, folder detection, loading and Arrow rows -> arrays.
 
-A published folder (written by ``care_dataset.publish``) holds two configurations:
+A published folder (written by ``care-publish``) holds two configurations:
 
     slices   one row per stored axial slice: image (H, W) int16 HU, label (H, W) uint8, case_id,
              slice_index, spacing, label_classes (class values present in the slice, names in the feature)
@@ -8,7 +8,7 @@ A published folder (written by ``care_dataset.publish``) holds two configuration
 
 When every case has the same in-plane size the arrays are ``Array2D`` / ``Array3D`` features with that
 fixed shape; otherwise they are nested ``List`` features (same Parquet storage, same decoded arrays).
-``care_dataset.published.PublishedDataset`` reads a published folder with the interface of ``CareDataset``.
+``care_dataset.format.published.PublishedDataset`` reads a published folder with the interface of ``CareDataset``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SAMPLE_KEYS = ("image", "label", "case_id", "slice_index", "spacing")
 
 def _array_feature(ndim: int, shape: tuple[int, int] | None, dtype: str) -> Any:
     """Array2D/Array3D with fixed in-plane ``shape`` (first dim dynamic for 3-D), else nested lists."""
-    from datasets import Array2D, Array3D, List, Value
+    from datasets import Array2D, Array3D, List, Value  # deferred, as every datasets import here: 1 s to import
 
     if shape is not None:
         return Array2D(shape=tuple(shape), dtype=dtype) if ndim == 2 else Array3D(shape=(None, *shape), dtype=dtype)
@@ -104,7 +104,7 @@ def _nested_to_numpy(scalar: Any, dtype: type) -> np.ndarray:
 def storage_column(column: Any) -> Any:
     """An Arrow column with ``datasets``' extension types (Array2D, Array3D) replaced by their list storage,
     without a copy; reading the storage skips the per-access re-creation of the extension type."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred, as every pyarrow import here: 0.17 s to import, for published folders only
 
     chunks = [c.storage if isinstance(c, pa.ExtensionArray) else c for c in column.chunks]
     return pa.chunked_array(chunks, type=chunks[0].type if chunks else None)

@@ -6,7 +6,7 @@ is one Arrow row and a whole case one contiguous Arrow slice of the memory-mappe
 without the ``datasets`` formatters. Per-case metadata comes from ``metadata/cases.json`` (a byte copy of
 the converted folder's), checked against the rows; without it, from the Parquet columns.
 
-``open_any(path)`` opens either kind of folder: a :class:`~care_dataset.store.CareDataset` or a
+``open_any(path)`` opens either kind of folder: a :class:`~care_dataset.format.reader.CareDataset` or a
 :class:`PublishedDataset`.
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from care_dataset.error_text import error_line
-from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published, storage_column
-from care_dataset.store import CareDataset, SplitSlices, open_dataset
+from care_dataset.format.hf import (SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published,
+                                    storage_column)
+from care_dataset.format.reader import CareDataset, SplitSlices, open_dataset
 
 CONVERTED = "converted"
 PUBLISHED = "published"
@@ -53,7 +54,7 @@ def open_any(path: str | Path) -> CareDataset | PublishedDataset:
 
 def check_parquet_footers(root: Path) -> None:
     """Read the footer of every Parquet file under ``root``: a truncated or foreign file fails here, naming it."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred, as every pyarrow import here: 0.17 s to import, for published folders
 
     for file in sorted(root.rglob("*.parquet")):
         try:
@@ -76,7 +77,7 @@ class PublishedDataset(SplitSlices):
         if not is_published_folder(self.root):
             raise FileNotFoundError(f"{self.root.name or self.root}: not a published Hugging Face dataset folder")
         check_parquet_footers(self.root)
-        from datasets.exceptions import DatasetsError  # imported only here (slow import)
+        from datasets.exceptions import DatasetsError  # deferred: datasets takes 1 s to import
 
         try:
             slices = load_published(self.root, SLICES)

@@ -17,7 +17,6 @@ rerun rebuilds a case whose fingerprint differs and keeps the others.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime as dt
@@ -26,7 +25,6 @@ import hmac
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,21 +36,12 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
-from care_dataset import __version__
-from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.convert import case_id_for, drop_linked_cases, raw_fingerprint
-from care_dataset.io import RawCase
-from care_dataset.locking import hold_output_lock
-from care_dataset.pseudonyms import (
-    KeyMissingError,
-    add_key_arguments,
-    date_offset_days,
-    load_key,
-    make_case_id,
-    patient_identity,
-    remap_uid,
-)
-from care_dataset.files import creation_problem, make_staging_dir, previous_path, replace_folder
+from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
+from care_dataset.deid.pseudonyms import case_id_for, date_offset_days, make_case_id, patient_identity, remap_uid
+from care_dataset.files import (atomic_file, creation_problem, hold_output_lock, make_staging_dir, previous_path,
+                                replace_folder)
+from care_dataset.raw.discover import RawCase, drop_linked_cases, raw_fingerprint
+from care_dataset.version import __version__
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
@@ -327,12 +316,6 @@ def _scan_case(case_dir: Path) -> tuple[list[_Instance], set[str]]:
     return instances, identities
 
 
-def _write_atomic(ds: Dataset, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-
-
 def raw_case_tag(case_dir: Path, key: bytes) -> str:
     """Keyed hash of a raw case folder's resolved path: finds the earlier output of that very folder
     without naming it (two batches whose case folders share a name, such as 001, stay apart; a raw
@@ -408,7 +391,8 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
                     raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
                 _check_pixel_length(ds)
                 clean = anonymize_dataset(ds, ctx, in_place=True)
-                _write_atomic(clean, series_dir / f"{instance_index:05d}.dcm")
+                with atomic_file(series_dir / f"{instance_index:05d}.dcm") as tmp:
+                    clean.save_as(tmp, enforce_file_format=True)
         (tmp_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, sort_keys=True) + "\n", encoding="ascii")
         # an interruption leaves the old case, the new one, or the old one aside as .<case_id>.previous
         # (the next run removes it and rebuilds the case), never a mixture
@@ -484,40 +468,3 @@ def _earlier_outputs(out_dir: Path) -> dict[str, list[str]]:
         if stored is not None and isinstance(stored.get("raw_case"), str):
             earlier.setdefault(stored["raw_case"], []).append(folder.name)
     return earlier
-
-
-# --- command line (wired by care_dataset.cli) ------------------------------------------------
-
-def build_anonymize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.description = "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates)."
-    p.add_argument("raw", type=Path, help="folder with one sub-folder per case")
-    p.add_argument("out", type=Path, help="output folder: out/<case_id>/<series>/<instance>.dcm")
-    add_key_arguments(p)
-    p.add_argument("--allow-burned-in", action="store_true",
-                   help="also copy images flagged BurnedInAnnotation = YES (text may be burned into the pixels)")
-    return p
-
-
-def run_anonymize(args: argparse.Namespace) -> int:
-    """Exit code 0 when no case failed, 1 otherwise, 2 for a usage error."""
-    try:
-        key, reproducible = load_key(args.key_file, random_key=args.random_key)
-    except KeyMissingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not reproducible:
-        print("warning: random key: case IDs, UIDs and date offsets will not be reproducible", file=sys.stderr)
-    try:
-        results = anonymize_tree(args.raw, args.out, key, allow_burned_in=args.allow_burned_in)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for r in results:
-        if r["status"] == "failed":
-            print(f"FAILED {r['raw_folder']}: {r['reason']}", file=sys.stderr)
-        elif r["status"] == "skipped":
-            print(f"skipped {r['raw_folder']}: {r['reason']}", file=sys.stderr)
-    done = sum(r["status"] == "anonymized" for r in results)
-    failed = sum(r["status"] == "failed" for r in results)
-    print(f"{done} anonymized, {failed} failed, {len(results) - done - failed} skipped")
-    return 1 if failed else 0
