@@ -93,7 +93,7 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
 
 
 def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float) -> tuple[sitk.Image, pydicom.Dataset]:
-    from care_dataset.raw import dicom  # deferred: pydicom takes 0.25 s to import; volume-file cases never need it
+    from care_dataset.raw import dicom  # deferred: pydicom takes 0.25 s to import; volume files never need it
 
     try:
         return dicom.read_case_series(root, {p for p in skip if p is not None}, label_grid, tolerance)

@@ -235,35 +235,8 @@ def _convert_locked(raws: list[RawCase], raw_dir: Path, out_dir: Path, profile: 
                     progress: bool) -> tuple[list[CaseOutcome], list[tuple[str, str]], list[str], dict[str, Any]]:
     """The conversion proper, run while this process holds the output folder's lock."""
     _prepare_output(out_dir, storage)
-    existing = _load_records(out_dir)
-    settings = settings_digest(profile, storage)
-
-    outcomes: list[CaseOutcome | None] = [None] * len(raws)
-    jobs: list[tuple[int, CaseJob]] = []
-    for index, raw in enumerate(raws):
-        fingerprint = raw_fingerprint(raw, raw_dir, key)
-        record = existing.get(fingerprint)
-        if (record is not None and record.get("settings") == settings
-                and writer.case_exists(out_dir, storage, record["case_id"])):
-            entry = record["entry"]
-            reason = f"converted {entry['num_slices']} of {entry['canonical']['size'][2]} axial slices"
-            outcomes[index] = CaseOutcome(raw.key, record["case_id"], "converted", reason, record=record)
-        else:
-            jobs.append((index, CaseJob(raw, raw_dir, out_dir, profile, key, storage, fingerprint, settings)))
-
-    failures: list[tuple[str, str]] = []
-    with CasePool(workers if len(jobs) > 1 else 1) as pool:
-        writer.init_store(out_dir, storage)
-        with CaseProgress(len(raws), "care-convert", enabled=progress) as bar:
-            bar.advance(len(raws) - len(jobs))
-            for index, outcome in pool.run(jobs):
-                outcomes[index] = outcome
-                if outcome.status == "failed":
-                    failures.append((outcome.raw_name, outcome.reason))
-                    line = f"FAILED {outcome.raw_name}: {outcome.reason}"
-                    bar.print(line + (f" [{outcome.detail}]" if outcome.detail else ""))
-                bar.advance()
-
+    outcomes, jobs = _resumed_and_pending(raws, raw_dir, out_dir, profile, key, storage)
+    failures = _run_jobs(jobs, outcomes, out_dir, storage, workers, progress)
     _fail_duplicate_ids(outcomes, out_dir, storage, failures)
     done = [o for o in outcomes if o is not None and o.status == "converted"]
     warnings = identity_conflicts([o.record for o in done])
@@ -278,6 +251,46 @@ def _convert_locked(raws: list[RawCase], raw_dir: Path, out_dir: Path, profile: 
     for name in FINAL_FILES:
         write_json_atomic(out_dir / name, outputs[name])
     return outcomes, failures, warnings, outputs
+
+
+def _resumed_and_pending(raws: list[RawCase], raw_dir: Path, out_dir: Path, profile: Profile, key: bytes,
+                         storage: str) -> tuple[list[CaseOutcome | None], list[tuple[int, CaseJob]]]:
+    """Per raw case, the outcome of an earlier run whose record still holds (same inputs and settings, arrays
+    present), else None and a job to convert it; jobs come with the case's index in `raws`."""
+    existing = _load_records(out_dir)
+    settings = settings_digest(profile, storage)
+    outcomes: list[CaseOutcome | None] = [None] * len(raws)
+    jobs: list[tuple[int, CaseJob]] = []
+    for index, raw in enumerate(raws):
+        fingerprint = raw_fingerprint(raw, raw_dir, key)
+        record = existing.get(fingerprint)
+        if (record is not None and record.get("settings") == settings
+                and writer.case_exists(out_dir, storage, record["case_id"])):
+            entry = record["entry"]
+            reason = f"converted {entry['num_slices']} of {entry['canonical']['size'][2]} axial slices"
+            outcomes[index] = CaseOutcome(raw.key, record["case_id"], "converted", reason, record=record)
+        else:
+            jobs.append((index, CaseJob(raw, raw_dir, out_dir, profile, key, storage, fingerprint, settings)))
+    return outcomes, jobs
+
+
+def _run_jobs(jobs: list[tuple[int, CaseJob]], outcomes: list[CaseOutcome | None], out_dir: Path, storage: str,
+              workers: int, progress: bool) -> list[tuple[str, str]]:
+    """Convert the pending cases into `outcomes`, showing progress and failures; returns (raw folder, reason)
+    of each failed case."""
+    failures: list[tuple[str, str]] = []
+    with CasePool(workers if len(jobs) > 1 else 1) as pool:
+        writer.init_store(out_dir, storage)
+        with CaseProgress(len(outcomes), "care-convert", enabled=progress) as bar:
+            bar.advance(len(outcomes) - len(jobs))
+            for index, outcome in pool.run(jobs):
+                outcomes[index] = outcome
+                if outcome.status == "failed":
+                    failures.append((outcome.raw_name, outcome.reason))
+                    line = f"FAILED {outcome.raw_name}: {outcome.reason}"
+                    bar.print(line + (f" [{outcome.detail}]" if outcome.detail else ""))
+                bar.advance()
+    return failures
 
 
 def _fail_duplicate_ids(outcomes: list[CaseOutcome], out_dir: Path, storage: str,

@@ -346,6 +346,34 @@ def read_fingerprint(case_dir: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
+def _claim(case_id: str, taken_ids: set[str]) -> None:
+    """Add `case_id` to the IDs this run has given; DeidError when another raw case has it already."""
+    if case_id in taken_ids:
+        raise DeidError("another raw case received the same case ID; anonymize it with another key")
+    taken_ids.add(case_id)
+
+
+def _write_instances(folder: Path, instances: list[_Instance], ctx: DeidContext) -> None:
+    """The de-identified copies of `instances` as folder/<series>/<instance>.dcm: series numbered by
+    SeriesNumber, instances by InstanceNumber, ties broken by the new UIDs."""
+    series_uids = sorted({i.series_uid for i in instances},
+                         key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
+    for series_index, series_uid in enumerate(series_uids, start=1):
+        series_dir = folder / f"{series_index:03d}"
+        series_dir.mkdir()
+        members = sorted((i for i in instances if i.series_uid == series_uid),
+                         key=lambda i: (i.instance_number, ctx.uid(i.sop_uid)))
+        for instance_index, instance in enumerate(members, start=1):
+            try:
+                ds = pydicom.dcmread(instance.path)
+            except Exception as exc:
+                raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
+            _check_pixel_length(ds)
+            clean = anonymize_dataset(ds, ctx, in_place=True)
+            with atomic_file(series_dir / f"{instance_index:05d}.dcm") as tmp:
+                clean.save_as(tmp, enforce_file_format=True)
+
+
 def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
                    taken_ids: set[str] | None = None, raw_dir: Path | None = None) -> dict:
     """De-identify the DICOM files of one case into out_dir/<case_id>/ (all or nothing).
@@ -368,31 +396,14 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
         case_id = case_id_for(ctx.case_id, case_dir.name, key)
         result["case_id"] = case_id
         if taken_ids is not None:
-            if case_id in taken_ids:
-                raise DeidError("another raw case received the same case ID; anonymize it with another key")
-            taken_ids.add(case_id)
+            _claim(case_id, taken_ids)
         final_dir = out_dir / case_id
         fingerprint = case_fingerprint(case_dir, raw_dir or case_dir.parent, key)
         if final_dir.is_dir() and read_fingerprint(final_dir) == fingerprint:
             result.update(status="anonymized", reason="already present", files=len(instances))
             return result
-        series_uids = sorted({i.series_uid for i in instances},
-                             key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
         tmp_dir = make_staging_dir(out_dir, PARTIAL_PREFIX)
-        for series_index, series_uid in enumerate(series_uids, start=1):
-            series_dir = tmp_dir / f"{series_index:03d}"
-            series_dir.mkdir()
-            members = sorted((i for i in instances if i.series_uid == series_uid),
-                             key=lambda i: (i.instance_number, ctx.uid(i.sop_uid)))
-            for instance_index, instance in enumerate(members, start=1):
-                try:
-                    ds = pydicom.dcmread(instance.path)
-                except Exception as exc:
-                    raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
-                _check_pixel_length(ds)
-                clean = anonymize_dataset(ds, ctx, in_place=True)
-                with atomic_file(series_dir / f"{instance_index:05d}.dcm") as tmp:
-                    clean.save_as(tmp, enforce_file_format=True)
+        _write_instances(tmp_dir, instances, ctx)
         (tmp_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, sort_keys=True) + "\n", encoding="ascii")
         # an interruption leaves the old case, the new one, or the old one aside as .<case_id>.previous
         # (the next run removes it and rebuilds the case), never a mixture

@@ -1,7 +1,7 @@
 """Patient-level dataset splits, deterministic from a seed.
 
-Case IDs have the form ``<patient>-<suffix>`` (``care_dataset.deid.pseudonyms.case_id_for``): every case of one patient shares the
-prefix, so all of them land in the same split.
+Case IDs have the form ``<patient>-<suffix>`` (``care_dataset.deid.pseudonyms.case_id_for``): every case of one
+patient shares the prefix, so all of them land in the same split.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class CareSliceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: Any, split: str = "train", transform: Callable[[dict], Any] | None = None):
-        import datasets  # deferred: 1 s to import, for a loaded datasets.Dataset source only
+        import datasets  # deferred: datasets takes 1 s to import; needed for a datasets.Dataset source only
 
         self.split = split
         self.transform = transform

@@ -44,39 +44,20 @@ def publish(source: str | Path, output: str | Path, max_shard_mb: float = DEFAUL
     Returns {config: {split: SplitStats}}. Raises PublishError (one line, names the case) on bad input.
     """
     source, output = Path(source).resolve(), Path(output).resolve()
-    if max_shard_mb <= 0:
-        raise PublishError(f"--max-shard-mb must be positive, got {max_shard_mb}")
-    if output == source or source in output.parents:
-        raise PublishError("the output folder must be outside the converted folder")
-    if output.exists() and not overwrite:
-        raise PublishError(f"{output.name}: output folder exists; pass --overwrite to replace it")
-    if problem := creation_problem(output.parent):  # the folder is staged beside its final place
-        raise PublishError(f"output folder {output}: {problem}")
+    _check_options(source, output, max_shard_mb, overwrite)
     card = Path(card_path) if card_path else default_card_path()
     if not card.is_file():
         raise PublishError(f"dataset card {card.name} not found")
     dataset = open_dataset(source)
-    splits = [s for s in split_order(list(dataset.splits)) if dataset.case_ids(s)]
-    if not splits:
-        raise PublishError("the converted folder has no case in any split")
-    all_cases = [c for s in splits for c in dataset.case_ids(s)]
-    for case_id in all_cases:
-        if case_id not in dataset.cases:
-            raise PublishError(f"case {case_id}: listed in splits.json but missing from cases.json")
-    shape = common_inplane_shape(dataset, all_cases)
+    splits = _splits_to_publish(dataset)
+    shape = common_inplane_shape(dataset, [c for s in splits for c in dataset.case_ids(s)])
     features = {SLICES: slice_features(dataset.class_names, shape),
                 VOLUMES: volume_features(dataset.class_names, shape)}
-
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.publish-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        stats: dict[str, dict[str, SplitStats]] = {}
-        for config in CONFIGS:
-            (tmp / config).mkdir(parents=True)
-            schema = features[config].arrow_schema
-            stats[config] = {split: write_split(dataset, config, split, tmp / config, schema,
-                                                int(max_shard_mb * 2**20), progress) for split in splits}
+        stats = _write_shards(tmp, dataset, splits, features, int(max_shard_mb * 2**20), progress)
         (tmp / "metadata").mkdir()
         for name in METADATA_FILES:
             shutil.copyfile(source / name, tmp / "metadata" / name)
@@ -86,6 +67,40 @@ def publish(source: str | Path, output: str | Path, max_shard_mb: float = DEFAUL
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return stats
+
+
+def _check_options(source: Path, output: Path, max_shard_mb: float, overwrite: bool) -> None:
+    if max_shard_mb <= 0:
+        raise PublishError(f"--max-shard-mb must be positive, got {max_shard_mb}")
+    if output == source or source in output.parents:
+        raise PublishError("the output folder must be outside the converted folder")
+    if output.exists() and not overwrite:
+        raise PublishError(f"{output.name}: output folder exists; pass --overwrite to replace it")
+    if problem := creation_problem(output.parent):  # the folder is staged beside its final place
+        raise PublishError(f"output folder {output}: {problem}")
+
+
+def _splits_to_publish(dataset: CareDataset) -> list[str]:
+    """The splits holding cases, in publishing order; PublishError when none does or a case lacks its entry."""
+    splits = [s for s in split_order(list(dataset.splits)) if dataset.case_ids(s)]
+    if not splits:
+        raise PublishError("the converted folder has no case in any split")
+    for case_id in (c for s in splits for c in dataset.case_ids(s)):
+        if case_id not in dataset.cases:
+            raise PublishError(f"case {case_id}: listed in splits.json but missing from cases.json")
+    return splits
+
+
+def _write_shards(folder: Path, dataset: CareDataset, splits: list[str], features: dict[str, Any], max_bytes: int,
+                  progress: Any) -> dict[str, dict[str, SplitStats]]:
+    """The Parquet shards of every configuration and split under `folder`/<config>/."""
+    stats: dict[str, dict[str, SplitStats]] = {}
+    for config in CONFIGS:
+        (folder / config).mkdir(parents=True)
+        schema = features[config].arrow_schema
+        stats[config] = {split: write_split(dataset, config, split, folder / config, schema, max_bytes, progress)
+                         for split in splits}
     return stats
 
 

@@ -36,7 +36,7 @@ def check_nifti(path: str | os.PathLike) -> None:
     """Raise NiftiError if the voxel data is shorter than the header says, or if the qform and sform
     place the volume differently. Reads the header and, for a gzipped file, its last 4 bytes (the stream
     is decompressed only when those do not give the expected size)."""
-    import nibabel as nib  # deferred: importing nibabel imports pydicom (0.5 s), needed for NIfTI files only
+    import nibabel as nib  # deferred: nibabel imports pydicom (0.5 s); other volume files never need it
 
     path = Path(path)
     try:
