@@ -13,6 +13,9 @@ from care_dataset.convert.progress import stdout_console
 
 @dataclass
 class ConvertSummary:
+    """What ``convert_dataset`` returns: counts per split and outcome, report.json's entries, and the lines
+    only the operator's terminal may show."""
+
     out_dir: Path
     storage: str
     class_names: list[str]

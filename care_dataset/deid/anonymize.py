@@ -1,7 +1,7 @@
 """DICOM de-identification (PS3.15 Annex E Basic Profile + Modified Dates Option).
 
 Case IDs, remapped UIDs and the per-patient date offset all come from the secret key through
-:mod:`care_dataset.pseudonyms`.
+:mod:`care_dataset.deid.pseudonyms`.
 
 `care-anonymize raw/ anon/` writes anon/<case_id>/<series>/<instance>.dcm (three- and five-digit
 indices ordered by SeriesNumber and InstanceNumber, then new UID). The case ID is care-convert's:

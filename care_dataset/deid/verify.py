@@ -2,7 +2,7 @@
 
 Values collected from raw/:
 - DICOM headers (DICOMDIR included): every value of an attribute whose Annex E action under the
-  Modified Dates Option is not "keep" (as care_dataset.annex_e resolves it), every free-text
+  Modified Dates Option is not "keep" (as care_dataset.deid.annex_e resolves it), every free-text
   value (LT, ST, UT) and every text value of an overlay group (60xx), whatever the table says,
   at any sequence depth, and every string value of a private tag (UN values too when they decode
   to printable latin-1 text). Only text VRs count (CS code strings and binary numbers are not

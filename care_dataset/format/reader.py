@@ -13,7 +13,7 @@ from care_dataset.format.layout import EMPTY_CHUNK, FORMAT_NAME, FORMAT_VERSION,
 
 class SplitSlices:
     """One numbering of the stored slices of a split's cases, in split order: what a reader of cases offers
-    as a flat slice dataset (`CareDataset` and `care_dataset.published.PublishedDataset`).
+    as a flat slice dataset (`CareDataset` and `care_dataset.format.published.PublishedDataset`).
 
     A reader defines ``cases`` (per case ``num_slices``, ``kept_slices``, ``spacing``),
     ``_ordered_ids(split)`` (the split's case IDs, all of them sorted for ``None``), ``read_slice`` and an
