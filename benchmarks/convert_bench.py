@@ -33,12 +33,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from care_dataset import store, synth, synth_phantom
-from care_dataset.convert import keep_freed_buffers
-from care_dataset.io import discover_cases, load_case
-from care_dataset.profiles import load_profile
+from care_dataset.format import writer
+from care_dataset.synth import phantom as synth_phantom
+from care_dataset.synth import raw_export as synth
+from care_dataset.convert.pool import keep_freed_buffers
+from care_dataset.convert.case import load_case
+from care_dataset.raw.discover import discover_cases
+from care_dataset.raw.profiles import load_profile
 
-CODEC = store.shard_codec()  # the converter's own
+CODEC = writer.shard_codec()  # the converter's own
 
 
 def folder_bytes(path: Path) -> int:
@@ -136,9 +139,10 @@ def convert_cli(raw: Path, out: Path, profile: str, workers: int, key: Path) -> 
 IMPORTS_DONE_THEN_CONVERT = """
 import sys, time
 from pathlib import Path
-import numcodecs, care_dataset.io_dicom  # what the floor's process has imported too
-from care_dataset.convert import convert_dataset, keep_freed_buffers
-from care_dataset.profiles import load_profile
+import numcodecs, care_dataset.raw.dicom  # what the floor's process has imported too
+from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.convert.pool import keep_freed_buffers
+from care_dataset.raw.profiles import load_profile
 raw, out, profile, workers, key = sys.argv[1:]
 keep_freed_buffers()  # as the care-convert command does
 start = time.perf_counter()

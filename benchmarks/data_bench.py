@@ -19,21 +19,22 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from care_dataset import store
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset import files
+from care_dataset.format import layout, reader, writer
+from care_dataset.synth.phantom import phantom_volume
 from usam.data import DEFAULT_WINDOW, Augmentation, SliceDataset, window_normalize
 from usam.prompts import sample_points
 
 
-def make_data(root: Path, cases: int, slices: int, size: int) -> tuple[store.CareDataset, list[Path]]:
+def make_data(root: Path, cases: int, slices: int, size: int) -> tuple[reader.CareDataset, list[Path]]:
     """Synthetic phantoms as zarr shards (ours) and as one .npz per slice (baseline)."""
-    store.init_store(root, "zarr")
+    writer.init_store(root, "zarr")
     npz_files, case_table = [], {}
     for c in range(cases):
         hu, label = phantom_volume((slices, size, size), (5.0, 400 / size, 400 / size), np.random.default_rng(c),
                                    tumour=True)
         case_id = f"P{c:03d}_a"
-        store.write_case(root, "zarr", case_id, hu, label)
+        writer.write_case(root, "zarr", case_id, hu, label)
         case_table[case_id] = {"split": "train", "num_slices": slices, "kept_slices": list(range(slices)),
                                "spacing": [1.0, 1.0, 5.0]}
         for s in range(slices):
@@ -41,11 +42,11 @@ def make_data(root: Path, cases: int, slices: int, size: int) -> tuple[store.Car
             path.parent.mkdir(exist_ok=True)
             np.savez_compressed(path, image=hu[s], label=label[s])
             npz_files.append(path)
-    store.write_json_atomic(root / "dataset.json", {"format": store.FORMAT_NAME, "format_version": "1.0",
+    files.write_json_atomic(root / "dataset.json", {"format": layout.FORMAT_NAME, "format_version": "1.0",
                                                     "storage": "zarr", "classes": ["bg", "rectum", "tumor"]})
-    store.write_json_atomic(root / "splits.json", {"train": sorted(case_table)})
-    store.write_json_atomic(root / "cases.json", case_table)
-    return store.open_dataset(root), npz_files
+    files.write_json_atomic(root / "splits.json", {"train": sorted(case_table)})
+    files.write_json_atomic(root / "cases.json", case_table)
+    return reader.open_dataset(root), npz_files
 
 
 def baseline_sample(path: Path, rng: np.random.Generator, size: int = 224, k: int = 3) -> dict:

@@ -1,7 +1,7 @@
 """Reading one DICOM series to int16 HU: pydicom's decoder (what care-convert uses for uncompressed series)
 against SimpleITK's series reader (GDCM), on the same scanned series, alternating, in one process.
 
-Both start from ``care_dataset.io_dicom.scan_dicom`` (the header scan care-convert does anyway) and return the
+Both start from ``care_dataset.raw.dicom.scan_dicom`` (the header scan care-convert does anyway) and return the
 same voxels; the script checks that before timing. Prints CPU milliseconds per slice, best of --repeats rounds.
 
     python benchmarks/dicom_read_bench.py [--cases 4] [--slices 100] [--repeats 3] [--workdir DIR]
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from care_dataset import io_dicom, synth
-from care_dataset.io import discover_cases
-from care_dataset.profiles import load_profile
+from care_dataset.raw import dicom as io_dicom
+from care_dataset.synth import raw_export as synth
+from care_dataset.raw.discover import discover_cases
+from care_dataset.raw.profiles import load_profile
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ images/s and the fraction of step time spent waiting for data, with the real Dat
     python benchmarks/fit_probe.py --model usam_tiny --batch-size 4 --steps 6 --workers 1  # CPU smoke run
 
 Data: CASES cases of SLICES x 512 x 512 written as zarr shards per docs/format.md, each holding the labelled
-slices of one phantom (care_dataset.synth_phantom) repeated: a probe measures throughput, so the cases need not
+slices of one phantom (care_dataset.synth.phantom) repeated: a probe measures throughput, so the cases need not
 differ. By default SLICES is chosen so that one epoch outlasts --steps: a window that starts an epoch waits for
 the workers' first batches and ends with a validation and a checkpoint, which a real run of hundreds of steps per
 epoch amortises. The first logging window (start-up, compilation, worker spawn) is left out of the figures.
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from care_dataset import store
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset import files
+from care_dataset.format import layout, writer
+from care_dataset.synth.phantom import phantom_volume
 from usam.config import build_config
 from usam.train import train
 
@@ -35,17 +36,17 @@ def synthetic_shards(root: Path, cases: int, slices: int, size: int = 512) -> Pa
     labelled = np.flatnonzero(label.reshape(len(label), -1).max(1) > 0)
     repeated = np.resize(labelled, slices)
     hu, label = np.ascontiguousarray(hu[repeated]), np.ascontiguousarray(label[repeated])
-    checksum = store.content_checksum(hu, label)
-    store.init_store(root, "zarr")
+    checksum = layout.content_checksum(hu, label)
+    writer.init_store(root, "zarr")
     ids = [f"care_{c:012x}-000000" for c in range(cases)]
     for case_id in ids:
-        store.write_case(root, "zarr", case_id, hu, label)
+        writer.write_case(root, "zarr", case_id, hu, label)
     records = {case_id: {"num_slices": slices, "kept_slices": list(range(slices)), "spacing": [0.8, 0.8, 2.5],
                          "split": "train"} for case_id in ids}
-    store.write_json_atomic(root / "cases.json", records)
-    store.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": ids, "test": []})
-    store.write_json_atomic(root / "dataset.json", {
-        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": "zarr",
+    files.write_json_atomic(root / "cases.json", records)
+    files.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": ids, "test": []})
+    files.write_json_atomic(root / "dataset.json", {
+        "format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": "zarr",
         "classes": ["background", "normal rectum", "tumor"],
         "checksums": {"cases": dict.fromkeys(ids, checksum), "all": ""}})
     return root

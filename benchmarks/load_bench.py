@@ -24,7 +24,7 @@ import numpy as np
 def make_case(rng: np.random.Generator, slices: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case: image (slices, size, size) int16 HU, label uint8."""
     try:
-        from care_dataset.synth_phantom import phantom_volume
+        from care_dataset.synth.phantom import phantom_volume
 
         return phantom_volume((slices, size, size), (2.5, 0.8, 0.8), rng)
     except ImportError:  # smooth random data when the phantom is not available
@@ -36,26 +36,27 @@ def make_case(rng: np.random.Generator, slices: int, size: int) -> tuple[np.ndar
 
 def write_converted(root: Path, storage: str, cases: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     """A converted folder (docs/format.md) holding ``cases``; every case in split ``train``."""
-    from care_dataset import store
+    from care_dataset.files import write_json_atomic
+    from care_dataset.format import layout, writer
 
-    store.init_store(root, storage)
+    writer.init_store(root, storage)
     records = {}
     for case_id, (image, label) in cases.items():
-        store.write_case(root, storage, case_id, image, label)
+        writer.write_case(root, storage, case_id, image, label)
         n, h, w = image.shape
         canonical = {"size": [w, h, n], "spacing": [0.8, 0.8, 2.5], "origin": [0.0, 0.0, 0.0],
                      "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
         records[case_id] = {"split": "train", "num_slices": n, "kept_slices": list(range(n)),
                             "canonical": canonical, "spacing": canonical["spacing"],
                             "original": {**canonical, "orientation": "LPS"},
-                            "checksum": store.content_checksum(image, label)}
+                            "checksum": layout.content_checksum(image, label)}
     classes = ["background", "normal rectum", "tumor"]
-    store.write_json_atomic(root / "dataset.json", {
-        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+    write_json_atomic(root / "dataset.json", {
+        "format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": storage,
         "classes": classes, "profile": {"name": "benchmark"}, "key_reproducible": True,
         "checksums": {"cases": {c: r["checksum"] for c, r in records.items()}}})
-    store.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": sorted(cases)})
-    store.write_json_atomic(root / "cases.json", records)
+    write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": sorted(cases)})
+    write_json_atomic(root / "cases.json", records)
     return root
 
 
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from care_dataset.hf import SAMPLE_KEYS
-        from care_dataset.publish import publish
-        from care_dataset.torch_dataset import CareSliceDataset
+        from care_dataset.format.hf import SAMPLE_KEYS
+        from care_dataset.publish.job import publish
+        from care_dataset.format.torch_dataset import CareSliceDataset
 
         datasets.disable_progress_bars()
         console = Console(width=120)

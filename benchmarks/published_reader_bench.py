@@ -1,4 +1,4 @@
-"""Reading a published Hugging Face folder: care_dataset.published.PublishedDataset against the plain `datasets`
+"""Reading a published Hugging Face folder: care_dataset.format.published.PublishedDataset against the plain `datasets`
 numpy formatter (the way usam read published folders until the fifth session: rows of the `slices`
 configuration through `with_format("numpy")`, whole cases from the `volumes` configuration), with CareDataset
 on the converted folder it was published from for reference. Same process, same random picks; every reader's
@@ -81,8 +81,8 @@ def main() -> None:
     from test_publish import make_converted
 
     from care_dataset import open_any, open_dataset
-    from care_dataset.hf import SLICES, VOLUMES, load_published
-    from care_dataset.publish import publish
+    from care_dataset.format.hf import SLICES, VOLUMES, load_published
+    from care_dataset.publish.job import publish
 
     shapes = [(args.slices, args.size, args.size)] * (args.cases + 1)  # the last case is the test split
     source = make_converted(work / "converted", "zarr", shapes, seed=0)

@@ -1,7 +1,8 @@
 """Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish.
 
 Each entry point returns the process exit code: 0 success, 1 when some case failed (or a leak was found),
-2 for a usage error. Modules other than ``convert`` are imported only when their command runs.
+2 for a usage error. Every command's parser is built here with ``_parser``; the modules a command other than
+care-convert runs are imported when it runs (they import pydicom, datasets or pyarrow, slow to import).
 """
 
 from __future__ import annotations
@@ -9,6 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from care_dataset.convert.pipeline import (ConvertError, OutputBusyError, OutputNotWritableError, check_paths,
+                                           convert_dataset)
+from care_dataset.convert.pool import keep_freed_buffers
+from care_dataset.convert.progress import stderr_console, terminal_progress
+from care_dataset.convert.summary import print_summary
+from care_dataset.deid.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
+from care_dataset.format.reader import open_dataset
+from care_dataset.publish.errors import PublishError
+from care_dataset.raw.profiles import ProfileError, available_profiles, load_profile
 
 
 def _exit_code(value: object) -> int:
@@ -23,17 +38,35 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, run) -> int:
     return _exit_code(run(args))
 
 
+def _parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    """The usage text and ``<prog>: error: <message>`` on stderr; exit code 2."""
+    parser.print_usage(sys.stderr)
+    return _error(parser, message)
+
+
+def _error(parser: argparse.ArgumentParser, message: str) -> int:
+    """``<prog>: error: <message>`` on stderr, without usage text (not a mistake in the command line); 2."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def add_key_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", type=Path, default=None,
+                   help=f"file holding the secret pseudonym key (else the {KEY_ENV_VAR} environment variable)")
+    p.add_argument("--random-key", action="store_true",
+                   help="use a random key: case IDs will differ on every run")
+
+
 # --- care-convert -------------------------------------------------------------------------------------------
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
-    from care_dataset.pseudonyms import add_key_arguments
-    from care_dataset.profiles import available_profiles
-
-    p = argparse.ArgumentParser(
-        prog="care-convert",
-        description="Convert raw CT case folders into a de-identified, slice-filtered, patient-split dataset.",
-    )
+    p = _parser("care-convert",
+                "Convert raw CT case folders into a de-identified, slice-filtered, patient-split dataset.")
     p.add_argument("raw", type=Path, help="folder with one sub-folder per case (or the profile's paired layout)")
     p.add_argument("out", type=Path, help="output folder (created; an interrupted conversion here is resumed)")
     p.add_argument("--profile", default="care",
@@ -56,33 +89,21 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_process: bool = False) -> int:
-    from care_dataset.convert import (ConvertError, OutputBusyError, OutputNotWritableError, check_paths,
-                                      convert_dataset, keep_freed_buffers)
-    from care_dataset.pseudonyms import KeyMissingError, load_key
-    from care_dataset.profiles import ProfileError, load_profile
-    from care_dataset.progress import print_summary, stderr_console
-
-    def usage_error(message: str) -> int:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return 2
-
     if args.workers < 1:
-        return usage_error(f"--workers must be at least 1, got {args.workers}")
+        return _usage_error(parser, f"--workers must be at least 1, got {args.workers}")
     if args.seed < 0:
-        return usage_error(f"--seed must be a non-negative integer, got {args.seed}")
+        return _usage_error(parser, f"--seed must be a non-negative integer, got {args.seed}")
     try:
         profile = load_profile(args.profile)
     except ProfileError as err:
-        return usage_error(str(err))
+        return _usage_error(parser, str(err))
     try:
         check_paths(args.raw, args.out, args.private_map)
         key, reproducible = load_key(args.key_file, random_key=args.random_key)
     except OutputNotWritableError as err:  # one line, no usage text
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return _error(parser, str(err))
     except (ConvertError, KeyMissingError) as err:
-        return usage_error(str(err))
+        return _usage_error(parser, str(err))
     if not reproducible:
         stderr_console().print("warning: --random-key: case IDs will not be reproducible; "
                                "a later run cannot give the same patients the same IDs", style="yellow")
@@ -93,13 +114,11 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
                                   storage=args.storage, workers=args.workers, private_map=args.private_map,
                                   progress=not args.quiet)
     except (OutputBusyError, OutputNotWritableError) as err:  # not a usage mistake: one line, no usage text
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return _error(parser, str(err))
     except ConvertError as err:
-        return usage_error(str(err))
+        return _usage_error(parser, str(err))
     except OSError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+        return _error(parser, str(err))
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to finish the conversion", file=sys.stderr)
         return 130
@@ -108,57 +127,185 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
     return 0 if summary.all_converted else 1
 
 
-# --- thin wrappers ----------------------------------------------------------------------------------------
+# --- care-anonymize -----------------------------------------------------------------------------------------
+
+
+def build_anonymize_parser() -> argparse.ArgumentParser:
+    p = _parser("care-anonymize",
+                "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates).")
+    p.add_argument("raw", type=Path, help="folder with one sub-folder per case")
+    p.add_argument("out", type=Path, help="output folder: out/<case_id>/<series>/<instance>.dcm")
+    add_key_arguments(p)
+    p.add_argument("--allow-burned-in", action="store_true",
+                   help="also copy images flagged BurnedInAnnotation = YES (text may be burned into the pixels)")
+    return p
 
 
 def anonymize_main(argv: list[str] | None = None) -> int:
-    from care_dataset import deid
+    return _run(build_anonymize_parser(), argv, run_anonymize)
 
-    parser = deid.build_anonymize_parser(argparse.ArgumentParser(prog="care-anonymize"))
-    return _run(parser, argv, deid.run_anonymize)
+
+def run_anonymize(args: argparse.Namespace) -> int:
+    """Exit code 0 when no case failed, 1 otherwise, 2 for a usage error."""
+    from care_dataset.deid.anonymize import anonymize_tree  # deferred: pydicom takes 0.25 s to import
+
+    try:
+        key, reproducible = load_key(args.key_file, random_key=args.random_key)
+    except KeyMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not reproducible:
+        print("warning: random key: case IDs, UIDs and date offsets will not be reproducible", file=sys.stderr)
+    try:
+        results = anonymize_tree(args.raw, args.out, key, allow_burned_in=args.allow_burned_in)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        if r["status"] == "failed":
+            print(f"FAILED {r['raw_folder']}: {r['reason']}", file=sys.stderr)
+        elif r["status"] == "skipped":
+            print(f"skipped {r['raw_folder']}: {r['reason']}", file=sys.stderr)
+    done = sum(r["status"] == "anonymized" for r in results)
+    failed = sum(r["status"] == "failed" for r in results)
+    print(f"{done} anonymized, {failed} failed, {len(results) - done - failed} skipped")
+    return 1 if failed else 0
+
+
+# --- care-synth ---------------------------------------------------------------------------------------------
+
+
+def build_synth_parser() -> argparse.ArgumentParser:
+    p = _parser("care-synth", "Write a synthetic CARE-like raw dataset.")
+    p.add_argument("out_dir", type=Path, help="folder to write the raw cases into")
+    p.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    p.add_argument("--size", type=int, default=512, help="in-plane pixels per side (default 512)")
+    p.add_argument("--slices", type=int, default=None, help="slices per case (default: 60-120, varied)")
+    p.add_argument("--no-messy", dest="messy", action="store_false",
+                   help="no localizers, extra series, compression or odd layouts")
+    return p
 
 
 def synth_main(argv: list[str] | None = None) -> int:
-    from care_dataset import synth
-    from care_dataset.progress import terminal_progress
+    parser = build_synth_parser()
+    return _run(parser, argv, lambda args: run_synth(parser, args))
 
-    parser = argparse.ArgumentParser(prog="care-synth", description="Write a synthetic CARE-like raw dataset.")
-    parser = synth.build_parser(parser) or parser
 
-    def run(args: argparse.Namespace) -> int:
-        bar = terminal_progress()
-        try:
-            if bar is None:
-                written = synth.run_from_args(args)
-            else:
-                with bar:
-                    written = synth.run_from_args(args, progress=bar)
-        except ValueError as err:
-            parser.print_usage(sys.stderr)
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
-            return 2
-        except OSError as err:  # where the output goes, not how the command was typed: no usage text
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
-            return 2
-        print(f"wrote {len(written)} raw cases to {args.out_dir}")
-        return 0
+def run_synth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from care_dataset.synth.raw_export import write_raw_dataset  # deferred: pydicom takes 0.25 s to import
 
-    return _run(parser, argv, run)
+    def write(progress: Progress | None = None) -> list[Path]:
+        return write_raw_dataset(args.out_dir, args.cases, args.seed, size=args.size, slices=args.slices,
+                                 messy=args.messy, progress=progress)
+
+    bar = terminal_progress()
+    try:
+        if bar is None:
+            written = write()
+        else:
+            with bar:
+                written = write(bar)
+    except ValueError as err:
+        return _usage_error(parser, str(err))
+    except OSError as err:  # where the output goes, not how the command was typed: no usage text
+        return _error(parser, str(err))
+    print(f"wrote {len(written)} raw cases to {args.out_dir}")
+    return 0
+
+
+# --- care-verify --------------------------------------------------------------------------------------------
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = _parser("care-verify", "Scan an output tree for identifying values from the raw tree; exit 1 on any leak.")
+    p.add_argument("out", type=Path, help="output folder to scan (every file and path name)")
+    p.add_argument("--raw", type=Path, required=True, help="raw folder the output was made from")
+    return p
 
 
 def verify_main(argv: list[str] | None = None) -> int:
-    from care_dataset import verify
+    return _run(build_verify_parser(), argv, run_verify)
 
-    parser = verify.build_verify_parser(argparse.ArgumentParser(prog="care-verify"))
-    return _run(parser, argv, verify.run_verify)
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Exit code 0 when clean, 1 on a leak, 2 for a usage error. Values are printed masked."""
+    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks  # deferred: pydicom, 0.25 s
+
+    out_dir, raw_dir = Path(args.out), Path(args.raw)
+    for folder in (out_dir, raw_dir):
+        if not folder.is_dir():
+            print(f"error: folder not found: {folder}", file=sys.stderr)
+            return 2
+    values = collect_identifying_values(raw_dir)
+    leaks = scan_for_leaks(out_dir, values)
+    for leak in leaks:
+        print(leak.line())
+    n_files = len({leak.path for leak in leaks})
+    if leaks:
+        print(f"{len(leaks)} leak(s) in {n_files} path(s) under {out_dir} "
+              f"({len(values)} identifying values searched)", file=sys.stderr)
+        return 1
+    print(f"no leak: {len(values)} identifying values searched under {out_dir}")
+    return 0
+
+
+# --- care-publish -------------------------------------------------------------------------------------------
+
+
+def build_publish_parser() -> argparse.ArgumentParser:
+    from care_dataset.publish.job import DEFAULT_MAX_SHARD_MB  # deferred: datasets takes 1 s to import
+
+    p = _parser("care-publish")
+    p.add_argument("source", type=Path, help="converted CARE folder (written by care-convert)")
+    p.add_argument("output", type=Path, help="Hugging Face dataset folder to write")
+    p.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_MB,
+                   help="approximate upper size of one Parquet shard in MiB (default %(default)s)")
+    p.add_argument("--card", type=Path, default=None, help="dataset card template (default: DATASET_CARD.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--push", metavar="REPO_ID", default=None,
+                   help="upload to this Hugging Face dataset repository (needs a token: `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private (with --push)")
+    return p
 
 
 def publish_main(argv: list[str] | None = None) -> int:
-    from care_dataset import publish
+    return _run(build_publish_parser(), argv, run_publish)
 
-    parser = argparse.ArgumentParser(prog="care-publish")
-    publish.add_arguments(parser)
-    return _run(parser, argv, publish.run)
+
+def run_publish(args: argparse.Namespace) -> int:
+    from care_dataset.publish.job import publish, push  # deferred: datasets takes 1 s to import
+
+    console = Console(stderr=True)
+    try:
+        dataset = open_dataset(args.source)
+        total = 2 * sum(len(dataset.case_ids(s)) for s in dataset.splits)
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("publishing cases", total=total)
+            stats = publish(args.source, args.output, args.max_shard_mb, args.card, args.overwrite,
+                            progress=lambda: bar.advance(task))
+        url = push(args.output, args.push, args.private) if args.push else None
+    except (PublishError, OSError, KeyError, ValueError, TypeError) as err:
+        print(f"care-publish: {err}", file=sys.stderr)  # not through rich: it would wrap the line
+        return 1
+    Console().print(_published_table(args.output.name, stats))
+    if url:
+        Console().print(f"pushed to {url}", markup=False, soft_wrap=True)
+    return 0
+
+
+def _published_table(name: str, stats: dict) -> Table:
+    """Rows, files and bytes per configuration and split of a published folder."""
+    from care_dataset.publish.card import human_bytes  # deferred: datasets takes 1 s to import
+
+    table = Table(title=f"published {name}")
+    for column in ("config", "split", "rows", "files", "bytes"):
+        table.add_column(column, justify="left" if column in ("config", "split") else "right")
+    for config, by_split in stats.items():
+        for split, s in by_split.items():
+            table.add_row(config, split, str(s.num_examples), str(len(s.files)),
+                          human_bytes(sum(f.num_bytes for f in s.files)))
+    return table
 
 
 if __name__ == "__main__":  # pragma: no cover

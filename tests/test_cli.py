@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from care_dataset import store
+from care_dataset.format import reader
 from care_dataset.cli import anonymize_main, convert_main, publish_main, synth_main, verify_main
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset.synth.phantom import phantom_volume
 from usam.cli import main as usam_main
 
 
@@ -109,7 +109,7 @@ def test_random_key_warns_and_marks_ids_unreproducible(raw, tmp_path, capsys):
     assert convert_main([str(raw), str(tmp_path / "a"), "--random-key", "--quiet"]) == 0
     assert "not be reproducible" in error_of(capsys)
     assert convert_main([str(raw), str(tmp_path / "b"), "--random-key", "--quiet"]) == 0
-    a, b = store.open_dataset(tmp_path / "a"), store.open_dataset(tmp_path / "b")
+    a, b = reader.open_dataset(tmp_path / "a"), reader.open_dataset(tmp_path / "b")
     assert a.manifest["key_reproducible"] is False
     assert len(a.case_ids()) == 2 and not set(a.case_ids()) & set(b.case_ids())
 
@@ -118,7 +118,7 @@ def test_key_from_environment(raw, tmp_path, key_file, monkeypatch):
     assert convert_main([str(raw), str(tmp_path / "a"), "--key-file", str(key_file), "--quiet"]) == 0
     monkeypatch.setenv("CARE_DEID_KEY", "cli-test-key")
     assert convert_main([str(raw), str(tmp_path / "b"), "--quiet"]) == 0
-    a, b = store.open_dataset(tmp_path / "a"), store.open_dataset(tmp_path / "b")
+    a, b = reader.open_dataset(tmp_path / "a"), reader.open_dataset(tmp_path / "b")
     assert a.case_ids() == b.case_ids() and a.manifest["key_reproducible"] is True
 
 
@@ -133,7 +133,7 @@ def test_summary_table_and_exit_code_1_on_a_failed_case(raw, tmp_path, key_file,
     assert len(failed_lines) == 1 and "case1" in failed_lines[0]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sorted(r["status"] for r in report) == ["converted", "failed"]
-    assert store.open_dataset(tmp_path / "out").storage == "h5"
+    assert reader.open_dataset(tmp_path / "out").storage == "h5"
 
 
 def test_format_change_in_a_finished_folder_is_refused(raw, tmp_path, key_file, capsys):
@@ -152,8 +152,8 @@ def test_console_script_is_installed(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-@pytest.mark.parametrize("entry, module", [(anonymize_main, "deid"), (synth_main, "synth"),
-                                           (verify_main, "verify"), (publish_main, "publish")])
+@pytest.mark.parametrize("entry, module", [(anonymize_main, "deid.anonymize"), (synth_main, "synth.raw_export"),
+                                           (verify_main, "deid.verify"), (publish_main, "publish.job")])
 def test_wrappers_parse_their_own_arguments(entry, module, capsys):
     if importlib.util.find_spec(f"care_dataset.{module}") is None:
         pytest.skip(f"care_dataset.{module} not available yet")
@@ -163,7 +163,7 @@ def test_wrappers_parse_their_own_arguments(entry, module, capsys):
 
 
 def test_care_synth_writes_cases_and_refuses_a_foreign_folder(tmp_path, capsys):
-    if importlib.util.find_spec("care_dataset.synth") is None:
+    if importlib.util.find_spec("care_dataset.synth.raw_export") is None:
         pytest.skip("care_dataset.synth not available yet")
     out = tmp_path / "raw"
     assert synth_main([str(out), "--cases", "2", "--size", "64", "--slices", "8", "--no-messy"]) == 0

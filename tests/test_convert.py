@@ -16,11 +16,12 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from care_dataset import store
-from care_dataset.convert import convert_dataset, to_original_grid
-from care_dataset.profiles import load_profile
-from care_dataset.splits import patient_of
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.convert.regrid import to_original_grid
+from care_dataset.deid.pseudonyms import patient_of
+from care_dataset.format import layout, reader
+from care_dataset.raw.profiles import load_profile
+from care_dataset.synth.phantom import phantom_volume
 from ct_instances import new_ct_instance
 
 KEY = b"test-key-not-secret"
@@ -143,7 +144,7 @@ def json_files(out: Path) -> dict[str, bytes]:
 
 
 def all_arrays(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    ds = store.open_dataset(out)
+    ds = reader.open_dataset(out)
     return {c: ds.read_case(c) for c in ds.case_ids()}
 
 
@@ -159,7 +160,7 @@ def assert_same_dataset(a: Path, b: Path) -> None:
 def test_zarr_and_h5_hold_equal_arrays_and_checksums(converted):
     (zarr_out, zarr_summary), (h5_out, h5_summary) = converted["zarr"], converted["h5"]
     assert zarr_summary.converted == h5_summary.converted == 5 and zarr_summary.failed == 0
-    zarr_ds, h5_ds = store.open_dataset(zarr_out), store.open_dataset(h5_out)
+    zarr_ds, h5_ds = reader.open_dataset(zarr_out), reader.open_dataset(h5_out)
     assert zarr_ds.storage == "zarr" and h5_ds.storage == "h5"
     assert zarr_ds.manifest["checksums"] == h5_ds.manifest["checksums"]
     assert (zarr_out / "cases.json").read_bytes() == (h5_out / "cases.json").read_bytes()
@@ -168,12 +169,12 @@ def test_zarr_and_h5_hold_equal_arrays_and_checksums(converted):
         assert image.dtype == np.int16 and label.dtype == np.uint8
         np.testing.assert_array_equal(image, h5_ds.read_case(case_id)[0])
         np.testing.assert_array_equal(label, h5_ds.read_case(case_id)[1])
-        assert store.content_checksum(image, label) == zarr_ds.cases[case_id]["checksum"]
+        assert layout.content_checksum(image, label) == zarr_ds.cases[case_id]["checksum"]
 
 
 def test_manifest_splits_and_report(converted):
     out, summary = converted["zarr"]
-    ds = store.open_dataset(out)
+    ds = reader.open_dataset(out)
     manifest = ds.manifest
     assert manifest["classes"] == ["background", "normal rectum", "tumor"]
     assert manifest["profile"]["name"] == "care" and manifest["key_reproducible"] is True
@@ -196,7 +197,7 @@ def test_manifest_splits_and_report(converted):
 
 def test_filtering_keeps_exactly_the_labelled_slices(raw, converted):
     out, _ = converted["zarr"]
-    ds = store.open_dataset(out)
+    ds = reader.open_dataset(out)
     for case_id in ds.case_ids():
         geometry = ds.cases[case_id]
         image, label = ds.read_case(case_id)
@@ -219,7 +220,7 @@ def test_margin_widens_the_kept_range(raw, tmp_path):
     one = tmp_path / "raw"
     shutil.copytree(raw["dir"] / "DOE_JANE_19610203", one / "DOE_JANE_19610203")
     convert_dataset(one, tmp_path / "out", load_profile(profile_path), KEY, True, progress=False)
-    ds = store.open_dataset(tmp_path / "out")
+    ds = reader.open_dataset(tmp_path / "out")
     (case_id,) = ds.case_ids()
     labelled = np.flatnonzero((phantom(0)[1] > 0).any(axis=(1, 2)))
     expected = np.arange(max(labelled.min() - 2, 0), min(labelled.max() + 3, SLICES)).tolist()
@@ -228,7 +229,7 @@ def test_margin_widens_the_kept_range(raw, tmp_path):
 
 def test_round_trip_to_original_grid_is_exact(raw, converted):
     out, _ = converted["zarr"]
-    ds = store.open_dataset(out)
+    ds = reader.open_dataset(out)
     private = {}
     for case_id in ds.case_ids():
         image, label = ds.read_case(case_id)
@@ -266,7 +267,7 @@ def test_stored_slices_are_radiological(raw, tmp_path):
     raw_dir = tmp_path / "raw"
     write_volume_case(raw_dir / "case", hu, label)
     convert(raw_dir, tmp_path / "out")
-    ds = store.open_dataset(tmp_path / "out")
+    ds = reader.open_dataset(tmp_path / "out")
     image, _ = ds.read_case(ds.case_ids()[0])
     assert (image[:, :4, :4] == 3000).all() and (image[:, -4:, -4:] != 3000).all()
 
@@ -298,8 +299,8 @@ def test_two_runs_and_worker_counts_give_identical_outputs(raw, converted, tmp_p
 
 def test_other_key_gives_other_ids(raw, converted, tmp_path):
     convert_dataset(raw["dir"], tmp_path / "out", load_profile("care"), b"another key", True, progress=False)
-    ids_a = set(store.open_dataset(converted["zarr"][0]).case_ids())
-    ids_b = set(store.open_dataset(tmp_path / "out").case_ids())
+    ids_a = set(reader.open_dataset(converted["zarr"][0]).case_ids())
+    ids_b = set(reader.open_dataset(tmp_path / "out").case_ids())
     assert len(ids_b) == 5 and not ids_a & ids_b
 
 
@@ -308,10 +309,10 @@ def test_private_map_names_raw_folders_outside_the_output(raw, converted, tmp_pa
     convert(raw["dir"], tmp_path / "out", private_map=mapping)
     table = json.loads(mapping.read_text())
     assert set(table) == {*PATIENTS, VOLUME_CASE}
-    assert set(table.values()) == set(store.open_dataset(tmp_path / "out").case_ids())
+    assert set(table.values()) == set(reader.open_dataset(tmp_path / "out").case_ids())
     assert patient_of(table["Roe Richard (2nd scan)"]) == patient_of(table["ROE_RICHARD_followup"])
     assert table["Roe Richard (2nd scan)"] != table["ROE_RICHARD_followup"]
-    from care_dataset.convert import ConvertError
+    from care_dataset.convert.pipeline import ConvertError
 
     with pytest.raises(ConvertError, match="private-map"):
         convert(raw["dir"], tmp_path / "out", private_map=tmp_path / "out" / "map.json")
@@ -430,17 +431,17 @@ def test_each_bad_case_fails_alone_without_leftovers(broken, converted, tmp_path
         assert REASONS.get(kind, "") in line
     # the good cases are exactly the ones converted without the broken ones
     assert_arrays_equal_by_checksum(out, converted["zarr"][0])
-    ds = store.open_dataset(out)
-    assert sorted(p.name for p in (out / store.ZARR_DIR).iterdir() if p.is_dir()) == ds.case_ids()
-    assert sorted(p.stem for p in (out / store.TMP_DIR / "records").glob("*.json")) == ds.case_ids()
-    assert [p.name for p in (out / store.TMP_DIR).iterdir()] == ["records"]
+    ds = reader.open_dataset(out)
+    assert sorted(p.name for p in (out / layout.ZARR_DIR).iterdir() if p.is_dir()) == ds.case_ids()
+    assert sorted(p.stem for p in (out / layout.TMP_DIR / "records").glob("*.json")) == ds.case_ids()
+    assert [p.name for p in (out / layout.TMP_DIR).iterdir()] == ["records"]
     data = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert not [v for v in broken["planted"] if len(v) >= 6 and v.encode() in data]
 
 
 def assert_arrays_equal_by_checksum(out: Path, reference: Path) -> None:
-    assert store.open_dataset(out).manifest["checksums"]["cases"] == \
-        store.open_dataset(reference).manifest["checksums"]["cases"]
+    assert reader.open_dataset(out).manifest["checksums"]["cases"] == \
+        reader.open_dataset(reference).manifest["checksums"]["cases"]
 
 
 # --- resume ---------------------------------------------------------------------------------------------------
@@ -448,17 +449,19 @@ def assert_arrays_equal_by_checksum(out: Path, reference: Path) -> None:
 KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from care_dataset import store
+from care_dataset import files
 from care_dataset.cli import convert_main
+from care_dataset.convert import pipeline
+from care_dataset.format import layout, writer
 
 kill_at, point = int(sys.argv[1]), sys.argv[2]
 calls = []
-write_case, write_json_atomic = store.write_case, store.write_json_atomic
+write_case, write_json_atomic = writer.write_case, pipeline.write_json_atomic
 
 def dying_write_case(root, storage, case_id, image, label):
     calls.append(case_id)
     if len(calls) == kill_at and point == "arrays":
-        partial = Path(root) / store.TMP_DIR / case_id
+        partial = Path(root) / layout.TMP_DIR / case_id
         partial.mkdir(parents=True)
         (partial / "zarr.json").write_text("{")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -468,11 +471,11 @@ def dying_write_case(root, storage, case_id, image, label):
 
 def dying_write_json(path, obj):
     if point == "final" and Path(path).name == "cases.json":
-        Path(path).with_name(".cases.json.tmp").write_text("{")
+        files.temporary_path(Path(path)).write_text("{")
         os.kill(os.getpid(), signal.SIGKILL)
     write_json_atomic(path, obj)
 
-store.write_case, store.write_json_atomic = dying_write_case, dying_write_json
+writer.write_case, pipeline.write_json_atomic = dying_write_case, dying_write_json
 sys.exit(convert_main(sys.argv[3:]))
 """
 
@@ -491,46 +494,46 @@ def test_killed_conversion_resumes_to_the_same_result(raw, converted, tmp_path, 
 
     assert convert_main(args) == 0
     assert_same_dataset(converted["zarr"][0], out)
-    assert [p.name for p in (out / store.TMP_DIR).iterdir()] == ["records"]
-    assert not list(out.glob(".*.tmp"))
+    assert [p.name for p in (out / layout.TMP_DIR).iterdir()] == ["records"]
+    assert not list(out.glob(".*.tmp*"))
 
 
 def test_changed_input_is_converted_again(raw, tmp_path):
     raw_dir = tmp_path / "raw"
     shutil.copytree(raw["dir"] / VOLUME_CASE, raw_dir / VOLUME_CASE)
     convert(raw_dir, tmp_path / "out")
-    before = store.open_dataset(tmp_path / "out")
+    before = reader.open_dataset(tmp_path / "out")
     (case_id,) = before.case_ids()
     hu, label = phantom(11)
     shutil.rmtree(raw_dir / VOLUME_CASE)
     write_volume_case(raw_dir / VOLUME_CASE, hu, label)
     convert(raw_dir, tmp_path / "out")
-    after = store.open_dataset(tmp_path / "out")
+    after = reader.open_dataset(tmp_path / "out")
     assert after.case_ids() == [case_id]
     assert after.cases[case_id]["checksum"] != before.cases[case_id]["checksum"]
     image, stored_label = after.read_case(case_id)
-    assert store.content_checksum(image, stored_label) == after.cases[case_id]["checksum"]
+    assert layout.content_checksum(image, stored_label) == after.cases[case_id]["checksum"]
 
 
 def test_a_crashing_worker_fails_only_its_case(raw, converted, tmp_path, monkeypatch, capsys):
     """A worker process that dies (segfault, out of memory) takes down only the case it was converting."""
-    import care_dataset.io
+    import care_dataset.convert.job
 
-    load_case = care_dataset.io.load_case
+    load_case = care_dataset.convert.job.load_case
 
     def crashing_load_case(raw_case, profile, *args, **kwargs):
         if raw_case.key == "Mustermann_Erika":
             os._exit(70)
         return load_case(raw_case, profile, *args, **kwargs)
 
-    monkeypatch.setattr(care_dataset.io, "load_case", crashing_load_case)
+    monkeypatch.setattr(care_dataset.convert.job, "load_case", crashing_load_case)
     summary = convert(raw["dir"], tmp_path / "out", workers=2)
     assert summary.converted == 4 and summary.failed == 1
     assert summary.failures[0][0] == "Mustermann_Erika" and "worker process" in summary.failures[0][1]
     (failed,) = [r for r in summary.report if r["status"] == "failed"]
     assert failed["case_id"] is None
-    reference = store.open_dataset(converted["zarr"][0]).manifest["checksums"]["cases"]
-    assert store.open_dataset(tmp_path / "out").manifest["checksums"]["cases"].items() < reference.items()
+    reference = reader.open_dataset(converted["zarr"][0]).manifest["checksums"]["cases"]
+    assert reader.open_dataset(tmp_path / "out").manifest["checksums"]["cases"].items() < reference.items()
 
 
 # --- the embedded synthetic raw dataset ------------------------------------------------------------------------
@@ -548,8 +551,8 @@ def _largest_series(case_dir: Path) -> sitk.Image:
 
 
 def test_synthetic_messy_dataset_end_to_end(tmp_path):
-    synth = pytest.importorskip("care_dataset.synth")
-    from care_dataset.verify import collect_identifying_values, scan_for_leaks
+    synth = pytest.importorskip("care_dataset.synth.raw_export")
+    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 
     plans = synth.plan_dataset(8, 1, size=128, slices=24)
     folders = synth.write_raw_dataset(tmp_path / "raw", 8, seed=1, size=128, slices=24)
@@ -564,7 +567,7 @@ def test_synthetic_messy_dataset_end_to_end(tmp_path):
     mapping = json.loads((tmp_path / "map.json").read_text())
     assert all(mapping[name] is None or patient_of(mapping[name]) for name in broken)
 
-    ds = store.open_dataset(tmp_path / "out")
+    ds = reader.open_dataset(tmp_path / "out")
     assert sorted(ds.splits["train"] + ds.splits["test"]) == ds.case_ids() and ds.splits["test"]
     # every messy case converted; a feet-first one maps back onto its own DICOM grid exactly
     messy = [f.name for f in folders if features[f.name]]
@@ -600,7 +603,7 @@ def test_real_dicom_series_with_nrrd_label(tmp_path):
     source = SHARED / "dcmqi_ct3slice"
     if not source.is_dir():
         pytest.skip("../shared/data/dcmqi_ct3slice not available")
-    from care_dataset.verify import collect_identifying_values, scan_for_leaks
+    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 
     case = tmp_path / "raw" / "GE_LightSpeed_patient"
     shutil.copytree(source / "ct-3slice", case / "ct-3slice")
@@ -616,7 +619,7 @@ keep_classes = [1]
 """))
     summary = convert_dataset(tmp_path / "raw", tmp_path / "out", profile, KEY, True, progress=False)
     assert summary.converted == 1, summary.failures
-    ds = store.open_dataset(tmp_path / "out")
+    ds = reader.open_dataset(tmp_path / "out")
     (case_id,) = ds.case_ids()
     image, label = ds.read_case(case_id)
     assert image.shape == (3, 512, 512)
@@ -656,7 +659,7 @@ keep_classes = [2]
 """))
     summary = convert_dataset(tmp_path / "raw", tmp_path / "out", profile, KEY, True, progress=False)
     assert summary.converted == 1, summary.failures
-    ds = store.open_dataset(tmp_path / "out")
+    ds = reader.open_dataset(tmp_path / "out")
     (case_id,) = ds.case_ids()
     original_image = sitk.ReadImage(str(source / "example_ct_sm.nii.gz"))
     raw_label = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "example_seg.nii.gz")))
@@ -690,7 +693,7 @@ def test_word_profile_paired_folders(tmp_path):
             sitk.WriteImage(img, str(raw_dir / folder / f"{name}.nii.gz"))
     summary = convert_dataset(raw_dir, tmp_path / "out", load_profile("word"), KEY, True, progress=False)
     assert summary.converted == 2, summary.failures
-    ds = store.open_dataset(tmp_path / "out")
+    ds = reader.open_dataset(tmp_path / "out")
     assert len(ds.class_names) == 17 and ds.manifest["profile"]["name"] == "word"
     for case_id in ds.case_ids():
         geometry = ds.cases[case_id]

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from care_dataset import store
+from care_dataset import files
 from care_dataset.cli import convert_main
-from care_dataset.convert import convert_dataset
-from care_dataset.locking import LOCK_NAME, hold_output_lock
-from care_dataset.profiles import load_profile
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset.convert import pipeline
+from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.files import LOCK_NAME, hold_output_lock
+from care_dataset.format import layout, reader
+from care_dataset.raw.profiles import load_profile
+from care_dataset.synth.phantom import phantom_volume
 from test_convert import phantom, write_dicom_case
 
 KEY = b"guard-test-key"
@@ -82,7 +84,7 @@ def test_lock_held_by_another_process_refuses_then_frees(raw, key_file, tmp_path
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
-            from care_dataset.locking import hold_output_lock
+            from care_dataset.files import hold_output_lock
             with hold_output_lock({str(out)!r}, "care-convert"):
                 print("held", flush=True)
                 sys.stdin.readline()
@@ -92,7 +94,7 @@ def test_lock_held_by_another_process_refuses_then_frees(raw, key_file, tmp_path
         assert holder.stdout.readline().strip() == "held"
         assert run_convert(raw, out, key_file) == 2
         assert f"(process {holder.pid})" in capsys.readouterr().err
-        assert not (out / "dataset.json").exists() and not (out / store.TMP_DIR).exists()
+        assert not (out / "dataset.json").exists() and not (out / layout.TMP_DIR).exists()
     finally:
         holder.communicate("\n", timeout=30)
     assert holder.returncode == 0
@@ -106,7 +108,7 @@ def test_stale_lock_file_of_a_killed_run_does_not_block(raw, key_file, tmp_path)
     out.mkdir()
     (out / LOCK_NAME).write_text("999999\n")  # kill -9 leaves the file; the kernel dropped the lock
     assert run_convert(raw, out, key_file) == 0
-    assert len(store.open_dataset(out).case_ids()) == 3
+    assert len(reader.open_dataset(out).case_ids()) == 3
     assert not (out / LOCK_NAME).exists()
 
 
@@ -115,7 +117,7 @@ def test_workers_left_behind_by_a_killed_run_do_not_hold_the_lock(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import os, sys, time
-        from care_dataset.locking import hold_output_lock
+        from care_dataset.files import hold_output_lock
         with hold_output_lock({str(out)!r}, "care-convert"):
             worker = os.fork()
             if worker == 0:  # a worker: lives on after its parent dies (and lets go of the output pipe)
@@ -139,16 +141,14 @@ def test_workers_left_behind_by_a_killed_run_do_not_hold_the_lock(tmp_path):
 def test_a_file_system_that_cannot_lock_gives_a_warning_not_a_failure(raw, key_file, tmp_path, monkeypatch, capsys):
     import errno
 
-    import care_dataset.locking as locking
-
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(locking.fcntl, "flock", no_locks)
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
     out = tmp_path / "out"
     assert run_convert(raw, out, key_file) == 0
     assert "cannot lock files; make sure no other run writes this output folder" in capsys.readouterr().err
-    assert len(store.open_dataset(out).case_ids()) == 3 and not (out / LOCK_NAME).exists()
+    assert len(reader.open_dataset(out).case_ids()) == 3 and not (out / LOCK_NAME).exists()
 
 
 def _running(pid: int) -> bool:
@@ -164,7 +164,7 @@ def _running(pid: int) -> bool:
 def test_conversion_workers_end_when_the_main_process_is_killed(tmp_path):
     script = textwrap.dedent("""
         import os
-        from care_dataset.convert import CasePool
+        from care_dataset.convert.pool import CasePool
         pool = CasePool(2)  # forks its workers now
         print(" ".join(str(pid) for pid in pool._pool._processes), flush=True)
         os._exit(0)  # the main process dies without shutting the pool down, as under kill -9
@@ -197,8 +197,8 @@ def test_unwritable_private_map_is_a_usage_error_before_work(raw, key_file, tmp_
 
 def test_private_map_is_written_before_the_completion_marker(raw, key_file, tmp_path, monkeypatch):
     written = []
-    real = store.write_json_atomic
-    monkeypatch.setattr(store, "write_json_atomic", lambda path, obj: (written.append(Path(path).name),
+    real = files.write_json_atomic
+    monkeypatch.setattr(pipeline, "write_json_atomic", lambda path, obj: (written.append(Path(path).name),
                                                                        real(path, obj))[1])
     mapping = tmp_path / "custodian" / "map.json"
     convert_dataset(raw, tmp_path / "out", load_profile("care"), KEY, True, private_map=mapping, progress=False)
@@ -213,7 +213,7 @@ def test_negative_seed_is_a_usage_error_before_work(raw, key_file, tmp_path, cap
     (line,) = error_lines(capsys.readouterr().err)
     assert "--seed" in line and seed in line
     assert not out.exists()
-    from care_dataset.convert import ConvertError
+    from care_dataset.convert.pipeline import ConvertError
 
     with pytest.raises(ConvertError, match="seed"):
         convert_dataset(raw, out, load_profile("care"), KEY, True, seed=int(seed), progress=False)
@@ -244,7 +244,7 @@ def test_only_dicom_defined_modality_terms_reach_the_report(key_file, tmp_path, 
 @pytest.mark.parametrize("value", ["ANONYMOUS", "anonymized", "Unknown", "NONE", "N/A", "0", "000000", "", " ",
                                    "-", "?"])
 def test_placeholder_patient_ids_fall_back_to_the_folder(value):
-    from care_dataset.pseudonyms import is_placeholder_id, patient_identity
+    from care_dataset.deid.pseudonyms import is_placeholder_id, patient_identity
 
     assert is_placeholder_id(value)
     assert patient_identity({"PatientID": value, "IssuerOfPatientID": "HOSP"}, "case_folder") == "case_folder"
@@ -252,14 +252,14 @@ def test_placeholder_patient_ids_fall_back_to_the_folder(value):
 
 @pytest.mark.parametrize("value", ["PID778812", "1", "0001", "A0", "NONE-4711"])
 def test_real_patient_ids_are_kept(value):
-    from care_dataset.pseudonyms import is_placeholder_id, patient_identity
+    from care_dataset.deid.pseudonyms import is_placeholder_id, patient_identity
 
     assert not is_placeholder_id(value)
     assert patient_identity({"PatientID": value}, "case_folder") == value
 
 
 def test_placeholder_ids_do_not_merge_patients_and_reused_ids_warn(key_file, tmp_path, capsys):
-    from care_dataset.splits import patient_of
+    from care_dataset.deid.pseudonyms import patient_of
 
     raw = tmp_path / "raw"
     cases = {  # folder: (PatientName, PatientID, PatientBirthDate)
@@ -298,7 +298,7 @@ def test_placeholder_ids_do_not_merge_patients_and_reused_ids_warn(key_file, tmp
     ("margin = 1", '["*seg*", ""]', "patterns"),
 ])
 def test_bad_margin_or_patterns_is_a_profile_error(tmp_path, raw, key_file, capsys, slices, patterns, wanted):
-    from care_dataset.profiles import ProfileError
+    from care_dataset.raw.profiles import ProfileError
 
     path = tmp_path / "bad.toml"
     path.write_text(f'[classes]\nnames = ["background", "rectum", "tumor"]\n'
@@ -343,7 +343,7 @@ def test_links_to_the_output_to_raw_itself_or_to_another_case_are_skipped(raw, k
 
 
 def test_key_from_the_environment_loses_its_line_end_like_the_key_file(tmp_path, monkeypatch):
-    from care_dataset.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
+    from care_dataset.deid.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
 
     key_file = tmp_path / "key"
     key_file.write_bytes(b"s3cret\r\n")

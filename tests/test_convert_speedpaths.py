@@ -1,6 +1,6 @@
 """The conversion's fast paths give exactly what the plain library calls give.
 
-Arrays written by ``store.write_case`` (metadata and shard) are byte-identical to zarr's own writes; per-slice label counts
+Arrays written by ``writer.write_case`` (metadata and shard) are byte-identical to zarr's own writes; per-slice label counts
 match ``np.unique``; kept slices taken as a view equal fancy indexing.
 """
 
@@ -11,10 +11,10 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from care_dataset import store
-from care_dataset.convert import kept_slices_of, select_slices
-from care_dataset.io import per_slice_counts, value_counts
-from care_dataset.profiles import load_profile
+from care_dataset.format import layout, reader, writer
+from care_dataset.convert.case import kept_slices_of, select_slices
+from care_dataset.convert.case import per_slice_counts, value_counts
+from care_dataset.raw.profiles import load_profile
 
 
 def _zarr_written(tmp_path, data: np.ndarray) -> tuple[bytes, bytes | None]:
@@ -22,7 +22,7 @@ def _zarr_written(tmp_path, data: np.ndarray) -> tuple[bytes, bytes | None]:
     (None: no shard file)."""
     n, h, w = data.shape
     array = zarr.create_array(str(tmp_path / "reference"), shape=data.shape, dtype=data.dtype, chunks=(1, h, w),
-                              shards=(n, h, w), compressors=BloscCodec(**store.SHARD_CODEC), fill_value=0,
+                              shards=(n, h, w), compressors=BloscCodec(**writer.SHARD_CODEC), fill_value=0,
                               zarr_format=3, overwrite=True)
     array[...] = data
     path = tmp_path / "reference" / "c" / "0" / "0" / "0"
@@ -41,17 +41,17 @@ def _phantom_slices(rng: np.random.Generator, n: int = 6) -> tuple[np.ndarray, n
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_shards_are_the_bytes_zarr_writes(tmp_path, threads, monkeypatch):
-    monkeypatch.setattr(store, "_encode_threads", threads)
+    monkeypatch.setattr(writer, "_encode_threads", threads)
     image, label = _phantom_slices(np.random.default_rng(3))
-    store.init_store(tmp_path / "out", "zarr")
-    store.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", image, label)
-    case = tmp_path / "out" / store.ZARR_DIR / "care_000000000000-000000"
+    writer.init_store(tmp_path / "out", "zarr")
+    writer.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", image, label)
+    case = tmp_path / "out" / layout.ZARR_DIR / "care_000000000000-000000"
     for name, data in (("image", image), ("label", label)):
         metadata, shard = _zarr_written(tmp_path, data)
         assert (case / name / "zarr.json").read_bytes() == metadata
         assert (case / name / "c" / "0" / "0" / "0").read_bytes() == shard
         np.testing.assert_array_equal(zarr.open_array(str(case / name), mode="r")[...], data)
-    ds_image, ds_label = store._open_zarr_slices(case / "image"), store._open_zarr_slices(case / "label")
+    ds_image, ds_label = reader._open_zarr_slices(case / "image"), reader._open_zarr_slices(case / "label")
     for k in range(len(image)):
         np.testing.assert_array_equal(ds_image[k], image[k])
         np.testing.assert_array_equal(ds_label[k], label[k])
@@ -59,25 +59,25 @@ def test_shards_are_the_bytes_zarr_writes(tmp_path, threads, monkeypatch):
 
 def test_an_all_background_array_has_no_shard_as_in_zarr(tmp_path):
     empty = np.zeros((3, 16, 16), np.uint8)
-    assert store.encode_shard(empty) == []
+    assert writer.encode_shard(empty) == []
     assert _zarr_written(tmp_path, empty)[1] is None
-    store.init_store(tmp_path / "out", "zarr")
-    store.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", empty.astype(np.int16), empty)
+    writer.init_store(tmp_path / "out", "zarr")
+    writer.write_case(tmp_path / "out", "zarr", "care_000000000000-000000", empty.astype(np.int16), empty)
     np.testing.assert_array_equal(
-        zarr.open_array(str(tmp_path / "out" / store.ZARR_DIR / "care_000000000000-000000" / "label"))[...], empty)
+        zarr.open_array(str(tmp_path / "out" / layout.ZARR_DIR / "care_000000000000-000000" / "label"))[...], empty)
 
 
 def test_group_metadata_is_what_zarr_writes(tmp_path):
-    store.init_store(tmp_path / "ours", "zarr")
-    attributes = {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION}
+    writer.init_store(tmp_path / "ours", "zarr")
+    attributes = {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION}
     zarr.open_group(str(tmp_path / "theirs"), mode="w", zarr_format=3, attributes=attributes)
     zarr.open_group(str(tmp_path / "theirs" / "case"), mode="w", zarr_format=3)
-    assert (tmp_path / "ours" / store.ZARR_DIR / "zarr.json").read_bytes() == \
+    assert (tmp_path / "ours" / layout.ZARR_DIR / "zarr.json").read_bytes() == \
         (tmp_path / "theirs" / "zarr.json").read_bytes()
-    assert zarr.open_group(str(tmp_path / "ours" / store.ZARR_DIR), mode="r").attrs.asdict() == attributes
+    assert zarr.open_group(str(tmp_path / "ours" / layout.ZARR_DIR), mode="r").attrs.asdict() == attributes
     image, label = _phantom_slices(np.random.default_rng(4), n=3)
-    store.write_case(tmp_path / "ours", "zarr", "care_000000000000-000001", image, label)
-    assert (tmp_path / "ours" / store.ZARR_DIR / "care_000000000000-000001" / "zarr.json").read_bytes() == \
+    writer.write_case(tmp_path / "ours", "zarr", "care_000000000000-000001", image, label)
+    assert (tmp_path / "ours" / layout.ZARR_DIR / "care_000000000000-000001" / "zarr.json").read_bytes() == \
         (tmp_path / "theirs" / "case" / "zarr.json").read_bytes()
 
 
@@ -119,7 +119,7 @@ def test_select_slices_counts_and_kept_views():
 
 
 def test_select_slices_rejects_values_outside_the_profile():
-    from care_dataset.io import CaseError
+    from care_dataset.convert.case import CaseError
 
     profile = load_profile("care")
     label = np.zeros((4, 6, 6), np.uint8)

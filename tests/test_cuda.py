@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset.synth.phantom import phantom_volume
 from test_data import make_converted_folder
 from usam.config import build_config
 from usam.models.registry import create_model

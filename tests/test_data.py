@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from care_dataset import store
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset import files
+from care_dataset.format import layout, reader, writer
+from care_dataset.synth.phantom import phantom_volume
 from usam.data import (
     DEFAULT_WINDOW,
     Augmentation,
@@ -33,7 +34,7 @@ def make_converted_folder(root: Path, num_patients: int = 6, size: int = 64, dep
                           storage: str = "zarr", seed: int = 0) -> Path:
     """A small converted CARE folder (docs/format.md) of synthetic pelvic phantoms: one case per patient,
     the slices that hold a label kept, patients 0 and 1 in the test split, the rest in train."""
-    store.init_store(root, storage)
+    writer.init_store(root, storage)
     cases, checksums = {}, {}
     splits = {"seed": seed, "strategy": "patient", "train": [], "test": []}
     for p in range(num_patients):
@@ -42,21 +43,21 @@ def make_converted_folder(root: Path, num_patients: int = 6, size: int = 64, dep
                                    np.random.default_rng([seed, p]), tumour=True)
         kept = np.flatnonzero(label.reshape(depth, -1).max(1) > 0)
         image, label = np.ascontiguousarray(hu[kept]), np.ascontiguousarray(label[kept])
-        store.write_case(root, storage, case_id, image, label)
+        writer.write_case(root, storage, case_id, image, label)
         split = "test" if p < 2 else "train"
         splits[split].append(case_id)
-        checksum = store.content_checksum(image, label)
+        checksum = layout.content_checksum(image, label)
         checksums[case_id] = checksum
         spacing = [400.0 / size, 400.0 / size, 5.0]
         cases[case_id] = {"split": split, "num_slices": len(kept), "kept_slices": kept.tolist(),
                           "spacing": spacing, "checksum": checksum,
                           "canonical": {"size": [size, size, depth], "spacing": spacing, "origin": [0.0] * 3,
                                         "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}}
-    manifest = {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+    manifest = {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": storage,
                 "classes": CLASSES, "checksums": {"cases": checksums, "all": "f" * 64}}
-    store.write_json_atomic(root / "dataset.json", manifest)
-    store.write_json_atomic(root / "splits.json", splits)
-    store.write_json_atomic(root / "cases.json", cases)
+    files.write_json_atomic(root / "dataset.json", manifest)
+    files.write_json_atomic(root / "splits.json", splits)
+    files.write_json_atomic(root / "cases.json", cases)
     return root
 
 
@@ -147,7 +148,7 @@ def test_rotation_moves_image_and_label_together():
 
 
 def test_points_sampled_after_augmentation_lie_in_their_class(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     ids = dataset.case_ids("train")
     data = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=Augmentation(), seed=7)
     seen = {1: 0, 2: 0}
@@ -167,7 +168,7 @@ def test_points_sampled_after_augmentation_lie_in_their_class(converted):
 
 
 def test_samples_depend_on_seed_epoch_index_only(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     ids = dataset.case_ids("train")
     make = lambda seed: SliceDataset(dataset, ids, num_classes=3, points_per_class=1, augment=Augmentation(),
                                      seed=seed)
@@ -185,7 +186,7 @@ def test_samples_depend_on_seed_epoch_index_only(converted):
 
 
 def test_validation_items_are_deterministic_unaugmented(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     ids = dataset.case_ids("train")
     data = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None)
     image_hu, label = dataset.read_slice(ids[0], 0)
@@ -196,7 +197,7 @@ def test_validation_items_are_deterministic_unaugmented(converted):
 
 
 def test_training_points_are_drawn_anew_each_epoch_also_without_augmentation(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     ids = dataset.case_ids("train")
     train = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None, random_points=True, seed=3)
     validation = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None)
@@ -232,7 +233,7 @@ def test_epoch_sampler_resumes_mid_epoch_and_shards_ranks():
 
 
 def test_slices_with_class_matches_the_labels(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     data = SliceDataset(dataset, dataset.case_ids("train"), num_classes=3, augment=None)
     per_class = slices_with_class(data)
     for c, indices in enumerate(per_class, start=1):
@@ -265,7 +266,7 @@ def test_class_balanced_sampler_oversamples_the_rare_class_reproducibly():
 
 
 def test_make_converted_folder_is_readable(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     assert dataset.class_names == CLASSES
     assert len(dataset.case_ids("train")) == 2 and len(dataset.case_ids("test")) == 2
     sample = dataset.sample("train", 0)

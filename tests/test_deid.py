@@ -1,7 +1,6 @@
 """De-identification: keys and pseudonyms, the Annex E table, and care-anonymize on real and built DICOM."""
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import hmac
@@ -22,13 +21,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from care_dataset import deid
-from care_dataset.annex_e import load_basic_profile
-from care_dataset.deid import BurnedInAnnotationError, DeidContext, anonymize_dataset, anonymize_tree
-from care_dataset.locking import OutputLockedError
-from care_dataset.pseudonyms import KeyMissingError, load_key, make_case_id, patient_identity
-from care_dataset.splits import patient_of
-from care_dataset.verify import collect_identifying_values, scan_for_leaks
+from care_dataset.cli import build_anonymize_parser, run_anonymize
+from care_dataset.deid.annex_e import load_basic_profile
+from care_dataset.deid.anonymize import BurnedInAnnotationError, DeidContext, anonymize_dataset, anonymize_tree
+from care_dataset.deid.pseudonyms import KeyMissingError, load_key, make_case_id, patient_identity, patient_of
+from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
+from care_dataset.files import OutputLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -471,13 +469,13 @@ def test_run_anonymize_exit_codes(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CARE_DEID_KEY", raising=False)
     raw = tmp_path / "raw"
     _write_case(raw / "Doe case", "PID-9", n=1)
-    parser = deid.build_anonymize_parser(argparse.ArgumentParser())
-    assert deid.run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 2
+    parser = build_anonymize_parser()
+    assert run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 2
     assert "--key-file" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     monkeypatch.setenv("CARE_DEID_KEY", "k")
-    assert deid.run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 0
-    assert deid.run_anonymize(parser.parse_args([str(raw), str(raw / "inside")])) == 2
+    assert run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 0
+    assert run_anonymize(parser.parse_args([str(raw), str(raw / "inside")])) == 2
 
 
 # --- several studies of one patient, reruns, concurrent runs ------------------------------------
@@ -513,8 +511,8 @@ def test_two_studies_of_one_patient_get_two_case_folders(tmp_path):
 
 @needs_real_ct
 def test_case_ids_are_those_of_care_convert(tmp_path):
-    from care_dataset.convert import convert_dataset
-    from care_dataset.profiles import load_profile
+    from care_dataset.convert.pipeline import convert_dataset
+    from care_dataset.raw.profiles import load_profile
 
     raw = tmp_path / "raw"
     for scan in ("scan A", "scan B"):
@@ -593,7 +591,7 @@ def test_second_run_on_one_output_folder_refuses_at_once(tmp_path):
     (other_runs_work / "001").mkdir(parents=True)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from care_dataset.locking import hold_output_lock\n"
+         "import sys; from pathlib import Path; from care_dataset.files import hold_output_lock\n"
          "with hold_output_lock(Path(sys.argv[1]), 'care-anonymize'):\n"
          "    print('held', flush=True); sys.stdin.readline()",
          str(out)],

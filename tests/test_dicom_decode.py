@@ -1,6 +1,6 @@
 """Uncompressed DICOM pixel data decoded by pydicom equals SimpleITK's (GDCM) reading of the same series.
 
-care_dataset.io_dicom decodes uncompressed series with pydicom from the headers its scan parsed and builds the
+care_dataset.raw.dicom decodes uncompressed series with pydicom from the headers its scan parsed and builds the
 grid from those headers; SimpleITK reads every other series. These tests hold the two paths equal, voxel for
 voxel and grid for grid, on real files, on the synthetic export and on crafted pixel formats.
 """
@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          generate_uid)
 
-from care_dataset import io_dicom
-from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
+from care_dataset.raw import dicom as io_dicom
+from care_dataset.raw.dicom import DicomError, read_series_int16, scan_dicom
 from ct_instances import new_ct_instance
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -90,7 +90,7 @@ def test_real_series_decodes_like_simpleitk(tmp_path, monkeypatch):
 
 
 def test_synthetic_export_decodes_like_simpleitk(tmp_path, monkeypatch):
-    synth = pytest.importorskip("care_dataset.synth")
+    synth = pytest.importorskip("care_dataset.synth.raw_export")
     synth.write_raw_dataset(tmp_path, 10, seed=3, size=64, slices=10)  # every messy feature, every pixel format
     native = compressed = 0
     for case in sorted(p for p in tmp_path.iterdir() if p.is_dir()):

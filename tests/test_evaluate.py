@@ -18,7 +18,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from care_dataset import store
+from care_dataset import files
+from care_dataset.format import layout, reader, writer
 from usam.data import resize_labels
 from usam.evaluate import add_eval_arguments, cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
 from usam.metrics import dice_from_confusion
@@ -61,20 +62,20 @@ def converted(tmp_path_factory):
         "care_000000000003": (_case(rng, 2, 120, 136, with_tumor=False), [0, 1]),
         "care_000000000004": (_case(rng, 2, 100, 100), [5, 6]),
     }
-    store.init_store(root, "zarr")
+    writer.init_store(root, "zarr")
     geometry = {}
     for case_id, ((image, label), kept) in cases.items():
-        store.write_case(root, "zarr", case_id, image, label)
+        writer.write_case(root, "zarr", case_id, image, label)
         n, h, w = image.shape
         canonical = {"size": [w, h, max(kept) + 1], "spacing": SPACING, "origin": [0.0, 0.0, 0.0],
                      "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
         geometry[case_id] = {"split": "train" if case_id.endswith("4") else "test", "num_slices": n,
                              "kept_slices": kept, "canonical": canonical, "spacing": SPACING,
                              "original": {**canonical, "orientation": "LPS"}}
-    store.write_json_atomic(root / "dataset.json", {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION,
+    files.write_json_atomic(root / "dataset.json", {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION,
                                                     "storage": "zarr", "classes": CLASSES})
-    store.write_json_atomic(root / "cases.json", geometry)
-    store.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": ["care_000000000004"],
+    files.write_json_atomic(root / "cases.json", geometry)
+    files.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "train": ["care_000000000004"],
                                                    "test": ["care_000000000001", "care_000000000002",
                                                             "care_000000000003"]})
     return root
@@ -111,7 +112,7 @@ SETTINGS = inference_settings({"model": {"num_classes": 3, "img_size": 224, "poi
 
 @pytest.mark.parametrize("points", [0, 3])
 def test_oracle_gives_perfect_pooled_dice_and_near_perfect_original_resolution(converted, points):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     oracle = OracleModel(dataset, "test", batch_size=2)
     evaluation = evaluate_split(oracle, SETTINGS, dataset, "test", points, batch_size=2)
     assert len(oracle.calls) == len(oracle.queue)  # every slice ran exactly once
@@ -145,7 +146,7 @@ def test_oracle_gives_perfect_pooled_dice_and_near_perfect_original_resolution(c
 
 
 def test_missed_tumour_is_excluded_from_hd95_but_penalised_in_hd95_penalised(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     missed = "care_000000000002"
     oracle = OracleModel(dataset, "test", batch_size=4, miss={missed: 2})
     evaluation = evaluate_split(oracle, SETTINGS, dataset, "test", 0, batch_size=4)
@@ -179,7 +180,7 @@ def test_missed_tumour_is_excluded_from_hd95_but_penalised_in_hd95_penalised(con
 
 
 def test_fewer_points_than_slots_pads_the_rest(converted):
-    dataset = store.open_dataset(converted)
+    dataset = reader.open_dataset(converted)
     oracle = OracleModel(dataset, "test", batch_size=8)
     evaluate_split(oracle, SETTINGS, dataset, "test", 1, batch_size=8)
     for (_, labels), truth in zip(oracle.calls, oracle.truths):
@@ -280,7 +281,7 @@ def test_a_bad_out_folder_is_refused_before_any_work(converted, tiny_checkpoint,
 
 def test_eval_on_a_published_folder_equals_eval_on_the_converted_one(converted, tiny_checkpoint, tmp_path,
                                                                        monkeypatch, capsys):
-    from care_dataset.publish import publish
+    from care_dataset.publish.job import publish
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     published = tmp_path / "care"

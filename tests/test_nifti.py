@@ -1,4 +1,4 @@
-"""care_dataset.nifti: what SimpleITK reads wrongly is refused; what it reads rightly is not."""
+"""care_dataset.raw.volume (NIfTI checks): what SimpleITK reads wrongly is refused; what it reads rightly is not."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from care_dataset.nifti import NiftiError, check_nifti
+from care_dataset.raw.volume import NiftiError, check_nifti
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -246,9 +246,11 @@ def test_device_side_preprocessing_equals_the_training_preprocessing():
 def test_nested_hospital_export_folders_read_the_same_series_as_the_converter(tmp_path):
     """A case folder as exported (nested folders, localizer, second series, compressed syntaxes, label files
     beside the DICOM): predict reads the CT series care-convert would choose, voxel for voxel."""
-    from care_dataset import synth
-    from care_dataset.io import discover_cases, load_case, to_canonical
-    from care_dataset.profiles import load_profile
+    from care_dataset.convert.case import load_case
+    from care_dataset.raw.discover import discover_cases
+    from care_dataset.raw.image import to_canonical
+    from care_dataset.raw.profiles import load_profile
+    from care_dataset.synth import raw_export as synth
     from usam.predict import read_image
 
     synth.write_raw_dataset(tmp_path / "raw", cases=6, seed=3, size=64, slices=10, messy=True)

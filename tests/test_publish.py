@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from care_dataset import store
+from care_dataset import files
+from care_dataset.format import layout, reader, writer
 
 CLASSES = ["background", "normal rectum", "tumor"]
 
@@ -35,24 +36,24 @@ def blob_case(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.ndar
 
 def make_converted(root: Path, storage: str = "zarr", shapes: list[tuple[int, int, int]] | None = None,
                    seed: int = 0) -> Path:
-    """Write a converted CARE folder per docs/format.md with store.write_case and the JSON files."""
+    """Write a converted CARE folder per docs/format.md with writer.write_case and the JSON files."""
     shapes = shapes or [(16, 64, 64)] * 4
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    store.init_store(root, storage)
+    writer.init_store(root, storage)
     case_ids = [f"p{i:04d}{chr(97 + i)}_{i % 2}" for i in range(len(shapes))]
     split_of = {c: ("test" if i == len(shapes) - 1 else "train") for i, c in enumerate(case_ids)}
     cases, checksums = {}, {}
     for i, (case_id, (n, h, w)) in enumerate(zip(case_ids, shapes)):
         image, label = blob_case(rng, n, h, w)
-        store.write_case(root, storage, case_id, image, label)
+        writer.write_case(root, storage, case_id, image, label)
         depth = n + 10
         kept = list(range(3, 3 + n)) if i != 1 else [2 * k + 1 for k in range(n)]  # one non-contiguous case
         spacing = [0.7 + 0.05 * i, 0.7 + 0.05 * i, 2.5 + 0.5 * (i % 2)]
         canonical = {"size": [w, h, max(depth, kept[-1] + 1)], "spacing": spacing,
                      "origin": [-100.0 + i, -120.0, 30.5 * i], "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
         voxels = {name: int((label == v).sum()) for v, name in enumerate(CLASSES)}
-        checksum = store.content_checksum(image, label)
+        checksum = layout.content_checksum(image, label)
         cases[case_id] = {"split": split_of[case_id], "num_slices": n, "kept_slices": kept,
                           "canonical": canonical, "spacing": spacing,
                           "original": {**canonical, "orientation": "LPS"},
@@ -63,17 +64,17 @@ def make_converted(root: Path, storage: str = "zarr", shapes: list[tuple[int, in
               "train": sorted(c for c in case_ids if split_of[c] == "train"),
               "test": sorted(c for c in case_ids if split_of[c] == "test")}
     manifest = {
-        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+        "format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": storage,
         "classes": CLASSES, "profile": {"name": "care", "sha256": "0" * 64, "toml": "name = \"care\"\n"},
         "splits": {s: {"cases": len(splits[s]), "slices": sum(cases[c]["num_slices"] for c in splits[s])}
                    for s in ("train", "test")},
         "checksums": {"cases": checksums, "all": overall},
         "tool": "care-usam", "tool_version": "0.1.0", "key_reproducible": True,
     }
-    store.write_json_atomic(root / "dataset.json", manifest)
-    store.write_json_atomic(root / "splits.json", splits)
-    store.write_json_atomic(root / "cases.json", cases)
-    store.write_json_atomic(root / "report.json", [{"case_id": c, "status": "converted", "reason": ""}
+    files.write_json_atomic(root / "dataset.json", manifest)
+    files.write_json_atomic(root / "splits.json", splits)
+    files.write_json_atomic(root / "cases.json", cases)
+    files.write_json_atomic(root / "report.json", [{"case_id": c, "status": "converted", "reason": ""}
                                                    for c in case_ids])
     return root
 
@@ -83,8 +84,8 @@ def make_converted(root: Path, storage: str = "zarr", shapes: list[tuple[int, in
 import datasets  # noqa: E402
 import yaml  # noqa: E402
 
-from care_dataset import publish as pub  # noqa: E402
-from care_dataset.hf import iter_samples  # noqa: E402
+from care_dataset.publish import job as pub  # noqa: E402
+from care_dataset.format.hf import iter_samples  # noqa: E402
 
 PHI_LIKE_FOLDER = "DOE_JOHN_19700101"  # a raw-looking folder name that must never reach the output
 
@@ -135,7 +136,7 @@ def assert_sample_equal(got: dict, want: dict) -> None:
 
 def test_slices_load_back_equal_to_the_source(published):
     source, output = published
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     loaded = datasets.load_dataset(str(output))  # default configuration: slices
     assert list(loaded) == ["train", "test"]
     features = loaded["train"].features
@@ -154,7 +155,7 @@ def test_slices_load_back_equal_to_the_source(published):
 
 def test_volumes_hold_whole_cases_with_geometry(published):
     source, output = published
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     volumes = datasets.load_dataset(str(output), "volumes")
     for split in ("train", "test"):
         rows = volumes[split].with_format("numpy", dtype=None)
@@ -169,14 +170,14 @@ def test_volumes_hold_whole_cases_with_geometry(published):
             assert row["kept_slices"].tolist() == geometry["kept_slices"]
             for key in ("size", "spacing", "origin", "direction"):
                 assert row[key].tolist() == geometry["canonical"][key]
-            assert str(row["checksum"]) == geometry["checksum"] == store.content_checksum(row["image"], row["label"])
+            assert str(row["checksum"]) == geometry["checksum"] == layout.content_checksum(row["image"], row["label"])
 
 
 def test_load_by_relative_name_from_parent_and_torch_format(published, monkeypatch):
     import torch
 
     source, output = published
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     monkeypatch.chdir(output.parent)
     test = datasets.load_dataset(output.name, split="test").with_format("torch", dtype=None)
     sample = test[3]
@@ -188,7 +189,7 @@ def test_load_by_relative_name_from_parent_and_torch_format(published, monkeypat
 
 def test_streaming_yields_every_sample(published):
     source, output = published
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     stream = load_slices(output, "train", streaming=True)
     samples = list(iter_samples(stream, batch_size=5))
     assert len(samples) == care.num_slices("train")
@@ -203,7 +204,7 @@ def test_streaming_yields_every_sample(published):
 
 def test_readme_header_lists_configs_splits_and_features(published):
     source, output = published
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     text = (output / "README.md").read_text()
     assert text.startswith("---\n")
     header = yaml.safe_load(text.split("\n---\n", 1)[0][4:])
@@ -280,7 +281,7 @@ def test_h5_source_with_varying_inplane_sizes(tmp_path, hf_offline):
     output = tmp_path / "care"
     stats = pub.publish(source, output)
     assert all(len(s.files) == 1 for by_split in stats.values() for s in by_split.values())
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     loaded = load_slices(output)
     assert isinstance(loaded["train"].features["image"], datasets.List)
     for split in ("train", "test"):
@@ -297,11 +298,9 @@ def test_h5_source_with_varying_inplane_sizes(tmp_path, hf_offline):
 
 
 def run_cli(argv: list[str]) -> int:
-    import argparse
+    from care_dataset.cli import build_publish_parser, run_publish
 
-    parser = argparse.ArgumentParser()
-    pub.add_arguments(parser)
-    return pub.run(parser.parse_args(argv))
+    return run_publish(build_publish_parser().parse_args(argv))
 
 
 def test_cli_refuses_existing_output_unless_overwrite(published, tmp_path, capsys):
@@ -318,10 +317,10 @@ def test_cli_refuses_existing_output_unless_overwrite(published, tmp_path, capsy
 
 def test_corrupt_case_fails_with_its_id_and_leaves_nothing(tmp_path, hf_offline):
     source = make_converted(tmp_path / "conv", "zarr", shapes=[(4, 32, 32)] * 3)
-    cases = store.read_json(source / "cases.json")
+    cases = layout.read_json(source / "cases.json")
     bad = sorted(cases)[1]
     cases[bad]["checksum"] = "f" * 64
-    store.write_json_atomic(source / "cases.json", cases)
+    files.write_json_atomic(source / "cases.json", cases)
     with pytest.raises(pub.PublishError, match=f"case {bad}:"):
         pub.publish(source, tmp_path / "care")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
@@ -354,10 +353,10 @@ def test_push_uploads_the_folder_as_a_dataset_repo(published, tmp_path, monkeypa
 def test_synth_convert_publish_end_to_end_leaks_nothing(tmp_path, hf_offline):
     """Raw synthetic DICOM with fake PHI -> care-convert -> care-publish -> load_dataset; care-verify's scanner
     finds none of the raw identifying values in the published folder."""
-    from care_dataset.convert import convert_dataset
-    from care_dataset.profiles import load_profile
-    from care_dataset.synth import write_raw_dataset
-    from care_dataset.verify import collect_identifying_values, scan_for_leaks
+    from care_dataset.convert.pipeline import convert_dataset
+    from care_dataset.raw.profiles import load_profile
+    from care_dataset.synth.raw_export import write_raw_dataset
+    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 
     raw, out, care_dir = tmp_path / "raw", tmp_path / "out", tmp_path / "care"
     write_raw_dataset(raw, cases=3, seed=1, size=64, slices=24, messy=False)
@@ -366,7 +365,7 @@ def test_synth_convert_publish_end_to_end_leaks_nothing(tmp_path, hf_offline):
     values = collect_identifying_values(raw)
     assert len(values) > 10  # the synthetic export does carry fake PHI
     assert scan_for_leaks(care_dir, values) == []
-    care = store.open_dataset(out)
+    care = reader.open_dataset(out)
     loaded = load_slices(care_dir)
     for split in care.splits:
         rows = loaded[split].with_format("numpy", dtype=None)

@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from care_dataset import PublishedDataset, open_any, store
-from care_dataset.publish import publish
+from care_dataset.format import layout, reader
+from care_dataset import PublishedDataset, open_any
+from care_dataset.publish.job import publish
 from test_publish import hf_offline, make_converted  # noqa: F401  (fixture re-used)
 
 # zarr with one in-plane size (Array2D features), small shards so cases span Parquet files and row groups;
@@ -39,7 +40,7 @@ def assert_arrays_equal(got: np.ndarray, want: np.ndarray) -> None:
 
 def test_every_case_reads_as_from_the_converted_folder(folders):
     source, output = folders
-    care, published = store.open_dataset(source), open_any(output)
+    care, published = reader.open_dataset(source), open_any(output)
     assert isinstance(published, PublishedDataset)
     assert published.class_names == care.class_names and published.num_classes == care.num_classes
     assert published.splits == care.splits and published.case_ids() == care.case_ids()
@@ -62,7 +63,7 @@ def test_every_case_reads_as_from_the_converted_folder(folders):
             for got, want in zip(published.read_slice(case_id, position), care.read_slice(case_id, position)):
                 assert_arrays_equal(got, want)
         image, label = published.read_case(case_id)
-        assert store.content_checksum(image, label) == care.cases[case_id]["checksum"]
+        assert layout.content_checksum(image, label) == care.cases[case_id]["checksum"]
     assert published.missing_cases(care.case_ids() + ["nope"]) == ["nope"]
     with pytest.raises(KeyError, match="no split"):
         published.case_ids("validation")
@@ -78,13 +79,13 @@ def test_reader_pickles_for_dataloader_workers(folders):
     case_id = published.case_ids("test")[0]
     published.read_slice(case_id, 0)
     again = pickle.loads(pickle.dumps(published))
-    for got, want in zip(again.read_slice(case_id, 2), store.open_dataset(source).read_slice(case_id, 2)):
+    for got, want in zip(again.read_slice(case_id, 2), reader.open_dataset(source).read_slice(case_id, 2)):
         assert_arrays_equal(got, want)
 
 
 def test_without_metadata_the_parquet_columns_give_what_they_carry(folders, tmp_path):
     source, output = folders
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     bare = tmp_path / "care"
     shutil.copytree(output, bare)
     shutil.rmtree(bare / "metadata")

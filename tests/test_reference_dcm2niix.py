@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from care_dataset import synth
-from care_dataset.io import discover_cases, load_case, to_canonical
-from care_dataset.profiles import load_profile, parse_profile
+from care_dataset.synth import raw_export as synth
+from care_dataset.convert.case import load_case
+from care_dataset.raw.discover import discover_cases
+from care_dataset.raw.image import to_canonical
+from care_dataset.raw.profiles import load_profile, parse_profile
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # the wheel installs its binary beside the interpreter, which need not be on PATH (make test runs .venv/bin/python)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from care_dataset.splits import carve_validation, make_splits, patient_of, scaled_split_counts, split_patients
+from care_dataset.deid.pseudonyms import patient_of
+from care_dataset.format.splits import carve_validation, make_splits, scaled_split_counts, split_patients
 
 CARE_SIZES = {"train": 318, "test": 81}
 

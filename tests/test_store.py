@@ -10,22 +10,22 @@ import numpy as np
 import pytest
 import zarr
 
-from care_dataset import store
+from care_dataset.format import layout, reader, writer
 
 
 def _write_minimal_dataset(root, storage, cases):
-    store.init_store(root, storage)
+    writer.init_store(root, storage)
     for case_id, (image, label) in cases.items():
-        store.write_case(root, storage, case_id, image, label)
+        writer.write_case(root, storage, case_id, image, label)
     (root / "dataset.json").write_text(json.dumps({
-        "format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "storage": storage,
+        "format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": storage,
         "classes": ["background", "normal rectum", "tumor"]}))
     (root / "cases.json").write_text(json.dumps({
         cid: {"num_slices": int(img.shape[0]), "kept_slices": list(range(5, 5 + img.shape[0])),
               "spacing": [0.8, 0.8, 2.5]} for cid, (img, _) in cases.items()}))
     ids = sorted(cases)
     (root / "splits.json").write_text(json.dumps({"seed": 0, "train": ids[:-1], "test": ids[-1:]}))
-    return store.open_dataset(root)
+    return reader.open_dataset(root)
 
 
 @pytest.fixture()
@@ -69,8 +69,8 @@ def test_fast_slice_path_is_used_and_matches_zarr(tmp_path, cases):
     ds = _write_minimal_dataset(tmp_path, "zarr", cases)
     case_id = next(iter(cases))
     fast_image, fast_label = ds._arrays(case_id)
-    assert isinstance(fast_image, store.ShardedSlices)
-    reference = zarr.open_group(str(tmp_path / store.ZARR_DIR / case_id), mode="r")
+    assert isinstance(fast_image, reader.ShardedSlices)
+    reference = zarr.open_group(str(tmp_path / layout.ZARR_DIR / case_id), mode="r")
     for p in range(cases[case_id][0].shape[0]):
         np.testing.assert_array_equal(fast_image[p], reference["image"][p])
         np.testing.assert_array_equal(fast_label[p], reference["label"][p])
@@ -88,44 +88,44 @@ def test_same_arrays_give_identical_checksums_and_bytes(tmp_path, cases):
     a = _write_minimal_dataset(tmp_path / "a", "zarr", cases)
     b = _write_minimal_dataset(tmp_path / "b", "zarr", cases)
     for case_id in cases:
-        shard = f"{store.ZARR_DIR}/{case_id}/image/c/0/0/0"
+        shard = f"{layout.ZARR_DIR}/{case_id}/image/c/0/0/0"
         assert (a.root / shard).read_bytes() == (b.root / shard).read_bytes()
-        assert store.content_checksum(*a.read_case(case_id)) == store.content_checksum(*cases[case_id])
+        assert layout.content_checksum(*a.read_case(case_id)) == layout.content_checksum(*cases[case_id])
 
 
 def test_write_is_atomic_and_rejects_bad_arrays(tmp_path, cases):
-    store.init_store(tmp_path, "zarr")
+    writer.init_store(tmp_path, "zarr")
     image, label = next(iter(cases.values()))
     with pytest.raises(TypeError, match="int16"):
-        store.write_case(tmp_path, "zarr", "care_bad", image.astype(np.float32), label)
+        writer.write_case(tmp_path, "zarr", "care_bad", image.astype(np.float32), label)
     with pytest.raises(ValueError, match="non-empty"):
-        store.write_case(tmp_path, "zarr", "care_bad", image[:0], label[:0])
-    assert not store.case_exists(tmp_path, "zarr", "care_bad")
-    store.write_case(tmp_path, "zarr", "care_ok", image, label)
-    store.write_case(tmp_path, "zarr", "care_ok", image, label)  # overwrite in place
-    assert list((tmp_path / store.TMP_DIR).iterdir()) == []
+        writer.write_case(tmp_path, "zarr", "care_bad", image[:0], label[:0])
+    assert not writer.case_exists(tmp_path, "zarr", "care_bad")
+    writer.write_case(tmp_path, "zarr", "care_ok", image, label)
+    writer.write_case(tmp_path, "zarr", "care_ok", image, label)  # overwrite in place
+    assert list((tmp_path / layout.TMP_DIR).iterdir()) == []
 
 
 def test_reader_refuses_foreign_or_newer_folders(tmp_path, cases):
     _write_minimal_dataset(tmp_path, "h5", cases)
     with pytest.raises(FileNotFoundError, match="dataset.json"):
-        store.open_dataset(tmp_path / "nowhere")
+        reader.open_dataset(tmp_path / "nowhere")
     manifest = json.loads((tmp_path / "dataset.json").read_text())
     manifest["format_version"] = "2.0"
     (tmp_path / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="format version 2.0"):
-        store.open_dataset(tmp_path)
+        reader.open_dataset(tmp_path)
 
 
 def test_an_open_reader_left_for_interpreter_exit_closes_quietly(tmp_path, cases):
     """A reader kept in a module global is collected after the os module is torn down: no 'Exception ignored'."""
     _write_minimal_dataset(tmp_path, "zarr", cases)
-    code = ("import sys\nfrom care_dataset import store\n"
-            "dataset = store.open_dataset(sys.argv[1])\n"
-            "readers = [dataset._arrays(case_id)[0] for case_id in dataset.case_ids('train')]\n"
-            "slices = [reader[1] for reader in readers]\n"
-            "assert all(reader._fd is not None for reader in readers)\n"
-            "store.os = None  # as at interpreter exit, when module globals are cleared before late objects\n"
-            "del dataset, readers\n")
+    code = ("import sys\nfrom care_dataset.format import reader\n"
+            "dataset = reader.open_dataset(sys.argv[1])\n"
+            "arrays = [dataset._arrays(case_id)[0] for case_id in dataset.case_ids('train')]\n"
+            "slices = [array[1] for array in arrays]\n"
+            "assert all(array._fd is not None for array in arrays)\n"
+            "reader.os = None  # as at interpreter exit, when module globals are cleared before late objects\n"
+            "del dataset, arrays\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr

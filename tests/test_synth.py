@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -14,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from care_dataset import synth
-from care_dataset.synth_phantom import phantom_volume
+from care_dataset.cli import build_synth_parser, run_synth
+from care_dataset.synth import raw_export as synth
+from care_dataset.synth.phantom import phantom_volume
 
 SIZE, SLICES, CASES, SEED = 128, 16, 6, 11
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -319,13 +319,15 @@ def test_phantom_volume_is_seeded_and_honours_tumour_flag():
     assert (no_tumour == 1).any() and not (no_tumour == 2).any()
 
 
-def test_cli_helpers_parse_and_write(tmp_path):
-    parser = synth.build_parser(argparse.ArgumentParser(prog="care-synth"))
+def test_cli_helpers_parse_and_write(tmp_path, capsys):
+    parser = build_synth_parser()
     args = parser.parse_args([str(tmp_path / "raw"), "--cases", "2", "--seed", "4", "--size", "64",
                               "--slices", "8", "--no-messy"])
     assert (args.cases, args.seed, args.size, args.slices, args.messy) == (2, 4, 64, 8, False)
-    folders = synth.run_from_args(args)
-    assert [f.name for f in folders] == [p.folder for p in synth.plan_dataset(2, 4, size=64, slices=8, messy=False)]
+    assert run_synth(parser, args) == 0
+    assert capsys.readouterr().out == f"wrote 2 raw cases to {tmp_path / 'raw'}\n"
+    folders = sorted((tmp_path / "raw").iterdir())
+    assert [f.name for f in folders] == sorted(p.folder for p in synth.plan_dataset(2, 4, size=64, slices=8, messy=False))
     assert all(f.is_dir() and label_volume(f) for f in folders)
     with pytest.raises(ValueError, match="--cases"):
         synth.write_raw_dataset(tmp_path / "none", 0, 1)

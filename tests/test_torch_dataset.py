@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from care_dataset import open_any, store
-from care_dataset.publish import publish
-from care_dataset.torch_dataset import CareSliceDataset, source_kind
+from care_dataset.format import reader
+from care_dataset import open_any
+from care_dataset.publish.job import publish
+from care_dataset.format.torch_dataset import CareSliceDataset, source_kind
 from test_publish import assert_sample_equal, hf_offline, make_converted  # noqa: F401  (fixture re-used)
 
 
@@ -34,7 +35,7 @@ def test_every_sample_is_equal_from_shards_and_from_the_hub_format(folders):
     import datasets
 
     source, output = folders
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     for split in ("train", "test"):
         sources = [source, care, output, open_any(output), datasets.load_dataset(str(output)),
                    datasets.load_dataset(str(output), split=split)]
@@ -71,7 +72,7 @@ def test_selected_hub_dataset_follows_its_index_mapping(folders):
     import datasets
 
     source, output = folders
-    care = store.open_dataset(source)
+    care = reader.open_dataset(source)
     hub = datasets.load_dataset(str(output), split="train")
     order = [7, 0, 29, 12]
     view = CareSliceDataset(hub.select(order), "train")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from care_dataset.splits import patient_of
-from care_dataset.store import open_dataset
+from care_dataset.deid.pseudonyms import patient_of
+from care_dataset.format.reader import open_dataset
 from test_data import make_converted_folder
 from usam.cli import main as usam_main
 from usam.config import build_config, read_toml, to_toml
@@ -446,7 +446,7 @@ def test_a_rank_fails_its_checks_before_joining_the_process_group(data_dir, tmp_
 
 
 def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path, monkeypatch):
-    from care_dataset.publish import publish
+    from care_dataset.publish.job import publish
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     published = tmp_path / "care"

@@ -1,7 +1,6 @@
 """care-verify: collecting identifying values from a raw tree and finding them in an output tree."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -16,14 +15,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from care_dataset.deid import anonymize_tree
-from care_dataset.verify import (
-    build_verify_parser,
-    collect_identifying_values,
-    is_meaningful,
-    run_verify,
-    scan_for_leaks,
-)
+from care_dataset.cli import build_verify_parser, run_verify
+from care_dataset.deid.anonymize import anonymize_tree
+from care_dataset.deid.verify import collect_identifying_values, is_meaningful, scan_for_leaks
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_RAW = DATA / "dcmqi_ct3slice"
@@ -133,7 +127,7 @@ def test_binary_chunks_are_scanned_as_bytes(raw_tree, tmp_path):
     values = collect_identifying_values(raw_tree)
     assert scan_for_leaks(out, values) == []
     # a value straddling the scanner's internal block boundary is still found
-    from care_dataset import verify
+    from care_dataset.deid import verify
     big = noise * 200
     cut = verify.CHUNK_BYTES - 5
     (out / "c.0.0").write_bytes(big[:cut] + "Marguerite".encode("latin-1") + big[cut:])
@@ -143,7 +137,7 @@ def test_binary_chunks_are_scanned_as_bytes(raw_tree, tmp_path):
 def test_run_verify_exit_codes_and_masked_output(raw_tree, tmp_path, capsys):
     out = tmp_path / "out"
     anonymize_tree(raw_tree, out, KEY)
-    parser = build_verify_parser(argparse.ArgumentParser())
+    parser = build_verify_parser()
     assert run_verify(parser.parse_args([str(out), "--raw", str(raw_tree)])) == 0
     (out / "Quillfeather_M_1961-notes.json").write_text(json.dumps({"id": "MRN0047711"}))
     capsys.readouterr()

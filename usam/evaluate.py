@@ -125,7 +125,7 @@ def open_eval_data(path: str | Path) -> Any:
 
     Raises InputError with one line naming the folder and the reason.
     """
-    from care_dataset.published import open_any
+    from care_dataset.format.published import open_any
 
     try:
         return open_any(path)

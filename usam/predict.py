@@ -213,8 +213,8 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
     notes = notes if notes is not None else []
     path = Path(path)
     if path.is_dir():
-        from care_dataset.io import no_series_reason
-        from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
+        from care_dataset.raw.dicom import no_series_reason
+        from care_dataset.raw.dicom import DicomError, read_series_int16, scan_dicom
 
         try:
             scan = scan_dicom(path)
@@ -228,8 +228,8 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
             raise InputError(f"{path}: {error}") from None
         notes.append(_series_note(scan.series, chosen))
     elif path.is_file():
-        from care_dataset.io import read_volume_file
-        from care_dataset.nifti import NiftiError
+        from care_dataset.raw.volume import read_volume_file
+        from care_dataset.raw.volume import NiftiError
 
         try:
             if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
@@ -254,7 +254,7 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
 
 def _series_note(series: list, chosen: Any) -> str:
     """Which DICOM series was read, by slice count and series number only (no descriptions or UIDs)."""
-    from care_dataset.io import DICOM_MODALITIES
+    from care_dataset.raw.dicom import DICOM_MODALITIES
 
     number = chosen.sort_key[1] if len(chosen.sort_key) > 1 else 0
     modality = chosen.modality if chosen.modality in DICOM_MODALITIES else "image"  # no free text from headers
@@ -276,7 +276,7 @@ def orientation_code(image: sitk.Image) -> str:
 
 def canonical_hu(image: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
     """(canonical image, its voxels as (slices, H, W) int16 HU, rounded and clipped)."""
-    from care_dataset.io import to_canonical
+    from care_dataset.raw.image import to_canonical
 
     canonical = to_canonical(image)
     array = sitk.GetArrayFromImage(canonical)

@@ -99,8 +99,8 @@ def open_training_data(config: TrainConfig) -> TrainingData:
 
     Raises ValueError with one clear line for a missing or malformed folder or a class mismatch.
     """
-    from care_dataset.published import manifest_path, open_any
-    from care_dataset.splits import carve_validation
+    from care_dataset.format.published import manifest_path, open_any
+    from care_dataset.format.splits import carve_validation
 
     root = Path(config.data)
     if not root.exists():

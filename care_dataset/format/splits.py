@@ -1,20 +1,14 @@
 """Patient-level dataset splits, deterministic from a seed.
 
-Case IDs have the form ``<patient>-<suffix>`` (see docs/conversion.md): every case of one patient shares the
-prefix, so all of them land in the same split.
+Case IDs have the form ``<patient>-<suffix>`` (``care_dataset.deid.pseudonyms.case_id_for``): every case of one
+patient shares the prefix, so all of them land in the same split.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-CASE_SUFFIX_SEPARATOR = "-"
-
-
-def patient_of(case_id: str) -> str:
-    """The patient pseudonym of a case ID (the part before the last ``-``)."""
-    patient, sep, _ = case_id.rpartition(CASE_SUFFIX_SEPARATOR)
-    return patient if sep else case_id
+from care_dataset.deid.pseudonyms import patient_of
 
 
 def scaled_split_counts(num_patients: int, split_sizes: dict[str, int]) -> dict[str, int]:

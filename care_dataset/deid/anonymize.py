@@ -1,7 +1,7 @@
 """DICOM de-identification (PS3.15 Annex E Basic Profile + Modified Dates Option).
 
 Case IDs, remapped UIDs and the per-patient date offset all come from the secret key through
-:mod:`care_dataset.pseudonyms`.
+:mod:`care_dataset.deid.pseudonyms`.
 
 `care-anonymize raw/ anon/` writes anon/<case_id>/<series>/<instance>.dcm (three- and five-digit
 indices ordered by SeriesNumber and InstanceNumber, then new UID). The case ID is care-convert's:
@@ -17,7 +17,6 @@ rerun rebuilds a case whose fingerprint differs and keeps the others.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime as dt
@@ -26,7 +25,6 @@ import hmac
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,21 +36,12 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
-from care_dataset import __version__
-from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.convert import case_id_for, drop_linked_cases, raw_fingerprint
-from care_dataset.io import RawCase
-from care_dataset.locking import hold_output_lock
-from care_dataset.pseudonyms import (
-    KeyMissingError,
-    add_key_arguments,
-    date_offset_days,
-    load_key,
-    make_case_id,
-    patient_identity,
-    remap_uid,
-)
-from care_dataset.files import creation_problem, make_staging_dir, previous_path, replace_folder
+from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
+from care_dataset.deid.pseudonyms import case_id_for, date_offset_days, make_case_id, patient_identity, remap_uid
+from care_dataset.files import (atomic_file, creation_problem, hold_output_lock, make_staging_dir, previous_path,
+                                replace_folder)
+from care_dataset.raw.discover import RawCase, drop_linked_cases, raw_fingerprint
+from care_dataset.version import __version__
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
@@ -327,12 +316,6 @@ def _scan_case(case_dir: Path) -> tuple[list[_Instance], set[str]]:
     return instances, identities
 
 
-def _write_atomic(ds: Dataset, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-
-
 def raw_case_tag(case_dir: Path, key: bytes) -> str:
     """Keyed hash of a raw case folder's resolved path: finds the earlier output of that very folder
     without naming it (two batches whose case folders share a name, such as 001, stay apart; a raw
@@ -363,6 +346,34 @@ def read_fingerprint(case_dir: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
+def _claim(case_id: str, taken_ids: set[str]) -> None:
+    """Add `case_id` to the IDs this run has given; DeidError when another raw case has it already."""
+    if case_id in taken_ids:
+        raise DeidError("another raw case received the same case ID; anonymize it with another key")
+    taken_ids.add(case_id)
+
+
+def _write_instances(folder: Path, instances: list[_Instance], ctx: DeidContext) -> None:
+    """The de-identified copies of `instances` as folder/<series>/<instance>.dcm: series numbered by
+    SeriesNumber, instances by InstanceNumber, ties broken by the new UIDs."""
+    series_uids = sorted({i.series_uid for i in instances},
+                         key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
+    for series_index, series_uid in enumerate(series_uids, start=1):
+        series_dir = folder / f"{series_index:03d}"
+        series_dir.mkdir()
+        members = sorted((i for i in instances if i.series_uid == series_uid),
+                         key=lambda i: (i.instance_number, ctx.uid(i.sop_uid)))
+        for instance_index, instance in enumerate(members, start=1):
+            try:
+                ds = pydicom.dcmread(instance.path)
+            except Exception as exc:
+                raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
+            _check_pixel_length(ds)
+            clean = anonymize_dataset(ds, ctx, in_place=True)
+            with atomic_file(series_dir / f"{instance_index:05d}.dcm") as tmp:
+                clean.save_as(tmp, enforce_file_format=True)
+
+
 def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bool = False,
                    taken_ids: set[str] | None = None, raw_dir: Path | None = None) -> dict:
     """De-identify the DICOM files of one case into out_dir/<case_id>/ (all or nothing).
@@ -385,30 +396,14 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
         case_id = case_id_for(ctx.case_id, case_dir.name, key)
         result["case_id"] = case_id
         if taken_ids is not None:
-            if case_id in taken_ids:
-                raise DeidError("another raw case received the same case ID; anonymize it with another key")
-            taken_ids.add(case_id)
+            _claim(case_id, taken_ids)
         final_dir = out_dir / case_id
         fingerprint = case_fingerprint(case_dir, raw_dir or case_dir.parent, key)
         if final_dir.is_dir() and read_fingerprint(final_dir) == fingerprint:
             result.update(status="anonymized", reason="already present", files=len(instances))
             return result
-        series_uids = sorted({i.series_uid for i in instances},
-                             key=lambda s: (min(i.series_number for i in instances if i.series_uid == s), ctx.uid(s)))
         tmp_dir = make_staging_dir(out_dir, PARTIAL_PREFIX)
-        for series_index, series_uid in enumerate(series_uids, start=1):
-            series_dir = tmp_dir / f"{series_index:03d}"
-            series_dir.mkdir()
-            members = sorted((i for i in instances if i.series_uid == series_uid),
-                             key=lambda i: (i.instance_number, ctx.uid(i.sop_uid)))
-            for instance_index, instance in enumerate(members, start=1):
-                try:
-                    ds = pydicom.dcmread(instance.path)
-                except Exception as exc:
-                    raise DeidError(f"a DICOM file cannot be read ({type(exc).__name__})") from None
-                _check_pixel_length(ds)
-                clean = anonymize_dataset(ds, ctx, in_place=True)
-                _write_atomic(clean, series_dir / f"{instance_index:05d}.dcm")
+        _write_instances(tmp_dir, instances, ctx)
         (tmp_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, sort_keys=True) + "\n", encoding="ascii")
         # an interruption leaves the old case, the new one, or the old one aside as .<case_id>.previous
         # (the next run removes it and rebuilds the case), never a mixture
@@ -484,40 +479,3 @@ def _earlier_outputs(out_dir: Path) -> dict[str, list[str]]:
         if stored is not None and isinstance(stored.get("raw_case"), str):
             earlier.setdefault(stored["raw_case"], []).append(folder.name)
     return earlier
-
-
-# --- command line (wired by care_dataset.cli) ------------------------------------------------
-
-def build_anonymize_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.description = "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates)."
-    p.add_argument("raw", type=Path, help="folder with one sub-folder per case")
-    p.add_argument("out", type=Path, help="output folder: out/<case_id>/<series>/<instance>.dcm")
-    add_key_arguments(p)
-    p.add_argument("--allow-burned-in", action="store_true",
-                   help="also copy images flagged BurnedInAnnotation = YES (text may be burned into the pixels)")
-    return p
-
-
-def run_anonymize(args: argparse.Namespace) -> int:
-    """Exit code 0 when no case failed, 1 otherwise, 2 for a usage error."""
-    try:
-        key, reproducible = load_key(args.key_file, random_key=args.random_key)
-    except KeyMissingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not reproducible:
-        print("warning: random key: case IDs, UIDs and date offsets will not be reproducible", file=sys.stderr)
-    try:
-        results = anonymize_tree(args.raw, args.out, key, allow_burned_in=args.allow_burned_in)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for r in results:
-        if r["status"] == "failed":
-            print(f"FAILED {r['raw_folder']}: {r['reason']}", file=sys.stderr)
-        elif r["status"] == "skipped":
-            print(f"skipped {r['raw_folder']}: {r['reason']}", file=sys.stderr)
-    done = sum(r["status"] == "anonymized" for r in results)
-    failed = sum(r["status"] == "failed" for r in results)
-    print(f"{done} anonymized, {failed} failed, {len(results) - done - failed} skipped")
-    return 1 if failed else 0

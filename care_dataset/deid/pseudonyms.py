@@ -2,7 +2,9 @@
 
 A case ID is `prefix + "_" + the first 12 hex digits of HMAC-SHA256(key, identity)`, where the identity is
 the DICOM PatientID ("issuer|id" when IssuerOfPatientID is present) or, without DICOM or with a placeholder
-PatientID such as ANONYMOUS (`is_placeholder_id`), the case folder name.
+PatientID such as ANONYMOUS (`is_placeholder_id`), the case folder name. The case ID of one raw case folder
+(`case_id_for`, care-convert and care-anonymize alike) is that patient pseudonym, "-", and a keyed suffix of the
+folder's name, so every case of one patient shares the prefix (`patient_of`).
 The same key gives the same IDs; the key is never written.
 
 From the same key: UIDs map to "2.25.<decimal of the first 128 bits of HMAC-SHA256(key, uid)>" (the same
@@ -14,7 +16,6 @@ This module needs no DICOM library, so `care-convert` on volume files never impo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import os
@@ -32,6 +33,8 @@ PLACEHOLDER_PATIENT_IDS = frozenset({
 UID_ROOT = "2.25."
 STANDARD_UID_ROOT = "1.2.840.10008."
 DATE_OFFSET_RANGE = (-3650, -365)
+CASE_SUFFIX_SEPARATOR = "-"
+CASE_SUFFIX_HEX = 6
 
 
 class KeyMissingError(ValueError):
@@ -67,13 +70,6 @@ def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_ke
         f"no de-identification key: pass --key-file FILE, set the {env_var} environment variable, "
         "or pass --random-key (case IDs will then not be reproducible)"
     )
-
-
-def add_key_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", type=Path, default=None,
-                   help=f"file holding the secret pseudonym key (else the {KEY_ENV_VAR} environment variable)")
-    p.add_argument("--random-key", action="store_true",
-                   help="use a random key: case IDs will differ on every run")
 
 
 def _hmac(key: bytes, message: str) -> bytes:
@@ -116,3 +112,21 @@ def remap_uid(uid: str, key: bytes) -> str:
     if not uid or uid.startswith(STANDARD_UID_ROOT):
         return uid
     return UID_ROOT + str(int.from_bytes(_hmac(key, "uid|" + uid)[:16], "big"))
+
+
+def case_suffix(patient_id: str, raw_name: str, key: bytes) -> str:
+    """Stable per-raw-case suffix: keyed hash of the patient pseudonym and the raw case name."""
+    message = f"case-suffix\0{patient_id}\0{raw_name}".encode("utf-8", "surrogateescape")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:CASE_SUFFIX_HEX]
+
+
+def case_id_for(patient_id: str, raw_name: str, key: bytes) -> str:
+    """The case ID of one raw case folder: patient pseudonym, separator, per-raw-case suffix (care-convert and
+    care-anonymize name cases alike)."""
+    return f"{patient_id}{CASE_SUFFIX_SEPARATOR}{case_suffix(patient_id, raw_name, key)}"
+
+
+def patient_of(case_id: str) -> str:
+    """The patient pseudonym of a case ID (the part before the last ``-``)."""
+    patient, sep, _ = case_id.rpartition(CASE_SUFFIX_SEPARATOR)
+    return patient if sep else case_id

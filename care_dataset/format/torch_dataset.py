@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import torch.utils.data
 
-from care_dataset.hf import SAMPLE_KEYS, table_row_to_sample
-from care_dataset.published import CONVERTED, PUBLISHED, PublishedDataset, open_any, source_kind
-from care_dataset.store import CareDataset
+from care_dataset.format.hf import SAMPLE_KEYS, table_row_to_sample
+from care_dataset.format.published import CONVERTED, PUBLISHED, PublishedDataset, open_any, source_kind
+from care_dataset.format.reader import CareDataset
 
 __all__ = ["CONVERTED", "PUBLISHED", "CareSliceDataset", "source_kind"]
 
@@ -27,7 +27,7 @@ class CareSliceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: Any, split: str = "train", transform: Callable[[dict], Any] | None = None):
-        import datasets
+        import datasets  # deferred: datasets takes 1 s to import; needed for a datasets.Dataset source only
 
         self.split = split
         self.transform = transform

@@ -6,7 +6,7 @@ is one Arrow row and a whole case one contiguous Arrow slice of the memory-mappe
 without the ``datasets`` formatters. Per-case metadata comes from ``metadata/cases.json`` (a byte copy of
 the converted folder's), checked against the rows; without it, from the Parquet columns.
 
-``open_any(path)`` opens either kind of folder: a :class:`~care_dataset.store.CareDataset` or a
+``open_any(path)`` opens either kind of folder: a :class:`~care_dataset.format.reader.CareDataset` or a
 :class:`PublishedDataset`.
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from care_dataset.error_text import error_line
-from care_dataset.hf import SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published, storage_column
-from care_dataset.store import CareDataset, SplitSlices, open_dataset
+from care_dataset.format.hf import (SLICES, VOLUMES, column_to_arrays, is_published_folder, load_published,
+                                    storage_column)
+from care_dataset.format.reader import CareDataset, SplitSlices, open_dataset
 
 CONVERTED = "converted"
 PUBLISHED = "published"
@@ -53,7 +54,7 @@ def open_any(path: str | Path) -> CareDataset | PublishedDataset:
 
 def check_parquet_footers(root: Path) -> None:
     """Read the footer of every Parquet file under ``root``: a truncated or foreign file fails here, naming it."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow takes 0.17 s to import; converted folders never need it
 
     for file in sorted(root.rglob("*.parquet")):
         try:
@@ -61,6 +62,13 @@ def check_parquet_footers(root: Path) -> None:
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
             raise ValueError(f"{file.relative_to(root).as_posix()}: not a readable Parquet file "
                              f"({error_line(error)})") from None
+
+
+def _case_runs(table: Any) -> list[tuple[str, int, int]]:
+    """(case ID, first row, row after the last) of each run of rows of one case in a ``slices`` table."""
+    case_of_row = table.column("case_id").to_pylist()
+    starts = [i for i in range(len(case_of_row)) if i == 0 or case_of_row[i] != case_of_row[i - 1]]
+    return [(case_of_row[start], start, stop) for start, stop in zip(starts, starts[1:] + [len(case_of_row)])]
 
 
 class PublishedDataset(SplitSlices):
@@ -76,7 +84,7 @@ class PublishedDataset(SplitSlices):
         if not is_published_folder(self.root):
             raise FileNotFoundError(f"{self.root.name or self.root}: not a published Hugging Face dataset folder")
         check_parquet_footers(self.root)
-        from datasets.exceptions import DatasetsError  # imported only here (slow import)
+        from datasets.exceptions import DatasetsError  # deferred: datasets takes 1 s to import
 
         try:
             slices = load_published(self.root, SLICES)
@@ -96,13 +104,8 @@ class PublishedDataset(SplitSlices):
         spacings: dict[str, list[float]] = {}
         for split, table in self._tables.items():
             stored[split] = []
-            case_of_row = table.column("case_id").to_pylist()
-            if not case_of_row:
-                continue
-            index_of_row = table.column("slice_index").to_numpy()
-            starts = [0] + [i for i in range(1, len(case_of_row)) if case_of_row[i] != case_of_row[i - 1]]
-            for start, stop in zip(starts, starts[1:] + [len(case_of_row)]):
-                case_id = case_of_row[start]
+            index_of_row = table.column("slice_index").to_numpy() if table.num_rows else None
+            for case_id, start, stop in _case_runs(table):
                 if case_id in self._rows:
                     raise ValueError(f"case {case_id}: its slices are not one contiguous run of rows of "
                                      f"the {SLICES} configuration")
@@ -157,7 +160,7 @@ class PublishedDataset(SplitSlices):
     def _add_volume_geometry(self) -> None:
         """Without metadata/, the canonical geometry and checksum of each case from the ``volumes`` Parquet
         columns (the arrays are not read)."""
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: pyarrow takes 0.17 s to import; converted folders never need it
 
         columns = ["case_id", "size", "spacing", "origin", "direction", "checksum"]
         for file in sorted((self.root / VOLUMES).glob("*.parquet")):

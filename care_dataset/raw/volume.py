@@ -1,19 +1,23 @@
-"""Checks on a NIfTI file that SimpleITK's reader does not make.
+"""Volume files (NIfTI, NRRD, MetaImage) and ITK-SNAP label description files.
 
-ITK reads a NIfTI file whose voxel data stops short (an interrupted copy or download) without an error,
-filling the missing voxels with 0. And when a header holds both a qform and an sform that disagree, ITK
-takes one of them and nibabel, FSL and others may take the other: the same file then lies at two places
-in space depending on the tool. Both are refused here, with a reason that names no file.
+A NIfTI file is also checked for what SimpleITK's reader gets wrong. ITK reads a NIfTI file whose voxel data
+stops short (an interrupted copy or download) without an error, filling the missing voxels with 0. And when a
+header holds both a qform and an sform that disagree, ITK takes one of them and nibabel, FSL and others may
+take the other: the same file then lies at two places in space depending on the tool. Both are refused here,
+with a reason that names no file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # qform and sform may differ by float32 rounding; beyond this fraction of the smallest voxel size they
 # describe two different placements.
@@ -32,7 +36,7 @@ def check_nifti(path: str | os.PathLike) -> None:
     """Raise NiftiError if the voxel data is shorter than the header says, or if the qform and sform
     place the volume differently. Reads the header and, for a gzipped file, its last 4 bytes (the stream
     is decompressed only when those do not give the expected size)."""
-    import nibabel as nib
+    import nibabel as nib  # deferred: nibabel imports pydicom (0.5 s); other volume files never need it
 
     path = Path(path)
     try:
@@ -88,3 +92,38 @@ def _check_xforms(header) -> None:
             f"the header's qform (code {int(qcode)}) and sform (code {int(scode)}) place the volume up to "
             f"{apart:.2f} mm apart, and tools differ in which one they use; set the wrong one's code to 0"
         )
+
+
+def volume_suffix(name: str) -> str | None:
+    lowered = name.lower()
+    return next((s for s in VOLUME_SUFFIXES if lowered.endswith(s)), None)
+
+
+def read_volume_file(path: Path) -> sitk.Image:
+    """A volume file as SimpleITK reads it, a NIfTI file also checked for what ITK reads wrongly
+    (:func:`check_nifti`). Raises RuntimeError (SimpleITK) or NiftiError."""
+    image = sitk.ReadImage(str(path))
+    if is_nifti(path):
+        check_nifti(path)
+    return image
+
+
+_DESCRIPTION_ROW = re.compile(
+    r'^\s*(-?\d+)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)\s+([-+\d.eE]+)\s+(\d+)\s+(\d+)\s+"(.*)"\s*$'
+)
+
+
+def parse_label_description(path: Path) -> dict[int, str]:
+    """ITK-SNAP label description file (``IDX R G B A VIS MSH "LABEL"`` rows, ``#`` comments) -> {value: name}.
+
+    Raises ValueError on a row in another format.
+    """
+    names: dict[int, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _DESCRIPTION_ROW.match(line)
+        if match is None:
+            raise ValueError(f"line {number} is not an ITK-SNAP label description row")
+        names[int(match.group(1))] = match.group(8)
+    return names

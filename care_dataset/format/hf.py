@@ -1,6 +1,6 @@
-"""Hugging Face side of CARE: the published features, folder detection, loading and Arrow rows -> arrays.
+"""The published folder's Hugging Face side: its features, folder detection, loading and Arrow rows -> arrays.
 
-A published folder (written by ``care_dataset.publish``) holds two configurations:
+A published folder (written by ``care-publish``) holds two configurations:
 
     slices   one row per stored axial slice: image (H, W) int16 HU, label (H, W) uint8, case_id,
              slice_index, spacing, label_classes (class values present in the slice, names in the feature)
@@ -8,7 +8,7 @@ A published folder (written by ``care_dataset.publish``) holds two configuration
 
 When every case has the same in-plane size the arrays are ``Array2D`` / ``Array3D`` features with that
 fixed shape; otherwise they are nested ``List`` features (same Parquet storage, same decoded arrays).
-``care_dataset.published.PublishedDataset`` reads a published folder with the interface of ``CareDataset``.
+``care_dataset.format.published.PublishedDataset`` reads a published folder with the interface of ``CareDataset``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SAMPLE_KEYS = ("image", "label", "case_id", "slice_index", "spacing")
 
 def _array_feature(ndim: int, shape: tuple[int, int] | None, dtype: str) -> Any:
     """Array2D/Array3D with fixed in-plane ``shape`` (first dim dynamic for 3-D), else nested lists."""
-    from datasets import Array2D, Array3D, List, Value
+    from datasets import Array2D, Array3D, List, Value  # deferred: datasets takes 1 s to import
 
     if shape is not None:
         return Array2D(shape=tuple(shape), dtype=dtype) if ndim == 2 else Array3D(shape=(None, *shape), dtype=dtype)
@@ -38,7 +38,7 @@ def _array_feature(ndim: int, shape: tuple[int, int] | None, dtype: str) -> Any:
 
 def slice_features(class_names: list[str], shape: tuple[int, int] | None) -> Any:
     """Features of the ``slices`` configuration; ``shape`` (H, W) or None for varying in-plane sizes."""
-    from datasets import ClassLabel, Features, List, Value
+    from datasets import ClassLabel, Features, List, Value  # deferred: datasets takes 1 s to import
 
     return Features({
         "image": _array_feature(2, shape, "int16"),
@@ -52,7 +52,7 @@ def slice_features(class_names: list[str], shape: tuple[int, int] | None) -> Any
 
 def volume_features(class_names: list[str], shape: tuple[int, int] | None) -> Any:
     """Features of the ``volumes`` configuration (one row per case)."""
-    from datasets import ClassLabel, Features, List, Value
+    from datasets import ClassLabel, Features, List, Value  # deferred: datasets takes 1 s to import
 
     return Features({
         "image": _array_feature(3, shape, "int16"),
@@ -82,7 +82,7 @@ def is_published_folder(path: str | Path) -> bool:
 def load_published(path: str | Path, config: str = SLICES, split: str | None = None,
                    streaming: bool = False) -> Any:
     """``datasets.load_dataset`` on a published folder, formatted as numpy with the stored dtypes."""
-    import datasets
+    import datasets  # deferred: datasets takes 1 s to import
 
     dataset = datasets.load_dataset(str(path), config, split=split, streaming=streaming)
     return dataset.with_format("numpy", dtype=None) if not streaming else dataset
@@ -104,7 +104,7 @@ def _nested_to_numpy(scalar: Any, dtype: type) -> np.ndarray:
 def storage_column(column: Any) -> Any:
     """An Arrow column with ``datasets``' extension types (Array2D, Array3D) replaced by their list storage,
     without a copy; reading the storage skips the per-access re-creation of the extension type."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: pyarrow takes 0.17 s to import; converted folders never need it
 
     chunks = [c.storage if isinstance(c, pa.ExtensionArray) else c for c in column.chunks]
     return pa.chunked_array(chunks, type=chunks[0].type if chunks else None)
@@ -113,7 +113,7 @@ def storage_column(column: Any) -> Any:
 def column_to_arrays(column: Any, dtype: type) -> np.ndarray:
     """The 2-D arrays of an Arrow column (Array2D storage or nested List, chunked or not) as one writable
     (n, H, W) array, without the ``datasets`` formatters; every row must have the same shape."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: pyarrow takes 0.17 s to import; converted folders never need it
 
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts, shape = [], None

@@ -2,7 +2,7 @@
 
 Values collected from raw/:
 - DICOM headers (DICOMDIR included): every value of an attribute whose Annex E action under the
-  Modified Dates Option is not "keep" (as care_dataset.annex_e resolves it), every free-text
+  Modified Dates Option is not "keep" (as care_dataset.deid.annex_e resolves it), every free-text
   value (LT, ST, UT) and every text value of an overlay group (60xx), whatever the table says,
   at any sequence depth, and every string value of a private tag (UN values too when they decode
   to printable latin-1 text). Only text VRs count (CS code strings and binary numbers are not
@@ -27,23 +27,23 @@ strings occur by chance in compressed data.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from care_dataset.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid import element_action, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
-from care_dataset.nifti import NIFTI_SUFFIXES
-from care_dataset.pseudonyms import STANDARD_UID_ROOT
+from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
+from care_dataset.deid.anonymize import element_action, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
+from care_dataset.deid.pseudonyms import STANDARD_UID_ROOT
+from care_dataset.raw.volume import NIFTI_SUFFIXES
 
 MIN_TEXT_LENGTH = 4
 MIN_BINARY_LENGTH = 6
@@ -176,8 +176,6 @@ def _stem(name: str) -> str:
 
 
 def _nifti_strings(path: Path) -> list[str]:
-    import nibabel as nib
-
     header = nib.load(str(path)).header
     keys = set(header.keys())
     out = []
@@ -190,8 +188,6 @@ def _nifti_strings(path: Path) -> list[str]:
 
 def _image_header_strings(path: Path) -> list[str]:
     """Text values of an NRRD or MetaImage header (numbers-only values and geometry keys left out)."""
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -375,32 +371,3 @@ def masked_path(rel: str, values: Iterable[str]) -> str:
     for value in sorted(values, key=len, reverse=True):
         rel = re.sub(re.escape(value), lambda m: mask(m.group(0)), rel, flags=re.IGNORECASE)
     return rel
-
-
-# --- command line (wired by care_dataset.cli) ------------------------------------------------
-
-def build_verify_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.description = "Scan an output tree for identifying values from the raw tree; exit 1 on any leak."
-    p.add_argument("out", type=Path, help="output folder to scan (every file and path name)")
-    p.add_argument("--raw", type=Path, required=True, help="raw folder the output was made from")
-    return p
-
-
-def run_verify(args: argparse.Namespace) -> int:
-    """Exit code 0 when clean, 1 on a leak, 2 for a usage error. Values are printed masked."""
-    out_dir, raw_dir = Path(args.out), Path(args.raw)
-    for folder in (out_dir, raw_dir):
-        if not folder.is_dir():
-            print(f"error: folder not found: {folder}", file=sys.stderr)
-            return 2
-    values = collect_identifying_values(raw_dir)
-    leaks = scan_for_leaks(out_dir, values)
-    for leak in leaks:
-        print(leak.line())
-    n_files = len({leak.path for leak in leaks})
-    if leaks:
-        print(f"{len(leaks)} leak(s) in {n_files} path(s) under {out_dir} "
-              f"({len(values)} identifying values searched)", file=sys.stderr)
-        return 1
-    print(f"no leak: {len(values)} identifying values searched under {out_dir}")
-    return 0

@@ -25,8 +25,17 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from care_dataset.io import as_int16, cast_int16
+from care_dataset.raw.image import as_int16, canonical_geometry, cast_int16, describe_grid, grid_difference
 
+# Modality (0008,0060) defined terms of PS3.3 C.7.3.1.1.1, current and retired: only these may be echoed in a
+# reason (report.json); any other value is free text typed in somewhere and is never copied out.
+DICOM_MODALITIES = frozenset("""
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG
+    RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN
+    TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 NATIVE_SYNTAXES = (
     pydicom.uid.ImplicitVRLittleEndian,
@@ -363,3 +372,50 @@ def _read_with_simpleitk(series: DicomSeries) -> sitk.Image:
         if values.min() >= max(lo_hi[0], -32768) and values.max() <= min(lo_hi[1], 32767):
             return image
     return cast_int16(_execute(series.files, None, series.transfer_syntax))
+
+
+# --- the image series of a case ------------------------------------------------------------------------------
+
+
+def no_series_reason(skipped: dict[str, int], num_files: int) -> str:
+    if num_files == 0:
+        return "no image found (neither a DICOM series nor a volume file)"
+    found = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    return f"no usable axial image series among {num_files} DICOM files ({found})"
+
+
+def not_ct_reason(modality: str) -> str:
+    """Why a series of ``modality`` is refused; names the modality only when it is a DICOM defined term."""
+    if modality in DICOM_MODALITIES:
+        return f"modality {modality} is not CT"
+    if modality == "unknown":  # scan_dicom's value for an empty Modality
+        return "the image series has no modality (not CT)"
+    return "the image series is not CT (non-standard modality code)"
+
+
+def choose_series(series: list[DicomSeries], label_grid: dict, tolerance: float) -> DicomSeries:
+    """The first series (in order of preference) whose canonical grid matches `label_grid`; DicomError if none."""
+    if len(series) == 1:
+        return series[0]
+    for candidate in series:  # already in order of preference
+        if grid_difference(canonical_geometry(candidate.geometry()), label_grid, tolerance) is None:
+            return candidate
+    listed = ", ".join(describe_grid(canonical_geometry(s.geometry()), with_origin=False) for s in series)
+    raise DicomError(
+        f"no series matches the annotation grid {describe_grid(label_grid, with_origin=False)}; candidates: {listed}"
+    )
+
+
+def read_case_series(root: Path, exclude: set[Path], label_grid: dict,
+                     tolerance: float) -> tuple[sitk.Image, pydicom.Dataset]:
+    """The CT series under `root` on the annotation's grid, as int16 HU, and the header of one of its files.
+
+    Raises DicomError with a privacy-safe reason: no usable series, none on the grid, or not CT.
+    """
+    scan = scan_dicom(root, exclude=exclude)
+    if not scan.series:
+        raise DicomError(no_series_reason(scan.skipped, scan.num_files))
+    chosen = choose_series(scan.series, label_grid, tolerance)
+    if chosen.modality != "CT":
+        raise DicomError(not_ct_reason(chosen.modality))
+    return read_series_int16(chosen), chosen.header

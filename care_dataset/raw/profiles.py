@@ -12,7 +12,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "conversion"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "conversion"
 
 
 class ProfileError(ValueError):

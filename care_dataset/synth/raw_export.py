@@ -10,7 +10,6 @@ DICOMDIR. Same arguments -> identical files.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -36,19 +35,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from .files import creation_problem, make_staging_dir
-from .synth_phantom import phantom_volume
+from care_dataset.files import atomic_file, creation_problem, make_staging_dir, previous_path, replace_folder
+from care_dataset.synth.phantom import phantom_volume
 
 __all__ = [
     "CasePlan",
     "CORRUPTIONS",
-    "build_parser",
     "case_geometry",
     "case_volume",
     "corrupt_case",
-    "phantom_volume",
     "plan_dataset",
-    "run_from_args",
     "write_case",
     "write_raw_dataset",
 ]
@@ -719,9 +715,7 @@ def write_case(plan: CasePlan, out_dir: Path) -> Path:
             _write_dicomdir(plan, files, staging)
         _write_label(plan, label, staging)
         os.chmod(staging, 0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_folder(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -748,8 +742,9 @@ def write_raw_dataset(
         raise OSError(f"output folder {out_dir}: {problem}")
     out_dir.mkdir(parents=True, exist_ok=True)
     expected = {plan.folder for plan in plans}
+    set_aside = {previous_path(out_dir / folder).name for folder in expected}
     for entry in out_dir.iterdir():
-        if entry.name.startswith(".synth-"):
+        if entry.name.startswith(".synth-") or entry.name in set_aside:
             shutil.rmtree(entry, ignore_errors=True)  # left by an interrupted run
         elif entry.name not in expected:
             raise ValueError(f"{out_dir} already holds {entry.name!r}, which this dataset would not write; use an empty folder")
@@ -788,12 +783,6 @@ def _dicom_series(case_dir: Path) -> dict[str, list[Path]]:
     return series
 
 
-def _replace_file(path: Path, write) -> None:
-    tmp = path.with_name(f".corrupt-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _rewrite_label(path: Path, edit) -> None:
     image = sitk.ReadImage(str(path))
     array = edit(sitk.GetArrayFromImage(image))
@@ -801,7 +790,8 @@ def _rewrite_label(path: Path, edit) -> None:
     out.SetSpacing(image.GetSpacing())
     out.SetOrigin(image.GetOrigin())
     out.SetDirection(image.GetDirection())
-    _replace_file(path, lambda tmp: sitk.WriteImage(out, str(tmp), useCompression=True))
+    with atomic_file(path) as tmp:
+        sitk.WriteImage(out, str(tmp), useCompression=True)
 
 
 def corrupt_case(case_dir: Path, kind: str) -> None:
@@ -814,7 +804,8 @@ def corrupt_case(case_dir: Path, kind: str) -> None:
         main = max(_dicom_series(case_dir).values(), key=len)
         victim = main[len(main) // 2]
         data = victim.read_bytes()
-        _replace_file(victim, lambda tmp: tmp.write_bytes(data[: int(len(data) * 0.6)]))
+        with atomic_file(victim) as tmp:
+            tmp.write_bytes(data[: int(len(data) * 0.6)])
     elif kind == "no_label":
         _label_path(case_dir).unlink()
     elif kind == "mismatched_grid":
@@ -835,28 +826,7 @@ def corrupt_case(case_dir: Path, kind: str) -> None:
                 ds.Modality = "MR"
                 ds.SOPClassUID = MRImageStorage
                 ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-                _replace_file(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+                with atomic_file(path) as tmp:
+                    ds.save_as(tmp, enforce_file_format=True)
     else:
         raise ValueError(f"unknown corruption {kind!r}; choose one of {', '.join(CORRUPTIONS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (wired up by care_dataset.cli)
-
-
-def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add care-synth's arguments to ``p``."""
-    p.add_argument("out_dir", type=Path, help="folder to write the raw cases into")
-    p.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
-    p.add_argument("--size", type=int, default=512, help="in-plane pixels per side (default 512)")
-    p.add_argument("--slices", type=int, default=None, help="slices per case (default: 60-120, varied)")
-    p.add_argument("--no-messy", dest="messy", action="store_false", help="no localizers, extra series, compression or odd layouts")
-    return p
-
-
-def run_from_args(args: argparse.Namespace, progress=None) -> list[Path]:
-    """Run care-synth for parsed arguments; returns the case folders written."""
-    return write_raw_dataset(
-        args.out_dir, args.cases, args.seed, size=args.size, slices=args.slices, messy=args.messy, progress=progress
-    )

@@ -1,0 +1,1 @@
+"""care-convert: raw cases -> de-identified, slice-filtered, patient-split converted folder."""

@@ -1,0 +1,1 @@
+"""The converted folder (writer, reader, splits) and the published Hugging Face folder (layout, reader)."""
