@@ -1,9 +1,11 @@
-"""Suite-wide settings: one intra-op thread per pytest-xdist worker, offline Hugging Face with a private cache."""
+"""Suite-wide settings (one intra-op thread per pytest-xdist worker, offline Hugging Face) and shared fixtures."""
 
 from __future__ import annotations
 
 import os
 
+import datasets
+import huggingface_hub.constants
 import pytest
 
 
@@ -25,3 +27,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def hf_offline(tmp_path_factory):
+    """Offline Hub, quiet progress bars and a private datasets cache for this module."""
+    cache = tmp_path_factory.mktemp("hf_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                            ("HF_DATASETS_CACHE", str(cache))):
+            mp.setenv(name, value)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        datasets.disable_progress_bars()
+        yield cache

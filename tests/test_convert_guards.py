@@ -22,7 +22,7 @@ from care_dataset.files import LOCK_NAME, hold_output_lock
 from care_dataset.format import layout, reader
 from care_dataset.raw.profiles import load_profile
 from care_dataset.synth.phantom import phantom_volume
-from test_convert import phantom, write_dicom_case
+from dicom_cases import phantom, write_dicom_case
 
 KEY = b"guard-test-key"
 SHAPE = (12, 32, 32)  # z, y, x

@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from care_dataset.format import layout, reader
 from care_dataset import PublishedDataset, open_any
+from care_dataset.format import layout, reader
 from care_dataset.publish.job import publish
-from test_publish import hf_offline, make_converted  # noqa: F401  (fixture re-used)
+from converted_folders import make_converted
 
 # zarr with one in-plane size (Array2D features), small shards so cases span Parquet files and row groups;
 # HDF5 with differing in-plane sizes (nested List features)

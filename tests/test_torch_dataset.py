@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from care_dataset.format import reader
 from care_dataset import open_any
-from care_dataset.publish.job import publish
+from care_dataset.format import reader
 from care_dataset.format.torch_dataset import CareSliceDataset, source_kind
-from test_publish import assert_sample_equal, hf_offline, make_converted  # noqa: F401  (fixture re-used)
+from care_dataset.publish.job import publish
+from converted_folders import assert_sample_equal, make_converted
 
 
 @pytest.fixture(scope="module")
