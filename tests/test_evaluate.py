@@ -20,11 +20,12 @@ from torch import nn
 
 from care_dataset import store
 from usam.data import resize_labels
-from usam.evaluate import add_eval_arguments, cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
+from usam.cli import add_eval_arguments
+from usam.evaluate import cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
 from usam.metrics import dice_from_confusion
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
-from usam.predict import inference_settings
+from usam.inference import inference_settings
 
 CLASSES = ["background", "normal rectum", "tumor"]
 SPACING = [0.75, 0.8, 2.5]  # x, y, z mm
