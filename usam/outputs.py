@@ -28,10 +28,31 @@ LABEL_COLORS = ((230, 159, 0), (213, 94, 0), (0, 114, 178), (0, 158, 115), (204,
 OVERLAY_MARKER = ".usam-overlays.json"
 
 
+# ---------------------------------------------------------------- checks before any work
+
+
 def check_parent_creatable(path: Path, what: str) -> None:
     """The folder `path` exists or can be made: its nearest existing ancestor is a writable folder."""
     if problem := creation_problem(path):
         raise InputError(f"{what}: {problem}")
+
+
+def check_output_path(out: Path, image: Path | None = None) -> None:
+    """Refuse an --out that cannot become a label volume, before any work (InputError, one line)."""
+    if os.path.isdir(out):
+        raise InputError(f"--out {out}: is an existing folder; give a file name such as {out / 'pred.nii.gz'}")
+    if not out.name.endswith(LABEL_VOLUME_EXTENSIONS):
+        raise InputError(
+            f"--out {out}: cannot write a label volume named like this; end it with one of "
+            f"{', '.join(LABEL_VOLUME_EXTENSIONS)}"
+        )
+    if label_description_path(out).name == "_labels.txt":
+        raise InputError(f"--out {out}: give the file a name before its extension, such as pred.nii.gz")
+    if image is not None and os.path.exists(out) and out.resolve() == Path(image).resolve():
+        raise InputError(f"--out {out}: is the input image; give another file name")
+    if os.path.isdir(label_description_path(out)):
+        raise InputError(f"--out {out}: {label_description_path(out)} is an existing folder")
+    check_parent_creatable(out.parent, f"--out {out}")
 
 
 def overlay_folder_is_ours(folder: Path) -> bool:
@@ -64,23 +85,34 @@ def check_overlay_folder(folder: Path, out: Path) -> None:
     check_parent_creatable(folder.parent, what)
 
 
-def _make_folders(folder: Path) -> list[Path]:
-    """mkdir -p; returns the folders it created, outermost first."""
-    missing = []
-    folder = Path(os.path.abspath(folder))
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        path.mkdir()
-    return missing[::-1]
+# ---------------------------------------------------------------- the label description file
 
 
-def error_reason(error: Exception) -> str:
-    """An OSError's own words ("No space left on device"), else the error's last line."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return error_line(error, last=True)
+def label_description(class_names: tuple[str, ...] | list[str]) -> str:
+    """ITK-SNAP label description text: IDX R G B A VIS MSH "LABEL" per class."""
+    lines = [
+        "# ITK-SnAP Label Description File",
+        "# written by usam predict; columns: IDX -R- -G- -B- -A-- VIS MSH LABEL",
+        f'{0:5d} {0:5d} {0:4d} {0:4d} {0:8.2f} {0:2d} {0:2d}    "Clear Label"',
+    ]
+    for value, name in enumerate(class_names[1:], start=1):
+        r, g, b = LABEL_COLORS[(value - 1) % len(LABEL_COLORS)]
+        label = str(name).replace('"', "'")
+        lines.append(f'{value:5d} {r:5d} {g:4d} {b:4d} {1:8.2f} {1:2d} {1:2d}    "{label}"')
+    return "\n".join(lines) + "\n"
+
+
+def label_description_path(out: Path) -> Path:
+    """pred.nii.gz -> pred_labels.txt beside it."""
+    name = out.name
+    for suffix in (*LABEL_VOLUME_EXTENSIONS, ".gz"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.with_name(f"{name}_labels.txt")
+
+
+# ---------------------------------------------------------------- staging
 
 
 class OutputWriter:
@@ -111,17 +143,32 @@ class OutputWriter:
                     pass
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p; returns the folders it created, outermost first."""
+    missing = []
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return missing[::-1]
+
+
 def _move_files_in(staged: Path, destination: Path, last: str) -> None:
     """Move every file of `staged` into `destination` (os.replace each), the file named `last` last."""
     for path in sorted(staged.iterdir(), key=lambda p: (p.name == last, p.name)):
         os.replace(path, destination / path.name)
 
 
-def swap_overlay_folder(staged: Path, folder: Path) -> None:
-    """Put `staged` in place of `folder`, whose files, ours, are then removed."""
-    if folder.exists() and not overlay_folder_is_ours(folder):  # checked before the run, and again here
-        raise InputError(f"--overlays {folder}: holds files usam predict did not write there")
-    replace_folder(staged, folder)
+def error_reason(error: Exception) -> str:
+    """An OSError's own words ("No space left on device"), else the error's last line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return error_line(error, last=True)
+
+
+# ---------------------------------------------------------------- writing
 
 
 def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, str] | None = None) -> None:
@@ -167,46 +214,11 @@ def stage_overlays(
     return staged, files
 
 
-def label_description(class_names: tuple[str, ...] | list[str]) -> str:
-    """ITK-SNAP label description text: IDX R G B A VIS MSH "LABEL" per class."""
-    lines = [
-        "# ITK-SnAP Label Description File",
-        "# written by usam predict; columns: IDX -R- -G- -B- -A-- VIS MSH LABEL",
-        f'{0:5d} {0:5d} {0:4d} {0:4d} {0:8.2f} {0:2d} {0:2d}    "Clear Label"',
-    ]
-    for value, name in enumerate(class_names[1:], start=1):
-        r, g, b = LABEL_COLORS[(value - 1) % len(LABEL_COLORS)]
-        label = str(name).replace('"', "'")
-        lines.append(f'{value:5d} {r:5d} {g:4d} {b:4d} {1:8.2f} {1:2d} {1:2d}    "{label}"')
-    return "\n".join(lines) + "\n"
-
-
-def label_description_path(out: Path) -> Path:
-    """pred.nii.gz -> pred_labels.txt beside it."""
-    name = out.name
-    for suffix in (*LABEL_VOLUME_EXTENSIONS, ".gz"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return out.with_name(f"{name}_labels.txt")
-
-
-def check_output_path(out: Path, image: Path | None = None) -> None:
-    """Refuse an --out that cannot become a label volume, before any work (InputError, one line)."""
-    if os.path.isdir(out):
-        raise InputError(f"--out {out}: is an existing folder; give a file name such as {out / 'pred.nii.gz'}")
-    if not out.name.endswith(LABEL_VOLUME_EXTENSIONS):
-        raise InputError(
-            f"--out {out}: cannot write a label volume named like this; end it with one of "
-            f"{', '.join(LABEL_VOLUME_EXTENSIONS)}"
-        )
-    if label_description_path(out).name == "_labels.txt":
-        raise InputError(f"--out {out}: give the file a name before its extension, such as pred.nii.gz")
-    if image is not None and os.path.exists(out) and out.resolve() == Path(image).resolve():
-        raise InputError(f"--out {out}: is the input image; give another file name")
-    if os.path.isdir(label_description_path(out)):
-        raise InputError(f"--out {out}: {label_description_path(out)} is an existing folder")
-    check_parent_creatable(out.parent, f"--out {out}")
+def swap_overlay_folder(staged: Path, folder: Path) -> None:
+    """Put `staged` in place of `folder`, whose files, ours, are then removed."""
+    if folder.exists() and not overlay_folder_is_ours(folder):  # checked before the run, and again here
+        raise InputError(f"--overlays {folder}: holds files usam predict did not write there")
+    replace_folder(staged, folder)
 
 
 def write_prediction(
