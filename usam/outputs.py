@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,10 +155,10 @@ def _make_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
-def _move_files_in(staged: Path, destination: Path, last: str) -> None:
-    """Move every file of `staged` into `destination` (os.replace each), the file named `last` last."""
-    for path in sorted(staged.iterdir(), key=lambda p: (p.name == last, p.name)):
-        os.replace(path, destination / path.name)
+def _move_files_in(staged: Path, destination: Path, names: Iterable[str]) -> None:
+    """Move the files `names` of `staged` into `destination` (os.replace each), in that order."""
+    for name in names:
+        os.replace(staged / name, destination / name)
 
 
 def error_reason(error: Exception) -> str:
@@ -185,7 +185,8 @@ def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, st
         sitk.WriteImage(image, str(staged / out.name), useCompression=True)
         for name, text in (extra_text or {}).items():
             (staged / name).write_text(text, encoding="utf-8")
-        _move_files_in(staged, out.parent, last=out.name)
+        header_last = sorted(os.listdir(staged), key=lambda name: (name == out.name, name))
+        _move_files_in(staged, out.parent, header_last)
         failed = False
     except (OSError, RuntimeError) as error:
         raise InputError(f"--out {out}: could not write ({error_reason(error)})") from None
@@ -269,8 +270,7 @@ def write_folder_files(out: Path, names: Sequence[str], render: Callable[[Path],
         staging = make_staging_dir(out.parent, f".{out.name}.")
         render(staging)
         if out.is_dir() and not set(os.listdir(out)) <= set(names):
-            for name in names:
-                os.replace(staging / name, out / name)
+            _move_files_in(staging, out, names)
         else:
             replace_folder(staging, out)
     finally:
