@@ -28,13 +28,7 @@ from care_dataset.error_text import error_line
 from care_dataset.io import DICOM_MODALITIES, no_series_reason, read_volume_file, to_canonical
 from care_dataset.io_dicom import DicomError, read_series_int16, scan_dicom
 from care_dataset.nifti import NiftiError
-from usam.inference import (
-    InferenceSettings,
-    InputError,
-    choose_device,
-    inference_settings,
-    segment_slices,
-)
+from usam.inference import InferenceSettings, InputError, choose_device, inference_settings, segment_slices
 from usam.models.checkpoints import load_checkpoint
 from usam.outputs import check_output_path, check_overlay_folder, write_prediction
 from usam.prompts import (
@@ -357,7 +351,7 @@ def run_predict(args: argparse.Namespace) -> int:
     result = labels_on_original_grid(labels, canonical, image)
     try:
         drawn = write_prediction(result, out, settings,
-                              None if overlays is None else (overlays, hu, labels, CanonicalGrid.of(image)))
+                                 None if overlays is None else (overlays, hu, labels, CanonicalGrid.of(image)))
     except InputError as error:
         print(f"usam predict: {error}", file=sys.stderr)
         return 2
