@@ -27,16 +27,9 @@ from scipy import ndimage
 
 from usam.data import window_normalize
 from usam.models.registry import create_model
-from usam.predict import (
-    canonical_hu,
-    forward_logits,
-    labels_on_original_grid,
-    predict_canonical,
-    read_image,
-    resolve_device,
-    write_image_atomic,
-)
-from usam.predict import InferenceSettings
+from usam.inference import InferenceSettings, choose_device, forward_logits
+from usam.outputs import write_image_atomic
+from usam.predict import canonical_hu, labels_on_original_grid, predict_canonical, read_image
 
 
 def synthetic_ct(slices: int, size: int, seed: int = 0) -> sitk.Image:
@@ -110,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = choose_device(args.device)
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=3).to(device).eval()
     settings = InferenceSettings(("background", "normal rectum", "tumor"), (-125.0, 275.0),

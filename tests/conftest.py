@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import datasets
 import huggingface_hub.constants
@@ -42,3 +43,15 @@ def hf_offline(tmp_path_factory):
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         datasets.disable_progress_bars()
         yield cache
+
+
+@pytest.fixture
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions apply: none for a user, setpriv without root's DAC
+    override for root; skips the test where neither is possible."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]

@@ -10,8 +10,10 @@ import numpy as np
 
 from care_dataset import files
 from care_dataset.format import layout, writer
+from care_dataset.synth.phantom import phantom_volume
 
 CLASSES = ["background", "normal rectum", "tumor"]
+PHANTOM_CLASSES = ["background", "rectum", "tumor"]  # make_converted_folder's
 
 
 def blob_case(rng: np.random.Generator, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +89,34 @@ def assert_sample_equal(got: dict, want: dict) -> None:
     assert got["case_id"] == want["case_id"]
     assert int(got["slice_index"]) == want["slice_index"]
     assert tuple(float(s) for s in got["spacing"]) == want["spacing"]
+
+
+def make_converted_folder(root: Path, num_patients: int = 6, size: int = 64, depth: int = 24,
+                          storage: str = "zarr", seed: int = 0) -> Path:
+    """A small converted CARE folder (docs/format.md) of synthetic pelvic phantoms: one case per patient,
+    the slices that hold a label kept, patients 0 and 1 in the test split, the rest in train."""
+    writer.init_store(root, storage)
+    cases, checksums = {}, {}
+    splits = {"seed": seed, "strategy": "patient", "train": [], "test": []}
+    for p in range(num_patients):
+        case_id = f"P{p:03d}_a"
+        hu, label = phantom_volume((depth, size, size), (5.0, 400.0 / size, 400.0 / size),
+                                   np.random.default_rng([seed, p]), tumour=True)
+        kept = np.flatnonzero(label.reshape(depth, -1).max(1) > 0)
+        image, label = np.ascontiguousarray(hu[kept]), np.ascontiguousarray(label[kept])
+        writer.write_case(root, storage, case_id, image, label)
+        split = "test" if p < 2 else "train"
+        splits[split].append(case_id)
+        checksum = layout.content_checksum(image, label)
+        checksums[case_id] = checksum
+        spacing = [400.0 / size, 400.0 / size, 5.0]
+        cases[case_id] = {"split": split, "num_slices": len(kept), "kept_slices": kept.tolist(),
+                          "spacing": spacing, "checksum": checksum,
+                          "canonical": {"size": [size, size, depth], "spacing": spacing, "origin": [0.0] * 3,
+                                        "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}}
+    manifest = {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": storage,
+                "classes": PHANTOM_CLASSES, "checksums": {"cases": checksums, "all": "f" * 64}}
+    files.write_json_atomic(root / "dataset.json", manifest)
+    files.write_json_atomic(root / "splits.json", splits)
+    files.write_json_atomic(root / "cases.json", cases)
+    return root

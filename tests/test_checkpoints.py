@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from usam.models import create_model, load_checkpoint, load_sam_checkpoint, load_weights, save_checkpoint
-from usam.models.checkpoints import _resize_pos_embed, _resize_rel_pos
+from usam.models.sam_weights import _resize_pos_embed, _resize_rel_pos
 from usam.models.sam_parts import sam_modeling  # noqa: F401  (makes segment_anything importable)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -236,30 +235,16 @@ def test_an_output_behind_a_dangling_link_is_one_line(tmp_path, capsys):
     link.symlink_to(tmp_path / "nowhere" / "x")
     assert synth_main([str(link), "--cases", "1", "--size", "64", "--slices", "8"]) == 2
     assert "is a symbolic link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
-    from usam.predict import main as predict_main
-
     out = link / "pred.nii.gz"
-    assert predict_main(["--checkpoint", str(tmp_path / "none"), "--image", str(tmp_path / "none.nii.gz"),
+    assert usam_main(["predict", "--checkpoint", str(tmp_path / "none"), "--image", str(tmp_path / "none.nii.gz"),
                          "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"{link} is a symbolic link to" in err
 
 
-def _without_file_permission_override() -> list[str] | None:
-    """A command prefix under which permissions apply: none for a user, setpriv without root's DAC override."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        return None
-    caps = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
-
-
-def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path, key_file):
+def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path, key_file, unprivileged):
     """Path.exists raises PermissionError there before Python 3.13; every check goes through os.path."""
-    prefix = _without_file_permission_override()
-    if prefix is None:
-        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    prefix = unprivileged
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     if os.geteuid() == 0:
@@ -272,8 +257,8 @@ def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path,
         "care-synth": (run.format("care_dataset.cli", "synth_main"), [str(out), "--cases", "1"]),
         "care-convert": (run.format("care_dataset.cli", "convert_main"),
                          [str(raw), str(out), "--key-file", str(key_file)]),
-        "usam predict": (run.format("usam.predict", "main"), ["--checkpoint", str(tmp_path / "none"), "--image",
-                                                              str(tmp_path / "none.nii"), "--out", str(out / "p.nii.gz")]),
+        "usam predict": (run.format("usam.cli", "main"), ["predict", "--checkpoint", str(tmp_path / "none"), "--image",
+                                                          str(tmp_path / "none.nii"), "--out", str(out / "p.nii.gz")]),
     }
     try:
         for name, (code, argv) in commands.items():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from care_dataset.synth.phantom import phantom_volume
-from test_data import make_converted_folder
+from converted_folders import make_converted_folder
 from usam.config import build_config
 from usam.models.registry import create_model
 from usam.predict import predict_volume

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from care_dataset import files
-from care_dataset.format import layout, reader, writer
-from care_dataset.synth.phantom import phantom_volume
+from care_dataset.format import reader
+from converted_folders import PHANTOM_CLASSES, make_converted_folder
 from usam.data import (
     DEFAULT_WINDOW,
     Augmentation,
@@ -26,40 +25,6 @@ from usam.data import (
     slices_with_class,
     window_normalize,
 )
-
-CLASSES = ["background", "rectum", "tumor"]
-
-
-def make_converted_folder(root: Path, num_patients: int = 6, size: int = 64, depth: int = 24,
-                          storage: str = "zarr", seed: int = 0) -> Path:
-    """A small converted CARE folder (docs/format.md) of synthetic pelvic phantoms: one case per patient,
-    the slices that hold a label kept, patients 0 and 1 in the test split, the rest in train."""
-    writer.init_store(root, storage)
-    cases, checksums = {}, {}
-    splits = {"seed": seed, "strategy": "patient", "train": [], "test": []}
-    for p in range(num_patients):
-        case_id = f"P{p:03d}_a"
-        hu, label = phantom_volume((depth, size, size), (5.0, 400.0 / size, 400.0 / size),
-                                   np.random.default_rng([seed, p]), tumour=True)
-        kept = np.flatnonzero(label.reshape(depth, -1).max(1) > 0)
-        image, label = np.ascontiguousarray(hu[kept]), np.ascontiguousarray(label[kept])
-        writer.write_case(root, storage, case_id, image, label)
-        split = "test" if p < 2 else "train"
-        splits[split].append(case_id)
-        checksum = layout.content_checksum(image, label)
-        checksums[case_id] = checksum
-        spacing = [400.0 / size, 400.0 / size, 5.0]
-        cases[case_id] = {"split": split, "num_slices": len(kept), "kept_slices": kept.tolist(),
-                          "spacing": spacing, "checksum": checksum,
-                          "canonical": {"size": [size, size, depth], "spacing": spacing, "origin": [0.0] * 3,
-                                        "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}}
-    manifest = {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION, "storage": storage,
-                "classes": CLASSES, "checksums": {"cases": checksums, "all": "f" * 64}}
-    files.write_json_atomic(root / "dataset.json", manifest)
-    files.write_json_atomic(root / "splits.json", splits)
-    files.write_json_atomic(root / "cases.json", cases)
-    return root
-
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
@@ -267,7 +232,7 @@ def test_class_balanced_sampler_oversamples_the_rare_class_reproducibly():
 
 def test_make_converted_folder_is_readable(converted):
     dataset = reader.open_dataset(converted)
-    assert dataset.class_names == CLASSES
+    assert dataset.class_names == PHANTOM_CLASSES
     assert len(dataset.case_ids("train")) == 2 and len(dataset.case_ids("test")) == 2
     sample = dataset.sample("train", 0)
     assert sample["image"].dtype == np.int16 and (sample["label"] > 0).any()

@@ -21,11 +21,12 @@ from torch import nn
 from care_dataset import files
 from care_dataset.format import layout, reader, writer
 from usam.data import resize_labels
-from usam.evaluate import add_eval_arguments, cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
+from usam.cli import add_eval_arguments
+from usam.evaluate import cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
 from usam.metrics import dice_from_confusion
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
-from usam.predict import inference_settings
+from usam.inference import inference_settings
 
 CLASSES = ["background", "normal rectum", "tumor"]
 SPACING = [0.75, 0.8, 2.5]  # x, y, z mm
@@ -323,13 +324,9 @@ def test_grid_titles_stay_inside_the_image(converted, tiny_checkpoint, tmp_path)
 
 
 def test_an_out_folder_whose_parent_is_not_writable_is_refused_before_any_work(converted, tiny_checkpoint,
-                                                                                 tmp_path):
+                                                                                 tmp_path, unprivileged):
     """The files are staged beside --out and moved in, so its parent must take new files too."""
-    from test_cli import _without_file_permission_override
-
-    prefix = _without_file_permission_override()
-    if prefix is None:
-        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    prefix = unprivileged
     parent = tmp_path / "shared"
     out = parent / "mine"
     out.mkdir(parents=True)

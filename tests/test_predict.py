@@ -17,9 +17,9 @@ from torch import nn
 
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
+from usam.cli import add_predict_arguments
+from usam.outputs import label_description_path
 from usam.predict import (
-    add_predict_arguments,
-    label_description_path,
     predict_volume,
     read_image,
     run_predict,
@@ -235,7 +235,7 @@ def test_dicom_folder_keeps_its_grid_and_leaks_no_header_value(tmp_path, tiny_ch
 
 def test_device_side_preprocessing_equals_the_training_preprocessing():
     from usam.data import preprocess_slices
-    from usam.predict import inference_settings, model_input
+    from usam.inference import inference_settings, model_input
 
     hu = np.random.default_rng(5).integers(-1200, 1500, (3, 97, 131)).astype(np.int16)
     settings = inference_settings(_config())
@@ -308,7 +308,7 @@ def test_too_many_points_name_the_users_slice():
 @pytest.fixture
 def threshold_model(monkeypatch):
     """`usam predict` with the thresholding stand-in instead of a trained checkpoint."""
-    monkeypatch.setattr("usam.models.checkpoints.load_checkpoint", lambda *a, **k: (ThresholdModel(), _config()))
+    monkeypatch.setattr("usam.predict.load_checkpoint", lambda *a, **k: (ThresholdModel(), _config()))
 
 
 def _run(tmp_path, image, out, *argv):
@@ -561,7 +561,7 @@ def test_a_failed_overlay_write_leaves_no_label_volume_either(tmp_path, threshol
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("usam.overlays.save_slice_overlays", no_space)
+    monkeypatch.setattr("usam.outputs.save_slice_overlays", no_space)
     out = tmp_path / "pred.nii.gz"
     assert _run(tmp_path, _flipped_volume(tumour_slices=[2]), out, "--overlays", str(tmp_path / "png")) == 2
     err = capsys.readouterr().err.strip()

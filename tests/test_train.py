@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from care_dataset.deid.pseudonyms import patient_of
 from care_dataset.format.reader import open_dataset
-from test_data import make_converted_folder
+from converted_folders import make_converted_folder
 from usam.cli import main as usam_main
 from usam.config import build_config, read_toml, to_toml
 from usam.train import open_training_data, train
@@ -185,19 +186,19 @@ def test_resume_refuses_other_data_and_follows_the_run_folder(data_dir, tmp_path
 
 def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(data_dir, tmp_path, monkeypatch,
                                                                                 capsys):
-    import usam.models.checkpoints as checkpoints
+    import usam.train as training
 
     out = tmp_path / "run"
     # a run killed at its first checkpoint: config.toml, run.json and log.jsonl, no last/
-    real_save = checkpoints.save_checkpoint
+    real_save = training.save_checkpoint
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "save_checkpoint", killed)
+    monkeypatch.setattr(training, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         train(config_for(data_dir, out, max_steps=9, lr_decoder=0.5, val_every=0, log_every=1, epochs=1))
-    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
     assert (out / "config.toml").is_file() and (out / "log.jsonl").is_file() and not (out / "last").exists()
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train(config_for(data_dir, out, max_steps=2, resume=True))
@@ -461,3 +462,160 @@ def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path,
     assert shards.keys() == parquet.keys()
     for name in shards:
         torch.testing.assert_close(parquet[name], shards[name], rtol=0, atol=0, msg=name)
+
+
+# ---- the steps of train(), one at a time
+
+
+def test_set_up_checks_and_plans_before_writing_anything(data_dir, tmp_path):
+    from usam.train import set_up
+
+    out = tmp_path / "run"
+    run = set_up(config_for(data_dir, out, max_steps=3))
+    plan = run.plan
+    assert plan.rank_batch == 4 and plan.steps_per_epoch == plan.sampler.num_samples // 4 > 0
+    assert plan.total_steps == min(100 * plan.steps_per_epoch, 3) == 3
+    assert plan.input_size == 64 and len(plan.val_set) > 0 and run.resume_state is None
+    assert (run.position.step, run.position.epoch, run.position.best_dice) == (0, 0, -1.0)
+    assert [group["name"] for group in run.optimizer.param_groups] == ["decoder"]  # a U-Net has no encoder group
+    assert not out.exists()
+    with pytest.raises(ValueError, match="larger than the"):
+        set_up(config_for(data_dir, out, batch_size=10_000))
+    assert not out.exists()
+
+
+def test_training_step_moves_weights_schedule_and_position(data_dir, tmp_path):
+    from usam.train import batch_to_device, epoch_batches, make_loaders, place_on_device, set_up, training_step
+
+    run = set_up(config_for(data_dir, tmp_path / "run", max_steps=3))
+    place_on_device(run)
+    loader, _ = make_loaders(run)
+    images, points, labels, target = batch_to_device(next(epoch_batches(run, loader)), run)
+    assert images.shape == (4, 1, 64, 64) and points.shape == (4, 2 * 3, 2) and target.dtype == torch.int64
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    logits, (loss, ce, dice), used_lr = training_step(run, run.model, images, points, labels, target)
+    assert logits.shape == (4, 3, 64, 64)
+    assert loss.item() == pytest.approx(0.4 * ce.item() + 0.6 * dice.item())
+    assert used_lr == {"decoder": 1e-3}  # the rate of this step; the schedule has moved on
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 1 / 3) ** 0.9)
+    assert (run.position.step, run.position.step_in_epoch) == (1, 1)
+    assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+
+
+def test_log_window_pools_the_counts_of_its_steps_and_starts_afresh(data_dir, tmp_path):
+    from usam.metrics import dice_from_confusion
+    from usam.train import LogWindow, set_up
+
+    run = set_up(config_for(data_dir, tmp_path / "run", max_steps=3))
+    window = LogWindow(3, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    targets = [torch.randint(0, 3, (2, 8, 8), generator=generator) for _ in range(2)]
+    predictions = [torch.randint(0, 3, (2, 8, 8), generator=generator) for _ in range(2)]
+    for target, pred, scale in zip(targets, predictions, (1.0, 3.0)):
+        logits = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float()
+        window.add(logits, target, (torch.tensor(scale), torch.tensor(scale / 2), torch.tensor(scale / 4)))
+    record = window.close(run, {"decoder": 0.5})
+    assert (record["loss"], record["ce"], record["dice_loss"]) == (2.0, 1.0, 0.5)
+    pred, truth = torch.cat(predictions).flatten(), torch.cat(targets).flatten()
+    expected = dice_from_confusion(np.array([[int(((pred == p) & (truth == t)).sum()) for t in range(3)]
+                                             for p in range(3)]))
+    assert list(record["dice"].values()) == pytest.approx(list(expected))
+    assert record["mean_dice"] == pytest.approx(float(expected[1:].mean()))
+    assert record["lr"] == {"decoder": 0.5} and record["step"] == 0 and record["images_per_s"] > 0
+    assert window.steps == 0 and not window.confusion.any() and not window.losses.any()
+
+
+def test_validate_pools_every_validation_slice(data_dir, tmp_path):
+    from usam.metrics import confusion_matrix, dice_from_confusion
+    from usam.train import make_loaders, place_on_device, set_up, validate
+
+    run = set_up(config_for(data_dir, tmp_path / "run", max_steps=3))
+    place_on_device(run)
+    _, val_loader = make_loaders(run)
+    run.model.train()
+    metrics = validate(run, val_loader)
+    assert run.model.training and metrics["slices"] == len(run.plan.val_set) > 0
+    run.model.eval()
+    confusion = np.zeros((3, 3), np.int64)
+    with torch.no_grad():
+        for batch in val_loader:
+            logits = run.model(batch["image"], batch["points"], batch["point_labels"])
+            confusion += confusion_matrix(logits.argmax(dim=1), batch["label"], 3)
+    expected = dice_from_confusion(confusion)
+    assert [np.nan if d is None else d for d in metrics["dice"].values()] == pytest.approx(list(expected),
+                                                                                         nan_ok=True)
+
+
+def test_a_saved_run_restores_its_position_and_drops_later_log_lines(data_dir, tmp_path):
+    from usam.train import (
+        batch_to_device,
+        epoch_batches,
+        log,
+        make_loaders,
+        place_on_device,
+        prepare_run_folder,
+        restore_train_state,
+        save,
+        set_up,
+        training_step,
+    )
+
+    out = tmp_path / "run"
+    run = set_up(config_for(data_dir, out, max_steps=4))
+    prepare_run_folder(run)
+    place_on_device(run)
+    loader, _ = make_loaders(run)
+    training_step(run, run.model, *batch_to_device(next(epoch_batches(run, loader)), run))
+    run.position.best_dice = 0.25
+    for step in (1, 2):
+        log(run, {"kind": "train", "step": step})
+    save(run, "last", None)
+    resumed = set_up(config_for(data_dir, out, max_steps=4, resume=True))
+    restore_train_state(resumed)
+    assert resumed.position == run.position and resumed.position.step == 1
+    assert resumed.scheduler.state_dict() == run.scheduler.state_dict()
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_due_after_step_validates_at_epoch_ends_and_checkpoints_where_it_stops():
+    from types import SimpleNamespace
+
+    from usam.train import Position, due_after_step
+
+    def run_at(step, step_in_epoch, val_every=0, log_every=10):
+        config = SimpleNamespace(val_every=val_every, log_every=log_every)
+        return SimpleNamespace(config=config, position=Position(step, 0, step_in_epoch),
+                               plan=SimpleNamespace(steps_per_epoch=5, total_steps=12))
+
+    middle = due_after_step(run_at(3, 3), 3, None)
+    assert not (middle.validate or middle.checkpoint or middle.log or middle.stopping or middle.end_of_epoch)
+    epoch_end = due_after_step(run_at(5, 5), 5, None)
+    assert epoch_end.end_of_epoch and epoch_end.validate and epoch_end.checkpoint and epoch_end.log
+    interrupted = due_after_step(run_at(7, 2), 2, stop_after=2)
+    assert interrupted.stopping and interrupted.checkpoint and interrupted.log and not interrupted.validate
+    on_log_step = due_after_step(run_at(10, 4), 10, None)
+    assert on_log_step.log and not (on_log_step.validate or on_log_step.checkpoint)
+    every_third = due_after_step(run_at(9, 4, val_every=3), 9, None)
+    assert every_third.validate and every_third.checkpoint and not every_third.end_of_epoch
+    last = due_after_step(run_at(12, 2), 12, None)
+    assert last.stopping and last.validate and last.checkpoint
+
+
+def test_one_device_rule_for_fit_eval_and_predict(monkeypatch):
+    from usam.inference import InputError, choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == choose_device("cpu") == torch.device("cpu")
+    for name, reason in (("gpu", "not a device"), ("meta", "give auto, cpu, cuda or cuda:N"),
+                         ("cpu:0", "give auto, cpu, cuda or cuda:N"), ("cuda", "CUDA is not available"),
+                         ("cuda:1", "CUDA is not available")):
+        with pytest.raises(InputError, match=reason):
+            choose_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == choose_device("cuda") == torch.device("cuda", 0)
+    assert choose_device("cuda:1") == torch.device("cuda", 1)
+    # under torchrun every rank takes its own GPU, whatever CUDA device was named
+    assert choose_device("cuda:1", local_rank=3) == choose_device("auto", local_rank=3) == torch.device("cuda", 3)
+    assert choose_device("cpu", local_rank=3) == torch.device("cpu")

@@ -9,27 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from usam.config import TrainConfig, build_config, coerce, read_toml, tomllib
-
-_FLAG_HELP = {
-    "data": "converted CARE folder or published Hugging Face dataset folder",
-    "window": "HU window LOW HIGH (default -125 275)",
-    "points": "point prompts per present class, sampled after augmentation (the paper uses 0, 1, 3 or 5)",
-    "model_args": "",
-}
-
-
-def _field_help(name: str) -> str:
-    """The attribute docstring of a TrainConfig field (read from the source), for --help."""
-    if name in _FLAG_HELP and _FLAG_HELP[name]:
-        return _FLAG_HELP[name]
-    import inspect
-
-    lines = inspect.getsource(TrainConfig).splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith(f"{name}:") and i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
-            return lines[i + 1].strip().strip('"')
-    return ""
+from usam.evaluate import run_eval
+from usam.models.registry import list_models
+from usam.outputs import LABEL_VOLUME_EXTENSIONS, OVERLAY_MARKER
+from usam.predict import run_predict
+from usam.train import train
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -51,11 +38,10 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         name, default = field.name, defaults[field.name]
         flag = "--" + name.replace("_", "-")
-        help_text = _field_help(name)
+        help_text = field.metadata["help"]
         if name == "model_args":
             parser.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg,
-                                metavar="KEY=VALUE", default=argparse.SUPPRESS,
-                                help="extra create_model argument, e.g. base_channels=32 (repeatable)")
+                                metavar="KEY=VALUE", default=argparse.SUPPRESS, help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{help_text} (default {default})")
@@ -65,6 +51,43 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, dest=name, type=type(default), default=argparse.SUPPRESS,
                                 help=f"{help_text} (default {default!r})")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="converted CARE folder (dataset.json, shards) or a published one (care-publish)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/x/best")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--points", type=int, default=None,
+                        help="points per class sampled from the truth (0 = unprompted; default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <checkpoint>/../eval_<split>_points<k>)")
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    parser.add_argument("--image", required=True, help="CT: a DICOM folder or a volume file (NIfTI, NRRD, MHA, ...)")
+    parser.add_argument("--points", default=None, help="clicks JSON (docs/evaluation.md); without it: unprompted")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help=f"output label volume, e.g. pred.nii.gz (one of {', '.join(LABEL_VOLUME_EXTENSIONS)}); "
+        "<name>_labels.txt (ITK-SNAP label descriptions) is written beside it",
+    )
+    parser.add_argument(
+        "--overlays",
+        default=None,
+        help="folder for PNG overlays, one per axial slice holding labels, named slice_k0012.png by the "
+        "input's own 0-based voxel index along its axial axis (k for axial scans; slice_i/slice_j for a "
+        "volume stored in another plane; ITK-SNAP's cursor shows it + 1). The folder is replaced as a whole "
+        "on each run (built as a hidden .<name>.tmp-* folder beside it, then swapped in); it must be new, "
+        f"empty, or written by usam predict (it keeps a {OVERLAY_MARKER} list of its files), so no other file "
+        "is ever deleted",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
 
 def resolve_fit_config(args: argparse.Namespace) -> TrainConfig:
@@ -86,8 +109,6 @@ def resolve_fit_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from usam.train import train
-
     config = resolve_fit_config(args)
     result = train(config)
     if not _is_main_rank():  # under torchrun the main process reports
@@ -99,8 +120,6 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from usam.models.registry import list_models
-
     for name in list_models():
         print(name)
     return 0
@@ -115,29 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_arguments(fit)
     fit.set_defaults(run=run_fit)
     eval_parser = commands.add_parser("eval", help="evaluate a checkpoint on a split")
+    add_eval_arguments(eval_parser)
+    eval_parser.set_defaults(run=run_eval)
     predict = commands.add_parser("predict", help="segment a CT volume with a checkpoint")
-    try:
-        from usam.evaluate import add_eval_arguments, run_eval
-
-        add_eval_arguments(eval_parser)
-        eval_parser.set_defaults(run=run_eval)
-    except ImportError as error:  # pragma: no cover
-        eval_parser.set_defaults(run=lambda _a, e=error: _unavailable("eval", e))
-    try:
-        from usam.predict import add_predict_arguments, run_predict
-
-        add_predict_arguments(predict)
-        predict.set_defaults(run=run_predict)
-    except ImportError as error:  # pragma: no cover
-        predict.set_defaults(run=lambda _a, e=error: _unavailable("predict", e))
+    add_predict_arguments(predict)
+    predict.set_defaults(run=run_predict)
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=run_models)
     return parser
-
-
-def _unavailable(command: str, error: Exception) -> int:
-    print(f"usam {command}: unavailable ({error})", file=sys.stderr)
-    return 2
 
 
 def _is_main_rank() -> bool:
@@ -147,8 +151,7 @@ def _is_main_rank() -> bool:
 
 def _in_process_group() -> bool:
     """True once `usam fit` has joined torchrun's process group, which it does after all its checks."""
-    distributed = sys.modules.get("torch.distributed")
-    return distributed is not None and distributed.is_available() and distributed.is_initialized()
+    return dist.is_available() and dist.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> int:

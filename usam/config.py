@@ -6,10 +6,12 @@ Precedence, lowest first: the defaults below, the saved config of the run (``--r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,89 +21,82 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def option(default: Any, help_text: str, **cli: Any) -> Any:
+    """A TrainConfig field: its default, its ``usam fit --help`` text and any argparse hints (``nargs``,
+    ``metavar``), kept as the field's metadata."""
+    metadata = {"help": help_text, **cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=partial(copy.deepcopy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``usam fit``; field names are the TOML keys and (with - for _) the CLI flags."""
 
     # data and model
-    data: str = ""
-    """Converted CARE folder (zarr/HDF5 shards) or a published Hugging Face dataset folder."""
-    model: str = "usam_b"
-    """Registered model name (``usam models`` lists them)."""
-    model_args: dict = field(default_factory=dict)
-    """Extra keyword arguments for ``create_model`` (TOML table; CLI ``--model-arg key=value``)."""
-    sam_checkpoint: str = ""
-    """Official SAM ViT-B weights (sam_vit_b_01ec64.pth) to initialise the SAM parts; empty = from scratch."""
-    num_classes: int = 0
-    """Classes including background; 0 takes the data's count, any other value must match it."""
-    out: str = "runs/usam"
-    """Run folder: config, logs, curves, checkpoints ``last/`` and ``best/``."""
+    data: str = option("", "converted CARE folder or published Hugging Face dataset folder")  # zarr/HDF5 shards
+    model: str = option("usam_b", "Registered model name (``usam models`` lists them).")
+    # a TOML table in a config file
+    model_args: dict = option({}, "extra create_model argument, e.g. base_channels=32 (repeatable)")
+    sam_checkpoint: str = option("", "Official SAM ViT-B weights (sam_vit_b_01ec64.pth) to initialise the SAM parts; "
+                                     "empty = from scratch.")
+    num_classes: int = option(0, "Classes including background; 0 takes the data's count, any other value must "
+                                 "match it.")
+    out: str = option("runs/usam", "Run folder: config, logs, curves, checkpoints ``last/`` and ``best/``.")
 
     # input pipeline
-    window: list = field(default_factory=lambda: [-125.0, 275.0],
-                         metadata={"nargs": 2, "metavar": ("LOW", "HIGH")})  # the CLI takes exactly two
-    """HU window (low, high) clipped and scaled to [0, 1]; stored in the checkpoint."""
-    points: int = 3
-    """Point prompts per present class, sampled from the label after augmentation (0, 1, 3 or 5)."""
-    augment: bool = True
-    """Online augmentation: flips, quarter turns and small rotations (see usam.data.Augmentation)."""
-    flip_prob: float = 0.5
-    """Probability of a left-right flip per training sample."""
-    max_rotation_deg: float = 15.0
-    """Largest small-angle rotation, degrees (uniform in [-max, max]), on top of quarter turns."""
-    small_rotation_prob: float = 0.5
-    """Probability of the small-angle rotation per training sample."""
-    class_balance: float = 0.0
-    """Fraction of training samples drawn from slices holding a uniformly chosen foreground class; 0 = the paper.
-    Rare-class oversampling, see usam.data.EpochSampler."""
-    val_fraction: float = 0.1
-    """Fraction of the training patients held out for model selection (the test split is never read)."""
+    # clipped and scaled to [0, 1]; stored in the checkpoint; the CLI takes exactly two numbers
+    window: list = option([-125.0, 275.0], "HU window LOW HIGH (default -125 275)", nargs=2, metavar=("LOW", "HIGH"))
+    points: int = option(3, "point prompts per present class, sampled after augmentation (the paper uses 0, 1, 3 "
+                            "or 5)")
+    augment: bool = option(True, "Online augmentation: flips, quarter turns and small rotations (see "
+                                 "usam.data.Augmentation).")
+    flip_prob: float = option(0.5, "Probability of a left-right flip per training sample.")
+    max_rotation_deg: float = option(15.0, "Largest small-angle rotation, degrees (uniform in [-max, max]), on top "
+                                           "of quarter turns.")
+    small_rotation_prob: float = option(0.5, "Probability of the small-angle rotation per training sample.")
+    # rare-class oversampling, see usam.data.EpochSampler
+    class_balance: float = option(0.0, "Fraction of training samples drawn from slices holding a uniformly chosen "
+                                       "foreground class; 0 = the paper.")
+    val_fraction: float = option(0.1, "Fraction of the training patients held out for model selection (the test "
+                                      "split is never read).")
 
     # optimisation
-    epochs: int = 100
-    """Passes over the training slices."""
-    max_steps: int = 0
-    """Stop after this many optimiser steps (0 = no bound); the LR schedule spans min(epochs x steps/epoch, max_steps)."""
-    batch_size: int = 24
-    """Global batch size (split evenly over DDP ranks); 24 as in the paper."""
-    lr_encoder: float = 1e-4
-    """LR of the pretrained ViT and the CNN down path. Authors' code: 1e-4; the paper's text says 1e-3."""
-    lr_decoder: float = 1e-3
-    """LR of everything else (prompt/mask decoder, U-Net up path). Authors' code: 1e-3; paper's text: 1e-4."""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay (PyTorch's default)."""
-    poly_power: float = 0.9
-    """Polynomial decay: lr = base_lr * (1 - step / total_steps) ** poly_power (0 = constant lr)."""
-    ce_weight: float = 0.4
-    """Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' code: 0.4 / 0.6)."""
-    dice_weight: float = 0.6
-    """Weight of the soft Dice loss (see ce_weight)."""
-    class_weights: list = field(default_factory=list)
-    """Cross-entropy weight per class, background first (empty = unweighted, as in the authors' code)."""
-    seed: int = 0
-    """Seeds initialisation, the validation carve, sample order, augmentation and points."""
+    epochs: int = option(100, "Passes over the training slices.")
+    max_steps: int = option(0, "Stop after this many optimiser steps (0 = no bound); the LR schedule spans "
+                               "min(epochs x steps/epoch, max_steps).")
+    batch_size: int = option(24, "Global batch size (split evenly over DDP ranks); 24 as in the paper.")
+    lr_encoder: float = option(1e-4, "LR of the pretrained ViT and the CNN down path. Authors' code: 1e-4; the "
+                                     "paper's text says 1e-3.")
+    lr_decoder: float = option(1e-3, "LR of everything else (prompt/mask decoder, U-Net up path). Authors' code: "
+                                     "1e-3; paper's text: 1e-4.")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (PyTorch's default).")
+    poly_power: float = option(0.9, "Polynomial decay: lr = base_lr * (1 - step / total_steps) ** poly_power "
+                                    "(0 = constant lr).")
+    ce_weight: float = option(0.4, "Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' "
+                                   "code: 0.4 / 0.6).")
+    dice_weight: float = option(0.6, "Weight of the soft Dice loss (see ce_weight).")
+    class_weights: list = option([], "Cross-entropy weight per class, background first (empty = unweighted, as in "
+                                     "the authors' code).")
+    seed: int = option(0, "Seeds initialisation, the validation carve, sample order, augmentation and points.")
 
     # schedule of evaluation, logging, checkpoints
-    val_every: int = 0
-    """Validate every this many steps (0 = at the end of each epoch); always at the end of training."""
-    log_every: int = 10
-    """Steps per JSONL log line and progress update."""
+    val_every: int = option(0, "Validate every this many steps (0 = at the end of each epoch); always at the end "
+                               "of training.")
+    log_every: int = option(10, "Steps per JSONL log line and progress update.")
 
     # execution
-    device: str = "auto"
-    """auto (CUDA when present), cpu, cuda or cuda:N."""
-    workers: int = -1
-    """DataLoader worker processes (-1 = min(8, CPU cores per rank)); results do not depend on it."""
-    amp: bool = True
-    """bf16 autocast on CUDA (CPU always runs fp32)."""
-    channels_last: bool = True
-    """channels_last memory format on CUDA."""
-    compile: bool = False
-    """torch.compile the model."""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms(True) (CPU runs are bit-reproducible regardless)."""
-    resume: bool = False
-    """Continue the run in ``out`` from ``out/last`` exactly (model, optimizer, schedule, data order, RNG)."""
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    workers: int = option(-1, "DataLoader worker processes (-1 = min(8, CPU cores per rank)); results do not "
+                              "depend on it.")
+    amp: bool = option(True, "bf16 autocast on CUDA (CPU always runs fp32).")
+    channels_last: bool = option(True, "channels_last memory format on CUDA.")
+    compile: bool = option(False, "torch.compile the model.")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms(True) (CPU runs are bit-reproducible "
+                                        "regardless).")
+    resume: bool = option(False, "Continue the run in ``out`` from ``out/last`` exactly (model, optimizer, "
+                                 "schedule, data order, RNG).")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""

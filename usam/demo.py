@@ -33,6 +33,8 @@ import SimpleITK as sitk
 from rich.console import Console
 from rich.table import Table
 
+from usam.prompts import sample_points
+
 console = Console()
 CLASS_NAMES = ("normal rectum", "tumor")
 # usam fit options of the demo (strings, as on a command line): from scratch, one learning rate for every group
@@ -66,8 +68,6 @@ def write_clicks(label_path: Path, clicks_path: Path, per_class: int) -> None:
     Deterministic (``usam.prompts.sample_points`` without a generator: points far from the boundary),
     in voxel indices of the original label volume, i.e. the CT's own grid as ITK-SNAP shows it.
     """
-    from usam.prompts import sample_points
-
     label = sitk.ReadImage(str(label_path))
     canonical = sitk.DICOMOrient(label, "LPS")
     array = sitk.GetArrayFromImage(canonical)

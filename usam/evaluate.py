@@ -16,20 +16,34 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from torch import nn
 
 from care_dataset.error_text import error_line
-from care_dataset.files import make_staging_dir, replace_folder
+from care_dataset.format.published import open_any
 from usam.data import resize_labels
+from usam.inference import (
+    InferenceSettings,
+    InputError,
+    choose_device,
+    config_value,
+    forward_logits,
+    inference_settings,
+    iter_batches,
+    logits_to_labels,
+    model_input,
+)
 from usam.metrics import (
     confusion_matrix,
     dice_from_confusion,
@@ -39,18 +53,9 @@ from usam.metrics import (
     summarize,
     volume_metrics,
 )
-from usam.predict import (
-    InferenceSettings,
-    InputError,
-    check_parent_creatable,
-    config_value,
-    forward_logits,
-    inference_settings,
-    iter_batches,
-    logits_to_labels,
-    model_input,
-    resolve_device,
-)
+from usam.models.checkpoints import load_checkpoint
+from usam.outputs import check_parent_creatable, write_folder_files
+from usam.overlays import save_case_grid
 from usam.prompts import PADDING_LABEL, sample_points
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
@@ -121,12 +126,10 @@ def model_prompts(
 
 def open_eval_data(path: str | Path) -> Any:
     """A converted folder as a `CareDataset`, a published Hugging Face folder as a `PublishedDataset`
-    (`care_dataset.published.open_any`: the same reading interface).
+    (`care_dataset.open_any`: the same reading interface).
 
     Raises InputError with one line naming the folder and the reason.
     """
-    from care_dataset.format.published import open_any
-
     try:
         return open_any(path)
     except FileNotFoundError as error:  # its message starts with the path
@@ -367,8 +370,6 @@ def grid_rows(evaluation: Evaluation, dataset: Any) -> list[dict]:
 
 
 def print_tables(summary: Mapping[str, Any], console: Any) -> None:
-    from rich.table import Table
-
     prompt = (f"{summary['points_per_class']} point(s) per class" if summary["prompted"] else "unprompted")
     paper = summary["paper_protocol"]
     table = Table(title=f"PAPER protocol - {paper['description']} ({summary['num_slices']} slices, {prompt})")
@@ -426,67 +427,37 @@ def check_output_folder(out: Path, data: Path, checkpoint: Path) -> None:
         check_parent_creatable(out, f"--out {out}")
 
 
+def render_outputs(folder: Path, evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any) -> None:
+    """metrics.json, cases.csv, summary.csv and cases_grid.png (OUTPUT_FILES) into `folder`."""
+    (folder / OUTPUT_FILES[0]).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (folder / OUTPUT_FILES[1]).write_text(cases_csv(evaluation), encoding="utf-8")
+    (folder / OUTPUT_FILES[2]).write_text(summary_csv(summary), encoding="utf-8")
+    save_case_grid(grid_rows(evaluation, dataset), evaluation.settings.class_names,
+                   evaluation.settings.window, folder / OUTPUT_FILES[3])
+
+
 def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:
-    """metrics.json, cases.csv, summary.csv, cases_grid.png into `out`.
-
-    Rendered into a hidden folder beside `out`, then moved in: a new folder, or one that holds only
-    these files, is replaced whole; in a folder that also holds other files, each of the four is
-    replaced on its own and the others are kept. Raises InputError, one line, leaving nothing partial.
-    """
-    from usam.overlays import save_case_grid
-
+    """metrics.json, cases.csv, summary.csv, cases_grid.png into `out`, all or nothing
+    (`usam.outputs.write_folder_files`: other files already in `out` are kept). Raises InputError, one line."""
     out = Path(out)
-    staging = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_staging_dir(out.parent, f".{out.name}.")
-        names = OUTPUT_FILES
-        (staging / names[0]).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        (staging / names[1]).write_text(cases_csv(evaluation), encoding="utf-8")
-        (staging / names[2]).write_text(summary_csv(summary), encoding="utf-8")
-        save_case_grid(grid_rows(evaluation, dataset), evaluation.settings.class_names,
-                       evaluation.settings.window, staging / names[3])
-        if out.is_dir() and not set(os.listdir(out)) <= set(names):
-            for name in names:
-                os.replace(staging / name, out / name)
-        else:
-            replace_folder(staging, out)
+        write_folder_files(out, OUTPUT_FILES, partial(render_outputs, evaluation=evaluation, summary=summary,
+                                                      dataset=dataset))
     except OSError as error:
         raise InputError(f"--out {out}: could not write ({error.strerror or error})") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return [out / name for name in names]
+    return [out / name for name in OUTPUT_FILES]
 
 
 # ---------------------------------------------------------------- command line
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True,
-                        help="converted CARE folder (dataset.json, shards) or a published one (care-publish)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/x/best")
-    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
-    parser.add_argument("--points", type=int, default=None,
-                        help="points per class sampled from the truth (0 = unprompted; default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: <checkpoint>/../eval_<split>_points<k>)")
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """`usam eval`; returns the exit status (0 ok, 2 bad input)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from usam.models.checkpoints import load_checkpoint
-
     console = Console()
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-        device = resolve_device(args.device)
+        device = choose_device(args.device)
         dataset = open_eval_data(args.data)
         try:
             case_ids = dataset.case_ids(args.split)
@@ -537,13 +508,3 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     console.print(f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True, markup=False, highlight=False)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="usam eval", description=__doc__.splitlines()[0])
-    add_eval_arguments(parser)
-    return run_eval(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,20 +24,35 @@ def confusion_matrix(pred: ArrayLike, truth: ArrayLike, num_classes: int) -> np.
     pred, truth: integer label arrays of the same shape (numpy or torch, any device); values must lie
     in 0..num_classes-1.
     """
+    if isinstance(pred, torch.Tensor) or isinstance(truth, torch.Tensor):
+        return confusion_tensor(torch.as_tensor(pred), truth, num_classes).cpu().numpy().astype(np.int64)
+    _check_shapes(pred, truth)
+    p = np.asarray(pred).reshape(-1).astype(np.int64)
+    t = np.asarray(truth).reshape(-1).astype(np.int64)
+    counts = np.bincount(p * num_classes + t, minlength=num_classes * num_classes)
+    _check_count_size(counts.size, num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def confusion_tensor(pred: torch.Tensor, truth: ArrayLike, num_classes: int) -> torch.Tensor:
+    """`confusion_matrix` as an int64 tensor on pred's device, which training sums step by step without
+    copying it to the host."""
+    _check_shapes(pred, truth)
+    p = pred.reshape(-1).long()
+    t = torch.as_tensor(truth, device=p.device).reshape(-1).long()
+    counts = torch.bincount(p * num_classes + t, minlength=num_classes * num_classes)
+    _check_count_size(counts.numel(), num_classes)
+    return counts.view(num_classes, num_classes)
+
+
+def _check_shapes(pred: ArrayLike, truth: ArrayLike) -> None:
     if tuple(pred.shape) != tuple(truth.shape):
         raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
-    if isinstance(pred, torch.Tensor) or isinstance(truth, torch.Tensor):
-        p = torch.as_tensor(pred).reshape(-1).long()
-        t = torch.as_tensor(truth, device=p.device).reshape(-1).long()
-        counts = torch.bincount(p * num_classes + t, minlength=num_classes * num_classes)
-        counts = counts.cpu().numpy()
-    else:
-        p = np.asarray(pred).reshape(-1).astype(np.int64)
-        t = np.asarray(truth).reshape(-1).astype(np.int64)
-        counts = np.bincount(p * num_classes + t, minlength=num_classes * num_classes)
-    if counts.size != num_classes * num_classes:
+
+
+def _check_count_size(size: int, num_classes: int) -> None:
+    if size != num_classes * num_classes:
         raise ValueError(f"label values outside 0..{num_classes - 1}")
-    return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
 def overlap_counts(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from care_dataset.files import atomic_file
 
 # Colour per foreground class 1, 2, ... (colour-blind safe).
 CLASS_COLORS = ("#E69F00", "#D55E00", "#0072B2", "#009E73", "#CC79A7", "#56B4E9")
@@ -64,10 +65,9 @@ def _legend(class_names: Sequence[str]) -> list[Patch]:
 def _save(figure: Figure, path: Path) -> None:
     """Render to PNG through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     FigureCanvasAgg(figure)
-    figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
 
 
 def save_case_grid(

@@ -6,6 +6,10 @@ Several GPUs: ``torchrun --nproc_per_node 8 -m usam.cli fit ...`` (DDP; gloo on 
 Run folder: config.toml (the exact resolved options), run.json (data checksum, versions, git
 commit), log.jsonl, curves.png, last/ and best/ (model.safetensors + config.json, as
 ``usam.models.checkpoints.save_checkpoint`` writes them; last/ also holds train_state.pt).
+
+`train` reads top to bottom: `set_up` (every check, model, data, optimizer), `prepare_run_folder`,
+`restore_train_state` (--resume), then per step `training_step`, a log line from the `LogWindow`,
+`validate_and_keep_best` and `save` as `due_after_step` says.
 """
 
 from __future__ import annotations
@@ -13,23 +17,39 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 
+from care_dataset.files import atomic_file, creation_problem, write_text_atomic
+from care_dataset.format.published import manifest_path, open_any
+from care_dataset.format.splits import carve_validation
 from usam.config import RESUMABLE_CHANGES, TrainConfig, read_toml, to_toml
 from usam.data import MODEL_SIZE, Augmentation, EpochSampler, SliceDataset, slices_with_class
+from usam.inference import choose_device
+from usam.metrics import confusion_tensor, dice_from_confusion, foreground_mean
+from usam.models.checkpoints import load_weights, read_checkpoint_config, recover_checkpoint, save_checkpoint
+from usam.models.registry import create_model
 
 TRAIN_STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -38,8 +58,374 @@ CONFIG_FILE = "config.toml"
 RUN_FILE = "run.json"
 
 
+def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) training as ``config`` says; returns the final metrics.
+
+    ``stop_after``: leave after this many steps of this call (the checkpoint in last/ is saved),
+    as an interruption would; ``--resume`` continues from there.
+    """
+    run = set_up(config)
+    prepare_run_folder(run)
+    if run.resume_state is not None:
+        restore_train_state(run)
+    place_on_device(run)
+    loader, val_loader = make_loaders(run)
+    train_model = wrap_for_training(run)
+    progress = Progress(run.ddp.main, run.plan.total_steps, run.position.step, run.plan.input_size)
+    run.model.train()
+    window = LogWindow(run.num_classes, run.device)
+    last_validation: dict[str, Any] = {}
+    steps_this_call = 0
+    stopping = run.position.step >= run.plan.total_steps
+    while not stopping:
+        batches = epoch_batches(run, loader)
+        for _ in range(run.plan.steps_per_epoch - run.position.step_in_epoch):
+            wait_start = time.perf_counter()
+            images, points, labels, target = batch_to_device(next(batches), run)
+            window.data_wait += time.perf_counter() - wait_start
+            logits, losses, used_lr = training_step(run, train_model, images, points, labels, target)
+            steps_this_call += 1
+            window.add(logits, target, losses)
+            due = due_after_step(run, steps_this_call, stop_after)
+            if due.log:
+                record = window.close(run, used_lr)
+                log(run, record)
+                progress.update(run.position.step, record)
+            pause_start = time.perf_counter()  # validation and checkpoints are not training throughput
+            if due.validate and len(run.plan.val_set):
+                last_validation = validate_and_keep_best(run, val_loader, progress)
+            if due.end_of_epoch:
+                run.position.epoch += 1
+                run.position.step_in_epoch = 0
+            if due.checkpoint:
+                save_last(run, last_validation or None)
+            window.start += time.perf_counter() - pause_start
+            stopping = due.stopping
+            if stopping:
+                break
+    progress.close()
+    sync_buffers(run.model, run.ddp)
+    if not len(run.plan.val_set) and run.ddp.main and run.position.step >= run.plan.total_steps:
+        save(run, "best", None)  # no validation subset: best is the last
+    best = run.position.best_dice
+    return {"step": run.position.step, "epoch": run.position.epoch, "best_mean_dice": best if best >= 0 else None,
+            "last_validation": last_validation, "out": str(run.out), "model": run.model}
+
+
 # --------------------------------------------------------------------------------------------
-# Loss and overlap counts
+# Setting up and resuming
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in last/train_state.pt and restored by --resume."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_dice: float = -1.0  # the best validation mean foreground Dice so far (-1: none yet)
+
+
+@dataclass
+class TrainingRun:
+    """What the steps of one run share."""
+
+    config: TrainConfig
+    ddp: Dist
+    device: torch.device
+    data: TrainingData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: BatchPlan
+    resume_state: dict[str, Any] | None  # the saved train state with --resume
+    position: Position = field(default_factory=Position)
+    class_weights: torch.Tensor | None = None  # cross-entropy weights on the device (`place_on_device`)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.class_names)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def set_up(config: TrainConfig) -> TrainingRun:
+    """Every check, then model, data plan and optimizer; the process group is joined last, so that every user
+    error is raised before any work starts and alike on every rank (rank 0 alone reports it)."""
+    config.validate()
+    config = config.with_absolute_paths()
+    ddp = distributed_from_env()
+    device = training_device(config, ddp)
+    if config.batch_size % ddp.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ddp.world_size} processes")
+    data = open_training_data(config)
+    num_classes = len(data.class_names)
+    if config.class_weights and len(config.class_weights) != num_classes:
+        raise ValueError(f"--class-weights needs {num_classes} values (one per class, background first), "
+                         f"got {len(config.class_weights)}")
+    resume_state = resolve_resume(config, data, ddp.world_size)
+    torch.manual_seed(config.seed)
+    # on resume the weights come from last/: the SAM checkpoint the run started from is not read again
+    model = build_model(config if resume_state is None else replace(config, sam_checkpoint=""), num_classes)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    plan = plan_batches(config, data, model, ddp)
+    optimizer, scheduler = build_optimizer(config, model, plan.total_steps)  # torch's own checks come here
+    join_process_group(ddp, device)
+    return TrainingRun(config, ddp, device, data, model, optimizer, scheduler, plan, resume_state)
+
+
+def restore_train_state(run: TrainingRun) -> None:
+    """--resume: weights, optimizer, schedule, position and RNG as last/ saved them."""
+    state = run.resume_state
+    load_weights(run.model, run.out / "last")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.position = Position(state["step"], state["epoch"], state["step_in_epoch"], state["best_dice"])
+    torch.set_rng_state(state["torch_rng"])
+    if run.is_cuda and len(state.get("cuda_rng", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if run.ddp.main:
+        keep_log_until(run.out / LOG_FILE, run.position.step)
+
+
+def place_on_device(run: TrainingRun) -> None:
+    """Model, optimizer state and class weights on the run's device (channels_last on CUDA where asked)."""
+    if run.is_cuda:  # every step has the same shapes: let cuDNN time its convolution algorithms once
+        torch.backends.cudnn.benchmark = not run.config.deterministic
+    run.model.to(run.device)
+    if run.is_cuda and run.config.channels_last:
+        run.model.to(memory_format=torch.channels_last)
+    for state in run.optimizer.state.values():  # optimizer state loaded on CPU follows the model
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(run.device)
+    if run.config.class_weights:
+        run.class_weights = torch.tensor(run.config.class_weights, device=run.device)
+
+
+def make_loaders(run: TrainingRun) -> tuple[DataLoader, DataLoader]:
+    """The training loader (this rank's epoch sampler) and this rank's share of the validation slices."""
+    config, plan, is_cuda = run.config, run.plan, run.is_cuda
+    workers = config.workers if config.workers >= 0 else min(8, (os.cpu_count() or 1) // run.ddp.world_size)
+    # the loader draws its workers' base seed from its own generator, not from the global RNG the model uses,
+    # so that a resumed run's global RNG follows the uninterrupted run's exactly
+    loader = DataLoader(
+        plan.train_set, batch_size=plan.rank_batch, sampler=plan.sampler, drop_last=True, num_workers=workers,
+        generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=is_cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )
+    val_loader = DataLoader(
+        Subset(plan.val_set, list(range(run.ddp.rank, len(plan.val_set), run.ddp.world_size))),
+        batch_size=plan.rank_batch, shuffle=False, num_workers=min(workers, 2), pin_memory=is_cuda,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return loader, val_loader
+
+
+def wrap_for_training(run: TrainingRun) -> nn.Module:
+    """The model the training steps call: DDP over the processes, torch.compile where asked."""
+    train_model = run.model
+    if run.ddp.enabled:
+        probe = next(iter(DataLoader(run.plan.train_set, batch_size=1, generator=torch.Generator())))
+        train_model = DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.is_cuda else None,
+            find_unused_parameters=unused_parameters(run.model, probe, run.device))
+    if run.config.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+@dataclass
+class BatchPlan:
+    """The training and validation slices and how training cuts them into batches and steps."""
+
+    train_set: SliceDataset
+    val_set: SliceDataset
+    sampler: EpochSampler
+    rank_batch: int  # this process's share of the global batch
+    steps_per_epoch: int
+    total_steps: int  # the length of the learning-rate schedule
+    input_size: int
+
+
+def plan_batches(config: TrainConfig, data: TrainingData, model: nn.Module, ddp: Dist) -> BatchPlan:
+    """Datasets at the model's input size, the epoch sampler of this rank, steps per epoch and in all."""
+    augment = Augmentation(config.flip_prob, config.max_rotation_deg, config.small_rotation_prob) \
+        if config.augment else None
+    input_size = int(model.config.get("img_size", MODEL_SIZE))
+    common = dict(num_classes=len(data.class_names), points_per_class=config.points, window=tuple(config.window),
+                  size=input_size)
+    train_set = SliceDataset(data.source, data.train_ids, augment=augment, random_points=True, seed=config.seed,
+                             **common)
+    val_set = SliceDataset(data.source, data.val_ids, augment=None, **common)
+    rank_batch = config.batch_size // ddp.world_size
+    class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
+    sampler = EpochSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=config.seed,
+                           class_slices=class_slices, balance=config.class_balance)
+    steps_per_epoch = sampler.num_samples // rank_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training slices")
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    return BatchPlan(train_set, val_set, sampler, rank_batch, steps_per_epoch, total_steps, input_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_batches(run: TrainingRun, loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of the current epoch, from the run's position in it on."""
+    run.plan.sampler.set_epoch(run.position.epoch)
+    run.plan.sampler.start = run.position.step_in_epoch * run.plan.rank_batch
+    return iter(loader)
+
+
+def autocast(run: TrainingRun) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA with --amp, else nothing."""
+    if run.is_cuda and run.config.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], run: TrainingRun) -> tuple[torch.Tensor | None, ...]:
+    """(images, points, point labels, target) on the run's device; no points when the run uses none."""
+    device = run.device
+    images = batch["image"].to(device, non_blocking=True)
+    if run.is_cuda and run.config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    points = batch["points"].to(device, non_blocking=True) if run.config.points else None
+    labels = batch["point_labels"].to(device, non_blocking=True) if run.config.points else None
+    return images, points, labels, batch["label"].to(device, non_blocking=True).long()
+
+
+def training_step(run: TrainingRun, train_model: nn.Module, images: torch.Tensor, points: torch.Tensor | None,
+                  labels: torch.Tensor | None, target: torch.Tensor) -> tuple[torch.Tensor, tuple, dict[str, float]]:
+    """One optimiser step on one batch, the schedule and the run's position one step on.
+
+    Returns the logits, the loss terms (`loss_terms`) and the learning rate of each group this step used.
+    """
+    with autocast(run):
+        logits = train_model(images, points, labels)
+    losses = loss_terms(logits, target, run)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses[0].backward()
+    run.optimizer.step()
+    used_lr = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
+    run.scheduler.step()
+    run.position.step += 1
+    run.position.step_in_epoch += 1
+    return logits, losses, used_lr
+
+
+@dataclass(frozen=True)
+class Due:
+    """What follows the step just taken."""
+
+    end_of_epoch: bool
+    stopping: bool
+    validate: bool
+    checkpoint: bool
+    log: bool
+
+
+def due_after_step(run: TrainingRun, steps_this_call: int, stop_after: int | None) -> Due:
+    """Validation every --val-every steps (or at each epoch's end) and at the end; a checkpoint then, at each
+    epoch's end and when stopping; a log line every --log-every steps and at each checkpoint, so that no log
+    window spans a checkpoint (a resumed run logs the windows an uninterrupted one does)."""
+    config, step, total = run.config, run.position.step, run.plan.total_steps
+    end_of_epoch = run.position.step_in_epoch == run.plan.steps_per_epoch
+    stopping = step >= total or (stop_after is not None and steps_this_call >= stop_after)
+    validate = bool((config.val_every and step % config.val_every == 0) or (not config.val_every and end_of_epoch)
+                    or step >= total)
+    checkpoint = validate or end_of_epoch or stopping
+    return Due(end_of_epoch, stopping, validate, checkpoint, log=step % config.log_every == 0 or checkpoint)
+
+
+class LogWindow:
+    """The training steps since the last log line: sums of the loss terms, the pooled confusion matrix of the
+    argmax predictions, the steps, the time spent waiting for data, and when the window started."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.losses = torch.zeros(3, device=device, dtype=torch.float64)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.restart()
+
+    def restart(self) -> None:
+        self.losses.zero_()
+        self.confusion.zero_()
+        self.steps, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor, losses: tuple[torch.Tensor, ...]) -> None:
+        self.losses += torch.stack([loss.detach() for loss in losses]).double()
+        self.confusion += confusion_tensor(logits.detach().argmax(dim=1), target, self.confusion.shape[0])
+        self.steps += 1
+
+    def close(self, run: TrainingRun, used_lr: dict[str, float]) -> dict[str, Any]:
+        """The window's log record, over all ranks; a new window starts."""
+        all_reduce_sum(self.losses, run.ddp)
+        all_reduce_sum(self.confusion, run.ddp)
+        if run.is_cuda:  # the window ends when its last step has run on the GPU, not when it was queued
+            torch.cuda.synchronize(run.device)
+        elapsed = time.perf_counter() - self.start
+        loss, ce, dice_loss = (self.losses / (self.steps * run.ddp.world_size)).tolist()
+        record = {"kind": "train", "step": run.position.step, "epoch": run.position.epoch, "loss": loss, "ce": ce,
+                  "dice_loss": dice_loss, **dice_summary(self.confusion, run.data.class_names), "lr": used_lr,
+                  "images_per_s": self.steps * run.config.batch_size / elapsed,
+                  "data_wait_fraction": self.data_wait / elapsed}
+        self.restart()
+        return record
+
+
+@torch.no_grad()
+def validate(run: TrainingRun, val_loader: DataLoader) -> dict[str, Any]:
+    """Loss and Dice pooled over all validation slices at the model input size (all ranks), with deterministic
+    prompts."""
+    sync_buffers(run.model, run.ddp)
+    run.model.eval()
+    confusion = torch.zeros(run.num_classes, run.num_classes, dtype=torch.int64, device=run.device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss x slices, slices
+    for batch in val_loader:
+        images, points, labels, target = batch_to_device(batch, run)
+        with autocast(run):
+            logits = run.model(images, points, labels)
+        confusion += confusion_tensor(logits.argmax(dim=1), target, run.num_classes)
+        loss_sum += torch.stack([loss_terms(logits, target, run)[0].double() * len(images),
+                                 torch.tensor(float(len(images)), dtype=torch.float64, device=run.device)])
+    all_reduce_sum(confusion, run.ddp)
+    all_reduce_sum(loss_sum, run.ddp)
+    run.model.train()
+    return {"loss": (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else None,
+            **dice_summary(confusion, run.data.class_names), "slices": int(loss_sum[1].item())}
+
+
+def validate_and_keep_best(run: TrainingRun, val_loader: DataLoader, progress: Progress) -> dict[str, Any]:
+    """Validate and log it; a mean foreground Dice better than any before is saved as best/. Returns the record."""
+    metrics = validate(run, val_loader)
+    improved = metrics["mean_dice"] is not None and metrics["mean_dice"] > run.position.best_dice
+    if improved:
+        run.position.best_dice = metrics["mean_dice"]
+    record = {"kind": "val", "step": run.position.step, "epoch": run.position.epoch, **metrics,
+              "best_mean_dice": run.position.best_dice}
+    log(run, record)
+    progress.validation(record)
+    if improved:
+        save(run, "best", metrics)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
 # --------------------------------------------------------------------------------------------
 
 
@@ -57,23 +443,19 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return 1.0 - ((2 * intersection + smooth) / (total + smooth)).mean()
 
 
-def overlap_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(3, N) float64: per class, |pred & truth|, |pred|, |truth| of the argmax prediction."""
-    n = logits.shape[1]
-    pred = logits.argmax(dim=1).flatten()
-    confusion = torch.bincount(pred * n + target.flatten(), minlength=n * n).view(n, n)  # [pred, truth]
-    return torch.stack([confusion.diagonal(), confusion.sum(1), confusion.sum(0)]).double()
+def loss_terms(logits: torch.Tensor, target: torch.Tensor, run: TrainingRun) -> tuple[torch.Tensor, ...]:
+    """(ce_weight x cross-entropy + dice_weight x soft Dice loss, cross-entropy, soft Dice loss)."""
+    ce = F.cross_entropy(logits.float(), target, weight=run.class_weights)
+    dice = soft_dice_loss(logits, target)
+    return run.config.ce_weight * ce + run.config.dice_weight * dice, ce, dice
 
 
-def dice_from_counts(counts: torch.Tensor) -> list[float | None]:
-    """Per-class Dice 2|P&T| / (|P| + |T|); None where the class is absent in prediction and truth."""
-    intersection, pred, truth = counts.tolist()
-    return [2 * i / (p + t) if p + t > 0 else None for i, p, t in zip(intersection, pred, truth)]
-
-
-def mean_foreground(dice: list[float | None]) -> float | None:
-    values = [d for d in dice[1:] if d is not None]
-    return float(np.mean(values)) if values else None
+def dice_summary(confusion: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Per-class Dice and their foreground mean from a confusion matrix, None (JSON null) where undefined."""
+    dice = dice_from_confusion(confusion.cpu().numpy())
+    mean = foreground_mean(dice)
+    return {"dice": {name: None if math.isnan(d) else float(d) for name, d in zip(class_names, dice)},
+            "mean_dice": None if math.isnan(mean) else mean}
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +467,7 @@ def mean_foreground(dice: list[float | None]) -> float | None:
 class TrainingData:
     """What training reads: the source's train-split slices, classes and provenance."""
 
-    source: Any  # care_dataset.store.CareDataset or care_dataset.published.PublishedDataset
+    source: Any  # care_dataset.CareDataset or care_dataset.PublishedDataset
     class_names: list[str]
     train_ids: list[str]
     val_ids: list[str]
@@ -99,9 +481,6 @@ def open_training_data(config: TrainConfig) -> TrainingData:
 
     Raises ValueError with one clear line for a missing or malformed folder or a class mismatch.
     """
-    from care_dataset.format.published import manifest_path, open_any
-    from care_dataset.format.splits import carve_validation
-
     root = Path(config.data)
     if not root.exists():
         raise ValueError(f"data folder {root}: not found")
@@ -144,8 +523,6 @@ def open_training_data(config: TrainConfig) -> TrainingData:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     versions = {"python": platform.python_version()}
     for name in ("care-usam", "torch", "numpy", "segment-anything", "zarr", "h5py", "datasets", "safetensors"):
         try:
@@ -166,23 +543,14 @@ def git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plot_curves(log_path: Path, png_path: Path) -> None:
     """Training loss and Dice, validation Dice against step, from log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_dice = fig.subplots(1, 2)
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
     ax_loss.set_xlabel("step")
@@ -196,10 +564,8 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     ax_dice.set_ylim(0, 1)
     ax_dice.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def checkpoint_config(config: TrainConfig, data: TrainingData, step: int, epoch: int,
@@ -230,6 +596,195 @@ def checkpoint_config(config: TrainConfig, data: TrainingData, step: int, epoch:
             "config": options,
         },
     }
+
+
+def run_record(run: TrainingRun) -> dict[str, Any]:
+    """run.json: a new run's record, or on resume the run's own record with this resume added to it."""
+    started = {"device": str(run.device), "git_commit": git_commit(), "versions": package_versions()}
+    record = read_run_record(run.out / RUN_FILE) if run.resume_state is not None else None
+    if record is not None:  # the run's own record stays; each resume adds where it went on from
+        record.setdefault("resumes", []).append({"step": run.resume_state["step"],
+                                                 "total_steps": run.plan.total_steps, **started})
+        return record
+    data, plan = run.data, run.plan
+    return {"data_checksum": data.data_checksum, "manifest_sha256": data.manifest_sha256,
+            "classes": data.class_names, "train_cases": len(data.train_ids), "val_cases": len(data.val_ids),
+            "train_slices": len(plan.train_set), "val_slices": len(plan.val_set),
+            "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+            "world_size": run.ddp.world_size, **started, "resumes": []}
+
+
+def prepare_run_folder(run: TrainingRun) -> None:
+    """The run folder with run.json (first: it marks a run folder) and config.toml, on the main rank; what a
+    run that never wrote a checkpoint left there is removed first, unless resuming."""
+    if not run.ddp.main:
+        return
+    if run.resume_state is None:
+        remove_unfinished_run(run.out)
+    run.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run.out / RUN_FILE, json.dumps(run_record(run), indent=2) + "\n")
+    write_text_atomic(run.out / CONFIG_FILE, to_toml(run.config))
+
+
+def log(run: TrainingRun, record: dict[str, Any]) -> None:
+    """One line of log.jsonl (main rank)."""
+    if run.ddp.main:
+        with open(run.out / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def keep_log_until(log_path: Path, step: int) -> None:
+    """Drop the log lines of steps after `step`: a resumed run runs them again."""
+    if log_path.exists():
+        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        write_text_atomic(log_path, "".join(line + "\n" for line in kept))
+
+
+def train_state(run: TrainingRun) -> dict[str, Any]:
+    """What last/train_state.pt holds for --resume: position, optimizer, schedule and RNG states."""
+    position = run.position
+    return {"step": position.step, "epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
+            "best_dice": position.best_dice, "world_size": run.ddp.world_size,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if run.is_cuda else []}
+
+
+def save(run: TrainingRun, directory: str, metrics: dict | None) -> None:
+    """Checkpoint the model into out/<directory> (main rank); last/ also holds the train state."""
+    if not run.ddp.main:
+        return
+    extra_files = {TRAIN_STATE_FILE: partial(torch.save, train_state(run))} if directory == "last" else {}
+    config = checkpoint_config(run.config, run.data, run.position.step, run.position.epoch, metrics,
+                               run.plan.input_size)
+    save_checkpoint(run.model, run.out / directory, config, extra_files)
+
+
+def save_last(run: TrainingRun, metrics: dict | None) -> None:
+    """The checkpoint --resume continues from, and the curves up to it."""
+    save(run, "last", metrics)
+    if run.ddp.main:
+        plot_curves(run.out / LOG_FILE, run.out / CURVES_FILE)
+
+
+def read_run_record(path: Path) -> dict[str, Any] | None:
+    """The run.json that `train` wrote at ``path``, or None."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(record, dict) and {"manifest_sha256", "total_steps", "world_size"} <= record.keys():
+        return record
+    return None
+
+
+def is_run_record(path: Path) -> bool:
+    """True if ``path`` is a run.json that `train` wrote."""
+    return read_run_record(path) is not None
+
+
+def remove_unfinished_run(out: Path) -> None:
+    """Remove what a run that never wrote ``last/`` left in ``out`` (only files a run writes)."""
+    if (out / "last").exists() or not is_run_record(out / RUN_FILE):
+        return
+    for name in (CONFIG_FILE, LOG_FILE, CURVES_FILE, RUN_FILE):
+        (out / name).unlink(missing_ok=True)
+    try:
+        read_checkpoint_config(out / "best")
+    except ValueError:
+        return
+    shutil.rmtree(out / "best", ignore_errors=True)
+
+
+def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1) -> dict[str, Any] | None:
+    """For ``--resume``: the saved train state, after checking that neither the recipe nor the data changed.
+
+    Without ``--resume`` a folder holding a checkpoint is refused, and so is a ``config.toml`` that no run
+    wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
+    (:func:`remove_unfinished_run`, after every check).
+    """
+    out = Path(config.out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"run folder {out}: exists and is not a folder")
+    if problem := creation_problem(out):
+        raise ValueError(f"run folder {out}: {problem}")
+    last = out / "last"
+    for checkpoint in (last, out / "best"):  # a save killed between its renames, or after them
+        recover_checkpoint(checkpoint)
+    if not config.resume:
+        if last.exists():
+            raise ValueError(f"run folder {out} already holds a run; use --resume to continue it or another --out")
+        if (out / CONFIG_FILE).exists() and not is_run_record(out / RUN_FILE):
+            raise ValueError(f"run folder {out} holds a {CONFIG_FILE} that no usam fit run wrote there; "
+                             "use another --out")
+        return None
+    if not (last / TRAIN_STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
+        raise ValueError(f"--resume: {out} has no checkpoint to resume from; run it again without --resume")
+    saved = read_toml(out / CONFIG_FILE)
+    current = config.to_dict()
+    changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and current.get(k) != v)
+    if changed:
+        raise ValueError(f"--resume: options differ from the saved run in {', '.join(changed)} "
+                         f"(allowed to change: {', '.join(sorted(RESUMABLE_CHANGES))})")
+    training = read_checkpoint_config(last)["training"]
+    if training.get("manifest_sha256") != data.manifest_sha256:
+        raise ValueError(f"--resume: the data in {config.data} is not the data the run was trained on "
+                         f"(its dataset.json differs from the one recorded in {last / 'config.json'})")
+    state = torch.load(last / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    if state["step"] != training["step"]:
+        raise ValueError(f"--resume: {last} is inconsistent (weights at step {training['step']}, "
+                         f"train state at step {state['step']})")
+    saved_world_size = state.get("world_size")
+    if saved_world_size is None:  # a train state written before it recorded the world size: run.json says
+        saved_world_size = (read_run_record(out / RUN_FILE) or {}).get("world_size", 1)
+    if saved_world_size != world_size:
+        raise ValueError(f"--resume: the run was trained by {saved_world_size} process(es), not {world_size}; "
+                         f"each rank's share of the data and its batch depend on that number, so resume it with "
+                         f"{saved_world_size}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Model and optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    try:
+        return create_model(config.model, num_classes=num_classes, points_per_class=config.points,
+                            sam_checkpoint=config.sam_checkpoint or None, **config.model_args)
+    except ValueError as error:
+        message = str(error)
+        if config.sam_checkpoint and config.sam_checkpoint in message:
+            raise ValueError(f"--sam-checkpoint does not fit model {config.model}: {message}") from None
+        raise
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the model's encoder and decoder groups at their learning rates, with polynomial decay."""
+    groups = model.parameter_groups()
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[name], "lr": lr, "name": name}
+         for name, lr in (("encoder", config.lr_encoder), ("decoder", config.lr_decoder)) if groups[name]],
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=config.poly_power)
+    return optimizer, scheduler
+
+
+def unused_parameters(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> bool:
+    """True if some trainable parameter gets no gradient (DDP must then look for them each step).
+
+    One forward/backward in eval mode, so BatchNorm statistics are left untouched.
+    """
+    model.eval()
+    images = batch["image"][:1].to(device)
+    points, labels = batch["points"][:1].to(device), batch["point_labels"][:1].to(device)
+    model(images, points, labels).float().sum().backward()
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    model.train()
+    return unused
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,427 +835,24 @@ def all_reduce_sum(tensor: torch.Tensor, ddp: Dist) -> torch.Tensor:
     return tensor
 
 
-def choose_device(name: str, ddp: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
-        if ddp.enabled or name == "cuda":
-            name = f"cuda:{ddp.local_rank}"
-    elif name != "cpu":
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return torch.device(name)
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
-
-
-def read_run_record(path: Path) -> dict[str, Any] | None:
-    """The run.json that `train` wrote at ``path``, or None."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if isinstance(record, dict) and {"manifest_sha256", "total_steps", "world_size"} <= record.keys():
-        return record
-    return None
-
-
-def is_run_record(path: Path) -> bool:
-    """True if ``path`` is a run.json that `train` wrote."""
-    return read_run_record(path) is not None
-
-
-def remove_unfinished_run(out: Path) -> None:
-    """Remove what a run that never wrote ``last/`` left in ``out`` (only files a run writes)."""
-    from usam.models.checkpoints import read_checkpoint_config
-
-    if (out / "last").exists() or not is_run_record(out / RUN_FILE):
-        return
-    for name in (CONFIG_FILE, LOG_FILE, CURVES_FILE, RUN_FILE):
-        (out / name).unlink(missing_ok=True)
-    try:
-        read_checkpoint_config(out / "best")
-    except ValueError:
-        return
-    shutil.rmtree(out / "best", ignore_errors=True)
-
-
-def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1) -> dict[str, Any] | None:
-    """For ``--resume``: the saved train state, after checking that neither the recipe nor the data changed.
-
-    Without ``--resume`` a folder holding a checkpoint is refused, and so is a ``config.toml`` that no run
-    wrote; a run that stopped before its first checkpoint (a crash, a bad shard) starts afresh
-    (:func:`remove_unfinished_run`, after every check).
-    """
-    from care_dataset.files import creation_problem
-
-    from usam.models.checkpoints import read_checkpoint_config, recover_checkpoint
-
-    out = Path(config.out)
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"run folder {out}: exists and is not a folder")
-    if problem := creation_problem(out):
-        raise ValueError(f"run folder {out}: {problem}")
-    last = out / "last"
-    for checkpoint in (last, out / "best"):  # a save killed between its renames, or after them
-        recover_checkpoint(checkpoint)
-    if not config.resume:
-        if last.exists():
-            raise ValueError(f"run folder {out} already holds a run; use --resume to continue it or another --out")
-        if (out / CONFIG_FILE).exists() and not is_run_record(out / RUN_FILE):
-            raise ValueError(f"run folder {out} holds a {CONFIG_FILE} that no usam fit run wrote there; "
-                             "use another --out")
-        return None
-    if not (last / TRAIN_STATE_FILE).is_file() or not (out / CONFIG_FILE).is_file():
-        raise ValueError(f"--resume: {out} has no checkpoint to resume from; run it again without --resume")
-    saved = read_toml(out / CONFIG_FILE)
-    current = config.to_dict()
-    changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and current.get(k) != v)
-    if changed:
-        raise ValueError(f"--resume: options differ from the saved run in {', '.join(changed)} "
-                         f"(allowed to change: {', '.join(sorted(RESUMABLE_CHANGES))})")
-    training = read_checkpoint_config(last)["training"]
-    if training.get("manifest_sha256") != data.manifest_sha256:
-        raise ValueError(f"--resume: the data in {config.data} is not the data the run was trained on "
-                         f"(its dataset.json differs from the one recorded in {last / 'config.json'})")
-    state = torch.load(last / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    if state["step"] != training["step"]:
-        raise ValueError(f"--resume: {last} is inconsistent (weights at step {training['step']}, "
-                         f"train state at step {state['step']})")
-    saved_world_size = state.get("world_size")
-    if saved_world_size is None:  # a train state written before it recorded the world size: run.json says
-        saved_world_size = (read_run_record(out / RUN_FILE) or {}).get("world_size", 1)
-    if saved_world_size != world_size:
-        raise ValueError(f"--resume: the run was trained by {saved_world_size} process(es), not {world_size}; "
-                         f"each rank's share of the data and its batch depend on that number, so resume it with "
-                         f"{saved_world_size}")
-    return state
-
-
-def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
-    from usam.models.registry import create_model
-
-    try:
-        return create_model(config.model, num_classes=num_classes, points_per_class=config.points,
-                            sam_checkpoint=config.sam_checkpoint or None, **config.model_args)
-    except ValueError as error:
-        message = str(error)
-        if config.sam_checkpoint and config.sam_checkpoint in message:
-            raise ValueError(f"--sam-checkpoint does not fit model {config.model}: {message}") from None
-        raise
-
-
-def unused_parameters(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> bool:
-    """True if some trainable parameter gets no gradient (DDP must then look for them each step).
-
-    One forward/backward in eval mode, so BatchNorm statistics are left untouched.
-    """
-    model.eval()
-    images = batch["image"][:1].to(device)
-    points, labels = batch["points"][:1].to(device), batch["point_labels"][:1].to(device)
-    model(images, points, labels).float().sum().backward()
-    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
-    model.zero_grad(set_to_none=True)
-    model.train()
-    return unused
-
-
-def train(config: TrainConfig, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training as ``config`` says; returns the final metrics.
-
-    ``stop_after``: leave after this many steps of this call (the checkpoint in last/ is saved),
-    as an interruption would; ``--resume`` continues from there.
-    """
-    # ---- checks and setup: every user error is raised before any work starts ----
-    config.validate()
-    config = config.with_absolute_paths()
-    ddp = distributed_from_env()
-    device = choose_device(config.device, ddp)
-    if device.type == "cuda":  # this rank's GPU is the current one (NCCL, pinned-memory threads)
+def training_device(config: TrainConfig, ddp: Dist) -> torch.device:
+    """--device (`usam.inference.choose_device`; each torchrun rank its own GPU), made the current CUDA device
+    (NCCL, pinned-memory threads)."""
+    device = choose_device(config.device, ddp.local_rank if ddp.enabled else None)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    if config.batch_size % ddp.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ddp.world_size} processes")
-    data = open_training_data(config)
-    num_classes = len(data.class_names)
-    if config.class_weights and len(config.class_weights) != num_classes:
-        raise ValueError(f"--class-weights needs {num_classes} values (one per class, background first), "
-                         f"got {len(config.class_weights)}")
-    resume_state = resolve_resume(config, data, ddp.world_size)
-    torch.manual_seed(config.seed)
-    # on resume the weights come from last/: the SAM checkpoint the run started from is not read again
-    model = build_model(config if resume_state is None else replace(config, sam_checkpoint=""), num_classes)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-
-    augment = Augmentation(config.flip_prob, config.max_rotation_deg, config.small_rotation_prob) \
-        if config.augment else None
-    input_size = int(model.config.get("img_size", MODEL_SIZE))
-    common = dict(num_classes=num_classes, points_per_class=config.points, window=tuple(config.window),
-                  size=input_size)
-    train_set = SliceDataset(data.source, data.train_ids, augment=augment, random_points=True, seed=config.seed,
-                             **common)
-    val_set = SliceDataset(data.source, data.val_ids, augment=None, **common)
-    rank_batch = config.batch_size // ddp.world_size
-    class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
-    sampler = EpochSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=config.seed,
-                           class_slices=class_slices, balance=config.class_balance)
-    steps_per_epoch = sampler.num_samples // rank_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training slices")
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-
-    # ---- optimizer, schedule (before the run folder: torch's own checks come first) ----
-    groups = model.parameter_groups()
-    optimizer = torch.optim.AdamW(
-        [{"params": groups[name], "lr": lr, "name": name}
-         for name, lr in (("encoder", config.lr_encoder), ("decoder", config.lr_decoder)) if groups[name]],
-        weight_decay=config.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=config.poly_power)
-    # after every check: an error raised before here is the same on every rank, and rank 0 alone reports it
-    join_process_group(ddp, device)
-
-    # ---- run folder ----
-    out = Path(config.out)
-    if ddp.main:
-        if resume_state is None:
-            remove_unfinished_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        started = {"device": str(device), "git_commit": git_commit(), "versions": package_versions()}
-        run_info = read_run_record(out / RUN_FILE) if resume_state is not None else None
-        if run_info is None:
-            run_info = {"data_checksum": data.data_checksum, "manifest_sha256": data.manifest_sha256,
-                        "classes": data.class_names, "train_cases": len(data.train_ids),
-                        "val_cases": len(data.val_ids), "train_slices": len(train_set), "val_slices": len(val_set),
-                        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                        "world_size": ddp.world_size, **started, "resumes": []}
-        else:  # the run's own record stays; each resume adds where it went on from
-            run_info.setdefault("resumes", []).append({"step": resume_state["step"], "total_steps": total_steps,
-                                                       **started})
-        write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")  # first: it marks a run folder
-        write_text_atomic(out / CONFIG_FILE, to_toml(config))
-
-    # ---- resumed state ----
-    step, epoch, step_in_epoch, best_dice = 0, 0, 0, -1.0
-    if resume_state is not None:
-        from usam.models.checkpoints import load_weights
-
-        load_weights(model, out / "last")
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        step, epoch, step_in_epoch = resume_state["step"], resume_state["epoch"], resume_state["step_in_epoch"]
-        best_dice = resume_state["best_dice"]
-        torch.set_rng_state(resume_state["torch_rng"])
-        if device.type == "cuda" and len(resume_state.get("cuda_rng", [])) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
-        if ddp.main:  # drop log lines of steps after the checkpoint: they are run again
-            log_path = out / LOG_FILE
-            if log_path.exists():
-                kept = [line for line in log_path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= step]
-                write_text_atomic(log_path, "".join(line + "\n" for line in kept))
-    is_cuda = device.type == "cuda"
-    if is_cuda:  # every step has the same shapes: let cuDNN time its convolution algorithms once
-        torch.backends.cudnn.benchmark = not config.deterministic
-    model.to(device)
-    if is_cuda and config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    for state in optimizer.state.values():  # optimizer state loaded on CPU follows the model
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
-
-    workers = config.workers if config.workers >= 0 else min(8, (os.cpu_count() or 1) // ddp.world_size)
-    # the loader draws its workers' base seed from its own generator, not from the global RNG the model uses,
-    # so that a resumed run's global RNG follows the uninterrupted run's exactly
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=rank_batch, sampler=sampler, drop_last=True, num_workers=workers,
-        generator=torch.Generator().manual_seed(config.seed),
-        pin_memory=is_cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-    )
-    val_loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(val_set, list(range(ddp.rank, len(val_set), ddp.world_size))),
-        batch_size=rank_batch, shuffle=False, num_workers=min(workers, 2), pin_memory=is_cuda,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    train_model = model
-    if ddp.enabled:
-        probe = next(iter(torch.utils.data.DataLoader(train_set, batch_size=1, generator=torch.Generator())))
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if is_cuda else None,
-            find_unused_parameters=unused_parameters(model, probe, device))
-    if config.compile:
-        train_model = torch.compile(train_model)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if is_cuda and config.amp \
-        else contextlib.nullcontext
-
-    def to_device(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        images = batch["image"].to(device, non_blocking=True)
-        if is_cuda and config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        points = batch["points"].to(device, non_blocking=True) if config.points else None
-        labels = batch["point_labels"].to(device, non_blocking=True) if config.points else None
-        return images, points, labels, batch["label"].to(device, non_blocking=True).long()
-
-    ce_weights = torch.tensor(config.class_weights, device=device) if config.class_weights else None
-
-    def loss_of(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ce = F.cross_entropy(logits.float(), target, weight=ce_weights)
-        dice = soft_dice_loss(logits, target)
-        return config.ce_weight * ce + config.dice_weight * dice, ce, dice
-
-    @torch.no_grad()
-    def validate() -> dict[str, Any]:
-        """Pooled over all validation slices at the model input size (all ranks), with deterministic prompts."""
-        sync_buffers(model, ddp)
-        model.eval()
-        counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-        for batch in val_loader:
-            images, points, labels, target = to_device(batch)
-            with autocast():
-                logits = model(images, points, labels)
-            counts += overlap_counts(logits, target)
-            loss_sum += torch.stack([loss_of(logits, target)[0].double() * len(images),
-                                     torch.tensor(float(len(images)), dtype=torch.float64, device=device)])
-        all_reduce_sum(counts, ddp)
-        all_reduce_sum(loss_sum, ddp)
-        model.train()
-        dice = dice_from_counts(counts.cpu())
-        return {"loss": (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else None,
-                "dice": dict(zip(data.class_names, dice)), "mean_dice": mean_foreground(dice),
-                "slices": int(loss_sum[1].item())}
-
-    def log(record: dict[str, Any]) -> None:
-        if ddp.main:
-            with open(out / LOG_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save(directory: str, metrics: dict | None) -> None:
-        from usam.models.checkpoints import save_checkpoint
-
-        if not ddp.main:
-            return
-        extra_files = {}
-        if directory == "last":
-            state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best_dice": best_dice,
-                     "world_size": ddp.world_size,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if is_cuda else []}
-            extra_files[TRAIN_STATE_FILE] = lambda path: torch.save(state, path)
-        save_checkpoint(model, out / directory, checkpoint_config(config, data, step, epoch, metrics, input_size),
-                        extra_files)
-
-    # ---- the loop ----
-    progress = Progress(ddp.main, total_steps, step, input_size)
-    model.train()
-    window_stats = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, ce sum, dice-loss sum
-    window_counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
-    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-    last_metrics: dict[str, Any] = {}
-    steps_this_call = 0
-    stopping = step >= total_steps
-    while not stopping:
-        sampler.set_epoch(epoch)
-        sampler.start = step_in_epoch * rank_batch
-        batches = iter(loader)
-        for _ in range(steps_per_epoch - step_in_epoch):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            images, points, labels, target = to_device(batch)
-            window_wait += time.perf_counter() - wait_start
-
-            with autocast():
-                logits = train_model(images, points, labels)
-            loss, ce, dice_loss = loss_of(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step_lr = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step used
-            scheduler.step()
-            step += 1
-            step_in_epoch += 1
-            steps_this_call += 1
-            window_stats += torch.stack([loss.detach(), ce.detach(), dice_loss.detach()]).double()
-            window_counts += overlap_counts(logits.detach(), target)
-            window_steps += 1
-
-            end_of_epoch = step_in_epoch == steps_per_epoch
-            stopping = step >= total_steps or (stop_after is not None and steps_this_call >= stop_after)
-            validate_now = (config.val_every and step % config.val_every == 0) or \
-                (not config.val_every and end_of_epoch) or step >= total_steps
-            checkpoint_now = validate_now or end_of_epoch or stopping
-            # no window spans a checkpoint: a resumed run logs the windows an uninterrupted one does
-            if step % config.log_every == 0 or checkpoint_now:
-                all_reduce_sum(window_stats, ddp)
-                all_reduce_sum(window_counts, ddp)
-                if is_cuda:  # the window ends when its last step has run on the GPU, not when it was queued
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                mean = (window_stats / (window_steps * ddp.world_size)).tolist()
-                dice = dice_from_counts(window_counts.cpu())
-                record = {"kind": "train", "step": step, "epoch": epoch, "loss": mean[0], "ce": mean[1],
-                          "dice_loss": mean[2], "dice": dict(zip(data.class_names, dice)),
-                          "mean_dice": mean_foreground(dice),
-                          "lr": step_lr,
-                          "images_per_s": window_steps * config.batch_size / elapsed,
-                          "data_wait_fraction": window_wait / elapsed}
-                log(record)
-                progress.update(step, record)
-                window_stats.zero_()
-                window_counts.zero_()
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-
-            pause_start = time.perf_counter()  # validation and checkpoints are not training throughput
-            if validate_now and len(val_set):
-                metrics = validate()
-                improved = metrics["mean_dice"] is not None and metrics["mean_dice"] > best_dice
-                if improved:
-                    best_dice = metrics["mean_dice"]
-                last_metrics = {"kind": "val", "step": step, "epoch": epoch, **metrics, "best_mean_dice": best_dice}
-                log(last_metrics)
-                progress.validation(last_metrics)
-                if improved:
-                    save("best", metrics)
-            if end_of_epoch:
-                epoch += 1
-                step_in_epoch = 0
-            if checkpoint_now:
-                save("last", last_metrics or None)
-                if ddp.main:
-                    plot_curves(out / LOG_FILE, out / CURVES_FILE)
-            window_start += time.perf_counter() - pause_start
-            if stopping:
-                break
-    progress.close()
-    sync_buffers(model, ddp)
-    if not len(val_set) and ddp.main and step >= total_steps:  # no validation subset: best is the last
-        save("best", None)
-    return {"step": step, "epoch": epoch, "best_mean_dice": best_dice if best_dice >= 0 else None,
-            "last_validation": last_metrics, "out": str(out), "model": model}
+    return device
 
 
 class Progress:
     """rich progress bar on a terminal (main rank); otherwise one line per validation."""
 
     def __init__(self, enabled: bool, total: int, completed: int, size: int) -> None:
-        from rich.console import Console
-
         self.console = Console(stderr=True)
         self.enabled = enabled
         self.size = size
         self.bar = None
         if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeRemainingColumn
-
             self.bar = RichProgress(TextColumn("fit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                     TextColumn("{task.fields[status]}"), console=self.console)
             self.task = self.bar.add_task("fit", total=total, completed=completed, status="")

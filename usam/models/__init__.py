@@ -1,15 +1,10 @@
-"""The U-SAM model zoo: U-SAM, the SAM baseline, a U-Net; registry and checkpoints."""
+"""The U-SAM model zoo: U-SAM, the SAM baseline, a U-Net; registry, official SAM weights and checkpoints."""
 from __future__ import annotations
 
-from usam.models.checkpoints import (
-    LoadReport,
-    load_checkpoint,
-    load_sam_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
+from usam.models.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from usam.models.registry import create_model, list_models
 from usam.models.sam_baseline import SAMBaseline
+from usam.models.sam_weights import LoadReport, load_sam_checkpoint
 from usam.models.unet import UNet
 from usam.models.usam import USAM
 

@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from usam.models.sam_baseline import SAMBaseline
+from usam.models.sam_weights import load_sam_checkpoint
 from usam.models.unet import UNet
 from usam.models.usam import USAM
 
@@ -65,7 +66,5 @@ def create_model(
     if sam_checkpoint is not None:
         if not hasattr(model, "prompt_encoder"):
             raise ValueError(f"model {name!r} has no SAM parts to load {sam_checkpoint}")
-        from usam.models.checkpoints import load_sam_checkpoint
-
         model.sam_load_report = load_sam_checkpoint(model, sam_checkpoint)
     return model
