@@ -6,6 +6,7 @@ from torch import nn
 
 from usam.models.sam_parts import (
     PATCH_SIZE,
+    build_image_encoder,
     build_mask_decoder,
     build_prompt_encoder,
     run_two_way_transformer,
@@ -29,14 +30,21 @@ class PromptedSegmenter(nn.Module):
     def __init__(
         self,
         *,
-        num_classes: int,
-        points_per_class: int,
-        img_size: int,
-        embed_dim: int,
-        decoder_depth: int,
-        decoder_mlp_dim: int,
-        decoder_num_heads: int,
+        num_classes: int = 3,
+        img_size: int = 224,
+        points_per_class: int = 3,
+        embed_dim: int = 256,
+        vit_embed_dim: int = 768,
+        vit_depth: int = 12,
+        vit_num_heads: int = 12,
+        vit_global_attn_indexes: tuple[int, ...] | list[int] = (2, 5, 8, 11),
+        vit_window_size: int = 14,
+        decoder_depth: int = 2,
+        decoder_mlp_dim: int = 2048,
+        decoder_num_heads: int = 8,
     ) -> None:
+        """Sizes of SAM's parts (ViT-B's by default); the ViT itself is built by the subclass, through
+        `build_image_encoder`, where its place in the architecture needs it."""
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
@@ -44,6 +52,20 @@ class PromptedSegmenter(nn.Module):
             raise ValueError(f"points_per_class must be >= 0, got {points_per_class}")
         if img_size % PATCH_SIZE:
             raise ValueError(f"img_size must be a multiple of {PATCH_SIZE}, got {img_size}")
+        self.config = {
+            "num_classes": num_classes,
+            "img_size": img_size,
+            "points_per_class": points_per_class,
+            "embed_dim": embed_dim,
+            "vit_embed_dim": vit_embed_dim,
+            "vit_depth": vit_depth,
+            "vit_num_heads": vit_num_heads,
+            "vit_global_attn_indexes": [int(i) for i in vit_global_attn_indexes],
+            "vit_window_size": vit_window_size,
+            "decoder_depth": decoder_depth,
+            "decoder_mlp_dim": decoder_mlp_dim,
+            "decoder_num_heads": decoder_num_heads,
+        }
         self.num_classes = num_classes
         self.points_per_class = points_per_class
         self.img_size = img_size
@@ -60,6 +82,20 @@ class PromptedSegmenter(nn.Module):
         if points_per_class:
             slot_classes = slot_classes // points_per_class
         self.register_buffer("slot_classes", slot_classes, persistent=False)
+
+    def build_image_encoder(self, in_chans: int) -> nn.Module:
+        """SAM's ViT with this model's sizes, taking `in_chans` channels and giving `embed_dim` channels."""
+        c = self.config
+        return build_image_encoder(
+            img_size=c["img_size"],
+            in_chans=in_chans,
+            embed_dim=c["vit_embed_dim"],
+            depth=c["vit_depth"],
+            num_heads=c["vit_num_heads"],
+            global_attn_indexes=tuple(c["vit_global_attn_indexes"]),
+            window_size=c["vit_window_size"],
+            out_chans=c["embed_dim"],
+        )
 
     @property
     def num_points(self) -> int:

@@ -1,6 +1,7 @@
 """Model registry: `create_model(name, ...)` and `list_models()`."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -32,6 +33,9 @@ _VIT_TINY = {
     "decoder_num_heads": 4,
 }
 
+# "USAM.__init__() " at the start of a TypeError: which class refused an option is not the user's concern
+_CALLER = re.compile(r"^[\w.]+\(\) ")
+
 # name -> (class, default keyword arguments)
 _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "usam_b": (USAM, _VIT_B),
@@ -61,8 +65,8 @@ def create_model(
     cls, defaults = _MODELS[name]
     try:
         model = cls(name=name, num_classes=num_classes, **{**defaults, **kwargs})
-    except TypeError as error:
-        raise ValueError(f"model {name!r}: {error}") from None
+    except TypeError as error:  # an option the model does not take
+        raise ValueError(f"model {name!r}: {_CALLER.sub('', str(error))}") from None
     if sam_checkpoint is not None:
         if not hasattr(model, "prompt_encoder"):
             raise ValueError(f"model {name!r} has no SAM parts to load {sam_checkpoint}")

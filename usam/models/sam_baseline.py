@@ -1,12 +1,14 @@
 """The paper's "initial approach": SAM itself with one mask token per class."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from usam.models.prompted import PromptedSegmenter
-from usam.models.sam_parts import build_image_encoder, mask_logits
+from usam.models.sam_parts import mask_logits
 
 # SAM's RGB normalisation, applied to the grey slice repeated over three channels.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -22,57 +24,11 @@ class SAMBaseline(PromptedSegmenter):
     l = Mt' . Src' (N x H/4), then bilinear interpolation to N x H x W.
     """
 
-    def __init__(
-        self,
-        *,
-        name: str = "sam_b",
-        num_classes: int = 3,
-        img_size: int = 224,
-        points_per_class: int = 3,
-        embed_dim: int = 256,
-        vit_embed_dim: int = 768,
-        vit_depth: int = 12,
-        vit_num_heads: int = 12,
-        vit_global_attn_indexes: tuple[int, ...] | list[int] = (2, 5, 8, 11),
-        vit_window_size: int = 14,
-        decoder_depth: int = 2,
-        decoder_mlp_dim: int = 2048,
-        decoder_num_heads: int = 8,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            points_per_class=points_per_class,
-            img_size=img_size,
-            embed_dim=embed_dim,
-            decoder_depth=decoder_depth,
-            decoder_mlp_dim=decoder_mlp_dim,
-            decoder_num_heads=decoder_num_heads,
-        )
-        self.config = {
-            "name": name,
-            "num_classes": num_classes,
-            "img_size": img_size,
-            "points_per_class": points_per_class,
-            "embed_dim": embed_dim,
-            "vit_embed_dim": vit_embed_dim,
-            "vit_depth": vit_depth,
-            "vit_num_heads": vit_num_heads,
-            "vit_global_attn_indexes": [int(i) for i in vit_global_attn_indexes],
-            "vit_window_size": vit_window_size,
-            "decoder_depth": decoder_depth,
-            "decoder_mlp_dim": decoder_mlp_dim,
-            "decoder_num_heads": decoder_num_heads,
-        }
-        self.image_encoder = build_image_encoder(
-            img_size=img_size,
-            in_chans=3,
-            embed_dim=vit_embed_dim,
-            depth=vit_depth,
-            num_heads=vit_num_heads,
-            global_attn_indexes=tuple(vit_global_attn_indexes),
-            window_size=vit_window_size,
-            out_chans=embed_dim,
-        )
+    def __init__(self, *, name: str = "sam_b", **sizes: Any) -> None:
+        """`sizes`: `PromptedSegmenter`'s keyword arguments (classes, input size, points, SAM's sizes)."""
+        super().__init__(**sizes)
+        self.config = {"name": name, **self.config}
+        self.image_encoder = self.build_image_encoder(in_chans=3)
         self.register_buffer(
             "pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False
         )
@@ -87,12 +43,7 @@ class SAMBaseline(PromptedSegmenter):
         """B x 1 x H x W in [0, 1] -> B x 3 x H x W normalised as SAM expects."""
         return (images.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x H x W in [0, 1], points B x K x 2, point_labels B x K -> B x N x H x W."""
         self.check_inputs(images, points, point_labels)
         image_embeddings = self.image_encoder(self.preprocess(images))

@@ -1,8 +1,7 @@
 """A small plain U-Net baseline (no prompts, no transformer)."""
 from __future__ import annotations
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from usam.models.blocks import CNNEncoder, UpBlock, init_prior_bias
 
@@ -50,12 +49,7 @@ class UNet(nn.Module):
         """Nothing is pretrained: every parameter is in "decoder" (the 1e-3 group)."""
         return {"encoder": [], "decoder": [p for p in self.parameters() if p.requires_grad]}
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x H x W in [0, 1] -> B x N x H x W logits; points are ignored."""
         size = self.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (1, size, size):

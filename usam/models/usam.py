@@ -1,12 +1,13 @@
 """U-SAM: a CNN encoder feeding SAM's ViT, SAM's prompt encoder and two-way decoder, U-Net decoder."""
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Any
+
+from torch import Tensor, nn
 
 from usam.models.blocks import CNNEncoder, TokenGrid, UpBlock, init_prior_bias
 from usam.models.prompted import PromptedSegmenter
-from usam.models.sam_parts import build_image_encoder, mask_logits
+from usam.models.sam_parts import mask_logits
 
 
 class USAM(PromptedSegmenter):
@@ -23,66 +24,18 @@ class USAM(PromptedSegmenter):
     starts at the log class priors (`init_prior_bias`).
     """
 
-    def __init__(
-        self,
-        *,
-        name: str = "usam_b",
-        num_classes: int = 3,
-        img_size: int = 224,
-        points_per_class: int = 3,
-        embed_dim: int = 256,
-        vit_embed_dim: int = 768,
-        vit_depth: int = 12,
-        vit_num_heads: int = 12,
-        vit_global_attn_indexes: tuple[int, ...] | list[int] = (2, 5, 8, 11),
-        vit_window_size: int = 14,
-        decoder_depth: int = 2,
-        decoder_mlp_dim: int = 2048,
-        decoder_num_heads: int = 8,
-        skip_connections: int = 4,
-    ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            points_per_class=points_per_class,
-            img_size=img_size,
-            embed_dim=embed_dim,
-            decoder_depth=decoder_depth,
-            decoder_mlp_dim=decoder_mlp_dim,
-            decoder_num_heads=decoder_num_heads,
-        )
+    def __init__(self, *, name: str = "usam_b", skip_connections: int = 4, **sizes: Any) -> None:
+        """`sizes`: `PromptedSegmenter`'s keyword arguments (classes, input size, points, SAM's sizes)."""
+        super().__init__(**sizes)
         if not 0 <= skip_connections <= 4:
             raise ValueError(f"skip_connections must be 0..4, got {skip_connections}")
-        if embed_dim % 8:
-            raise ValueError(f"embed_dim must be a multiple of 8, got {embed_dim}")
-        self.config = {
-            "name": name,
-            "num_classes": num_classes,
-            "img_size": img_size,
-            "points_per_class": points_per_class,
-            "embed_dim": embed_dim,
-            "vit_embed_dim": vit_embed_dim,
-            "vit_depth": vit_depth,
-            "vit_num_heads": vit_num_heads,
-            "vit_global_attn_indexes": [int(i) for i in vit_global_attn_indexes],
-            "vit_window_size": vit_window_size,
-            "decoder_depth": decoder_depth,
-            "decoder_mlp_dim": decoder_mlp_dim,
-            "decoder_num_heads": decoder_num_heads,
-            "skip_connections": skip_connections,
-        }
+        d, num_classes = self.config["embed_dim"], self.num_classes
+        if d % 8:
+            raise ValueError(f"embed_dim must be a multiple of 8, got {d}")
+        self.config = {"name": name, **self.config, "skip_connections": skip_connections}
         del self.mask_decoder.output_upscaling  # replaced by the UP4..UP2 path below
-        d = embed_dim
-        self.cnn = CNNEncoder(in_channels=1, embed_dim=d, out_channels=vit_embed_dim)
-        self.image_encoder = build_image_encoder(
-            img_size=img_size,
-            in_chans=1,
-            embed_dim=vit_embed_dim,
-            depth=vit_depth,
-            num_heads=vit_num_heads,
-            global_attn_indexes=tuple(vit_global_attn_indexes),
-            window_size=vit_window_size,
-            out_chans=d,
-        )
+        self.cnn = CNNEncoder(in_channels=1, embed_dim=d, out_channels=self.config["vit_embed_dim"])
+        self.image_encoder = self.build_image_encoder(in_chans=1)
         self.image_encoder.patch_embed = TokenGrid()
         # skips[i] is True when UP(4 - i) concatenates f(3 - i)
         self.skips = [i < skip_connections for i in range(4)]
@@ -96,12 +49,7 @@ class USAM(PromptedSegmenter):
     def encoder_modules(self) -> list[nn.Module]:
         return [self.cnn, self.image_encoder]
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x H x W in [0, 1], points B x K x 2, point_labels B x K -> B x N x H x W."""
         self.check_inputs(images, points, point_labels)
         f4, (f0, f1, f2, f3) = self.cnn(images)
