@@ -156,7 +156,7 @@ def labels_on_original_grid(labels: np.ndarray, canonical: sitk.Image, original:
 
 
 def load_points(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a points file (see docs/evaluation.md, "Prediction")."""
+    """Read and validate a points file (docs/evaluation.md, "Points file")."""
     path = Path(path)
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
