@@ -1,4 +1,4 @@
-"""Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish.
+"""Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish, care-keygen.
 
 Each entry point returns the process exit code: 0 success, 1 when some case failed (or a leak was found),
 2 for a usage error. Every command's parser is built here with ``_parser``; the modules a command other than
@@ -20,7 +20,9 @@ from care_dataset.convert.pipeline import (ConvertError, OutputBusyError, Output
 from care_dataset.convert.pool import keep_freed_buffers
 from care_dataset.convert.progress import stderr_console, terminal_progress
 from care_dataset.convert.summary import print_summary
-from care_dataset.deid.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
+from care_dataset.deid.pseudonyms import (KEY_ENV_VAR, MIN_KEY_BYTES, NEW_KEY_BYTES, KeyMissingError,
+                                          key_file_exposure, load_key, new_key)
+from care_dataset.files import create_private_file
 from care_dataset.format.reader import open_dataset
 from care_dataset.publish.errors import PublishError
 from care_dataset.raw.profiles import ProfileError, available_profiles, load_profile
@@ -56,9 +58,18 @@ def _error(parser: argparse.ArgumentParser, message: str) -> int:
 
 def add_key_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=Path, default=None,
-                   help=f"file holding the secret pseudonym key (else the {KEY_ENV_VAR} environment variable)")
+                   help=f"file holding the secret pseudonym key, at least {MIN_KEY_BYTES} bytes (make one with "
+                        f"care-keygen; else the {KEY_ENV_VAR} environment variable)")
     p.add_argument("--random-key", action="store_true",
                    help="use a random key: case IDs will differ on every run")
+
+
+def load_command_key(args: argparse.Namespace) -> tuple[bytes, bool]:
+    """`load_key` for the options of `add_key_arguments`; warns on stderr of a key file others may read."""
+    key, reproducible = load_key(args.key_file, random_key=args.random_key)
+    if args.key_file is not None and (exposure := key_file_exposure(args.key_file)):
+        print(f"warning: {exposure}", file=sys.stderr)
+    return key, reproducible
 
 
 # --- care-convert -------------------------------------------------------------------------------------------
@@ -99,7 +110,7 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
         return _usage_error(parser, str(err))
     try:
         check_paths(args.raw, args.out, args.private_map)
-        key, reproducible = load_key(args.key_file, random_key=args.random_key)
+        key, reproducible = load_command_key(args)
     except OutputNotWritableError as err:  # one line, no usage text
         return _error(parser, str(err))
     except (ConvertError, KeyMissingError) as err:
@@ -150,7 +161,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
     from care_dataset.deid.anonymize import anonymize_tree  # deferred: pydicom takes 0.25 s to import
 
     try:
-        key, reproducible = load_key(args.key_file, random_key=args.random_key)
+        key, reproducible = load_command_key(args)
     except KeyMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -211,6 +222,34 @@ def run_synth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except OSError as err:  # where the output goes, not how the command was typed: no usage text
         return _error(parser, str(err))
     print(f"wrote {len(written)} raw cases to {args.out_dir}")
+    return 0
+
+
+# --- care-keygen -------------------------------------------------------------------------------------------
+
+
+def build_keygen_parser() -> argparse.ArgumentParser:
+    p = _parser("care-keygen", f"Write a new secret pseudonym key: {NEW_KEY_BYTES} random bytes in a file only "
+                               "its owner may read (mode 0600).")
+    p.add_argument("path", type=Path, help="key file to create; an existing file is never overwritten")
+    return p
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    parser = build_keygen_parser()
+    return _run(parser, argv, lambda args: run_keygen(parser, args))
+
+
+def run_keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        create_private_file(args.path, new_key())
+    except FileExistsError:
+        return _error(parser, f"{args.path} exists; a key file is never overwritten (the case IDs made with it "
+                              "would be lost): choose another path")
+    except OSError as err:
+        return _error(parser, f"cannot create {args.path}: {err.strerror or err}")
+    print(f"wrote a new {NEW_KEY_BYTES}-byte key to {args.path} (mode 0600); keep it and a backup where only the "
+          "data custodian can read them: the same key gives the same case IDs")
     return 0
 
 

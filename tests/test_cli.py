@@ -40,7 +40,8 @@ def raw(tmp_path) -> Path:
 @pytest.fixture
 def key_file(tmp_path) -> Path:
     path = tmp_path / "secret.key"
-    path.write_bytes(b"cli-test-key\n")
+    path.write_bytes(b"cli-test-key-0123456789\n")
+    path.chmod(0o600)  # as care-keygen leaves it: no warning
     return path
 
 
@@ -115,7 +116,7 @@ def test_random_key_warns_and_marks_ids_unreproducible(raw, tmp_path, capsys):
 
 def test_key_from_environment(raw, tmp_path, key_file, monkeypatch):
     assert convert_main([str(raw), str(tmp_path / "a"), "--key-file", str(key_file), "--quiet"]) == 0
-    monkeypatch.setenv("CARE_DEID_KEY", "cli-test-key")
+    monkeypatch.setenv("CARE_DEID_KEY", "cli-test-key-0123456789")
     assert convert_main([str(raw), str(tmp_path / "b"), "--quiet"]) == 0
     a, b = reader.open_dataset(tmp_path / "a"), reader.open_dataset(tmp_path / "b")
     assert a.case_ids() == b.case_ids() and a.manifest["key_reproducible"] is True
