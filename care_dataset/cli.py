@@ -303,18 +303,39 @@ def build_publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", type=Path, default=None, help="dataset card template (default: DATASET_CARD.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push", metavar="REPO_ID", default=None,
-                   help="upload to this Hugging Face dataset repository (needs a token: `hf auth login`)")
-    p.add_argument("--private", action="store_true", help="create the Hub repository as private (with --push)")
+                   help="upload to this Hugging Face dataset repository, created private unless --public; needs "
+                        "--raw (or --no-verify) and a token (`hf auth login`)")
+    p.add_argument("--public", action="store_true",
+                   help="with --push: a public repository (refused while the card's licence is unknown)")
+    p.add_argument("--raw", type=Path, default=None,
+                   help="with --push: the raw folder SOURCE was converted from; the output is scanned for its "
+                        "identifying values (as care-verify) before upload")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --push: upload without the leak scan (the dataset card says so)")
     return p
 
 
 def publish_main(argv: list[str] | None = None) -> int:
-    return _run(build_publish_parser(), argv, run_publish)
+    parser = build_publish_parser()
+    return _run(parser, argv, lambda args: run_publish(parser, args))
 
 
-def run_publish(args: argparse.Namespace) -> int:
-    from care_dataset.publish.job import publish, push  # deferred: datasets takes 1 s to import
+def run_publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from care_dataset.publish.card import default_card_path, public_licence_problem  # deferred: datasets, 1 s
+    from care_dataset.publish.job import publish, push
 
+    if problem := push_option_problem(args):
+        return _usage_error(parser, problem)
+    try:
+        if args.public and (problem := public_licence_problem(args.card or default_card_path())):
+            return _error(parser, problem)
+    except (PublishError, OSError) as err:
+        return _error(parser, str(err))
+    if args.no_verify:
+        print("warning: --no-verify: the files are uploaded without the leak scan; a patient name, ID or date of "
+              "the raw data left in them would be published (the dataset card says the scan was skipped)",
+              file=sys.stderr)
+    leak_scan = ("skipped" if args.no_verify else "scanned") if args.push else None
     console = Console(stderr=True)
     try:
         dataset = open_dataset(args.source)
@@ -322,15 +343,34 @@ def run_publish(args: argparse.Namespace) -> int:
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("publishing cases", total=total)
             stats = publish(args.source, args.output, args.max_shard_mb, args.card, args.overwrite,
-                            progress=lambda: bar.advance(task))
-        url = push(args.output, args.push, args.private) if args.push else None
+                            progress=lambda: bar.advance(task), leak_scan=leak_scan)
+        pushed = push(args.output, args.push, args.public, args.raw) if args.push else None
     except (PublishError, OSError, KeyError, ValueError, TypeError) as err:
         print(f"care-publish: {err}", file=sys.stderr)  # not through rich: it would wrap the line
         return 1
     Console().print(_published_table(args.output.name, stats))
-    if url:
-        Console().print(f"pushed to {url}", markup=False, soft_wrap=True)
+    if pushed:
+        url, private = pushed
+        Console().print(f"pushed to {url} ({'private' if private else 'public'} repository)", markup=False,
+                        soft_wrap=True)
     return 0
+
+
+def push_option_problem(args: argparse.Namespace) -> str | None:
+    """Why care-publish's --push options cannot be honoured (checked before any work or network access), or
+    None."""
+    given = [name for name, on in (("--public", args.public), ("--raw", args.raw is not None),
+                                   ("--no-verify", args.no_verify)) if on]
+    if not args.push:
+        return f"{given[0]} applies to --push only" if given else None
+    if args.raw is None and not args.no_verify:
+        return ("--push needs --raw RAW, the raw folder SOURCE was converted from: the output is scanned for its "
+                "identifying values before upload (--no-verify uploads unscanned)")
+    if args.raw is not None and args.no_verify:
+        return "pass either --raw or --no-verify, not both"
+    if args.raw is not None and not args.raw.is_dir():
+        return f"--raw {args.raw}: folder not found"
+    return None
 
 
 def _published_table(name: str, stats: dict) -> Table:
