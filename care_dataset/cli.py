@@ -22,7 +22,7 @@ from care_dataset.convert.progress import stderr_console, terminal_progress
 from care_dataset.convert.summary import print_summary
 from care_dataset.deid.pseudonyms import (KEY_ENV_VAR, MIN_KEY_BYTES, NEW_KEY_BYTES, KeyMissingError,
                                           key_file_exposure, load_key, new_key)
-from care_dataset.files import create_private_file
+from care_dataset.files import create_private_file, creation_problem
 from care_dataset.format.reader import open_dataset
 from care_dataset.publish.errors import PublishError
 from care_dataset.raw.profiles import ProfileError, available_profiles, load_profile
@@ -241,7 +241,10 @@ def keygen_main(argv: list[str] | None = None) -> int:
 
 
 def run_keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if problem := creation_problem(args.path.parent):
+        return _error(parser, f"{args.path}: {problem}")
     try:
+        args.path.parent.mkdir(parents=True, exist_ok=True)
         create_private_file(args.path, new_key())
     except FileExistsError:
         return _error(parser, f"{args.path} exists; a key file is never overwritten (the case IDs made with it "
