@@ -325,7 +325,7 @@ def publish_main(argv: list[str] | None = None) -> int:
 
 def run_publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from care_dataset.publish.card import default_card_path, public_licence_problem  # deferred: datasets, 1 s
-    from care_dataset.publish.job import publish, push
+    from care_dataset.publish.job import publish, push  # deferred: datasets takes 1 s to import
 
     if problem := push_option_problem(args):
         return _usage_error(parser, problem)
