@@ -324,16 +324,10 @@ def publish_main(argv: list[str] | None = None) -> int:
 
 
 def run_publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from care_dataset.publish.card import default_card_path, public_licence_problem  # deferred: datasets, 1 s
     from care_dataset.publish.job import publish, push  # deferred: datasets takes 1 s to import
 
-    if problem := push_option_problem(args):
-        return _usage_error(parser, problem)
-    try:
-        if args.public and (problem := public_licence_problem(args.card or default_card_path())):
-            return _error(parser, problem)
-    except (PublishError, OSError) as err:
-        return _error(parser, str(err))
+    if (refused := _refuse_push(parser, args)) is not None:
+        return refused
     if args.no_verify:
         print("warning: --no-verify: the files are uploaded without the leak scan; a patient name, ID or date of "
               "the raw data left in them would be published (the dataset card says the scan was skipped)",
@@ -357,6 +351,24 @@ def run_publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         Console().print(f"pushed to {url} ({'private' if private else 'public'} repository)", markup=False,
                         soft_wrap=True)
     return 0
+
+
+def _refuse_push(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:
+    """Exit code 2 and one line when the --push options cannot be honoured, checked before any work or network
+    access; None when they can."""
+    from care_dataset.publish.card import default_card_path, public_licence_problem  # deferred: datasets, 1 s
+
+    if problem := push_option_problem(args):
+        return _usage_error(parser, problem)
+    if not args.public:
+        return None
+    try:
+        problem = public_licence_problem(args.card or default_card_path())
+    except PublishError as err:
+        problem = str(err)
+    except OSError as err:
+        problem = f"dataset card {args.card}: {err.strerror or err}"
+    return _error(parser, problem) if problem else None
 
 
 def push_option_problem(args: argparse.Namespace) -> str | None:
