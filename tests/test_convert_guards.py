@@ -353,3 +353,5 @@ def test_key_from_the_environment_loses_its_line_end_like_the_key_file(tmp_path,
     monkeypatch.setenv(KEY_ENV_VAR, "\n")
     with pytest.raises(KeyMissingError, match=KEY_ENV_VAR):
         load_key(None)
+    monkeypatch.setenv(KEY_ENV_VAR, "not-utf-8-\udcff-0123456789")  # bytes the system could not decode
+    assert load_key(None) == (b"not-utf-8-\xff-0123456789", True)

@@ -78,10 +78,10 @@ def key_file_exposure(key_file: Path) -> str | None:
 def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_key: bool = False) -> tuple[bytes, bool]:
     """The secret key and whether IDs made with it are reproducible.
 
-    Order: `key_file` (its bytes), then the environment variable (UTF-8), then `random_key` (new_key, not
-    reproducible); trailing line ends (CR, LF) are removed from the file and the variable alike, so one
-    secret gives one key either way. Raises KeyMissingError when none is given or it is shorter than
-    MIN_KEY_BYTES.
+    Order: `key_file` (its bytes), then the environment variable (its bytes: UTF-8 text as UTF-8), then
+    `random_key` (new_key, not reproducible); trailing line ends (CR, LF) are removed from the file and the
+    variable alike, so one secret gives one key either way. Raises KeyMissingError when none is given or it is
+    shorter than MIN_KEY_BYTES.
     """
     if key_file is not None:
         if random_key:
@@ -93,7 +93,7 @@ def load_key(key_file: Path | None = None, env_var: str = KEY_ENV_VAR, random_ke
         return _checked(key, f"the key file {key_file}"), True
     env_value = os.environ.get(env_var, "")
     if env_value and not random_key:
-        key = env_value.encode("utf-8").rstrip(LINE_ENDS)
+        key = env_value.encode("utf-8", "surrogateescape").rstrip(LINE_ENDS)  # bytes not UTF-8 as they were set
         return _checked(key, f"the {env_var} environment variable"), True
     if random_key:
         return new_key(), False
