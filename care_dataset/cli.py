@@ -1,4 +1,4 @@
-"""Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish.
+"""Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish, care-keygen.
 
 Each entry point returns the process exit code: 0 success, 1 when some case failed (or a leak was found),
 2 for a usage error. Every command's parser is built here with ``_parser``; the modules a command other than
@@ -20,7 +20,9 @@ from care_dataset.convert.pipeline import (ConvertError, OutputBusyError, Output
 from care_dataset.convert.pool import keep_freed_buffers
 from care_dataset.convert.progress import stderr_console, terminal_progress
 from care_dataset.convert.summary import print_summary
-from care_dataset.deid.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
+from care_dataset.deid.pseudonyms import (KEY_ENV_VAR, MIN_KEY_BYTES, NEW_KEY_BYTES, KeyMissingError,
+                                          key_file_exposure, load_key, new_key)
+from care_dataset.files import create_private_file, creation_problem
 from care_dataset.format.reader import open_dataset
 from care_dataset.publish.errors import PublishError
 from care_dataset.raw.profiles import ProfileError, available_profiles, load_profile
@@ -56,9 +58,18 @@ def _error(parser: argparse.ArgumentParser, message: str) -> int:
 
 def add_key_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=Path, default=None,
-                   help=f"file holding the secret pseudonym key (else the {KEY_ENV_VAR} environment variable)")
+                   help=f"file holding the secret pseudonym key, at least {MIN_KEY_BYTES} bytes (make one with "
+                        f"care-keygen; else the {KEY_ENV_VAR} environment variable)")
     p.add_argument("--random-key", action="store_true",
                    help="use a random key: case IDs will differ on every run")
+
+
+def load_command_key(args: argparse.Namespace) -> tuple[bytes, bool]:
+    """`load_key` for the options of `add_key_arguments`; warns on stderr of a key file others may read."""
+    key, reproducible = load_key(args.key_file, random_key=args.random_key)
+    if args.key_file is not None and (exposure := key_file_exposure(args.key_file)):
+        print(f"warning: {exposure}", file=sys.stderr)
+    return key, reproducible
 
 
 # --- care-convert -------------------------------------------------------------------------------------------
@@ -99,7 +110,7 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
         return _usage_error(parser, str(err))
     try:
         check_paths(args.raw, args.out, args.private_map)
-        key, reproducible = load_key(args.key_file, random_key=args.random_key)
+        key, reproducible = load_command_key(args)
     except OutputNotWritableError as err:  # one line, no usage text
         return _error(parser, str(err))
     except (ConvertError, KeyMissingError) as err:
@@ -150,7 +161,7 @@ def run_anonymize(args: argparse.Namespace) -> int:
     from care_dataset.deid.anonymize import anonymize_tree  # deferred: pydicom takes 0.25 s to import
 
     try:
-        key, reproducible = load_key(args.key_file, random_key=args.random_key)
+        key, reproducible = load_command_key(args)
     except KeyMissingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -214,6 +225,37 @@ def run_synth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+# --- care-keygen -------------------------------------------------------------------------------------------
+
+
+def build_keygen_parser() -> argparse.ArgumentParser:
+    p = _parser("care-keygen", f"Write a new secret pseudonym key: {NEW_KEY_BYTES} random bytes in a file only "
+                               "its owner may read (mode 0600).")
+    p.add_argument("path", type=Path, help="key file to create; an existing file is never overwritten")
+    return p
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    parser = build_keygen_parser()
+    return _run(parser, argv, lambda args: run_keygen(parser, args))
+
+
+def run_keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if problem := creation_problem(args.path.parent):
+        return _error(parser, f"{args.path}: {problem}")
+    try:
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(args.path, new_key())
+    except FileExistsError:
+        return _error(parser, f"{args.path} exists; a key file is never overwritten (the case IDs made with it "
+                              "would be lost): choose another path")
+    except OSError as err:
+        return _error(parser, f"cannot create {args.path}: {err.strerror or err}")
+    print(f"wrote a new {NEW_KEY_BYTES}-byte key to {args.path} (mode 0600); keep it and a backup where only the "
+          "data custodian can read them: the same key gives the same case IDs")
+    return 0
+
+
 # --- care-verify --------------------------------------------------------------------------------------------
 
 
@@ -264,18 +306,33 @@ def build_publish_parser() -> argparse.ArgumentParser:
     p.add_argument("--card", type=Path, default=None, help="dataset card template (default: DATASET_CARD.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push", metavar="REPO_ID", default=None,
-                   help="upload to this Hugging Face dataset repository (needs a token: `hf auth login`)")
-    p.add_argument("--private", action="store_true", help="create the Hub repository as private (with --push)")
+                   help="upload to this Hugging Face dataset repository, created private unless --public; needs "
+                        "--raw (or --no-verify) and a token (`hf auth login`)")
+    p.add_argument("--public", action="store_true",
+                   help="with --push: a public repository (refused while the card's licence is unknown)")
+    p.add_argument("--raw", type=Path, default=None,
+                   help="with --push: the raw folder SOURCE was converted from; the output is scanned for its "
+                        "identifying values (as care-verify) before upload")
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --push: upload without the leak scan (the dataset card says so)")
     return p
 
 
 def publish_main(argv: list[str] | None = None) -> int:
-    return _run(build_publish_parser(), argv, run_publish)
+    parser = build_publish_parser()
+    return _run(parser, argv, lambda args: run_publish(parser, args))
 
 
-def run_publish(args: argparse.Namespace) -> int:
+def run_publish(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from care_dataset.publish.job import publish, push  # deferred: datasets takes 1 s to import
 
+    if (refused := _refuse_push(parser, args)) is not None:
+        return refused
+    if args.no_verify:
+        print("warning: --no-verify: the files are uploaded without the leak scan; a patient name, ID or date of "
+              "the raw data left in them would be published (the dataset card says the scan was skipped)",
+              file=sys.stderr)
+    leak_scan = ("skipped" if args.no_verify else "scanned") if args.push else None
     console = Console(stderr=True)
     try:
         dataset = open_dataset(args.source)
@@ -283,15 +340,52 @@ def run_publish(args: argparse.Namespace) -> int:
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("publishing cases", total=total)
             stats = publish(args.source, args.output, args.max_shard_mb, args.card, args.overwrite,
-                            progress=lambda: bar.advance(task))
-        url = push(args.output, args.push, args.private) if args.push else None
+                            progress=lambda: bar.advance(task), leak_scan=leak_scan)
+        pushed = push(args.output, args.push, args.public, args.raw) if args.push else None
     except (PublishError, OSError, KeyError, ValueError, TypeError) as err:
         print(f"care-publish: {err}", file=sys.stderr)  # not through rich: it would wrap the line
         return 1
     Console().print(_published_table(args.output.name, stats))
-    if url:
-        Console().print(f"pushed to {url}", markup=False, soft_wrap=True)
+    if pushed:
+        url, private = pushed
+        Console().print(f"pushed to {url} ({'private' if private else 'public'} repository)", markup=False,
+                        soft_wrap=True)
     return 0
+
+
+def _refuse_push(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:
+    """Exit code 2 and one line when the --push options cannot be honoured, checked before any work or network
+    access; None when they can."""
+    from care_dataset.publish.card import default_card_path, public_licence_problem  # deferred: datasets, 1 s
+
+    if problem := push_option_problem(args):
+        return _usage_error(parser, problem)
+    if not args.public:
+        return None
+    try:
+        problem = public_licence_problem(args.card or default_card_path())
+    except PublishError as err:
+        problem = str(err)
+    except OSError as err:
+        problem = f"dataset card {args.card}: {err.strerror or err}"
+    return _error(parser, problem) if problem else None
+
+
+def push_option_problem(args: argparse.Namespace) -> str | None:
+    """Why care-publish's --push options cannot be honoured (checked before any work or network access), or
+    None."""
+    given = [name for name, on in (("--public", args.public), ("--raw", args.raw is not None),
+                                   ("--no-verify", args.no_verify)) if on]
+    if not args.push:
+        return f"{given[0]} applies to --push only" if given else None
+    if args.raw is None and not args.no_verify:
+        return ("--push needs --raw RAW, the raw folder SOURCE was converted from: the output is scanned for its "
+                "identifying values before upload (--no-verify uploads unscanned)")
+    if args.raw is not None and args.no_verify:
+        return "pass either --raw or --no-verify, not both"
+    if args.raw is not None and not args.raw.is_dir():
+        return f"--raw {args.raw}: folder not found"
+    return None
 
 
 def _published_table(name: str, stats: dict) -> Table:

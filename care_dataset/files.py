@@ -1,5 +1,6 @@
-"""The one place for writing files all or nothing (used by both packages): atomic file writes, staging folders
-renamed into place, "can files be created here?", and one writer per output folder (its lock).
+"""The one place for writing files all or nothing (used by both packages): atomic file writes (owner-only ones
+too), new private files that never replace anything, staging folders renamed into place, "can files be created
+here?", and one writer per output folder (its lock).
 
 The lock: an exclusive, non-blocking ``fcntl.flock`` on ``<folder>/.lock``, taken by ``care-convert`` and
 ``care-anonymize``, so a second run on the same output folder refuses at once instead of deleting the first
@@ -35,12 +36,18 @@ def temporary_path(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
+def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; when the block ends without error it is renamed onto
-    `path` in one step, otherwise removed. Readers never see a partly written `path`."""
+    `path` in one step, otherwise removed. Readers never see a partly written `path`.
+
+    With `mode` (e.g. 0o600) the temporary file is created empty with exactly that mode before the block
+    runs, so what is written to it never has wider permissions.
+    """
     path = Path(path)
     tmp = temporary_path(path)
     try:
+        if mode is not None:
+            _create_empty(tmp, mode)
         yield tmp
         os.replace(tmp, path)
     except BaseException:
@@ -48,15 +55,41 @@ def atomic_file(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through `atomic_file`."""
-    with atomic_file(path) as tmp:
+def _create_empty(path: Path, mode: int) -> None:
+    """A new empty file at `path` with exactly `mode` (umask not applied); one left there before is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def create_private_file(path: Path, data: bytes) -> None:
+    """Create `path` holding `data`, mode 0600 from its first moment; FileExistsError when something is at
+    `path` already (it is never replaced, nor a link followed). A failed write leaves no file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_file` (`mode` as there)."""
+    with atomic_file(path, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write `obj` as sorted, 2-space indented ASCII JSON with a final newline through `atomic_file`."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n")
+def write_json_atomic(path: Path, obj: Any, mode: int | None = None) -> None:
+    """Write `obj` as sorted, 2-space indented ASCII JSON with a final newline through `atomic_file` (`mode` as
+    there)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True) + "\n", mode)
 
 
 def make_staging_dir(parent: Path, prefix: str) -> Path:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
+import pty
+import stat
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from care_dataset import files
 from care_dataset.format import reader
-from care_dataset.cli import anonymize_main, convert_main, publish_main, synth_main, verify_main
+from care_dataset.cli import anonymize_main, convert_main, keygen_main, publish_main, synth_main, verify_main
+from care_dataset.deid.pseudonyms import load_key, new_key
+from care_dataset.synth.raw_export import write_raw_dataset
 from care_dataset.synth.phantom import phantom_volume
 from usam.cli import main as usam_main
 
@@ -40,7 +47,8 @@ def raw(tmp_path) -> Path:
 @pytest.fixture
 def key_file(tmp_path) -> Path:
     path = tmp_path / "secret.key"
-    path.write_bytes(b"cli-test-key\n")
+    path.write_bytes(b"cli-test-key-0123456789\n")
+    path.chmod(0o600)  # as care-keygen leaves it: no warning
     return path
 
 
@@ -115,10 +123,171 @@ def test_random_key_warns_and_marks_ids_unreproducible(raw, tmp_path, capsys):
 
 def test_key_from_environment(raw, tmp_path, key_file, monkeypatch):
     assert convert_main([str(raw), str(tmp_path / "a"), "--key-file", str(key_file), "--quiet"]) == 0
-    monkeypatch.setenv("CARE_DEID_KEY", "cli-test-key")
+    monkeypatch.setenv("CARE_DEID_KEY", "cli-test-key-0123456789")
     assert convert_main([str(raw), str(tmp_path / "b"), "--quiet"]) == 0
     a, b = reader.open_dataset(tmp_path / "a"), reader.open_dataset(tmp_path / "b")
     assert a.case_ids() == b.case_ids() and a.manifest["key_reproducible"] is True
+
+
+# --- keys ---------------------------------------------------------------------------------------------------
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("secret", [b"#", b"fifteen-bytes!!\n", b"fifteen-bytes!!\r\n\r\n"])
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_a_key_under_16_bytes_is_refused_from_a_file_and_the_environment_alike(raw, tmp_path, monkeypatch, capsys,
+                                                                              secret, source):
+    """Trailing line ends do not count, as load_key drops them; the message says how to make a key."""
+    argv = [str(raw), str(tmp_path / "out")]
+    if source == "file":
+        (tmp_path / "weak.key").write_bytes(secret)
+        argv += ["--key-file", str(tmp_path / "weak.key")]
+    else:
+        monkeypatch.setenv("CARE_DEID_KEY", secret.decode())
+    for main, args in ((convert_main, argv), (anonymize_main, argv)):
+        assert main(args) == 2
+        error = [line for line in error_of(capsys).splitlines() if "error" in line]
+        assert len(error) == 1 and "at least 16 bytes" in error[0] and "`care-keygen site.key`" in error[0]
+        assert ("weak.key" if source == "file" else "CARE_DEID_KEY") in error[0]
+        assert secret.strip().decode() not in error[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_16_byte_key_is_accepted_from_either_source_and_gives_the_same_ids(raw, tmp_path, monkeypatch):
+    (tmp_path / "k").write_bytes(b"sixteen-bytes-ok\n")
+    (tmp_path / "k").chmod(0o600)
+    assert convert_main([str(raw), str(tmp_path / "a"), "--key-file", str(tmp_path / "k"), "--quiet"]) == 0
+    monkeypatch.setenv("CARE_DEID_KEY", "sixteen-bytes-ok")
+    assert convert_main([str(raw), str(tmp_path / "b"), "--quiet"]) == 0
+    assert reader.open_dataset(tmp_path / "a").case_ids() == reader.open_dataset(tmp_path / "b").case_ids()
+
+
+def test_keygen_writes_an_owner_only_key_that_is_accepted_and_never_overwritten(raw, tmp_path, capsys):
+    path = tmp_path / "keys" / "site.key"
+    with umask(0):  # the mode does not depend on the umask
+        assert keygen_main([str(path)]) == 0
+    assert mode_of(path) == 0o600 and len(path.read_bytes()) == 32
+    assert load_key(path) == (path.read_bytes(), True)  # every byte of the file is the key
+    assert "32-byte key" in capsys.readouterr().out
+    assert convert_main([str(raw), str(tmp_path / "out"), "--key-file", str(path), "--quiet"]) == 0
+    assert error_of(capsys) == ""  # no warning
+    before = path.read_bytes()
+    assert keygen_main([str(path)]) == 2
+    error = error_of(capsys).strip().splitlines()
+    assert error == [f"care-keygen: error: {path} exists; a key file is never overwritten (the case IDs made with "
+                     "it would be lost): choose another path"]
+    assert path.read_bytes() == before
+    (tmp_path / "link.key").symlink_to(tmp_path / "elsewhere.key")
+    assert keygen_main([str(tmp_path / "link.key")]) == 2 and not (tmp_path / "elsewhere.key").exists()
+    assert all(new_key()[-1:] not in (b"\r", b"\n") for _ in range(2000))
+
+
+def test_a_key_file_open_to_others_gets_a_warning(raw, tmp_path, key_file, capsys):
+    key_file.chmod(0o640)
+    assert convert_main([str(raw), str(tmp_path / "a"), "--key-file", str(key_file), "--quiet"]) == 0
+    (warning,) = error_of(capsys).strip().splitlines()
+    assert warning == (f"warning: the key file {key_file} is open to group or others (mode 0640): whoever reads it "
+                       f"can tell who is who from the case IDs; run `chmod 600 {key_file}`")
+    key_file.chmod(0o600)
+    assert convert_main([str(raw), str(tmp_path / "b"), "--key-file", str(key_file), "--quiet"]) == 0
+    assert error_of(capsys) == ""
+
+
+def test_the_private_map_is_created_owner_only(raw, tmp_path, key_file):
+    mapping = tmp_path / "custodian" / "map.json"
+    with umask(0):
+        assert convert_main([str(raw), str(tmp_path / "out"), "--key-file", str(key_file), "--quiet",
+                             "--private-map", str(mapping)]) == 0
+        assert mode_of(mapping) == 0o600 and set(json.loads(mapping.read_text())) == {"case0", "case1"}
+        mapping.chmod(0o644)  # an earlier, too open map is replaced by an owner-only one
+        assert convert_main([str(raw), str(tmp_path / "out"), "--key-file", str(key_file), "--quiet",
+                             "--private-map", str(mapping)]) == 0
+    assert mode_of(mapping) == 0o600
+    assert [p.name for p in mapping.parent.iterdir()] == ["map.json"]
+
+
+def test_an_owner_only_atomic_file_has_its_mode_before_anything_is_written(tmp_path):
+    target = tmp_path / "map.json"
+    files.temporary_path(target).write_text("stale, too open")
+    files.temporary_path(target).chmod(0o644)
+    with umask(0), files.atomic_file(target, 0o600) as tmp:
+        assert mode_of(tmp) == 0o600 and tmp.read_bytes() == b""
+        tmp.write_text("{}")
+    assert mode_of(target) == 0o600 and target.read_text() == "{}"
+
+
+def key_forms(key: bytes) -> list[bytes]:
+    """The key and the encodings it could be printed or written in."""
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key),
+             base64.urlsafe_b64encode(key), base64.b64encode(key).rstrip(b"=")]
+    return forms + [form.decode("latin-1").encode("utf-8") for form in forms]
+
+
+def run_in_terminal(argv: list[str], env: dict[str, str]) -> bytes:
+    """What `argv` shows on a terminal (a pseudo-terminal: progress bars and colours as a user sees them)."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    shown = []
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # EIO: every process holding the terminal has ended
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(leader)
+    process.wait(timeout=300)
+    return b"".join(shown)
+
+
+def test_the_key_reaches_no_file_report_or_terminal(tmp_path):
+    """care-convert (2 workers, private map) and care-anonymize, with a care-keygen key file and with a text key
+    in CARE_DEID_KEY, and a refused short key: no form of the key in any file written or on the terminal."""
+    raw = tmp_path / "raw"
+    write_raw_dataset(raw, cases=2, seed=3, size=64, slices=8, messy=False)
+    (tmp_path / "raw" / "broken case").mkdir()  # a failing case: its reason reaches the terminal and report
+    key_path = tmp_path / "site.key"
+    assert keygen_main([str(key_path)]) == 0
+    text_key = "custodian-secret-Ünïcode-0123456789"
+    (tmp_path / "weak.key").write_text("short-secret\n")
+    command = "import sys; from care_dataset.cli import {} as main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "CARE_DEID_KEY"}
+    runs = [
+        (key_path.read_bytes(), env, "convert_main", ["--key-file", str(key_path), "--workers", "2",
+                                                      "--private-map", str(tmp_path / "map1.json")], "file"),
+        (key_path.read_bytes(), env, "anonymize_main", ["--key-file", str(key_path)], "anon_file"),
+        (text_key.encode(), {**env, "CARE_DEID_KEY": text_key}, "convert_main",
+         ["--private-map", str(tmp_path / "map2.json")], "env"),
+        (text_key.encode(), {**env, "CARE_DEID_KEY": text_key}, "anonymize_main", [], "anon_env"),
+        (b"short-secret", env, "convert_main", ["--key-file", str(tmp_path / "weak.key")], "weak"),
+    ]
+    for key, run_env, main, options, out_name in runs:
+        argv = [sys.executable, "-c", command.format(main), str(raw), str(tmp_path / out_name), *options]
+        shown = run_in_terminal(argv, run_env)
+        assert b"converted" in shown or b"anonymized" in shown or b"at least 16 bytes" in shown, shown[-2000:]
+        written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in (key_path, tmp_path / "weak.key")
+                   and "raw" not in p.relative_to(tmp_path).parts]
+        assert written or out_name == "weak"
+        for form in key_forms(key):
+            assert form not in shown, (out_name, form)
+            for path in written:
+                assert form not in path.read_bytes(), (out_name, path)
+            assert form.decode("latin-1") not in " ".join(argv)  # nor on the command line, the process title
+    assert not (tmp_path / "weak").exists()
 
 
 def test_summary_table_and_exit_code_1_on_a_failed_case(raw, tmp_path, key_file, capsys):
@@ -213,6 +382,7 @@ def test_every_command_refuses_an_output_where_no_file_can_be_made(raw, tmp_path
         "care-convert --private-map": lambda out: convert_main(
             [str(raw), str(tmp_path / "never"), "--key-file", str(key_file), "--private-map", str(out / "map.json")]),
         "care-anonymize": lambda out: anonymize_main([str(raw), str(out), "--key-file", str(key_file)]),
+        "care-keygen": lambda out: keygen_main([str(out / "site.key")]),
         "care-publish": lambda out: publish_main([str(converted), str(out)]),
         "usam fit": lambda out: usam_main(["fit", "--data", str(converted), "--out", str(out), "--model",
                                            "usam_tiny", "--max-steps", "1", "--batch-size", "2"]),

@@ -236,7 +236,7 @@ def test_two_runs_and_worker_counts_give_identical_outputs(raw, converted, tmp_p
 
 
 def test_other_key_gives_other_ids(raw, converted, tmp_path):
-    convert_dataset(raw["dir"], tmp_path / "out", load_profile("care"), b"another key", True, progress=False)
+    convert_dataset(raw["dir"], tmp_path / "out", load_profile("care"), b"another key-0123456789", True, progress=False)
     ids_a = set(reader.open_dataset(converted["zarr"][0]).case_ids())
     ids_b = set(reader.open_dataset(tmp_path / "out").case_ids())
     assert len(ids_b) == 5 and not ids_a & ids_b

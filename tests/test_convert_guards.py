@@ -24,7 +24,7 @@ from care_dataset.raw.profiles import load_profile
 from care_dataset.synth.phantom import phantom_volume
 from dicom_cases import phantom, write_dicom_case
 
-KEY = b"guard-test-key"
+KEY = b"guard-test-key-0123456789"
 SHAPE = (12, 32, 32)  # z, y, x
 SPACING = (8.0, 8.0, 3.0)  # x, y, z mm
 
@@ -51,6 +51,7 @@ def raw(tmp_path_factory) -> Path:
 def key_file(tmp_path) -> Path:
     path = tmp_path / "key.txt"
     path.write_bytes(KEY + b"\n")
+    path.chmod(0o600)  # as care-keygen leaves it: no warning
     return path
 
 
@@ -198,8 +199,8 @@ def test_unwritable_private_map_is_a_usage_error_before_work(raw, key_file, tmp_
 def test_private_map_is_written_before_the_completion_marker(raw, key_file, tmp_path, monkeypatch):
     written = []
     real = files.write_json_atomic
-    monkeypatch.setattr(pipeline, "write_json_atomic", lambda path, obj: (written.append(Path(path).name),
-                                                                       real(path, obj))[1])
+    monkeypatch.setattr(pipeline, "write_json_atomic", lambda path, obj, **kw: (written.append(Path(path).name),
+                                                                             real(path, obj, **kw))[1])
     mapping = tmp_path / "custodian" / "map.json"
     convert_dataset(raw, tmp_path / "out", load_profile("care"), KEY, True, private_map=mapping, progress=False)
     assert written.index("map.json") < written.index("dataset.json")
@@ -346,9 +347,11 @@ def test_key_from_the_environment_loses_its_line_end_like_the_key_file(tmp_path,
     from care_dataset.deid.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
 
     key_file = tmp_path / "key"
-    key_file.write_bytes(b"s3cret\r\n")
-    monkeypatch.setenv(KEY_ENV_VAR, "s3cret\n")
-    assert load_key(None) == load_key(key_file) == (b"s3cret", True)
+    key_file.write_bytes(b"s3cret-0123456789\r\n")
+    monkeypatch.setenv(KEY_ENV_VAR, "s3cret-0123456789\n")
+    assert load_key(None) == load_key(key_file) == (b"s3cret-0123456789", True)
     monkeypatch.setenv(KEY_ENV_VAR, "\n")
     with pytest.raises(KeyMissingError, match=KEY_ENV_VAR):
         load_key(None)
+    monkeypatch.setenv(KEY_ENV_VAR, "not-utf-8-\udcff-0123456789")  # bytes the system could not decode
+    assert load_key(None) == (b"not-utf-8-\xff-0123456789", True)

@@ -51,11 +51,11 @@ def test_no_key_is_refused_with_the_three_ways_out(monkeypatch):
 def test_key_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("CARE_DEID_KEY", raising=False)
     key_file = tmp_path / "key"
-    key_file.write_bytes(b"file-secret\n")
-    assert load_key(key_file) == (b"file-secret", True)
-    monkeypatch.setenv("CARE_DEID_KEY", "env-secret")
-    assert load_key(None) == (b"env-secret", True)
-    assert load_key(key_file)[0] == b"file-secret"  # an explicit file wins over the environment
+    key_file.write_bytes(b"file-secret-0123456789\n")
+    assert load_key(key_file) == (b"file-secret-0123456789", True)
+    monkeypatch.setenv("CARE_DEID_KEY", "env-secret-0123456789")
+    assert load_key(None) == (b"env-secret-0123456789", True)
+    assert load_key(key_file)[0] == b"file-secret-0123456789"  # an explicit file wins over the environment
     key_a, reproducible = load_key(None, env_var="CARE_UNSET_VARIABLE_FOR_TEST", random_key=True)
     key_b, _ = load_key(None, env_var="CARE_UNSET_VARIABLE_FOR_TEST", random_key=True)
     assert not reproducible and len(key_a) == 32 and key_a != key_b
@@ -238,7 +238,7 @@ def test_same_key_gives_identical_files_and_other_key_other_ids(real_anon, tmp_p
     first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.dcm")}
     second = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*.dcm")}
     assert again[0]["case_id"] == results[0]["case_id"] and first == second
-    other = anonymize_tree(REAL_RAW, tmp_path / "other", b"a different key")
+    other = anonymize_tree(REAL_RAW, tmp_path / "other", b"a different key-0123456789")
     assert other[0]["case_id"] != results[0]["case_id"]
     uid_a = pydicom.dcmread(next(out.rglob("00001.dcm"))).StudyInstanceUID
     uid_b = pydicom.dcmread(next((tmp_path / "other").rglob("00001.dcm"))).StudyInstanceUID
@@ -473,7 +473,7 @@ def test_run_anonymize_exit_codes(tmp_path, monkeypatch, capsys):
     assert run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 2
     assert "--key-file" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
-    monkeypatch.setenv("CARE_DEID_KEY", "k")
+    monkeypatch.setenv("CARE_DEID_KEY", "anonymize-test-key-0123")
     assert run_anonymize(parser.parse_args([str(raw), str(tmp_path / "a")])) == 0
     assert run_anonymize(parser.parse_args([str(raw), str(raw / "inside")])) == 2
 

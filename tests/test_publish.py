@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 import yaml
 
 from care_dataset import files
+from care_dataset.cli import publish_main
 from care_dataset.format import layout, reader
 from care_dataset.format.hf import iter_samples
 from care_dataset.publish import job as pub
+from care_dataset.publish.card import LEAK_SCAN_NOTES, default_card_path
 from converted_folders import CLASSES, assert_sample_equal, make_converted
 
 # ---------------------------------------------------------------- fixtures
@@ -202,9 +206,7 @@ def test_h5_source_with_varying_inplane_sizes(tmp_path, hf_offline):
 
 
 def run_cli(argv: list[str]) -> int:
-    from care_dataset.cli import build_publish_parser, run_publish
-
-    return run_publish(build_publish_parser().parse_args(argv))
+    return publish_main(argv)
 
 
 def test_cli_refuses_existing_output_unless_overwrite(published, tmp_path, capsys):
@@ -230,28 +232,158 @@ def test_corrupt_case_fails_with_its_id_and_leaves_nothing(tmp_path, hf_offline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
 
 
-def test_push_uploads_the_folder_as_a_dataset_repo(published, tmp_path, monkeypatch, capsys):
-    import huggingface_hub
+class StubHub:
+    """Stands in for huggingface_hub's HfApi and get_token: records what a push would send; no network."""
 
+    def __init__(self, repos: dict[str, bool] | None = None, token: str | None = "hf_test_token"):
+        self.repos = dict(repos or {})  # repo_id -> private
+        self.token = token
+        self.calls: list[tuple] = []
+        self.uploaded: dict[str, bytes] = {}
+
+    def __call__(self) -> StubHub:  # `HfApi()`
+        return self
+
+    def get_token(self) -> str | None:
+        self.calls.append(("get_token",))
+        return self.token
+
+    def create_repo(self, repo_id, repo_type, private, exist_ok):
+        self.calls.append(("create_repo", repo_id, repo_type, private))
+        self.repos.setdefault(repo_id, private)
+
+    def repo_info(self, repo_id, repo_type):
+        self.calls.append(("repo_info", repo_id))
+        return SimpleNamespace(private=self.repos[repo_id])
+
+    def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+        self.calls.append(("upload_folder", repo_id, repo_type))
+        root = Path(folder_path)
+        self.uploaded = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        return SimpleNamespace(commit_url=f"https://hub.test/{repo_id}/commit/1")
+
+    def names(self) -> list[str]:
+        return [call[0] for call in self.calls]
+
+
+@pytest.fixture
+def hub(monkeypatch) -> StubHub:
+    stub = StubHub()
+    monkeypatch.setattr(pub, "HfApi", stub)
+    monkeypatch.setattr(huggingface_hub, "get_token", stub.get_token)
+    return stub
+
+
+@pytest.fixture
+def clean_raw(tmp_path) -> Path:
+    """A raw folder whose only identifying value (its case folder's name) is not in the published folder."""
+    return raw_with_case_folder(tmp_path / "raw", PHI_LIKE_FOLDER)
+
+
+def raw_with_case_folder(raw: Path, name: str) -> Path:
+    """`raw` holding one case folder `name` with an unreadable volume file: its name is an identifying value."""
+    (raw / name).mkdir(parents=True)
+    (raw / name / "ct.mha").write_bytes(b"not a volume")
+    return raw
+
+
+def card_with_licence(tmp_path: Path, licence: str) -> Path:
+    card = tmp_path / "card.md"
+    card.write_text(default_card_path().read_text(encoding="utf-8").replace("license: unknown", f"license: {licence}"),
+                    encoding="utf-8")
+    return card
+
+
+def test_push_creates_a_private_repo_and_uploads_the_scanned_folder(published, clean_raw, hub, tmp_path, capsys):
     source, _ = published
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
-                        lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kw: calls.append(("upload_folder", kw["repo_id"], kw)) or "https://hub/commit")
     output = tmp_path / "care"
-    assert run_cli([str(source), str(output), "--push", "someone/care", "--private"]) == 0
-    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
-    assert calls[0][1] == "someone/care" and calls[0][2]["repo_type"] == "dataset" and calls[0][2]["private"]
-    upload = calls[1][2]
-    assert upload["repo_type"] == "dataset" and Path(upload["folder_path"]) == output.resolve()
-    assert (output / "README.md").is_file()
+    assert run_cli([str(source), str(output), "--push", "someone/care", "--raw", str(clean_raw)]) == 0
+    assert hub.names() == ["get_token", "create_repo", "repo_info", "upload_folder"]
+    assert hub.calls[1] == ("create_repo", "someone/care", "dataset", True)  # private
+    assert hub.calls[3] == ("upload_folder", "someone/care", "dataset")
+    assert set(hub.uploaded) == {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
+    assert {"README.md", "metadata/cases.json"} <= set(hub.uploaded)
+    assert LEAK_SCAN_NOTES["scanned"] in hub.uploaded["README.md"].decode()
+    assert "(private repository)" in capsys.readouterr().out
 
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    calls.clear()
-    assert run_cli([str(source), str(tmp_path / "care2"), "--push", "someone/care"]) == 1
-    assert "token" in capsys.readouterr().err and calls == []
+
+def test_push_without_raw_is_refused_before_any_work_or_network(published, hub, tmp_path, capsys):
+    source, _ = published
+    assert run_cli([str(source), str(tmp_path / "care"), "--push", "someone/care"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("care-publish: error: --push needs --raw RAW") and "--no-verify" in error
+    assert hub.calls == [] and not (tmp_path / "care").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--raw", "{raw}"], "--raw applies to --push only"),
+    (["--public"], "--public applies to --push only"),
+    (["--push", "a/b", "--raw", "{raw}", "--no-verify"], "pass either --raw or --no-verify, not both"),
+    (["--push", "a/b", "--raw", "{missing}"], "folder not found"),
+])
+def test_push_options_that_cannot_go_together_are_usage_errors(published, clean_raw, hub, tmp_path, capsys, extra,
+                                                               message):
+    source, _ = published
+    extra = [arg.format(raw=clean_raw, missing=tmp_path / "missing") for arg in extra]
+    assert run_cli([str(source), str(tmp_path / "care"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert hub.calls == [] and not (tmp_path / "care").exists()
+
+
+def test_public_push_is_refused_while_the_licence_is_unknown(published, clean_raw, hub, tmp_path, capsys):
+    source, existing = published
+    output = tmp_path / "care"
+    assert run_cli([str(source), str(output), "--push", "someone/care", "--raw", str(clean_raw), "--public"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "public push is refused while the licence" in error[0] and "license:" in error[0]
+    assert hub.calls == [] and not output.exists()
+    with pytest.raises(pub.PublishError, match="licence in README.md is unknown"):
+        pub.push(existing, "someone/care", public=True, raw=clean_raw)  # the folder's own card is checked too
+    assert hub.calls == []
+
+
+def test_public_push_with_a_licence_creates_a_public_repo(published, clean_raw, hub, tmp_path, capsys):
+    source, _ = published
+    card = card_with_licence(tmp_path, "cc-by-nc-4.0")
+    argv = [str(source), str(tmp_path / "care"), "--card", str(card), "--push", "someone/care", "--raw",
+            str(clean_raw), "--public"]
+    assert run_cli(argv) == 0
+    assert ("create_repo", "someone/care", "dataset", False) in hub.calls and hub.uploaded
+    assert "license: cc-by-nc-4.0" in hub.uploaded["README.md"].decode()
+    assert "(public repository)" in capsys.readouterr().out
+
+
+def test_an_existing_public_repo_gets_nothing_without_public(published, clean_raw, hub, tmp_path, capsys):
+    source, _ = published
+    hub.repos["someone/care"] = False
+    assert run_cli([str(source), str(tmp_path / "care"), "--push", "someone/care", "--raw", str(clean_raw)]) == 1
+    assert "not private; nothing was uploaded: pass --public" in capsys.readouterr().err
+    assert "upload_folder" not in hub.names()
+
+
+def test_no_verify_warns_of_the_risk_and_the_card_records_it(published, hub, tmp_path, capsys):
+    source, _ = published
+    assert run_cli([str(source), str(tmp_path / "care"), "--push", "someone/care", "--no-verify"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --no-verify" in err and "would be published" in err
+    assert LEAK_SCAN_NOTES["skipped"] in hub.uploaded["README.md"].decode()
+
+
+def test_a_leak_stops_the_push_before_any_network_access(published, hub, tmp_path, capsys):
+    source, _ = published
+    leaked = reader.open_dataset(source).case_ids()[0]  # a raw folder named like a case ID: found in the output
+    raw = raw_with_case_folder(tmp_path / "raw", leaked)
+    assert run_cli([str(source), str(tmp_path / "care"), "--push", "someone/care", "--raw", str(raw)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "leak scan:" in error[0] and "nothing was uploaded" in error[0]
+    assert leaked not in error[0] and hub.calls == []
+
+
+def test_push_without_a_token_is_refused_before_creating_anything(published, clean_raw, hub, tmp_path, capsys):
+    source, _ = published
+    hub.token = None
+    assert run_cli([str(source), str(tmp_path / "care"), "--push", "someone/care", "--raw", str(clean_raw)]) == 1
+    assert "token" in capsys.readouterr().err and hub.names() == ["get_token"]
 
 
 def test_synth_convert_publish_end_to_end_leaks_nothing(tmp_path, hf_offline):

@@ -21,7 +21,7 @@ from care_dataset.deid.verify import collect_identifying_values, is_meaningful, 
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_RAW = DATA / "dcmqi_ct3slice"
-KEY = b"verify-test-key"
+KEY = b"verify-test-key-0123456789"
 
 
 def _dicom(path: Path) -> Dataset:

@@ -21,7 +21,7 @@ from care_dataset.convert.job import RECORDS_DIR, CaseJob, CaseOutcome, discard_
 from care_dataset.convert.pool import CasePool
 from care_dataset.convert.progress import CaseProgress, stderr_console
 from care_dataset.convert.summary import ConvertSummary
-from care_dataset.deid.pseudonyms import patient_of
+from care_dataset.deid.pseudonyms import key_problem, patient_of
 from care_dataset.files import (LOCK_NAME, OutputLockedError, creation_problem, hold_output_lock, temporary_path,
                                 write_json_atomic)
 from care_dataset.format import writer
@@ -32,6 +32,7 @@ from care_dataset.raw.discover import RawCase, discover_cases, drop_linked_cases
 from care_dataset.raw.profiles import Profile
 from care_dataset.version import __version__
 
+PRIVATE_MAP_MODE = 0o600  # raw folder names are patient names: for the data custodian's eyes only
 FINAL_FILES = ("report.json", "cases.json", "splits.json", "dataset.json")  # dataset.json last: it marks completion
 
 
@@ -205,8 +206,8 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     """
     if storage not in STORAGE_FORMATS:
         raise ConvertError(f"unknown storage format {storage!r}; expected one of {', '.join(STORAGE_FORMATS)}")
-    if not key:
-        raise ConvertError("an empty de-identification key is not allowed")
+    if problem := key_problem(key, "the de-identification key"):
+        raise ConvertError(problem)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConvertError(f"the split seed must be a non-negative integer, got {seed!r}")
     raw_dir, out_dir, private_map = check_paths(raw_dir, out_dir, private_map)
@@ -247,7 +248,7 @@ def _convert_locked(raws: list[RawCase], raw_dir: Path, out_dir: Path, profile: 
                             seed, key_reproducible)
     if private_map is not None:  # before the completion marker: a run that cannot write it does not look done
         private_map.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(private_map, {o.raw_name: o.case_id for o in outcomes})
+        write_json_atomic(private_map, {o.raw_name: o.case_id for o in outcomes}, mode=PRIVATE_MAP_MODE)
     for name in FINAL_FILES:
         write_json_atomic(out_dir / name, outputs[name])
     return outcomes, failures, warnings, outputs

@@ -37,7 +37,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid.pseudonyms import case_id_for, date_offset_days, make_case_id, patient_identity, remap_uid
+from care_dataset.deid.pseudonyms import (case_id_for, date_offset_days, key_problem, make_case_id, patient_identity,
+                                          remap_uid)
 from care_dataset.files import (atomic_file, creation_problem, hold_output_lock, make_staging_dir, previous_path,
                                 replace_folder)
 from care_dataset.raw.discover import RawCase, drop_linked_cases, raw_fingerprint
@@ -435,8 +436,10 @@ def anonymize_tree(raw_dir: Path, out_dir: Path, key: bytes, allow_burned_in: bo
     terminal only: never write it under out_dir. Case folders an earlier run wrote for these raw
     cases are removed when the case now fails, is skipped or gets another case ID; folders of raw
     cases absent from this run are left alone. Raises OutputLockedError (a ValueError) at once
-    when another run writes to out_dir.
+    when another run writes to out_dir, and ValueError for a key shorter than MIN_KEY_BYTES.
     """
+    if problem := key_problem(key, "the de-identification key"):
+        raise ValueError(problem)
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw_dir.is_dir():
         raise NotADirectoryError(f"raw folder not found: {raw_dir}")

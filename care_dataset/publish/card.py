@@ -20,6 +20,14 @@ from care_dataset.publish.parquet import SplitStats
 from care_dataset.version import __version__
 
 CARD_MARKER = "<!-- build-figures -->"
+UNSET_LICENCE = "unknown"
+# What the card says of the leak scan before an upload, by `care-publish --push` mode
+LEAK_SCAN_NOTES = {
+    "scanned": "- Leak scan: uploaded by `care-publish --push` only after a scan of these files and their names "
+               "for the raw data's identifying values (as `care-verify`) found none",
+    "skipped": "- Leak scan: **skipped** (`care-publish --no-verify`): these files were not checked for identifying "
+               "values of the raw data before upload",
+}
 
 
 def default_card_path() -> Path:
@@ -41,6 +49,23 @@ def split_front_matter(text: str) -> tuple[dict, str]:
     return {}, text
 
 
+def card_licences(card_path: Path) -> list[str]:
+    """The `license` values of a card's front matter; empty when it sets none."""
+    front, _ = split_front_matter(Path(card_path).read_text(encoding="utf-8"))
+    licence = front.get("license") or []
+    return [str(v) for v in licence] if isinstance(licence, list) else [str(licence)]
+
+
+def public_licence_problem(card_path: Path) -> str | None:
+    """Why the card at `card_path` may not go public (no licence, or `unknown`), or None."""
+    licences = card_licences(card_path)
+    if licences and UNSET_LICENCE not in licences:
+        return None
+    return (f"a public push is refused while the licence in {Path(card_path).name} is {UNSET_LICENCE}: set "
+            "`license:` in its front matter to the licence the data owner releases CARE under, or push without "
+            "--public (a private repository)")
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -50,8 +75,9 @@ def human_bytes(n: int) -> str:
 
 
 def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict[str, SplitStats]],
-                  shape: tuple[int, int] | None) -> str:
-    """Markdown section with this build's counts, sizes and checksums."""
+                  shape: tuple[int, int] | None, leak_scan: str | None = None) -> str:
+    """Markdown section with this build's counts, sizes and checksums; with `leak_scan` (a LEAK_SCAN_NOTES key)
+    also what was checked before upload."""
     manifest = dataset.manifest
     profile = manifest.get("profile", {})
     lines = ["## This build", "",
@@ -63,7 +89,8 @@ def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict
              "- In-plane size: " + (f"{shape[0]} x {shape[1]} for every slice (`Array2D` / `Array3D` features)"
                                    if shape else "varies between cases (nested `List` features)"),
              f"- Case IDs reproducible from the data custodian's key: "
-             f"{'yes' if manifest.get('key_reproducible', True) else 'no (random key)'}", "",
+             f"{'yes' if manifest.get('key_reproducible', True) else 'no (random key)'}",
+             *([LEAK_SCAN_NOTES[leak_scan]] if leak_scan else []), "",
              "| split | cases | slices | " + " | ".join(f"voxels: {c}" for c in dataset.class_names[1:]) + " |",
              "|---|---:|---:|" + "---:|" * (len(dataset.class_names) - 1)]
     for split in splits:
@@ -98,8 +125,10 @@ def size_category(num_rows: int) -> str:
 
 
 def build_readme(dataset: CareDataset, splits: list[str], features: dict[str, Any],
-                 stats: dict[str, dict[str, SplitStats]], shape: tuple[int, int] | None, card_path: Path) -> str:
-    """README.md: YAML header (card front matter + configs + dataset_info) and the card with this build's figures."""
+                 stats: dict[str, dict[str, SplitStats]], shape: tuple[int, int] | None, card_path: Path,
+                 leak_scan: str | None = None) -> str:
+    """README.md: YAML header (card front matter + configs + dataset_info) and the card with this build's figures
+    (`leak_scan` as in build_figures)."""
     front, body = split_front_matter(card_path.read_text(encoding="utf-8"))
     front["size_categories"] = [size_category(sum(s.num_examples for s in stats[SLICES].values()))]
     card_data = DatasetCardData(**front)
@@ -119,6 +148,6 @@ def build_readme(dataset: CareDataset, splits: list[str], features: dict[str, An
                  **({"default": True} if config == SLICES else {})}
         for config in CONFIGS
     }).to_dataset_card_data(card_data)
-    figures = build_figures(dataset, splits, stats, shape)
+    figures = build_figures(dataset, splits, stats, shape, leak_scan)
     body = body.replace(CARD_MARKER, figures) if CARD_MARKER in body else body.rstrip("\n") + "\n\n" + figures
     return f"---\n{card_data.to_yaml()}\n---\n{body}"
