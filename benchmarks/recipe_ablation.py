@@ -38,6 +38,7 @@ def prepare(work: Path, cases: int, size: int) -> Path:
     if not (out / "dataset.json").exists():
         key = work / "site.key"
         key.write_bytes(b"care-usam demo key: synthetic data only\n")  # the demo's key: the demo's split
+        key.chmod(0o600)  # as care-keygen makes keys: readable by their owner only
         command("care-synth", work / "raw", "--cases", cases, "--seed", 0, "--size", size)
         command("care-convert", work / "raw", out, "--key-file", key, "--workers", 2, "--quiet")
     return out

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     # demo uses a fixed key: the same pseudonyms, splits and results on every run. Real data needs a secret key.
     key = work / "site.key"
     key.write_bytes(b"care-usam demo key: synthetic data only\n")
+    key.chmod(0o600)  # as care-keygen makes keys: readable by their owner only
     raw, out, care, run_dir = work / "raw", work / "out", work / "care", work / "runs" / args.model
     if not raw.exists():
         run("care-synth", raw, "--cases", args.cases, "--seed", 0, "--size", args.size)
