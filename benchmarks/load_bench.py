@@ -19,26 +19,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from care_dataset.files import write_json_atomic
+from care_dataset.format import layout, writer
+from care_dataset.synth.phantom import phantom_volume
 
 
 def make_case(rng: np.random.Generator, slices: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case: image (slices, size, size) int16 HU, label uint8."""
-    try:
-        from care_dataset.synth.phantom import phantom_volume
-
-        return phantom_volume((slices, size, size), (2.5, 0.8, 0.8), rng)
-    except ImportError:  # smooth random data when the phantom is not available
-        from scipy.ndimage import gaussian_filter
-
-        image = gaussian_filter(rng.normal(0, 300, (slices, size, size)), (0, 4, 4)).astype(np.int16)
-        return image, (image > 150).astype(np.uint8) + (image > 300)
+    return phantom_volume((slices, size, size), (2.5, 0.8, 0.8), rng)
 
 
 def write_converted(root: Path, storage: str, cases: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     """A converted folder (docs/format.md) holding ``cases``; every case in split ``train``."""
-    from care_dataset.files import write_json_atomic
-    from care_dataset.format import layout, writer
-
     writer.init_store(root, storage)
     records = {}
     for case_id, (image, label) in cases.items():
@@ -74,8 +70,6 @@ def single_process_rate(dataset, indices: np.ndarray) -> float:
 
 def loader_rate(dataset, indices: np.ndarray, workers: int, batch_size: int = 16) -> float:
     """Slices/s through a DataLoader with ``workers`` processes, after the first batch (worker start-up)."""
-    from torch.utils.data import DataLoader
-
     loader = DataLoader(dataset, batch_size=batch_size, sampler=[int(i) for i in indices], num_workers=workers,
                         prefetch_factor=4)
     iterator = iter(loader)
@@ -100,13 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
                           HF_DATASETS_CACHE=str(tmp / "hf_cache"))
-        import datasets
-        from rich.console import Console
-        from rich.table import Table
+        import datasets  # deferred: datasets reads HF_DATASETS_CACHE when imported, so after it is set
 
-        from care_dataset.format.hf import SAMPLE_KEYS
-        from care_dataset.publish.job import publish
-        from care_dataset.format.torch_dataset import CareSliceDataset
+        from care_dataset.format.hf import SAMPLE_KEYS  # deferred: after datasets, for the same reason
+        from care_dataset.format.torch_dataset import CareSliceDataset  # deferred: as above
+        from care_dataset.publish.job import publish  # deferred: as above
 
         datasets.disable_progress_bars()
         console = Console(width=120)

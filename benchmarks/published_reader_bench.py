@@ -1,6 +1,6 @@
 """Reading a published Hugging Face folder: care_dataset.format.published.PublishedDataset against the plain `datasets`
-numpy formatter (the way usam read published folders until the fifth session: rows of the `slices`
-configuration through `with_format("numpy")`, whole cases from the `volumes` configuration), with CareDataset
+numpy formatter (rows of the `slices` configuration through `with_format("numpy")`, whole cases from the
+`volumes` configuration), with CareDataset
 on the converted folder it was published from for reference. Same process, same random picks; every reader's
 values are checked equal first.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test_publish.make_converted
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # converted_folders.make_converted
 
 
 class FormatterSlices:
@@ -75,14 +75,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pubbench-"))
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf_cache")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import datasets
+    import datasets  # deferred: datasets reads HF_DATASETS_CACHE when imported, so after it is set
 
     datasets.disable_progress_bars()
-    from test_publish import make_converted
-
-    from care_dataset import open_any, open_dataset
-    from care_dataset.format.hf import SLICES, VOLUMES, load_published
-    from care_dataset.publish.job import publish
+    from care_dataset import open_any, open_dataset  # deferred: after datasets, for the same reason
+    from care_dataset.format.hf import SLICES, VOLUMES, load_published  # deferred: as above
+    from care_dataset.publish.job import publish  # deferred: as above
+    from converted_folders import make_converted  # deferred: as above
 
     shapes = [(args.slices, args.size, args.size)] * (args.cases + 1)  # the last case is the test split
     source = make_converted(work / "converted", "zarr", shapes, seed=0)

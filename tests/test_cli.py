@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch.distributed
 
 from care_dataset import files
-from care_dataset.format import reader
 from care_dataset.cli import anonymize_main, convert_main, keygen_main, publish_main, synth_main, verify_main
 from care_dataset.deid.pseudonyms import load_key, new_key
-from care_dataset.synth.raw_export import write_raw_dataset
+from care_dataset.files import creation_problem
+from care_dataset.format import reader
 from care_dataset.synth.phantom import phantom_volume
+from care_dataset.synth.raw_export import write_raw_dataset
 from usam.cli import main as usam_main
 
 
@@ -361,8 +363,6 @@ def test_usam_fit_errors_are_printed_by_the_main_rank_only(tmp_path, capsys, mon
 
 def _places_no_file_can_be_made(tmp_path: Path) -> list[tuple[Path, str]]:
     """(output path, reason expected): under a regular file, and under /proc where the OS refuses new files."""
-    from care_dataset.files import creation_problem
-
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     places = [(a_file / "sub" / "out", f"{a_file} is a file, not a folder")]
@@ -445,8 +445,6 @@ def test_an_output_inside_a_folder_one_may_not_search_is_one_line(raw, tmp_path,
 def test_usam_fit_errors_after_the_process_group_is_joined_are_printed_by_their_rank(tmp_path, capsys,
                                                                                        monkeypatch):
     """Before the group is joined every rank fails alike (rank 0 reports); after it, an error may be one rank's."""
-    import torch.distributed
-
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     assert usam_main(["fit", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--flip-prob", "2"]) == 2

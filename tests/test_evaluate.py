@@ -15,18 +15,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from matplotlib.image import imread
 from rich.console import Console
 from torch import nn
 
 from care_dataset import files
 from care_dataset.format import layout, reader, writer
-from usam.data import resize_labels
+from care_dataset.publish.job import publish
 from usam.cli import add_eval_arguments
+from usam.data import resize_labels
 from usam.evaluate import cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
+from usam.inference import inference_settings
 from usam.metrics import dice_from_confusion
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
-from usam.inference import inference_settings
 
 CLASSES = ["background", "normal rectum", "tumor"]
 SPACING = [0.75, 0.8, 2.5]  # x, y, z mm
@@ -282,8 +284,6 @@ def test_a_bad_out_folder_is_refused_before_any_work(converted, tiny_checkpoint,
 
 def test_eval_on_a_published_folder_equals_eval_on_the_converted_one(converted, tiny_checkpoint, tmp_path,
                                                                        monkeypatch, capsys):
-    from care_dataset.publish.job import publish
-
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     published = tmp_path / "care"
     publish(converted, published)
@@ -310,8 +310,6 @@ def test_eval_on_a_published_folder_equals_eval_on_the_converted_one(converted, 
 
 
 def test_grid_titles_stay_inside_the_image(converted, tiny_checkpoint, tmp_path):
-    from matplotlib.image import imread
-
     out = tmp_path / "eval"
     assert run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--batch-size", "4",
                                "--device", "cpu", "--out", str(out))) == 0

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("care_dataset", "usam")
 # What usam may import from care_dataset: the package's public reader API, the stage folders it reads with,
-# and the shared file and error-text helpers.
-USAM_MAY_IMPORT = ("care_dataset.format", "care_dataset.raw", "care_dataset.files", "care_dataset.error_text")
+# the shared file and error-text helpers and the one version number.
+USAM_MAY_IMPORT = ("care_dataset.format", "care_dataset.raw", "care_dataset.files", "care_dataset.error_text",
+                   "care_dataset.version")
 # care_dataset's stages by rank: a module imports its own stage or a lower rank, never a higher one.
 STAGE_RANK = {"files": 0, "error_text": 0, "version": 0, "raw": 1, "deid": 2, "format": 3, "convert": 4,
               "publish": 5, "synth": 5, "cli": 6, "": 6}

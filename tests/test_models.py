@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +203,6 @@ def test_sam_b_equals_segment_anything_on_the_shared_parts():
         with torch.no_grad():
             p.add_(torch.randn_like(p) * 0.02)
     model.class_embed.data.zero_()
-    from functools import partial
 
     reference = sam_modeling.Sam(
         image_encoder=sam_modeling.ImageEncoderViT(

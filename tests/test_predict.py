@@ -10,14 +10,22 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
 from torch import nn
 
+from care_dataset.convert.case import load_case
+from care_dataset.raw.discover import discover_cases
+from care_dataset.raw.image import to_canonical
+from care_dataset.raw.profiles import load_profile
+from care_dataset.synth import raw_export as synth
+from usam.cli import add_predict_arguments
+from usam.data import preprocess_slices
+from usam.inference import inference_settings, model_input
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
-from usam.cli import add_predict_arguments
 from usam.outputs import label_description_path
 from usam.predict import (
     predict_volume,
@@ -214,7 +222,6 @@ def test_dicom_folder_keeps_its_grid_and_leaks_no_header_value(tmp_path, tiny_ch
     folder = SHARED / "dcmqi_ct3slice" / "ct-3slice"
     if not folder.is_dir():
         pytest.skip(f"real DICOM test data not found at {folder}")
-    import pydicom
 
     image = read_image(folder)
     assert image.GetSize() == (512, 512, 3)
@@ -234,8 +241,6 @@ def test_dicom_folder_keeps_its_grid_and_leaks_no_header_value(tmp_path, tiny_ch
 
 
 def test_device_side_preprocessing_equals_the_training_preprocessing():
-    from usam.data import preprocess_slices
-    from usam.inference import inference_settings, model_input
 
     hu = np.random.default_rng(5).integers(-1200, 1500, (3, 97, 131)).astype(np.int16)
     settings = inference_settings(_config())
@@ -246,12 +251,6 @@ def test_device_side_preprocessing_equals_the_training_preprocessing():
 def test_nested_hospital_export_folders_read_the_same_series_as_the_converter(tmp_path):
     """A case folder as exported (nested folders, localizer, second series, compressed syntaxes, label files
     beside the DICOM): predict reads the CT series care-convert would choose, voxel for voxel."""
-    from care_dataset.convert.case import load_case
-    from care_dataset.raw.discover import discover_cases
-    from care_dataset.raw.image import to_canonical
-    from care_dataset.raw.profiles import load_profile
-    from care_dataset.synth import raw_export as synth
-    from usam.predict import read_image
 
     synth.write_raw_dataset(tmp_path / "raw", cases=6, seed=3, size=64, slices=10, messy=True)
     profile = load_profile("care")
@@ -561,7 +560,7 @@ def test_a_failed_overlay_write_leaves_no_label_volume_either(tmp_path, threshol
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("usam.outputs.save_slice_overlays", no_space)
+    monkeypatch.setattr("usam.overlays.save_slice_overlays", no_space)
     out = tmp_path / "pred.nii.gz"
     assert _run(tmp_path, _flipped_volume(tumour_slices=[2]), out, "--overlays", str(tmp_path / "png")) == 2
     err = capsys.readouterr().err.strip()

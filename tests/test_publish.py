@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import getpass
 import hashlib
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from care_dataset import files
 from care_dataset.cli import publish_main
+from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 from care_dataset.format import layout, reader
 from care_dataset.format.hf import iter_samples
 from care_dataset.publish import job as pub
 from care_dataset.publish.card import LEAK_SCAN_NOTES, default_card_path
+from care_dataset.raw.profiles import load_profile
+from care_dataset.synth.raw_export import write_raw_dataset
 from converted_folders import CLASSES, assert_sample_equal, make_converted
 
 # ---------------------------------------------------------------- fixtures
@@ -82,8 +90,6 @@ def test_volumes_hold_whole_cases_with_geometry(published):
 
 
 def test_load_by_relative_name_from_parent_and_torch_format(published, monkeypatch):
-    import torch
-
     source, output = published
     care = reader.open_dataset(source)
     monkeypatch.chdir(output.parent)
@@ -140,8 +146,6 @@ def test_readme_header_lists_configs_splits_and_features(published):
 
 
 def test_shards_respect_the_size_limit_and_keep_the_features(published):
-    import pyarrow.parquet as pq
-
     _, output = published
     train = sorted((output / "slices").glob("train-*.parquet"))
     assert len(train) >= 2
@@ -154,8 +158,6 @@ def test_shards_respect_the_size_limit_and_keep_the_features(published):
 
 
 def test_output_has_no_identifying_or_machine_values(published):
-    import getpass
-    import socket
 
     source, output = published
     forbidden = {str(source), str(source.parent), PHI_LIKE_FOLDER, str(Path.home())}
@@ -389,10 +391,6 @@ def test_push_without_a_token_is_refused_before_creating_anything(published, cle
 def test_synth_convert_publish_end_to_end_leaks_nothing(tmp_path, hf_offline):
     """Raw synthetic DICOM with fake PHI -> care-convert -> care-publish -> load_dataset; care-verify's scanner
     finds none of the raw identifying values in the published folder."""
-    from care_dataset.convert.pipeline import convert_dataset
-    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
-    from care_dataset.raw.profiles import load_profile
-    from care_dataset.synth.raw_export import write_raw_dataset
 
     raw, out, care_dir = tmp_path / "raw", tmp_path / "out", tmp_path / "care"
     write_raw_dataset(raw, cases=3, seed=1, size=64, slices=24, messy=False)

@@ -9,18 +9,43 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import usam.train as training
 from care_dataset.deid.pseudonyms import patient_of
 from care_dataset.format.reader import open_dataset
+from care_dataset.publish.job import publish
 from converted_folders import make_converted_folder
+from usam.cli import build_parser, resolve_fit_config
 from usam.cli import main as usam_main
 from usam.config import build_config, read_toml, to_toml
-from usam.train import open_training_data, train
+from usam.inference import InputError, choose_device
+from usam.metrics import confusion_matrix, dice_from_confusion
+from usam.train import (
+    LogWindow,
+    Position,
+    batch_to_device,
+    build_model,
+    due_after_step,
+    epoch_batches,
+    log,
+    make_loaders,
+    open_training_data,
+    place_on_device,
+    prepare_run_folder,
+    restore_train_state,
+    save,
+    set_up,
+    train,
+    training_step,
+    validate,
+)
 
 # mechanics tests run a tiny U-Net on a 64 x 64 model grid (the pipeline follows the model's img_size)
 TINY = {"model": "unet", "model_args": {"base_channels": 8, "img_size": 64}, "batch_size": 4, "workers": 0, "device": "cpu",
@@ -186,8 +211,6 @@ def test_resume_refuses_other_data_and_follows_the_run_folder(data_dir, tmp_path
 
 def test_a_run_without_checkpoint_starts_afresh_and_a_half_swapped_one_recovers(data_dir, tmp_path, monkeypatch,
                                                                                 capsys):
-    import usam.train as training
-
     out = tmp_path / "run"
     # a run killed at its first checkpoint: config.toml, run.json and log.jsonl, no last/
     real_save = training.save_checkpoint
@@ -370,8 +393,6 @@ def test_paths_of_the_wrong_kind_fail_with_one_line(data_dir, tmp_path, capsys):
 
 
 def test_config_file_and_command_line_precedence(data_dir, tmp_path):
-    from usam.cli import build_parser, resolve_fit_config
-
     config_file = tmp_path / "fit.toml"
     config_file.write_text(f'data = "{data_dir}"\nbatch_size = 8\nepochs = 3\nwindow = [-100, 300]\n'
                            '[model_args]\nbase_channels = 16\n')
@@ -406,8 +427,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, data_dir: str, out: str, 
 
 
 def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
-    import torch.multiprocessing as mp
-
     out, results = tmp_path / "ddp", tmp_path / "results"
     results.mkdir()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_dir), str(out), str(results)), nprocs=2, join=True)
@@ -416,7 +435,6 @@ def test_ddp_on_cpu_gloo_keeps_ranks_identical(data_dir, tmp_path):
     for key, value in rank0["state"].items():
         assert torch.equal(value, rank1["state"][key]), key
     initial = build_config({**TINY, "data": str(data_dir), "out": str(tmp_path / "x")})
-    from usam.train import build_model
 
     torch.manual_seed(initial.seed)
     untrained = build_model(initial, 3).state_dict()
@@ -447,8 +465,6 @@ def test_a_rank_fails_its_checks_before_joining_the_process_group(data_dir, tmp_
 
 
 def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path, monkeypatch):
-    from care_dataset.publish.job import publish
-
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     published = tmp_path / "care"
     publish(data_dir, published)
@@ -468,8 +484,6 @@ def test_fit_reads_a_published_folder_like_the_converted_one(data_dir, tmp_path,
 
 
 def test_set_up_checks_and_plans_before_writing_anything(data_dir, tmp_path):
-    from usam.train import set_up
-
     out = tmp_path / "run"
     run = set_up(config_for(data_dir, out, max_steps=3))
     plan = run.plan
@@ -485,8 +499,6 @@ def test_set_up_checks_and_plans_before_writing_anything(data_dir, tmp_path):
 
 
 def test_training_step_moves_weights_schedule_and_position(data_dir, tmp_path):
-    from usam.train import batch_to_device, epoch_batches, make_loaders, place_on_device, set_up, training_step
-
     run = set_up(config_for(data_dir, tmp_path / "run", max_steps=3))
     place_on_device(run)
     loader, _ = make_loaders(run)
@@ -503,8 +515,6 @@ def test_training_step_moves_weights_schedule_and_position(data_dir, tmp_path):
 
 
 def test_log_window_pools_the_counts_of_its_steps_and_starts_afresh(data_dir, tmp_path):
-    from usam.metrics import dice_from_confusion
-    from usam.train import LogWindow, set_up
 
     run = set_up(config_for(data_dir, tmp_path / "run", max_steps=3))
     window = LogWindow(3, torch.device("cpu"))
@@ -526,8 +536,6 @@ def test_log_window_pools_the_counts_of_its_steps_and_starts_afresh(data_dir, tm
 
 
 def test_validate_pools_every_validation_slice(data_dir, tmp_path):
-    from usam.metrics import confusion_matrix, dice_from_confusion
-    from usam.train import make_loaders, place_on_device, set_up, validate
 
     run = set_up(config_for(data_dir, tmp_path / "run", max_steps=3))
     place_on_device(run)
@@ -547,19 +555,6 @@ def test_validate_pools_every_validation_slice(data_dir, tmp_path):
 
 
 def test_a_saved_run_restores_its_position_and_drops_later_log_lines(data_dir, tmp_path):
-    from usam.train import (
-        batch_to_device,
-        epoch_batches,
-        log,
-        make_loaders,
-        place_on_device,
-        prepare_run_folder,
-        restore_train_state,
-        save,
-        set_up,
-        training_step,
-    )
-
     out = tmp_path / "run"
     run = set_up(config_for(data_dir, out, max_steps=4))
     prepare_run_folder(run)
@@ -580,10 +575,6 @@ def test_a_saved_run_restores_its_position_and_drops_later_log_lines(data_dir, t
 
 
 def test_due_after_step_validates_at_epoch_ends_and_checkpoints_where_it_stops():
-    from types import SimpleNamespace
-
-    from usam.train import Position, due_after_step
-
     def run_at(step, step_in_epoch, val_every=0, log_every=10):
         config = SimpleNamespace(val_every=val_every, log_every=log_every)
         return SimpleNamespace(config=config, position=Position(step, 0, step_in_epoch),
@@ -603,9 +594,7 @@ def test_due_after_step_validates_at_epoch_ends_and_checkpoints_where_it_stops()
     assert last.stopping and last.validate and last.checkpoint
 
 
-def test_one_device_rule_for_fit_eval_and_predict(monkeypatch):
-    from usam.inference import InputError, choose_device
-
+def test_the_device_rule_names_what_it_refuses(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_device("auto") == choose_device("cpu") == torch.device("cpu")
     for name, reason in (("gpu", "not a device"), ("meta", "give auto, cpu, cuda or cuda:N"),

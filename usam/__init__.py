@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from usam.models.registry import create_model, list_models
+from care_dataset.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("create_model", "list_models"):
+        from usam.models import registry  # deferred: `usam --help` and `import usam.data` need no model zoo
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'usam' has no attribute {name!r}")

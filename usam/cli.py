@@ -12,11 +12,7 @@ from typing import Any
 import torch.distributed as dist
 
 from usam.config import TrainConfig, build_config, coerce, read_toml, tomllib
-from usam.evaluate import run_eval
-from usam.models.registry import list_models
 from usam.outputs import LABEL_VOLUME_EXTENSIONS, OVERLAY_MARKER
-from usam.predict import run_predict
-from usam.train import train
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -109,6 +105,8 @@ def resolve_fit_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    from usam.train import train  # deferred: the model zoo and its libraries load only for the command that runs
+
     config = resolve_fit_config(args)
     result = train(config)
     if not _is_main_rank():  # under torchrun the main process reports
@@ -119,7 +117,21 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from usam import evaluate  # deferred: the model zoo and its libraries load only for the command that runs
+
+    return evaluate.run_eval(args)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from usam import predict  # deferred: the model zoo and its libraries load only for the command that runs
+
+    return predict.run_predict(args)
+
+
 def run_models(args: argparse.Namespace) -> int:
+    from usam.models.registry import list_models  # deferred: segment-anything loads only when it is needed
+
     for name in list_models():
         print(name)
     return 0

@@ -54,7 +54,7 @@ from usam.metrics import (
     volume_metrics,
 )
 from usam.models.checkpoints import load_checkpoint
-from usam.outputs import check_parent_creatable, write_folder_files
+from usam.outputs import check_parent_creatable, error_reason, write_folder_files
 from usam.overlays import save_case_grid
 from usam.prompts import PADDING_LABEL, sample_points
 
@@ -223,6 +223,25 @@ def _number(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+def _summary(values: list[float]) -> dict[str, Any]:
+    """`summarize` with NaN written as null."""
+    return {k: _number(v) if isinstance(v, float) else v for k, v in summarize(values).items()}
+
+
+def _per_volume(evaluation: Evaluation, metric: str) -> dict[str, Any]:
+    """Per foreground class, the summary of `metric` over the cases."""
+    names = evaluation.settings.class_names
+    return {names[c]: _summary([getattr(case, metric)[c] for case in evaluation.cases]) for c in range(1, len(names))}
+
+
+def _cases_where(evaluation: Evaluation, in_truth: bool, predicted: bool) -> dict[str, int]:
+    """Per class, the cases whose truth holds it (or not) and whose prediction holds it (or not)."""
+    names = evaluation.settings.class_names
+    return {names[c]: sum(1 for case in evaluation.cases
+                          if (case.true_voxels[c] > 0) == in_truth and (case.pred_voxels[c] > 0) == predicted)
+            for c in range(1, len(names))}
+
+
 def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
     """The JSON report (NaN written as null)."""
     names = evaluation.settings.class_names
@@ -231,28 +250,9 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
     pooled_iou = iou_from_confusion(evaluation.pooled_confusion)
     _, pooled_pred, pooled_true = overlap_counts(evaluation.pooled_confusion)
     foreground = range(1, len(names))
-
-    def per_volume(metric: str) -> dict[str, Any]:
-        out = {}
-        for c in foreground:
-            values = [getattr(case, metric)[c] for case in evaluation.cases]
-            s = summarize(values)
-            out[names[c]] = {k: _number(v) if isinstance(v, float) else v for k, v in s.items()}
-        return out
-
-    def mean_summary(values: list[float]) -> dict[str, Any]:
-        s = summarize(values)
-        return {k: _number(v) if isinstance(v, float) else v for k, v in s.items()}
-
-    def cases_where(in_truth: bool, predicted: bool) -> dict[str, int]:
-        """Per class, the cases whose truth holds it (or not) and whose prediction holds it (or not)."""
-        return {names[c]: sum(1 for case in evaluation.cases
-                              if (case.true_voxels[c] > 0) == in_truth and (case.pred_voxels[c] > 0) == predicted)
-                for c in foreground}
-
-    undefined_both = cases_where(in_truth=False, predicted=False)
-    false_positive_cases = cases_where(in_truth=False, predicted=True)
-    missed_cases = cases_where(in_truth=True, predicted=False)
+    undefined_both = _cases_where(evaluation, in_truth=False, predicted=False)
+    false_positive_cases = _cases_where(evaluation, in_truth=False, predicted=True)
+    missed_cases = _cases_where(evaluation, in_truth=True, predicted=False)
     return {
         "split": evaluation.split,
         "model": model_name,
@@ -274,13 +274,13 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
         },
         "clinical_protocol": {
             "description": CLINICAL_PROTOCOL,
-            "dice": per_volume("dice"),
-            "iou": per_volume("iou"),
-            "hd95_mm": per_volume("hd95"),
-            "hd95_mm_penalised": per_volume("hd95_penalised"),
+            "dice": _per_volume(evaluation, "dice"),
+            "iou": _per_volume(evaluation, "iou"),
+            "hd95_mm": _per_volume(evaluation, "hd95"),
+            "hd95_mm_penalised": _per_volume(evaluation, "hd95_penalised"),
             "hd95_mm_definitions": HD95_DEFINITIONS,
-            "mean_dice": mean_summary([case.mean_dice for case in evaluation.cases]),
-            "mean_iou": mean_summary([case.mean_iou for case in evaluation.cases]),
+            "mean_dice": _summary([case.mean_dice for case in evaluation.cases]),
+            "mean_iou": _summary([case.mean_iou for case in evaluation.cases]),
             "cases_class_absent_in_truth_and_prediction": undefined_both,
             "cases_class_absent_in_truth_but_predicted": false_positive_cases,
             "cases_class_in_truth_but_not_predicted": missed_cases,
@@ -369,6 +369,14 @@ def grid_rows(evaluation: Evaluation, dataset: Any) -> list[dict]:
     return rows
 
 
+def _value(value: float | None) -> str:
+    return "NaN" if value is None else f"{value:.4f}"
+
+
+def _mean_std(summary: Mapping[str, Any], digits: int) -> str:
+    return "NaN" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
 def print_tables(summary: Mapping[str, Any], console: Any) -> None:
     prompt = (f"{summary['points_per_class']} point(s) per class" if summary["prompted"] else "unprompted")
     paper = summary["paper_protocol"]
@@ -376,24 +384,20 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
     table.add_column("class")
     table.add_column("Dice", justify="right")
     table.add_column("IoU", justify="right")
-    fmt = lambda v: "NaN" if v is None else f"{v:.4f}"  # noqa: E731
     for name in paper["dice"]:
-        table.add_row(name, fmt(paper["dice"][name]), fmt(paper["iou"][name]))
-    table.add_row("mean (foreground)", fmt(paper["mean_dice"]), fmt(paper["mean_iou"]), style="bold")
+        table.add_row(name, _value(paper["dice"][name]), _value(paper["iou"][name]))
+    table.add_row("mean (foreground)", _value(paper["mean_dice"]), _value(paper["mean_iou"]), style="bold")
     console.print(table)
 
     clinical = summary["clinical_protocol"]
     table = Table(title=f"CLINICAL protocol - {clinical['description']} ({summary['num_cases']} cases, {prompt})")
     for column in ("class", "Dice", "IoU", "HD95 mm", "HD95 mm\npenalised"):
         table.add_column(column, justify="left" if column == "class" else "right", no_wrap=column != "class")
-
-    def pm(s: Mapping[str, Any], digits: int) -> str:
-        return "NaN" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-
     for name in clinical["dice"]:
-        table.add_row(name, pm(clinical["dice"][name], 3), pm(clinical["iou"][name], 3),
-                      pm(clinical["hd95_mm"][name], 2), pm(clinical["hd95_mm_penalised"][name], 2))
-    table.add_row("mean (fg)", pm(clinical["mean_dice"], 3), pm(clinical["mean_iou"], 3), "", "", style="bold")
+        table.add_row(name, _mean_std(clinical["dice"][name], 3), _mean_std(clinical["iou"][name], 3),
+                      _mean_std(clinical["hd95_mm"][name], 2), _mean_std(clinical["hd95_mm_penalised"][name], 2))
+    table.add_row("mean (fg)", _mean_std(clinical["mean_dice"], 3), _mean_std(clinical["mean_iou"], 3), "", "",
+                  style="bold")
     console.print(table)
     counts = Table(title="CLINICAL protocol - cases where a class is absent from the truth or the prediction")
     for column in ("class", "both empty", "missed", "false positive", "HD95 undefined"):
@@ -444,7 +448,7 @@ def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: A
         write_folder_files(out, OUTPUT_FILES, partial(render_outputs, evaluation=evaluation, summary=summary,
                                                       dataset=dataset))
     except OSError as error:
-        raise InputError(f"--out {out}: could not write ({error.strerror or error})") from None
+        raise InputError(f"--out {out}: could not write ({error_reason(error)})") from None
     return [out / name for name in OUTPUT_FILES]
 
 

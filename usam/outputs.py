@@ -16,7 +16,6 @@ import SimpleITK as sitk
 from care_dataset.error_text import error_line
 from care_dataset.files import creation_problem, make_staging_dir, replace_folder
 from usam.inference import InferenceSettings, InputError
-from usam.overlays import save_slice_overlays
 from usam.prompts import AXIS_NAMES, CanonicalGrid
 
 # Label volume formats SimpleITK writes and ITK-SNAP and 3D Slicer read as volumes (lower case, as
@@ -116,11 +115,8 @@ def label_description_path(out: Path) -> Path:
 
 
 class OutputWriter:
-    """Stages every output in hidden temporary folders beside its destination, then moves them in.
-
-    On failure (OSError, RuntimeError) it raises InputError with one line and removes what it staged
-    and the folders it created, leaving no partial output.
-    """
+    """Stages every output in hidden temporary folders beside its destination, then moves them in;
+    `cleanup(failed=True)` also removes the folders it created, so a failed write leaves no partial output."""
 
     def __init__(self) -> None:
         self.staged: list[Path] = []
@@ -206,6 +202,8 @@ def stage_overlays(
 
     Returns the staged folder and the PNG names written (none when no slice holds a label).
     """
+    from usam.overlays import save_slice_overlays  # deferred: matplotlib loads only when overlays are asked for
+
     staged = writer.stage_folder(folder.parent, f".{folder.name}.tmp-")
     names = [(AXIS_NAMES[grid.slice_axis], grid.image_slice(s)) for s in range(labels.shape[0])]
     written = save_slice_overlays(hu, labels, settings.class_names, settings.window, staged, names)

@@ -157,14 +157,3 @@ def iter_samples(stream: Any, batch_size: int = 64) -> Iterator[dict]:
     for table in stream.with_format("arrow").iter(batch_size=batch_size):
         for i in range(table.num_rows):
             yield table_row_to_sample(table, i)
-
-
-def row_to_sample(row: dict) -> dict:
-    """A ``slices`` row (any format) as the common sample dict of ``CareDataset.sample``."""
-    return {
-        "image": np.asarray(row["image"], dtype=np.int16),
-        "label": np.asarray(row["label"], dtype=np.uint8),
-        "case_id": str(row["case_id"]),
-        "slice_index": int(row["slice_index"]),
-        "spacing": tuple(float(s) for s in np.asarray(row["spacing"]).tolist()),
-    }
