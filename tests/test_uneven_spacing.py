@@ -18,6 +18,7 @@ from torch import nn
 
 from care_dataset import files
 from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 from care_dataset.format import layout, reader, writer
 from care_dataset.raw import dicom
 from care_dataset.raw.dicom import scan_dicom
@@ -182,6 +183,7 @@ def test_two_stack_tilted_series_converts_with_true_positions(tmp_path, orientat
     gaps = np.linalg.norm(np.diff(case["slice_positions"], axis=0), axis=1)
     assert gaps.max() - gaps.min() > 3  # both stacks are among the stored slices
     assert case["voxels_after"]["normal rectum"] + case["voxels_after"]["tumor"] == 5 * 60 * 60
+    assert not scan_for_leaks(out, collect_identifying_values(tmp_path / "raw"))
 
 
 @needs_ge_series
