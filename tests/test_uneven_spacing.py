@@ -184,6 +184,9 @@ def test_two_stack_tilted_series_converts_with_true_positions(tmp_path, orientat
     assert gaps.max() - gaps.min() > 3  # both stacks are among the stored slices
     assert case["voxels_after"]["normal rectum"] + case["voxels_after"]["tumor"] == 5 * 60 * 60
     assert not scan_for_leaks(out, collect_identifying_values(tmp_path / "raw"))
+    first = {name: (out / name).read_bytes() for name in ("report.json", "cases.json")}
+    convert_dataset(tmp_path / "raw", out, load_profile("care"), KEY, True, progress=False)  # resumed: reused
+    assert {name: (out / name).read_bytes() for name in first} == first
 
 
 @needs_ge_series
