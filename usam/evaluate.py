@@ -45,6 +45,7 @@ from usam.inference import (
     model_input,
 )
 from usam.metrics import (
+    SlicePositions,
     confusion_matrix,
     dice_from_confusion,
     foreground_mean,
@@ -150,6 +151,19 @@ def _case_volumes(pred: np.ndarray, truth: np.ndarray, kept: np.ndarray) -> tupl
     return full_pred, full_truth
 
 
+def true_positions(geometry: Mapping[str, Any], kept: np.ndarray) -> SlicePositions | None:
+    """The voxel positions of a case's volume (stored slices at their canonical z, as `_case_volumes` places
+    them) from cases.json's ``slice_positions``; None when the case has none (its slices are on its grid)."""
+    if "slice_positions" not in geometry:
+        return None
+    sx, sy, sz = (float(s) for s in geometry["canonical"]["spacing"])
+    direction = np.asarray(geometry["canonical"]["direction"], dtype=np.float64).reshape(3, 3)
+    origins = np.full((int(kept.max() - kept.min() + 1), 3), np.nan)
+    origins[kept - kept.min()] = np.asarray(geometry["slice_positions"], dtype=np.float64)
+    return SlicePositions(origins, row_step=direction[:, 1] * sy, column_step=direction[:, 0] * sx,
+                          slice_step=direction[:, 2] * sz)
+
+
 def evaluate_split(
     model: nn.Module,
     settings: InferenceSettings,
@@ -178,6 +192,7 @@ def evaluate_split(
             geometry = dataset.cases[case_id]
             sx, sy, sz = (float(s) for s in geometry["spacing"])
             kept = np.asarray(geometry["kept_slices"], dtype=np.int64)
+            positions = true_positions(geometry, kept)
         except (KeyError, OSError, ValueError, TypeError) as error:
             raise InputError(f"case {case_id}: cannot be read ({type(error).__name__}: {error})") from None
         n, height, width = image.shape
@@ -200,7 +215,7 @@ def evaluate_split(
             if progress is not None:
                 progress(batch.stop - batch.start)
         volume_pred, volume_truth = _case_volumes(pred, truth, kept)
-        m = volume_metrics(volume_pred, volume_truth, num_classes, spacing=(sz, sy, sx))
+        m = volume_metrics(volume_pred, volume_truth, num_classes, spacing=(sz, sy, sx), positions=positions)
         foreground = (truth > 0).reshape(n, -1).sum(axis=1)
         if not foreground.any():
             foreground = (pred > 0).reshape(n, -1).sum(axis=1)

@@ -4,18 +4,55 @@ Conventions (docs/evaluation.md): a class absent from both truth and prediction 
 Dice/IoU (NaN, excluded from means and counted); absent from the truth but predicted gives 0; present
 in the truth but not predicted gives 0. The Hausdorff distance is NaN when either surface is empty;
 the penalised HD95 gives a miss or a false positive the diagonal of the volume's field of view instead.
+Distances use the regular grid's spacing, or, for a volume whose slices are off that grid (uneven gaps, gantry
+tilt), each slice's true position (``SlicePositions``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import pdist
 
 ArrayLike = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class SlicePositions:
+    """Where the voxels of a (Z, Y, X) volume truly are: voxel (z, y, x) at ``origins[z] + y * row_step +
+    x * column_step`` (mm). ``origins`` (Z, 3) may be NaN for slices holding no voxel to measure (gaps);
+    ``slice_step`` (3,) is one slice's thickness along the slice normal (the grid's slice spacing)."""
+
+    origins: np.ndarray
+    row_step: np.ndarray
+    column_step: np.ndarray
+    slice_step: np.ndarray
+
+    def points(self, index: np.ndarray) -> np.ndarray:
+        """(N, 3) positions in mm of the voxels at ``index`` (N, 3) (z, y, x)."""
+        return (self.origins[index[:, 0]] + index[:, 1:2] * self.row_step[None]
+                + index[:, 2:3] * self.column_step[None])
+
+    def cropped(self, box: tuple[slice, slice, slice]) -> SlicePositions:
+        """The positions of ``volume[box]`` (slices with explicit starts)."""
+        z, y, x = box
+        origins = self.origins[z] + y.start * self.row_step + x.start * self.column_step
+        return SlicePositions(origins, self.row_step, self.column_step, self.slice_step)
+
+    def field_of_view_diagonal(self, rows: int, columns: int) -> float:
+        """Largest distance in mm between two corners of the voxels of the measured slices (``rows`` x
+        ``columns`` each): for slices on a regular grid, ``field_of_view_diagonal`` of the volume."""
+        origins = self.origins[~np.isnan(self.origins).any(axis=1)]
+        start = origins - 0.5 * (self.row_step + self.column_step + self.slice_step)
+        corners = [start + a * rows * self.row_step + b * columns * self.column_step + c * self.slice_step
+                   for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+        return float(pdist(np.concatenate(corners)).max())
 
 
 def confusion_matrix(pred: ArrayLike, truth: ArrayLike, num_classes: int) -> np.ndarray:
@@ -88,28 +125,34 @@ def surface(mask: np.ndarray) -> np.ndarray:
 
 
 def directed_surface_distances(
-    source: np.ndarray, target: np.ndarray, spacing: Sequence[float]
+    source: np.ndarray, target: np.ndarray, spacing: Sequence[float], positions: SlicePositions | None = None
 ) -> np.ndarray:
     """Distance in mm from every boundary voxel of `source` to the nearest boundary voxel of `target`.
 
     source, target: boolean masks with the same shape; spacing: voxel size per array axis (mm),
-    in array-axis order (for a (z, y, x) array pass (sz, sy, sx)).
+    in array-axis order (for a (z, y, x) array pass (sz, sy, sx)); positions: the voxels' true positions,
+    which replace the spacing when given.
     """
     source_surface, target_surface = surface(source), surface(target)
     if not target_surface.any():
         return np.full(int(source_surface.sum()), np.inf)
+    if positions is not None:
+        tree = cKDTree(positions.points(np.argwhere(target_surface)))
+        return tree.query(positions.points(np.argwhere(source_surface)))[0]
     distance_to_target = ndimage.distance_transform_edt(~target_surface, sampling=tuple(spacing))
     return distance_to_target[source_surface]
 
 
 def hausdorff_distance(
-    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0,
+    positions: SlicePositions | None = None,
 ) -> float:
     """Symmetric surface Hausdorff distance at `percentile` (100 = the classical Hausdorff distance).
 
     HD_p = max(P_p(d(∂P -> ∂T)), P_p(d(∂T -> ∂P))), each P_p the percentile (linear interpolation)
     of the directed surface distances in mm. NaN when either mask is empty.
-    pred, truth: boolean masks of the same shape; spacing: mm per array axis, in array-axis order.
+    pred, truth: boolean masks of the same shape; spacing: mm per array axis, in array-axis order;
+    positions: the voxels' true positions (a 3-D volume whose slices are off its grid), used instead of spacing.
     """
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape:
@@ -122,8 +165,9 @@ def hausdorff_distance(
     where = np.nonzero(pred | truth)
     box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in where)
     pred, truth = pred[box], truth[box]
-    forward = directed_surface_distances(pred, truth, spacing)
-    backward = directed_surface_distances(truth, pred, spacing)
+    positions = positions.cropped(box) if positions is not None else None
+    forward = directed_surface_distances(pred, truth, spacing, positions)
+    backward = directed_surface_distances(truth, pred, spacing, positions)
     return float(max(np.percentile(forward, percentile), np.percentile(backward, percentile)))
 
 
@@ -139,14 +183,17 @@ def field_of_view_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> fl
 
 
 def volume_metrics(
-    pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: Sequence[float]
+    pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: Sequence[float],
+    positions: SlicePositions | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-class metrics of one volume (index 0 = background, reported but not used in means).
 
-    pred, truth: (Z, Y, X) label volumes; spacing: (sz, sy, sx) mm.
+    pred, truth: (Z, Y, X) label volumes; spacing: (sz, sy, sx) mm; positions: the voxels' true positions
+    when the slices are off the grid (distances and the diagonal then use them).
     Returns arrays of length num_classes: dice, iou, hd95 (mm), hd100 (mm), hd95_penalised (mm),
     true_voxels, pred_voxels. hd95_penalised equals hd95 where both truth and prediction hold the
-    class, is `field_of_view_diagonal(pred.shape, spacing)` where exactly one of them does, and NaN
+    class, is `field_of_view_diagonal(pred.shape, spacing)` (or `positions.field_of_view_diagonal`) where
+    exactly one of them does, and NaN
     where neither does.
     """
     confusion = confusion_matrix(pred, truth, num_classes)
@@ -156,10 +203,12 @@ def volume_metrics(
     for c in range(1, num_classes):
         if predicted[c] and true[c]:
             p, t = pred == c, truth == c
-            hd95[c] = hausdorff_distance(p, t, spacing, 95.0)
-            hd100[c] = hausdorff_distance(p, t, spacing, 100.0)
+            hd95[c] = hausdorff_distance(p, t, spacing, 95.0, positions)
+            hd100[c] = hausdorff_distance(p, t, spacing, 100.0, positions)
     one_side_empty = (predicted > 0) != (true > 0)
-    hd95_penalised = np.where(one_side_empty, field_of_view_diagonal(pred.shape, spacing), hd95)
+    diagonal = (field_of_view_diagonal(pred.shape, spacing) if positions is None
+                else positions.field_of_view_diagonal(*pred.shape[1:]))
+    hd95_penalised = np.where(one_side_empty, diagonal, hd95)
     hd95_penalised[0] = np.nan
     return {
         "dice": dice_from_confusion(confusion),

@@ -19,6 +19,8 @@ from care_dataset.raw.volume import NiftiError, parse_label_description, read_vo
 if TYPE_CHECKING:
     import pydicom
 
+    from care_dataset.raw.dicom import SliceLayout
+
 
 class CaseError(Exception):
     """A case that cannot be converted; str(err) is one sentence without identifying values."""
@@ -31,6 +33,7 @@ class LoadedCase:
     original: dict  # geometry of the image before reorientation (JSON-ready)
     header: pydicom.Dataset | None  # header of one file of the chosen series, None for volume files
     description_names: dict[int, str]  # from the label description file: may hold PHI, never write out
+    layout: SliceLayout | None = None  # true slice positions of a DICOM series whose slices are off its grid
 
 
 def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> LoadedCase:
@@ -53,7 +56,7 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
     label = map_label(label, profile, names)
     label_grid = geometry_of(label)
 
-    header = None
+    header = layout = None
     if raw.root.is_file():
         image = _read_volume(raw.root, "image")
     else:
@@ -65,7 +68,7 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
         if volumes:
             image = _read_volume(volumes[0], "image")
         else:
-            image, header = _load_dicom(raw.root, skip, label_grid, tolerance)
+            image, header, layout = _load_dicom(raw.root, skip, label_grid, tolerance, profile.uneven_spacing)
 
     original = geometry_of(image)
     image = to_canonical(cast_int16(image))
@@ -77,7 +80,8 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
             f"image {describe_grid(image_grid)}, annotation {describe_grid(label_grid)}"
         )
     label.CopyInformation(image)
-    return LoadedCase(image=image, label=label, original=original, header=header, description_names=names)
+    return LoadedCase(image=image, label=label, original=original, header=header, description_names=names,
+                      layout=layout)
 
 
 def _read_volume(path: Path, what: str) -> sitk.Image:
@@ -92,11 +96,13 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
     return image
 
 
-def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float) -> tuple[sitk.Image, pydicom.Dataset]:
+def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float,
+                uneven_spacing: str) -> tuple[sitk.Image, pydicom.Dataset, SliceLayout | None]:
     from care_dataset.raw import dicom  # deferred: pydicom takes 0.25 s to import; volume files never need it
 
     try:
-        return dicom.read_case_series(root, {p for p in skip if p is not None}, label_grid, tolerance)
+        return dicom.read_case_series(root, {p for p in skip if p is not None}, label_grid, tolerance,
+                                      uneven_spacing)
     except dicom.DicomError as err:
         raise CaseError(str(err)) from None
 

@@ -88,6 +88,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def slice_layout_fields(loaded: LoadedCase, kept: np.ndarray) -> dict:
+    """``cases.json`` fields of a DICOM series whose slices are off its grid (none for any other case): the true
+    position of each stored slice and, for a sheared (gantry-tilted) series, the tilt."""
+    layout = loaded.layout
+    if layout is None:
+        return {}
+    fields: dict[str, Any] = {"slice_positions": true_slice_positions(loaded, kept)}
+    if layout.tilt_degrees is not None:
+        fields["gantry_tilt_degrees"] = round(layout.tilt_degrees, 3)
+    return fields
+
+
+def true_slice_positions(loaded: LoadedCase, kept: np.ndarray) -> list[list[float]]:
+    """Per stored slice, the true position (mm, LPS) of its voxel at row 0, column 0: that voxel's position on
+    the canonical grid plus the offset of the original slice it comes from (found by its position)."""
+    original = loaded.original
+    to_physical = np.asarray(original["direction"], float).reshape(3, 3) * np.asarray(original["spacing"], float)
+    corners = np.array([loaded.image.TransformIndexToPhysicalPoint((0, 0, int(k))) for k in kept])
+    index = np.linalg.solve(to_physical, (corners - np.asarray(original["origin"], float)).T).T
+    source = np.rint(index[:, 2]).astype(np.int64)
+    if np.max(np.abs(index[:, 2] - source), initial=0) > 1e-3 or len(set(source.tolist())) != len(source):
+        raise CaseError("the slice axis of this oblique series cannot be matched to the axial slices")
+    return _plain(corners + loaded.layout.offsets[source])
+
+
 def record_path(out_dir: Path, case_id: str) -> Path:
     return out_dir / TMP_DIR / RECORDS_DIR / f"{case_id}.json"
 
@@ -142,9 +167,12 @@ def convert_case(job: CaseJob, loaded: LoadedCase | Exception | None = None) -> 
             "voxels_before": before,
             "voxels_after": after,
             "checksum": checksum.result(),
+            **slice_layout_fields(loaded, kept),
         }
         record = {"case_id": case_id, "entry": entry, "fingerprint": job.fingerprint, "settings": job.settings,
                   "header_check": header_check(loaded.header, patient_id, job.key)}
+        if loaded.layout is not None:
+            record["notes"] = loaded.layout.notes()
         write_json_atomic(record_path(job.out_dir, case_id), record)
         reason = f"converted {len(kept)} of {canonical['size'][2]} axial slices"
         return CaseOutcome(raw.key, case_id, "converted", reason, record=record)

@@ -152,7 +152,10 @@ def _prune(out_dir: Path, storage: str, keep: set[str]) -> None:
 
 
 def _report_entry(outcome: CaseOutcome) -> dict:
-    return {"case_id": outcome.case_id, "status": outcome.status, "reason": outcome.reason}
+    entry = {"case_id": outcome.case_id, "status": outcome.status, "reason": outcome.reason}
+    if outcome.record is not None and outcome.record.get("notes"):  # geometry warnings of a converted case
+        entry["notes"] = outcome.record["notes"]
+    return entry
 
 
 def _report_order(entry: dict) -> tuple:

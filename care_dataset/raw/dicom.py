@@ -14,6 +14,7 @@ UIDs, file or folder names.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,8 @@ DEFER_SIZE = 64 * 1024  # values larger than this (the pixel data) are read from
 PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"  # (7FE0,0010) as stored
 SLICE_GAP_TOLERANCE = 0.05  # relative deviation of one slice gap from the mean gap
 TILT_TOLERANCE = 0.05  # in-plane drift across the series, in pixels
+UNEVEN_SPACING = "series with uneven slice spacing"
+SHEARED = "tilted (sheared) series"
 
 
 class DicomError(Exception):
@@ -65,7 +68,8 @@ class DicomSeries:
     ``size`` is (columns, rows, slices), ``spacing`` (column, row, slice) mm, ``direction`` the 3 x 3 matrix
     whose columns are the row cosine, the column cosine and the slice normal (row-major, 9 numbers): the grid
     SimpleITK's ImageSeriesReader builds from the same files in the same order (origin at the first slice, slice
-    spacing the distance from the first to the last slice over the number of gaps).
+    spacing the distance from the first to the last slice over the number of gaps, slice axis the normal even
+    when the slices are stacked obliquely). ``layout`` holds the true positions when they are off that grid.
     """
 
     files: list[Path]
@@ -78,6 +82,7 @@ class DicomSeries:
     direction: tuple[float, ...]
     hu_range: tuple[float, float] | None  # stored range rescaled, None when not integral
     sort_key: tuple = field(default=(), repr=False)
+    layout: SliceLayout | None = None  # where the slices truly are, when the grid does not put them there
 
     @property
     def header(self) -> pydicom.Dataset:
@@ -87,6 +92,33 @@ class DicomSeries:
     def geometry(self) -> dict:
         return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
                 "direction": list(self.direction)}
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """The true slice positions of a series whose slices are not where its grid puts them.
+
+    ITK's series reader (hence ITK-SNAP, hence the annotation) puts slice k at ``origin + k * spacing * normal``
+    whatever the gaps between the slices, and stacks a gantry-tilted series along the slice normal (it does not
+    shear it). ``offsets`` (slices, 3) is, per slice in grid order, its true ImagePositionPatient minus that
+    grid position (mm, LPS).
+    """
+
+    offsets: np.ndarray = field(repr=False)
+    problems: tuple[str, ...]  # UNEVEN_SPACING and/or SHEARED
+    gaps_mm: tuple[float, float]  # smallest and largest slice gap, along the slice normal
+    tilt_degrees: float | None  # angle between the stacking direction and the slice normal, when sheared
+
+    def notes(self) -> list[str]:
+        """What the report says about the case (geometry only, nothing identifying)."""
+        out = []
+        if UNEVEN_SPACING in self.problems:
+            out.append(f"uneven slice spacing ({self.gaps_mm[0]:.2f} to {self.gaps_mm[1]:.2f} mm): stored on "
+                       "the regular grid ITK-SNAP shows, true slice positions in cases.json")
+        if self.tilt_degrees is not None:
+            out.append(f"gantry tilt {self.tilt_degrees:.1f} degrees: slices stored unsheared on the grid "
+                       "ITK-SNAP shows (no resampling), true slice positions in cases.json")
+        return out
 
 
 @dataclass
@@ -204,15 +236,8 @@ def _build_series(headers: list[pydicom.Dataset], files: list[Path]) -> DicomSer
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     along, positions = along[order], positions[order]
-    gaps = np.diff(along)
-    if np.any(gaps <= 1e-4):
+    if np.any(np.diff(along) <= 1e-4):
         return "series with repeated slice positions"
-    mean_gap = float((along[-1] - along[0]) / (len(along) - 1))
-    if np.max(np.abs(gaps - mean_gap)) > SLICE_GAP_TOLERANCE * mean_gap:
-        return "series with uneven slice spacing"
-    drift = (positions[-1] - positions[0]) - (along[-1] - along[0]) * normal
-    if np.linalg.norm(drift) > TILT_TOLERANCE * min(pixel_spacing):
-        return "tilted (sheared) series"
     matrix = np.column_stack([row, col, normal])
     slice_spacing = float(np.linalg.norm(positions[-1] - positions[0]) / (len(files) - 1))
     return DicomSeries(
@@ -229,7 +254,32 @@ def _build_series(headers: list[pydicom.Dataset], files: list[Path]) -> DicomSer
             "DERIVED" in _image_type(first),
             int(first.get("SeriesNumber", 0) or 0),
         ),
+        layout=_slice_layout(positions, normal, slice_spacing, min(pixel_spacing)),
     )
+
+
+def _slice_layout(positions: np.ndarray, normal: np.ndarray, slice_spacing: float,
+                  pixel_size: float) -> SliceLayout | None:
+    """How far the sorted slice positions (slices, 3) lie from the grid ITK's series reader builds (slice k at
+    the first position plus k * slice_spacing along ``normal``); None when within the tolerances."""
+    along = positions @ normal
+    gaps = np.diff(along)
+    mean_gap = float((along[-1] - along[0]) / (len(along) - 1))
+    problems = []
+    if np.max(np.abs(gaps - mean_gap)) > SLICE_GAP_TOLERANCE * mean_gap:
+        problems.append(UNEVEN_SPACING)
+    stack = positions[-1] - positions[0]
+    drift = stack - (along[-1] - along[0]) * normal
+    tilt = None
+    if np.linalg.norm(drift) > TILT_TOLERANCE * pixel_size:
+        problems.append(SHEARED)
+        cosine = min(1.0, abs(float(stack @ normal)) / float(np.linalg.norm(stack)))
+        tilt = float(np.degrees(np.arccos(cosine)))
+    if not problems:
+        return None
+    grid = positions[0] + np.outer(np.arange(len(positions)) * slice_spacing, normal)
+    return SliceLayout(offsets=positions - grid, problems=tuple(problems),
+                       gaps_mm=(float(gaps.min()), float(gaps.max())), tilt_degrees=tilt)
 
 
 def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
@@ -364,14 +414,26 @@ def _read_with_simpleitk(series: DicomSeries) -> sitk.Image:
     traffic); a value outside the possible HU range then reveals a wrap and the series is read again natively.
     """
     lo_hi = series.hu_range
-    if lo_hi is not None and lo_hi[1] - lo_hi[0] < 65536:
-        image = _execute(series.files, sitk.sitkInt16, series.transfer_syntax)
-        if lo_hi[0] >= -32768 and lo_hi[1] <= 32767:
-            return image
-        values = sitk.GetArrayViewFromImage(image)
-        if values.min() >= max(lo_hi[0], -32768) and values.max() <= min(lo_hi[1], 32767):
-            return image
-    return cast_int16(_execute(series.files, None, series.transfer_syntax))
+    with _itk_warnings_off(series.layout is not None):
+        if lo_hi is not None and lo_hi[1] - lo_hi[0] < 65536:
+            image = _execute(series.files, sitk.sitkInt16, series.transfer_syntax)
+            if lo_hi[0] >= -32768 and lo_hi[1] <= 32767:
+                return image
+            values = sitk.GetArrayViewFromImage(image)
+            if values.min() >= max(lo_hi[0], -32768) and values.max() <= min(lo_hi[1], 32767):
+                return image
+        return cast_int16(_execute(series.files, None, series.transfer_syntax))
+
+
+@contextmanager
+def _itk_warnings_off(off: bool):
+    """ITK's series reader warns on stderr of the uneven sampling that the series' layout already notes."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(shown and not off)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 # --- the image series of a case ------------------------------------------------------------------------------
@@ -406,16 +468,30 @@ def choose_series(series: list[DicomSeries], label_grid: dict, tolerance: float)
     )
 
 
-def read_case_series(root: Path, exclude: set[Path], label_grid: dict,
-                     tolerance: float) -> tuple[sitk.Image, pydicom.Dataset]:
-    """The CT series under `root` on the annotation's grid, as int16 HU, and the header of one of its files.
+def refuse_irregular(scan: DicomScan) -> DicomScan:
+    """``scan`` without the series whose slices are not on a regular grid, counted as set aside (the profile's
+    ``uneven_spacing = "refuse"``)."""
+    skipped = dict(scan.skipped)
+    for series in scan.series:
+        if series.layout is not None:
+            why = f"{series.layout.problems[0]}, refused by the profile's uneven_spacing setting"
+            skipped[why] = skipped.get(why, 0) + 1
+    return DicomScan([s for s in scan.series if s.layout is None], skipped, scan.num_files)
+
+
+def read_case_series(root: Path, exclude: set[Path], label_grid: dict, tolerance: float,
+                     uneven_spacing: str = "accept") -> tuple[sitk.Image, pydicom.Dataset, SliceLayout | None]:
+    """The CT series under `root` on the annotation's grid, as int16 HU, the header of one of its files, and its
+    true slice positions when they are off its grid (``uneven_spacing = "refuse"``: such series are set aside).
 
     Raises DicomError with a privacy-safe reason: no usable series, none on the grid, or not CT.
     """
     scan = scan_dicom(root, exclude=exclude)
+    if uneven_spacing == "refuse":
+        scan = refuse_irregular(scan)
     if not scan.series:
         raise DicomError(no_series_reason(scan.skipped, scan.num_files))
     chosen = choose_series(scan.series, label_grid, tolerance)
     if chosen.modality != "CT":
         raise DicomError(not_ct_reason(chosen.modality))
-    return read_series_int16(chosen), chosen.header
+    return read_series_int16(chosen), chosen.header, chosen.layout

@@ -13,6 +13,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "conversion"
+UNEVEN_SPACING_CHOICES = ("accept", "refuse")
 
 
 class ProfileError(ValueError):
@@ -34,6 +35,7 @@ class Profile:
     layout: str = "case_folders"
     image_dirs: tuple[str, ...] = ()
     label_dirs: tuple[str, ...] = ()
+    uneven_spacing: str = "accept"  # or "refuse": DICOM series whose slices are off a regular grid
     source_text: str = field(default="", repr=False)
 
     @property
@@ -124,6 +126,10 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
     margin = raw.get("slices", {}).get("margin", 0)
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ProfileError(f"profile {origin}: [slices] margin must be a whole number of slices >= 0, not {margin!r}")
+    uneven_spacing = raw.get("dicom", {}).get("uneven_spacing", "accept")
+    if uneven_spacing not in UNEVEN_SPACING_CHOICES:
+        raise ProfileError(f"profile {origin}: [dicom] uneven_spacing must be 'accept' or 'refuse', not "
+                           f"{uneven_spacing!r}")
     return Profile(
         name=str(raw.get("name", Path(origin).stem)),
         description=str(raw.get("description", "")),
@@ -138,5 +144,6 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
         layout=kind,
         image_dirs=as_tuple(layout.get("images", ())),
         label_dirs=as_tuple(layout.get("labels", ())),
+        uneven_spacing=uneven_spacing,
         source_text=text,
     )
