@@ -45,14 +45,8 @@ class _Canvas:
         return slice(int(ks[0]), int(ks[-1]) + 1) if ks.size else None
 
     def ellipse(
-        self,
-        ks: slice,
-        cx: FloatOrArray,
-        cy: FloatOrArray,
-        ax: FloatOrArray,
-        ay: FloatOrArray,
-        theta: FloatOrArray = 0.0,
-        pad: float = 1.0,
+        self, ks: slice, cx: FloatOrArray, cy: FloatOrArray, ax: FloatOrArray, ay: FloatOrArray,
+        theta: FloatOrArray = 0.0, pad: float = 1.0,
     ) -> tuple[slice, slice, np.ndarray, np.ndarray, np.ndarray]:
         """Normalised radius of a rotated ellipse (< 1 inside) on the slices ks, cropped to its box.
 
@@ -78,16 +72,8 @@ class _Canvas:
         view[mask] = value[mask] if isinstance(value, np.ndarray) else value
 
     def bone(
-        self,
-        ks: slice,
-        cx: FloatOrArray,
-        cy: FloatOrArray,
-        ax: FloatOrArray,
-        ay: FloatOrArray,
-        theta: FloatOrArray,
-        cortex_mm: float,
-        hu_cortex: float,
-        hu_marrow: float,
+        self, ks: slice, cx: FloatOrArray, cy: FloatOrArray, ax: FloatOrArray, ay: FloatOrArray, theta: FloatOrArray,
+        cortex_mm: float, hu_cortex: float, hu_marrow: float,
     ) -> None:
         """An elliptic bone cross-section on the slices ks: marrow inside a cortex cortex_mm thick."""
         ys, xs, r, _, _ = self.ellipse(ks, cx, cy, ax, ay, theta)
@@ -325,7 +311,7 @@ def _paint_small_bowel(cv: _Canvas, rng: np.random.Generator, pelvis: _Pelvis, b
 
 
 def _paint_bowel_loop(cv: _Canvas, rng: np.random.Generator, pelvis: _Pelvis, bladder_top: float) -> None:
-    """One loop filled with gas or fluid; its draws are taken even when it falls outside the scan."""
+    """One loop filled with gas or fluid; its place and content are drawn even when it falls outside the scan."""
     uniform = rng.uniform
     tc, hz = uniform(bladder_top, 1.0), cv.dt(uniform(10, 30))
     ks = cv.slab(tc - hz, tc + hz)
