@@ -86,6 +86,7 @@ CORRUPTIONS = (
 )
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 PRIVATE_CREATOR = "SYNTH HOSPITAL RIS 1.0"
+DOCTOR_INITIALS = "ABCDEFGHJKLMNPRSTW"
 
 
 @dataclass(frozen=True)
@@ -169,17 +170,18 @@ def _ds_number(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
+def _doctor_name(rng: np.random.Generator, family_index: int) -> str:
+    """A DICOM person name: one of FAMILY_NAMES and a drawn initial."""
+    return f"{FAMILY_NAMES[family_index].upper()}^{DOCTOR_INITIALS[int(rng.integers(len(DOCTOR_INITIALS)))]}"
+
+
 def _draw_patient(rng: np.random.Generator, family: str, given: str, sex: str) -> Patient:
+    """A fake identity and study for the patient named family, given."""
     birth_year, study_year = int(rng.integers(1935, 1976)), int(rng.integers(2015, 2022))
     birth = f"{birth_year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
     study = f"{study_year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
     institution, address = INSTITUTIONS[int(rng.integers(len(INSTITUTIONS)))]
     doctors = rng.choice(len(FAMILY_NAMES), size=3, replace=False)
-    initials = "ABCDEFGHJKLMNPRSTW"
-
-    def doctor(i: int) -> str:
-        return f"{FAMILY_NAMES[int(doctors[i])].upper()}^{initials[int(rng.integers(len(initials)))]}"
-
     return Patient(
         family=family,
         given=given,
@@ -194,9 +196,9 @@ def _draw_patient(rng: np.random.Generator, family: str, given: str, sex: str) -
         study_id=f"{int(rng.integers(1000, 99999))}",
         institution=institution,
         address=address,
-        referring=doctor(0),
-        performing=doctor(1),
-        operator=doctor(2),
+        referring=_doctor_name(rng, int(doctors[0])),
+        performing=_doctor_name(rng, int(doctors[1])),
+        operator=_doctor_name(rng, int(doctors[2])),
         station=f"CT{int(rng.integers(1, 9)):02d}-{family[:3].upper()}{int(rng.integers(10, 99))}",
         serial=f"{int(rng.integers(10_000, 99_999))}",
     )
@@ -253,25 +255,80 @@ def _plan_case(
     seed: int, index: int, family: str, given: str, sex: str, size: int, slices: int | None,
     feats: set[str], rng: np.random.Generator,
 ) -> CasePlan:
+    """The plan of case ``index``; feats: the messy features it carries (see MESSY_FEATURES)."""
     patient = _draw_patient(rng, family, given, sex)
-    if slices is None:
-        slices = int(rng.integers(60, 121))
-        fitting = [t for t in SLICE_MM if 200 <= slices * t <= 450]
-        thickness = float(rng.choice(fitting)) if fitting else min(SLICE_MM, key=lambda t: abs(slices * t - 320))
-    else:
-        thickness = float(rng.choice(SLICE_MM))
+    slices, thickness = _draw_slices(rng, slices)
+    pixel, origin = _draw_placement(rng, size)
+    intercept, signed, bits = PIXEL_FORMATS[int(rng.integers(len(PIXEL_FORMATS)))]
+    layout = _draw_layout(rng, feats)
+    folder, label_file, label_names, desc_file, notes = _draw_file_names(rng, patient)
+    return CasePlan(
+        seed=seed,
+        index=index,
+        patient=patient,
+        folder=folder,
+        size=size,
+        slices=slices,
+        pixel_spacing=pixel,
+        slice_thickness=thickness,
+        origin=origin,
+        position="FFS" if "feet_first" in feats else "HFP" if "prone" in feats else "HFS",
+        intercept=intercept,
+        signed=signed,
+        bits_stored=bits,
+        transfer_syntax=str(_transfer_syntax(feats)),
+        layout=layout,
+        scanner=SCANNERS[int(rng.integers(len(SCANNERS)))],
+        tumour=bool(index == 0 or rng.random() < 0.85),
+        label_file=label_file,
+        label_dtype=("uint16", "uint16", "uint8")[int(rng.integers(3))],
+        label_notes=notes,
+        label_reoriented="label_reoriented" in feats,
+        desc_file=desc_file,
+        label_names=label_names,
+        extra_default_labels="itksnap_default_labels" in feats,
+        localizer="localizer" in feats,
+        second_series="second_series" in feats,
+        features=tuple(sorted(feats)),
+    )
+
+
+def _draw_slices(rng: np.random.Generator, slices: int | None) -> tuple[int, float]:
+    """Slice count and thickness (mm); a drawn count (60-120) gets a thickness making the scan 200-450 mm."""
+    if slices is not None:
+        return slices, float(rng.choice(SLICE_MM))
+    slices = int(rng.integers(60, 121))
+    fitting = [t for t in SLICE_MM if 200 <= slices * t <= 450]
+    thickness = float(rng.choice(fitting)) if fitting else min(SLICE_MM, key=lambda t: abs(slices * t - 320))
+    return slices, thickness
+
+
+def _draw_placement(rng: np.random.Generator, size: int) -> tuple[float, tuple[float, float, float]]:
+    """Pixel spacing (mm) from a drawn field of view, and the LPS origin (mm) of voxel [0, 0, 0]."""
     pixel = float(_ds_number(float(rng.choice(FOV_MM)) / size))
     x0 = float(_ds_number(-(size - 1) / 2 * pixel))
     y0 = float(_ds_number(-(size - 1) / 2 * pixel + float(rng.integers(-20, 41))))
     z0 = float(_ds_number(-float(rng.integers(200, 1200)) / 2))
-    intercept, signed, bits = PIXEL_FORMATS[int(rng.integers(len(PIXEL_FORMATS)))]
-    position = "FFS" if "feet_first" in feats else "HFP" if "prone" in feats else "HFS"
-    transfer = JPEG2000Lossless if "j2k" in feats else RLELossless if "rle" in feats else ExplicitVRLittleEndian
+    return pixel, (x0, y0, z0)
+
+
+def _transfer_syntax(feats: set[str]) -> str:
+    return JPEG2000Lossless if "j2k" in feats else RLELossless if "rle" in feats else ExplicitVRLittleEndian
+
+
+def _draw_layout(rng: np.random.Generator, feats: set[str]) -> str:
+    """The messy layout the case carries, else nested or flat_uid (drawn only then)."""
     layout = next((f for f in ("dicomdir", "deep_nesting") if f in feats), None)
-    layout = layout or ("nested", "flat_uid")[int(rng.integers(2))]
-    birth = patient.birth_date
+    return layout or ("nested", "flat_uid")[int(rng.integers(2))]
+
+
+def _draw_file_names(
+    rng: np.random.Generator, patient: Patient
+) -> tuple[str, str, tuple[str, str, str], str | None, str | None]:
+    """(case folder, label file, label names, label description file or None, label file notes or None)."""
+    family, given = patient.family, patient.given
     folder = (
-        f"{family}_{given}_{birth}".replace(" ", "_"),
+        f"{family}_{given}_{patient.birth_date}".replace(" ", "_"),
         f"{family.upper()} {given.upper()} ({patient.patient_id})",
         f"{patient.patient_id}_{family}",
     )[int(rng.integers(3))]
@@ -288,39 +345,15 @@ def _plan_case(
         ("Clear Label", "Normal rectum", f"Tumor {family} {given[0]} {year}"),
         ("Clear Label", f"Rectum ({given[0]}. {family} {patient.study_date})", "Tumor"),
     )[int(rng.integers(4))]
-    desc_file = (None, "label_descriptions.txt", f"{family}_{given}_labels.txt".replace(" ", "_"), "itksnap_labels.txt")[
-        int(rng.integers(4))
-    ]
-    notes = f"{patient.dicom_name} {patient.study_date} contoured by {patient.performing}" if rng.random() < 0.35 else None
-    return CasePlan(
-        seed=seed,
-        index=index,
-        patient=patient,
-        folder=folder,
-        size=size,
-        slices=slices,
-        pixel_spacing=pixel,
-        slice_thickness=thickness,
-        origin=(x0, y0, z0),
-        position=position,
-        intercept=intercept,
-        signed=signed,
-        bits_stored=bits,
-        transfer_syntax=str(transfer),
-        layout=layout,
-        scanner=SCANNERS[int(rng.integers(len(SCANNERS)))],
-        tumour=bool(index == 0 or rng.random() < 0.85),
-        label_file=label_file,
-        label_dtype=("uint16", "uint16", "uint8")[int(rng.integers(3))],
-        label_notes=notes,
-        label_reoriented="label_reoriented" in feats,
-        desc_file=desc_file,
-        label_names=label_names,
-        extra_default_labels="itksnap_default_labels" in feats,
-        localizer="localizer" in feats,
-        second_series="second_series" in feats,
-        features=tuple(sorted(feats)),
-    )
+    desc_file = (
+        None,
+        "label_descriptions.txt",
+        f"{family}_{given}_labels.txt".replace(" ", "_"),
+        "itksnap_labels.txt",
+    )[int(rng.integers(4))]
+    notes = f"{patient.dicom_name} {patient.study_date} contoured by {patient.performing}"
+    notes = notes if rng.random() < 0.35 else None
+    return folder, label_file, label_names, desc_file, notes
 
 
 def _stored_range(plan: CasePlan) -> tuple[int, int]:
@@ -386,9 +419,22 @@ class _Series:
 
 def _patient_dataset(plan: CasePlan) -> Dataset:
     """Header elements shared by every instance of the case (identifying ones included)."""
+    ds = Dataset()
+    _add_study_and_equipment(ds, plan)
+    _add_patient(ds, plan)
+    _add_requests(ds, plan)
+    _add_frame_of_reference(ds, plan)
+    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
+    block.add_new(0x10, "PN", plan.patient.dicom_name)
+    block.add_new(0x11, "LO", f"MRN {plan.patient.patient_id} / {plan.patient.institution}")
+    block.add_new(0x12, "DA", plan.patient.birth_date)
+    return ds
+
+
+def _add_study_and_equipment(ds: Dataset, plan: CasePlan) -> None:
+    """Dates, times, institution, staff and scanner."""
     p = plan.patient
     manufacturer, model, _ = plan.scanner
-    ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = CTImageStorage
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ds.InstanceCreationDate = p.study_date
@@ -407,6 +453,11 @@ def _patient_dataset(plan: CasePlan) -> Dataset:
     ds.OperatorsName = p.operator
     ds.ManufacturerModelName = model
     ds.DeviceSerialNumber = p.serial
+
+
+def _add_patient(ds: Dataset, plan: CasePlan) -> None:
+    """The patient module, contact details and an other-ID sequence."""
+    p = plan.patient
     ds.PatientName = p.dicom_name
     ds.PatientID = p.patient_id
     ds.IssuerOfPatientID = p.issuer
@@ -421,6 +472,11 @@ def _patient_dataset(plan: CasePlan) -> Dataset:
     other.IssuerOfPatientID = "REGIONAL_HIE"
     other.TypeOfPatientID = "TEXT"
     ds.OtherPatientIDsSequence = Sequence([other])
+
+
+def _add_requests(ds: Dataset, plan: CasePlan) -> None:
+    """A referenced prior study and the request attributes naming the patient."""
+    p = plan.patient
     referenced = Dataset()
     referenced.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
     referenced.ReferencedSOPInstanceUID = _uid(plan, "prior-study")
@@ -432,18 +488,17 @@ def _patient_dataset(plan: CasePlan) -> Dataset:
     request.ScheduledProcedureStepID = f"SPS{p.study_id}"
     request.ScheduledProcedureStepDescription = "Rectal cancer staging"
     ds.RequestAttributesSequence = Sequence([request])
+
+
+def _add_frame_of_reference(ds: Dataset, plan: CasePlan) -> None:
+    """Body part, tube voltage, patient position, study and frame-of-reference identity."""
     ds.BodyPartExamined = "PELVIS"
     ds.KVP = "120"
     ds.PatientPosition = plan.position
     ds.StudyInstanceUID = _uid(plan, "study")
-    ds.StudyID = p.study_id
+    ds.StudyID = plan.patient.study_id
     ds.FrameOfReferenceUID = _uid(plan, "frame")
     ds.PositionReferenceIndicator = ""
-    block = ds.private_block(0x0029, PRIVATE_CREATOR, create=True)
-    block.add_new(0x10, "PN", p.dicom_name)
-    block.add_new(0x11, "LO", f"MRN {p.patient_id} / {p.institution}")
-    block.add_new(0x12, "DA", p.birth_date)
-    return ds
 
 
 def _series_header(plan: CasePlan, base: Dataset, series: _Series) -> Dataset:
@@ -551,71 +606,93 @@ def _write_series(plan: CasePlan, base: Dataset, series: _Series, root: Path) ->
 
 
 def _case_series(plan: CasePlan, hu: np.ndarray) -> list[_Series]:
-    """The main series plus, for messy cases, a localizer and a thick-slice series."""
-    dtype = np.int16 if plan.signed else np.uint16
-    geometry = case_geometry(plan)
-    sx, sy, sz = plan.direction_signs
-    ox, oy, oz = geometry["origin"]
-    dz = sz * plan.slice_thickness
-    stored = (_to_stored_order(plan, hu).astype(np.int32) - plan.intercept).astype(dtype)
-    orientation = [float(sx), 0.0, 0.0, 0.0, float(sy), 0.0]
-    thickness_text = _ds_number(plan.slice_thickness)
-    main = _Series(
+    """The main series plus, for messy cases, a localizer and a thick-slice series.
+
+    hu: int16 [z, y, x] in canonical orientation, as case_volume returns it.
+    """
+    series = [_main_series(plan, hu)]
+    if plan.localizer:
+        series.append(_localizer_series(plan, hu))
+    if plan.second_series:
+        series.append(_thick_series(plan, hu))
+    _place_series(plan, series)
+    return series
+
+
+def _pixel_dtype(plan: CasePlan) -> type[np.integer]:
+    return np.int16 if plan.signed else np.uint16
+
+
+def _stored_pixels(plan: CasePlan, volume: np.ndarray) -> np.ndarray:
+    """Canonical HU [z, y, x] -> stored values in the series' slice, row and column order."""
+    return (_to_stored_order(plan, volume).astype(np.int32) - plan.intercept).astype(_pixel_dtype(plan))
+
+
+def _axial_orientation(plan: CasePlan) -> list[float]:
+    sx, sy, _ = plan.direction_signs
+    return [float(sx), 0.0, 0.0, 0.0, float(sy), 0.0]
+
+
+def _main_series(plan: CasePlan, hu: np.ndarray) -> _Series:
+    """The axial series on the plan's grid, one instance per slice of hu [z, y, x]."""
+    ox, oy, oz = case_geometry(plan)["origin"]
+    dz = plan.direction_signs[2] * plan.slice_thickness
+    return _Series(
         number=2,
         uid=_uid(plan, "series", "main"),
-        description=f"Pelvis {thickness_text} {plan.scanner[2]}",
+        description=f"Pelvis {_ds_number(plan.slice_thickness)} {plan.scanner[2]}",
         image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
-        pixels=stored,
+        pixels=_stored_pixels(plan, hu),
         positions=[[_ds_number(ox), _ds_number(oy), _ds_number(oz + k * dz)] for k in range(plan.slices)],
-        orientation=orientation,
+        orientation=_axial_orientation(plan),
         pixel_spacing=(plan.pixel_spacing, plan.pixel_spacing),
         thickness=plan.slice_thickness,
         folder="",
     )
-    series = [main]
-    if plan.localizer:
-        upsample = max(1, round(plan.slice_thickness / plan.pixel_spacing), math.ceil(64 / plan.slices))
-        projection = (hu.astype(np.float32) + 1000.0).clip(0, None).mean(axis=1) * 2.0  # [z, x]
-        projection = np.repeat(projection[::-1], upsample, axis=0)  # superior at the top
-        low, high = _stored_range(plan)
-        top = plan.origin[2] + (plan.slices - 0.5) * plan.slice_thickness
-        series.append(
-            _Series(
-                number=1,
-                uid=_uid(plan, "series", "localizer"),
-                description="Topogram 0.6 T20f",
-                image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-                pixels=np.rint(projection - plan.intercept).clip(low, high).astype(dtype)[None],
-                positions=[[_ds_number(plan.origin[0]), "0", _ds_number(top)]],
-                orientation=[1.0, 0.0, 0.0, 0.0, 0.0, -1.0],
-                pixel_spacing=(plan.slice_thickness / upsample, plan.pixel_spacing),
-                thickness=0.6,
-                folder="",
-            )
-        )
-    if plan.second_series:
-        pairs = plan.slices // 2
-        thick = (hu[: 2 * pairs : 2].astype(np.float32) + hu[1 : 2 * pairs : 2]) / 2
-        first_pair = 0 if sz > 0 else pairs - 1
-        tz = float(_ds_number(plan.origin[2] + (2 * first_pair + 0.5) * plan.slice_thickness))
-        series.append(
-            _Series(
-                number=3,
-                uid=_uid(plan, "series", "thick"),
-                description=f"Pelvis {_ds_number(2 * plan.slice_thickness)} {plan.scanner[2]}",
-                image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
-                pixels=(_to_stored_order(plan, np.rint(thick)).astype(np.int32) - plan.intercept).astype(dtype),
-                positions=[
-                    [_ds_number(ox), _ds_number(oy), _ds_number(tz + k * 2 * dz)] for k in range(pairs)
-                ],
-                orientation=orientation,
-                pixel_spacing=(plan.pixel_spacing, plan.pixel_spacing),
-                thickness=2 * plan.slice_thickness,
-                folder="",
-            )
-        )
-    _place_series(plan, series)
-    return series
+
+
+def _localizer_series(plan: CasePlan, hu: np.ndarray) -> _Series:
+    """A coronal projection of hu [z, y, x] as one topogram, superior at the top, rows upsampled to near-square."""
+    upsample = max(1, round(plan.slice_thickness / plan.pixel_spacing), math.ceil(64 / plan.slices))
+    projection = (hu.astype(np.float32) + 1000.0).clip(0, None).mean(axis=1) * 2.0  # [z, x]
+    projection = np.repeat(projection[::-1], upsample, axis=0)
+    low, high = _stored_range(plan)
+    top = plan.origin[2] + (plan.slices - 0.5) * plan.slice_thickness
+    return _Series(
+        number=1,
+        uid=_uid(plan, "series", "localizer"),
+        description="Topogram 0.6 T20f",
+        image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        pixels=np.rint(projection - plan.intercept).clip(low, high).astype(_pixel_dtype(plan))[None],
+        positions=[[_ds_number(plan.origin[0]), "0", _ds_number(top)]],
+        orientation=[1.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+        pixel_spacing=(plan.slice_thickness / upsample, plan.pixel_spacing),
+        thickness=0.6,
+        folder="",
+    )
+
+
+def _thick_series(plan: CasePlan, hu: np.ndarray) -> _Series:
+    """A second axial series averaging pairs of slices of hu [z, y, x] (a trailing odd slice is dropped)."""
+    ox, oy, _ = case_geometry(plan)["origin"]
+    sz = plan.direction_signs[2]
+    dz = sz * plan.slice_thickness
+    pairs = plan.slices // 2
+    thick = (hu[: 2 * pairs : 2].astype(np.float32) + hu[1 : 2 * pairs : 2]) / 2
+    first_pair = 0 if sz > 0 else pairs - 1
+    tz = float(_ds_number(plan.origin[2] + (2 * first_pair + 0.5) * plan.slice_thickness))
+    return _Series(
+        number=3,
+        uid=_uid(plan, "series", "thick"),
+        description=f"Pelvis {_ds_number(2 * plan.slice_thickness)} {plan.scanner[2]}",
+        image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
+        pixels=_stored_pixels(plan, np.rint(thick)),
+        positions=[[_ds_number(ox), _ds_number(oy), _ds_number(tz + k * 2 * dz)] for k in range(pairs)],
+        orientation=_axial_orientation(plan),
+        pixel_spacing=(plan.pixel_spacing, plan.pixel_spacing),
+        thickness=2 * plan.slice_thickness,
+        folder="",
+    )
 
 
 def _place_series(plan: CasePlan, series: list[_Series]) -> None:
@@ -794,6 +871,19 @@ def _rewrite_label(path: Path, edit) -> None:
         sitk.WriteImage(out, str(tmp), useCompression=True)
 
 
+def _without_top_slice(label: np.ndarray) -> np.ndarray:
+    """label [z, y, x] less its last slice, so it no longer matches the image grid."""
+    return np.ascontiguousarray(label[:-1])
+
+
+def _with_unknown_label_value(label: np.ndarray) -> np.ndarray:
+    """A copy of label [z, y, x] whose lowest labelled slice has its labels set to 7, a value no plan uses."""
+    label = label.copy()
+    k = int(np.flatnonzero(label.any(axis=(1, 2)))[0])
+    label[k][label[k] > 0] = 7
+    return label
+
+
 def corrupt_case(case_dir: Path, kind: str) -> None:
     """Damage a written case in place so that converting it must fail for the reason ``kind``.
 
@@ -809,16 +899,11 @@ def corrupt_case(case_dir: Path, kind: str) -> None:
     elif kind == "no_label":
         _label_path(case_dir).unlink()
     elif kind == "mismatched_grid":
-        _rewrite_label(_label_path(case_dir), lambda a: np.ascontiguousarray(a[:-1]))
+        _rewrite_label(_label_path(case_dir), _without_top_slice)
     elif kind == "empty_label":
         _rewrite_label(_label_path(case_dir), np.zeros_like)
     elif kind == "unknown_label_value":
-        def add_unknown(a: np.ndarray) -> np.ndarray:
-            a = a.copy()
-            k = int(np.flatnonzero(a.any(axis=(1, 2)))[0])
-            a[k][a[k] > 0] = 7
-            return a
-        _rewrite_label(_label_path(case_dir), add_unknown)
+        _rewrite_label(_label_path(case_dir), _with_unknown_label_value)
     elif kind == "non_ct_modality":
         for paths in _dicom_series(case_dir).values():
             for path in paths:
