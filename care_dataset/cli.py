@@ -143,12 +143,18 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
 
 def build_anonymize_parser() -> argparse.ArgumentParser:
     p = _parser("care-anonymize",
-                "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates).")
+                "Write de-identified DICOM copies (PS3.15 Annex E Basic Profile, modified dates). Instances that "
+                "may carry burned-in text (BurnedInAnnotation YES, screen captures, dose and patient information "
+                "screens, colour images) are left out and counted per case.")
     p.add_argument("raw", type=Path, help="folder with one sub-folder per case")
     p.add_argument("out", type=Path, help="output folder: out/<case_id>/<series>/<instance>.dcm")
     add_key_arguments(p)
     p.add_argument("--allow-burned-in", action="store_true",
-                   help="also copy images flagged BurnedInAnnotation = YES (text may be burned into the pixels)")
+                   help="also copy the instances that may carry burned-in text (flagged BurnedInAnnotation = YES, "
+                        "screen captures, screens and reports, colour images): look at them first")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of each failed case and pydicom's own warnings on the terminal "
+                        "(stderr; they may quote header values: never into the output)")
     return p
 
 
@@ -158,7 +164,7 @@ def anonymize_main(argv: list[str] | None = None) -> int:
 
 def run_anonymize(args: argparse.Namespace) -> int:
     """Exit code 0 when no case failed, 1 otherwise, 2 for a usage error."""
-    from care_dataset.deid.anonymize import anonymize_tree  # deferred: pydicom takes 0.25 s to import
+    from care_dataset.deid.anonymize import anonymize_tree, describe_left_out  # deferred: pydicom, 0.25 s
 
     try:
         key, reproducible = load_command_key(args)
@@ -168,18 +174,29 @@ def run_anonymize(args: argparse.Namespace) -> int:
     if not reproducible:
         print("warning: random key: case IDs, UIDs and date offsets will not be reproducible", file=sys.stderr)
     try:
-        results = anonymize_tree(args.raw, args.out, key, allow_burned_in=args.allow_burned_in)
+        results = anonymize_tree(args.raw, args.out, key, allow_burned_in=args.allow_burned_in,
+                                 debug=getattr(args, "debug", False))
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for r in results:
+    left_out = 0
+    for r in results:  # raw folder and file names on the terminal only, never under the output folder
         if r["status"] == "failed":
-            print(f"FAILED {r['raw_folder']}: {r['reason']}", file=sys.stderr)
+            where = f" (file {r['raw_file']})" if r.get("raw_file") else ""
+            print(f"FAILED {r['raw_folder']}: {r['reason']}{where}", file=sys.stderr)
         elif r["status"] == "skipped":
             print(f"skipped {r['raw_folder']}: {r['reason']}", file=sys.stderr)
+        if r.get("left_out") and r["status"] != "skipped":
+            n = sum(entry["count"] for entry in r["left_out"])
+            print(f"left out of {r['raw_folder']}: {n} instance(s) that may carry burned-in text: "
+                  f"{describe_left_out(r['left_out'])}", file=sys.stderr)
+        left_out += sum(entry["count"] for entry in r.get("left_out", ()))
+        for note in r.get("notes", ()):
+            print(f"note {r['raw_folder']}: {note}", file=sys.stderr)
     done = sum(r["status"] == "anonymized" for r in results)
     failed = sum(r["status"] == "failed" for r in results)
-    print(f"{done} anonymized, {failed} failed, {len(results) - done - failed} skipped")
+    tail = f"; {left_out} instance(s) that may carry burned-in text left out" if left_out else ""
+    print(f"{done} anonymized, {failed} failed, {len(results) - done - failed} skipped{tail}")
     return 1 if failed else 0
 
 

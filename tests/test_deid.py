@@ -438,7 +438,9 @@ def test_burned_in_refused_unless_allowed_and_broken_case_fails_alone(tmp_path):
     results = anonymize_tree(raw, out, KEY)
     status = {r["raw_folder"]: r for r in results}
     assert status["A good case"]["status"] == "anonymized"
-    assert status["B burned"]["status"] == "failed" and "--allow-burned-in" in status["B burned"]["reason"]
+    assert status["B burned"]["status"] == "skipped" and "--allow-burned-in" in status["B burned"]["reason"]
+    assert status["B burned"]["left_out"] == [{"sop_class": "CT Image Storage", "image_type": "none",
+                                              "reasons": ["BurnedInAnnotation YES"], "count": 2}]
     assert status["C broken"]["status"] == "failed"
     for r in results:
         assert "\n" not in r["reason"] and r["raw_folder"] not in r["reason"]
