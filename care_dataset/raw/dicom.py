@@ -26,6 +26,7 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
+from care_dataset.raw import multiframe
 from care_dataset.raw.image import as_int16, canonical_geometry, cast_int16, describe_grid, grid_difference
 
 # Modality (0008,0060) defined terms of PS3.3 C.7.3.1.1.1, current and retired: only these may be echoed in a
@@ -285,8 +286,9 @@ def _slice_layout(positions: np.ndarray, normal: np.ndarray, slice_spacing: floa
 def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
     """Read every DICOM header under ``root`` once and group the images into candidate series.
 
-    Localizer images, single images, multi-frame and non-axial stacks are set aside; a series whose images
-    differ in shape or orientation is split into one candidate per shape and orientation.
+    Localizer images, single images, multi-frame images other than CT and non-axial stacks are set aside; a
+    series whose images differ in shape or orientation is split into one candidate per shape and orientation.
+    The frames of an Enhanced or Legacy Converted Enhanced CT make a series as single-frame images do.
     """
     groups: dict[tuple, tuple[list[pydicom.Dataset], list[Path]]] = {}
     skipped: dict[str, int] = {}
@@ -296,6 +298,9 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
         if ds is None:
             continue
         num_files += 1
+        if multiframe.is_multi_frame_ct(ds):
+            _add_frames(ds, path, groups, skipped)
+            continue
         if not _is_image(ds):
             skipped["non-image object"] = skipped.get("non-image object", 0) + 1
             continue
@@ -321,6 +326,18 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
     return DicomScan(series=series, skipped=skipped, num_files=num_files)
 
 
+def _add_frames(ds: pydicom.Dataset, path: Path, groups: dict, skipped: dict[str, int]) -> None:
+    """The frames of the multi-frame CT ``ds`` into ``scan_dicom``'s ``groups``, one header and ``path`` per
+    frame; what is set aside counted once per file in ``skipped``."""
+    frame_groups, reasons = multiframe.frame_groups(ds, path)
+    for key, frames in frame_groups.items():
+        headers, files = groups.setdefault(key, ([], []))
+        headers.extend(frames)
+        files.extend([path] * len(frames))
+    for why in reasons:
+        skipped[why] = skipped.get(why, 0) + 1
+
+
 def _execute(files: list[Path], pixel_type: int | None, syntax: UID) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
@@ -341,18 +358,27 @@ def read_series_int16(series: DicomSeries) -> sitk.Image:
     Uncompressed MONOCHROME2 series are decoded by pydicom; the rest, and any series pydicom fails on, by
     SimpleITK, which then gives the error message.
     """
+    if isinstance(series.header, multiframe.FrameHeader):  # frames of multi-frame images: pydicom alone
+        try:
+            return _on_series_grid(multiframe.decode_frames(series.headers), series)
+        except multiframe.FrameError as error:
+            raise DicomError(str(error)) from None
     if all(_transfer_syntax(ds) in PYDICOM_DECODED for ds in series.headers):
         try:
             volume = _decode_with_pydicom(series)
         except (ValueError, TypeError, AttributeError, KeyError, OSError, NotImplementedError, RuntimeError):
             pass  # SimpleITK reads the series again and names what is wrong
         else:
-            image = sitk.GetImageFromArray(volume)
-            image.SetSpacing(series.spacing)
-            image.SetOrigin(series.origin)
-            image.SetDirection(series.direction)
-            return image
+            return _on_series_grid(volume, series)
     return _read_with_simpleitk(series)
+
+
+def _on_series_grid(volume: np.ndarray, series: DicomSeries) -> sitk.Image:
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing(series.spacing)
+    image.SetOrigin(series.origin)
+    image.SetDirection(series.direction)
+    return image
 
 
 def _decode_with_pydicom(series: DicomSeries) -> np.ndarray:
