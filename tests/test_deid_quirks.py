@@ -443,6 +443,9 @@ def test_unknown_value_representations_in_damaged_elements(tmp_path):
     copies = _copies(out, kept)
     assert all("StudyDescription" not in ds and ds.SliceThickness == "1.250000" for ds in copies)
     assert not [e for ds in copies for e in ds.iterall() if e.tag.is_private]
+    found = collect_identifying_values(raw)  # care-verify reads the damaged elements' raw text
+    assert found.get("Pelvis for Janct") is not None
+    assert scan_for_leaks(out, found) == []
 
 
 @needs_real_ct

@@ -32,13 +32,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
 from care_dataset.deid.anonymize import element_action, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
@@ -49,6 +51,7 @@ MIN_TEXT_LENGTH = 4
 MIN_BINARY_LENGTH = 6
 MIN_NUMBER_DIGITS = 6
 CHUNK_BYTES = 8 << 20
+MAX_RAW_TEXT_BYTES = 1024  # an undecodable element longer than this is binary, not text
 NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
 ITK_HEADER_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_GEOMETRY_KEY_PREFIXES = ("ITK_", "NRRD_")
@@ -145,9 +148,14 @@ def _element_strings(elem) -> list[str]:
 
 
 def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> None:
-    for elem in ds:
-        tag = elem.tag
+    for tag in list(ds.keys()):
         if tag.element == 0 or tag.group == 0x0002:
+            continue
+        try:
+            elem = ds[tag]
+        except Exception:  # noqa: BLE001 - damaged, or of an unknown VR: pydicom cannot decode the element
+            if tag.is_private or _changed_by_deid(table, tag, dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"):
+                _collect_raw_text(ds.get_item(tag), found)
             continue
         if elem.VR == "SQ":
             for item in elem.value or []:
@@ -157,12 +165,25 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             continue
         if tag.is_private:
             category = "DICOM private tag"
-        elif is_overlay_group(tag.group) or element_action(table, int(tag), elem.VR) != "K":  # what deid changes
+        elif _changed_by_deid(table, tag, elem.VR):
             category = f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}"
         else:
             continue
         for text in _element_strings(elem):
             _add(found, text, category)
+
+
+def _changed_by_deid(table: AnnexETable, tag: BaseTag, vr: str) -> bool:
+    """Whether care-anonymize changes this public element (so its values count as identifying)."""
+    return is_overlay_group(tag.group) or element_action(table, int(tag), vr) != "K"
+
+
+def _collect_raw_text(raw: Any, found: dict[str, str]) -> None:
+    """The text runs of an element pydicom cannot decode: it may still hold identifying text."""
+    value = raw.value if isinstance(raw.value, bytes) else b""
+    if len(value) <= MAX_RAW_TEXT_BYTES:
+        for part in re.split(rb"[\x00-\x1f\\\\]+", value):
+            _add(found, part.decode("latin-1"), f"DICOM attribute {raw.tag} (undecodable)")
 
 
 def _add(found: dict[str, str], value: str, category: str) -> None:
