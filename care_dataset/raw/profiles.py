@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class Profile:
     layout: str = "case_folders"
     image_dirs: tuple[str, ...] = ()
     label_dirs: tuple[str, ...] = ()
+    require_air: bool = True  # refuse an image without air (<= AIR_HU): not CT in Hounsfield units
     source_text: str = field(default="", repr=False)
 
     @property
@@ -70,13 +72,23 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+def names_shipped_profile(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` names a shipped profile: no path separator and no ``.toml`` suffix, whatever the
+    working directory holds (a folder ``care/`` left by care-publish does not shadow the profile ``care``)."""
+    text = str(name_or_path)
+    separators = [s for s in ("/", os.sep, os.altsep) if s]
+    return not any(s in text for s in separators) and not text.lower().endswith(".toml")
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
-    """Load a profile by name (a file in conversion/) or by path to a TOML file."""
+    """Load a profile by name (a file in conversion/) or by path to a TOML file (one with a path separator or
+    the ``.toml`` suffix)."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if names_shipped_profile(name_or_path):
         path = PROFILE_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ProfileError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
+        if not path.is_file():
+            raise ProfileError(f"unknown profile {str(name_or_path)!r}; available: {', '.join(available_profiles())}"
+                               f" (a profile file is named by a path with a / or ending in .toml)")
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist")
     text = path.read_text()
@@ -124,6 +136,9 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
     margin = raw.get("slices", {}).get("margin", 0)
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ProfileError(f"profile {origin}: [slices] margin must be a whole number of slices >= 0, not {margin!r}")
+    require_air = raw.get("image", {}).get("require_air", True)
+    if not isinstance(require_air, bool):
+        raise ProfileError(f"profile {origin}: [image] require_air must be true or false, not {require_air!r}")
     return Profile(
         name=str(raw.get("name", Path(origin).stem)),
         description=str(raw.get("description", "")),
@@ -138,5 +153,6 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
         layout=kind,
         image_dirs=as_tuple(layout.get("images", ())),
         label_dirs=as_tuple(layout.get("labels", ())),
+        require_air=require_air,
         source_text=text,
     )
