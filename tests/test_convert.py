@@ -326,7 +326,7 @@ BREAKERS = {"truncated_dicom": _break_truncated, "no_label": _break_no_label, "m
             "non_ct_modality": _break_modality, "truncated_label": _break_truncated_label,
             "label_qform_sform": _break_label_xforms}
 # what the one-line reason must say, where the failure is not obvious from the kind
-REASONS = {"truncated_label": "the annotation file is truncated",
+REASONS = {"truncated_label": "the annotation file: truncated NIfTI",
            "label_qform_sform": "the annotation file: the header's qform (code 1) and sform (code 2) place the "
                                 "volume up to 20.00 mm apart"}
 

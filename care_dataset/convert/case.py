@@ -17,8 +17,7 @@ import SimpleITK as sitk
 from care_dataset.raw.discover import RawCase, files_under
 from care_dataset.raw.image import cast_int16, describe_grid, geometry_of, grid_difference, to_canonical
 from care_dataset.raw.profiles import Profile
-from care_dataset.raw.volume import (CorruptStreamError, VolumeFileError, parse_label_description, read_volume_file,
-                                     volume_suffix)
+from care_dataset.raw.volume import VolumeFileError, parse_label_description, read_volume_file, volume_suffix
 
 if TYPE_CHECKING:
     import pydicom
@@ -106,8 +105,6 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
         image = read_volume_file(path)
     except RuntimeError:
         raise CaseError(f"the {what} file cannot be read (corrupt, truncated or not a volume)") from None
-    except CorruptStreamError as error:
-        raise CaseError(f"the {what} file is {error}") from None
     except VolumeFileError as error:
         raise CaseError(f"the {what} file: {error}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:

@@ -448,13 +448,18 @@ def choose_series(series: list[DicomSeries], label_grid: dict, tolerance: float)
 
 
 def _set_aside_labelled_series(scan: DicomScan, label_grid: dict) -> str | None:
-    """Why a series of the annotation's size (columns, rows and slices, in either in-plane order) was set
-    aside, when one was: the annotated series, damaged."""
+    """When no series is on the annotation grid: why a series of the annotation's size (columns, rows and
+    slices, in either in-plane order) was set aside (the annotated series, damaged), else what files and images
+    were set aside, if any (a damaged slice of it); None when nothing was."""
     x, y, z = (int(v) for v in label_grid["size"])
     for (columns, rows, slices), why in scan.rejected:
         if slices == z and sorted((columns, rows)) == sorted((x, y)):
             return f"the series of the annotation's size ({columns}x{rows}x{slices}) is not usable: {why}"
-    return None
+    left_out = {why: n for why, n in {**scan.skipped, **scan.set_aside}.items() if why != "localizer image"}
+    if not left_out:
+        return None
+    listed = ", ".join(f"{n} {why}" for why, n in sorted(left_out.items()))
+    return f"no series is on the annotation grid {describe_grid(label_grid, with_origin=False)}; set aside: {listed}"
 
 
 def read_case_series(root: Path, exclude: set[Path], label_grid: dict, tolerance: float,

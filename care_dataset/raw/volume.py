@@ -39,7 +39,7 @@ class NiftiError(VolumeFileError):
 
 
 class CorruptStreamError(VolumeFileError):
-    """Compressed voxel data that is truncated or fails its checksum; str(error) starts "truncated" or "corrupt"."""
+    """Compressed voxel data that is truncated or fails its checksum."""
 
 
 READ_CHUNK = 1 << 20
@@ -167,11 +167,20 @@ def _read_stream(path: Path, offset: int, kind: str) -> int:
             if not stream.eof:
                 raise EOFError
     except EOFError:
-        raise CorruptStreamError(f"truncated (its {kind} compressed data ends early)") from None
+        raise CorruptStreamError(f"truncated {_format_name(path)}: its {kind} compressed data ends early") from None
     except (gzip.BadGzipFile, zlib.error, OSError):
-        raise CorruptStreamError(
-            f"corrupt (its {kind} compressed data fails its integrity check: CRC, checksum or length)") from None
+        raise CorruptStreamError(f"corrupt {_format_name(path)}: its {kind} compressed data fails its integrity "
+                                 "check (CRC, checksum or length)") from None
     return size
+
+
+def _format_name(path: Path) -> str:
+    lowered = path.name.lower()
+    if is_nifti(lowered):
+        return "NIfTI"
+    if lowered.endswith((".nrrd", ".nhdr")):
+        return "NRRD"
+    return "MetaImage" if lowered.endswith((".mha", ".mhd")) else "volume data"
 
 
 def _text_header(path: Path, end: bytes) -> tuple[str, int] | None:
