@@ -221,11 +221,13 @@ def test_unusable_rescale_or_spacing_values_give_a_reason(tmp_path, element, val
     for path in sorted((case / "ct-3slice").iterdir()):
         _set_raw_value(path, *element, value)
     profile = _profile(tmp_path, LIVER_SPINE)
-    with pytest.raises(CaseError, match=rf"^no usable axial image series among 3 DICOM files \(3 {re.escape(reason)}\)$"):
+    no_series = rf"^no usable axial image series among 3 DICOM files \(3 {re.escape(reason)}\)$"
+    with pytest.raises(CaseError, match=no_series):
         load_case(discover_cases(case.parent, profile)[0], profile)
     for name in ("01.dcm", "02.dcm"):  # two slices repaired: the third is still refused
         shutil.copy(GE / "ct-3slice" / name, case / "ct-3slice" / name)
-    with pytest.raises(CaseError, match=rf"^no series is on the annotation grid 512x512x3 .*; set aside: 1 {re.escape(reason)}$"):
+    off_grid = rf"^no series is on the annotation grid 512x512x3 .*; set aside: 1 {re.escape(reason)}$"
+    with pytest.raises(CaseError, match=off_grid):
         load_case(discover_cases(case.parent, profile)[0], profile)
 
 
