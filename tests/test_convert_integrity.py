@@ -21,6 +21,7 @@ from care_dataset.convert.pipeline import convert_dataset
 from care_dataset.format import reader
 from care_dataset.raw.discover import discover_cases
 from care_dataset.raw.profiles import load_profile
+from real_profiles import LIVER_COLON, LIVER_SPINE
 
 KEY = b"integrity-test-key-0123456789"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -28,28 +29,6 @@ GE = SHARED / "dcmqi_ct3slice"
 TOTALSEG = SHARED / "totalseg_example_ct_sm"
 needs_ge = pytest.mark.skipif(not GE.is_dir(), reason="../shared/data/dcmqi_ct3slice not available")
 needs_totalseg = pytest.mark.skipif(not TOTALSEG.is_dir(), reason="../shared/data/totalseg_example_ct_sm not available")
-
-LIVER_SPINE = """
-name = "liver-spine"
-[classes]
-names = ["background", "liver", "spine"]
-[labels]
-values = { 0 = 0, 1 = 1, 2 = 2 }
-[slices]
-keep_classes = [1]
-"""
-LIVER_COLON = """
-name = "liver-colon"
-[classes]
-names = ["background", "liver", "colon"]
-[labels]
-patterns = ["*_seg.*"]
-values = { 0 = 0, 5 = 1, 20 = 2 }
-unmapped = "background"
-[slices]
-keep_classes = [2]
-"""
-
 
 def _profile(tmp_path: Path, text: str):
     path = tmp_path / "profile.toml"
@@ -277,6 +256,7 @@ def test_loose_files_check_ignores_hidden_and_non_image_files(tmp_path):
     (tmp_path / "case1").mkdir()
     (tmp_path / "README.txt").write_text("exported by the PACS")
     (tmp_path / ".DS_Store").write_bytes(b"\0" * 200)
+    (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")  # a CD's index of the case folders
     assert loose_files_problem(tmp_path) is None
     (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")  # DICOM without a suffix
     assert "holds 1 DICOM or volume file(s) directly" in loose_files_problem(tmp_path)

@@ -59,8 +59,9 @@ def loose_files_problem(raw_dir: Path) -> str | None:
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         return None
-    loose = sum(1 for f in raw_dir.iterdir()
-                if not f.name.startswith(".") and f.is_file() and _looks_like_image_file(f))
+    loose = sum(1 for f in raw_dir.iterdir()  # a DICOMDIR (a CD's index) only points into the folders
+                if not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and f.is_file()
+                and _looks_like_image_file(f))
     if not loose:
         return None
     return (f"{raw_dir} holds {loose} DICOM or volume file(s) directly; put each case in a folder of its own: "
