@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from care_dataset.format.layout import EMPTY_CHUNK, FORMAT_NAME, FORMAT_VERSION, case_path, read_json, shard_path
+from care_dataset.format.layout import (EMPTY_CHUNK, FORMAT_NAME, FORMAT_VERSION, case_path, content_checksum,
+                                        read_json, shard_path)
 
 
 class SplitSlices:
@@ -137,17 +138,23 @@ class CareDataset(SplitSlices):
 
     def missing_cases(self, case_ids: list[str]) -> list[str]:
         """The cases among ``case_ids`` whose stored slices are absent (a cheap check of the files, not of
-        their contents). zarr omits a shard whose every slice holds the fill value: an image may (all 0 HU),
-        a label never does (every stored slice holds a labelled class), so a label without its shard counts
-        as absent."""
+        their contents). zarr omits a shard whose every slice holds the fill value: a label never does (every
+        stored slice holds a labelled class), an image may (all 0 HU, converted with ``require_air = false``);
+        an image without its shard counts as present only when the case's checksum says it is all fill value."""
         def present(case_id: str) -> bool:
             path = case_path(self.root, self.storage, case_id)
             if self.storage == "zarr":
-                return (all((path / name / "zarr.json").is_file() for name in ("image", "label"))
-                        and shard_path(path / "label").is_file())
+                if not (all((path / name / "zarr.json").is_file() for name in ("image", "label"))
+                        and shard_path(path / "label").is_file()):
+                    return False
+                return shard_path(path / "image").is_file() or self._holds_checksum(case_id)
             return path.is_file()
 
         return [case_id for case_id in case_ids if not present(case_id)]
+
+    def _holds_checksum(self, case_id: str) -> bool:
+        """Whether the stored slices read back give the checksum cases.json records for the case."""
+        return content_checksum(*self.read_case(case_id)) == self.cases[case_id].get("checksum")
 
     def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Whole case: image (n, H, W) int16, label (n, H, W) uint8."""
