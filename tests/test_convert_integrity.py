@@ -194,6 +194,7 @@ def test_a_stray_file_and_a_dangling_link_in_a_dicom_case_are_set_aside_with_not
 @pytest.mark.parametrize("element, value, reason", [
     ((0x0028, 0x1052), b"nan", "image(s) whose RescaleIntercept is not a finite number"),
     ((0x0028, 0x0030), b"abc\\def", "image(s) whose PixelSpacing is not two numbers"),
+    ((0x0020, 0x0032), b"nan\\nan\\nan", "image(s) whose ImagePositionPatient is not three numbers"),
 ])
 def test_unusable_rescale_or_spacing_values_give_a_reason(tmp_path, element, value, reason):
     case = _ge_case(tmp_path / "raw" / "GE_case")

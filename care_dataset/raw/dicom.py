@@ -118,6 +118,7 @@ def _walk_files(root: Path, exclude: set[Path]) -> list[Path]:
 
 UNREADABLE = "unreadable file(s) (no parseable DICOM header: stray or damaged)"
 DANGLING = "dangling symbolic link(s)"
+UNUSABLE_IMAGE = "image(s) whose "  # start of every reason of _header_problem
 
 
 def _read_header(path: Path) -> pydicom.Dataset | str | None:
@@ -178,14 +179,16 @@ def _header_problem(ds: pydicom.Dataset) -> str | None:
     """Why an image's geometry or rescale cannot be used, naming the attribute; None when they can."""
     try:
         if not _finite(ds.PixelSpacing, 2):
-            return "image(s) whose PixelSpacing is not two numbers"
+            return UNUSABLE_IMAGE + "PixelSpacing is not two numbers"
         if not _finite(ds.ImageOrientationPatient, 6):
-            return "image(s) whose ImageOrientationPatient is not six numbers"
+            return UNUSABLE_IMAGE + "ImageOrientationPatient is not six numbers"
+        if not _finite(ds.ImagePositionPatient, 3):
+            return UNUSABLE_IMAGE + "ImagePositionPatient is not three numbers"
         for keyword in ("RescaleSlope", "RescaleIntercept"):
             if ds.get(keyword) not in (None, "") and not _finite([ds.get(keyword)], 1):
-                return f"image(s) whose {keyword} is not a finite number"
+                return f"{UNUSABLE_IMAGE}{keyword} is not a finite number"
     except (TypeError, ValueError, AttributeError):  # a value pydicom cannot even convert
-        return "image(s) whose PixelSpacing, ImageOrientationPatient or rescale values cannot be read"
+        return UNUSABLE_IMAGE + "PixelSpacing, ImageOrientationPatient or rescale values cannot be read"
     return None
 
 
@@ -449,17 +452,20 @@ def choose_series(series: list[DicomSeries], label_grid: dict, tolerance: float)
 
 def _set_aside_labelled_series(scan: DicomScan, label_grid: dict) -> str | None:
     """When no series is on the annotation grid: why a series of the annotation's size (columns, rows and
-    slices, in either in-plane order) was set aside (the annotated series, damaged), else what files and images
-    were set aside, if any (a damaged slice of it); None when nothing was."""
+    slices, in either in-plane order) was set aside (the annotated series, damaged), else the unreadable files
+    and unusable images set aside, if any (a damaged slice of it); None when none was."""
     x, y, z = (int(v) for v in label_grid["size"])
     for (columns, rows, slices), why in scan.rejected:
         if slices == z and sorted((columns, rows)) == sorted((x, y)):
             return f"the series of the annotation's size ({columns}x{rows}x{slices}) is not usable: {why}"
-    left_out = {why: n for why, n in {**scan.skipped, **scan.set_aside}.items() if why != "localizer image"}
-    if not left_out:
+    damaged = {why: n for why, n in {**scan.skipped, **scan.set_aside}.items()
+               if why in (UNREADABLE, DANGLING) or why.startswith(UNUSABLE_IMAGE)}
+    if not damaged:
         return None
-    listed = ", ".join(f"{n} {why}" for why, n in sorted(left_out.items()))
-    return f"no series is on the annotation grid {describe_grid(label_grid, with_origin=False)}; set aside: {listed}"
+    candidates = ", ".join(describe_grid(canonical_geometry(s.geometry()), with_origin=False) for s in scan.series)
+    listed = ", ".join(f"{n} {why}" for why, n in sorted(damaged.items()))
+    return (f"no series is on the annotation grid {describe_grid(label_grid, with_origin=False)} (candidates: "
+            f"{candidates}); set aside: {listed}")
 
 
 def read_case_series(root: Path, exclude: set[Path], label_grid: dict, tolerance: float,
