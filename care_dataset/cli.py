@@ -25,6 +25,7 @@ from care_dataset.deid.pseudonyms import (KEY_ENV_VAR, MIN_KEY_BYTES, NEW_KEY_BY
 from care_dataset.files import create_private_file, creation_problem
 from care_dataset.format.reader import open_dataset
 from care_dataset.publish.errors import PublishError
+from care_dataset.raw.discover import loose_files_problem
 from care_dataset.raw.profiles import ProfileError, available_profiles, load_profile
 
 
@@ -110,6 +111,8 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace, own_p
         return _usage_error(parser, str(err))
     try:
         check_paths(args.raw, args.out, args.private_map)
+        if problem := loose_files_problem(args.raw):
+            raise ConvertError(problem)
         key, reproducible = load_command_key(args)
     except OutputNotWritableError as err:  # one line, no usage text
         return _error(parser, str(err))
@@ -166,6 +169,9 @@ def run_anonymize(args: argparse.Namespace) -> int:
     """Exit code 0 when no case failed, 1 otherwise, 2 for a usage error."""
     from care_dataset.deid.anonymize import anonymize_tree, describe_left_out  # deferred: pydicom, 0.25 s
 
+    if problem := loose_files_problem(args.raw):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         key, reproducible = load_command_key(args)
     except KeyMissingError as exc:

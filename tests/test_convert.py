@@ -21,6 +21,7 @@ from care_dataset.deid.pseudonyms import patient_of
 from care_dataset.format import layout, reader
 from care_dataset.raw.profiles import load_profile
 from dicom_cases import LABEL_NAME_PHI, SHARED_PHI, SLICES, SPACING, phantom, write_dicom_case
+from real_profiles import LIVER_COLON, LIVER_SPINE
 
 KEY = b"test-key-not-secret"
 # Identifying values planted in headers, names and label text; none may appear under the output folder.
@@ -546,15 +547,8 @@ def test_real_dicom_series_with_nrrd_label(tmp_path):
     case = tmp_path / "raw" / "GE_LightSpeed_patient"
     shutil.copytree(source / "ct-3slice", case / "ct-3slice")
     shutil.copy(source / "liver_spine_seg.nrrd", case / "liver_spine_seg.nrrd")
-    profile = load_profile(_profile_file(tmp_path, """
-name = "liver-spine"
-[classes]
-names = ["background", "liver", "spine"]
-[labels]
-values = { 0 = 0, 1 = 1, 2 = 2 }
-[slices]
-keep_classes = [1]
-"""))
+    profile = load_profile(_profile_file(tmp_path, LIVER_SPINE))
+
     summary = convert_dataset(tmp_path / "raw", tmp_path / "out", profile, KEY, True, progress=False)
     assert summary.converted == 1, summary.failures
     ds = reader.open_dataset(tmp_path / "out")
@@ -584,17 +578,8 @@ def test_real_nifti_pair_mapped_by_a_profile_round_trips(tmp_path):
     case.mkdir(parents=True)
     shutil.copy(source / "example_ct_sm.nii.gz", case / "example_ct_sm.nii.gz")
     shutil.copy(source / "example_seg.nii.gz", case / "example_seg.nii.gz")
-    profile = load_profile(_profile_file(tmp_path, """
-name = "liver-colon"
-[classes]
-names = ["background", "liver", "colon"]
-[labels]
-patterns = ["*_seg.*"]
-values = { 0 = 0, 5 = 1, 20 = 2 }
-unmapped = "background"
-[slices]
-keep_classes = [2]
-"""))
+    profile = load_profile(_profile_file(tmp_path, LIVER_COLON))
+
     summary = convert_dataset(tmp_path / "raw", tmp_path / "out", profile, KEY, True, progress=False)
     assert summary.converted == 1, summary.failures
     ds = reader.open_dataset(tmp_path / "out")

@@ -22,7 +22,8 @@ def _write_minimal_dataset(root, storage, cases):
         "classes": ["background", "normal rectum", "tumor"]}))
     (root / "cases.json").write_text(json.dumps({
         cid: {"num_slices": int(img.shape[0]), "kept_slices": list(range(5, 5 + img.shape[0])),
-              "spacing": [0.8, 0.8, 2.5]} for cid, (img, _) in cases.items()}))
+              "spacing": [0.8, 0.8, 2.5], "checksum": layout.content_checksum(img, lab)}
+        for cid, (img, lab) in cases.items()}))
     ids = sorted(cases)
     (root / "splits.json").write_text(json.dumps({"seed": 0, "train": ids[:-1], "test": ids[-1:]}))
     return reader.open_dataset(root)
@@ -129,3 +130,23 @@ def test_an_open_reader_left_for_interpreter_exit_closes_quietly(tmp_path, cases
             "del dataset, arrays\n")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("storage", ["zarr", "h5"])
+def test_an_image_of_only_the_fill_value_reads_back(tmp_path, cases, storage):
+    """zarr leaves out a shard whose every chunk holds the fill value (an all-0 HU image); the reader gives
+    the fill value for it, slice by slice and whole."""
+    case_id = sorted(cases)[0]
+    image, label = cases[case_id]
+    ds = _write_minimal_dataset(tmp_path, storage, {case_id: (np.zeros_like(image), label)})
+    if storage == "zarr":
+        assert not layout.shard_path(layout.case_path(tmp_path, storage, case_id) / "image").exists()
+    got_image, got_label = ds.read_case(case_id)
+    assert got_image.shape == image.shape and got_image.dtype == np.int16 and not got_image.any()
+    np.testing.assert_array_equal(got_label, label)
+    assert not ds.read_slice(case_id, 1)[0].any() and ds.sample(None, 1)["image"].shape == image.shape[1:]
+    assert ds.missing_cases([case_id]) == []
+    if storage == "zarr":  # a lost shard of an image that is not all fill value is missing
+        other = _write_minimal_dataset(tmp_path / "other", storage, {case_id: (image, label)})
+        layout.shard_path(layout.case_path(tmp_path / "other", storage, case_id) / "image").unlink()
+        assert other.missing_cases([case_id]) == [case_id]

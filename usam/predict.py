@@ -27,7 +27,7 @@ from torch import nn
 from care_dataset.error_text import error_line
 from care_dataset.raw.dicom import DICOM_MODALITIES, DicomError, no_series_reason, read_series_int16, scan_dicom
 from care_dataset.raw.image import to_canonical
-from care_dataset.raw.volume import NiftiError, read_volume_file
+from care_dataset.raw.volume import VolumeFileError, read_volume_file
 from usam.inference import InferenceSettings, InputError, choose_device, inference_settings, segment_slices
 from usam.models.checkpoints import load_checkpoint
 from usam.outputs import check_output_path, check_overlay_folder, write_prediction
@@ -79,7 +79,7 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
             image = read_volume_file(path)
         except RuntimeError as error:
             raise InputError(f"{path}: not a readable image ({error_line(error, last=True)})") from None
-        except NiftiError as error:
+        except VolumeFileError as error:
             raise InputError(f"{path}: {error}") from None
     else:
         raise InputError(f"{path}: no such file or folder")

@@ -4,7 +4,10 @@ on one grid, reorient them to canonical, and choose the axial slices to keep.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,12 +17,18 @@ import SimpleITK as sitk
 from care_dataset.raw.discover import RawCase, files_under
 from care_dataset.raw.image import cast_int16, describe_grid, geometry_of, grid_difference, to_canonical
 from care_dataset.raw.profiles import Profile
-from care_dataset.raw.volume import NiftiError, parse_label_description, read_volume_file, volume_suffix
+from care_dataset.raw.volume import VolumeFileError, parse_label_description, read_volume_file, volume_suffix
 
 if TYPE_CHECKING:
     import pydicom
 
     from care_dataset.raw.dicom import SliceLayout
+
+
+# Every body CT holds air (about -1000 HU) around the body, in the lungs or in the bowel; an image whose lowest
+# value lies above this is not in Hounsfield units (or not CT).
+AIR_HU = -500
+_warning_sink = threading.local()  # per reading thread: {(library, category): count}
 
 
 class CaseError(Exception):
@@ -34,6 +43,7 @@ class LoadedCase:
     header: pydicom.Dataset | None  # header of one file of the chosen series, None for volume files
     description_names: dict[int, str]  # from the label description file: may hold PHI, never write out
     layout: SliceLayout | None = None  # true slice positions of a DICOM series whose slices are off its grid
+    notes: list[str] = field(default_factory=list)  # for report.json: what was set aside or warned about
 
 
 def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> LoadedCase:
@@ -41,6 +51,14 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
 
     Raises CaseError with a privacy-safe reason.
     """
+    notes: list[str] = []
+    with library_warnings_as_notes(notes):
+        loaded = _load_case(raw, profile, tolerance, notes)
+    loaded.notes = notes
+    return loaded
+
+
+def _load_case(raw: RawCase, profile: Profile, tolerance: float, notes: list[str]) -> LoadedCase:
     if raw.problem:
         raise CaseError(raw.problem)
     if raw.label_path is None:
@@ -68,7 +86,7 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
         if volumes:
             image = _read_volume(volumes[0], "image")
         else:
-            image, header, layout = _load_dicom(raw.root, skip, label_grid, tolerance, profile.uneven_spacing)
+            image, header, layout = _load_dicom(raw.root, skip, label_grid, tolerance, profile.uneven_spacing, notes)
 
     original = geometry_of(image)
     image = to_canonical(cast_int16(image))
@@ -79,6 +97,8 @@ def load_case(raw: RawCase, profile: Profile, tolerance: float = 1e-3) -> Loaded
             f"annotation grid does not match the image grid ({difference}): "
             f"image {describe_grid(image_grid)}, annotation {describe_grid(label_grid)}"
         )
+    if profile.require_air:
+        check_hounsfield(image)
     label.CopyInformation(image)
     return LoadedCase(image=image, label=label, original=original, header=header, description_names=names,
                       layout=layout)
@@ -89,7 +109,7 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
         image = read_volume_file(path)
     except RuntimeError:
         raise CaseError(f"the {what} file cannot be read (corrupt, truncated or not a volume)") from None
-    except NiftiError as error:
+    except VolumeFileError as error:
         raise CaseError(f"the {what} file: {error}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"the {what} is not a 3-D scalar volume")
@@ -97,14 +117,56 @@ def _read_volume(path: Path, what: str) -> sitk.Image:
 
 
 def _load_dicom(root: Path, skip: set, label_grid: dict, tolerance: float,
-                uneven_spacing: str) -> tuple[sitk.Image, pydicom.Dataset, SliceLayout | None]:
+                uneven_spacing: str, notes: list[str]) -> tuple[sitk.Image, pydicom.Dataset, SliceLayout | None]:
     from care_dataset.raw import dicom  # deferred: pydicom takes 0.25 s to import; volume files never need it
 
     try:
         return dicom.read_case_series(root, {p for p in skip if p is not None}, label_grid, tolerance,
-                                      uneven_spacing)
+                                      uneven_spacing, notes)
     except dicom.DicomError as err:
         raise CaseError(str(err)) from None
+
+
+def check_hounsfield(image: sitk.Image) -> None:
+    """CaseError, with the value range, for an image without air: not plausibly CT in Hounsfield units."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = int(values.min()), int(values.max())
+    if low > AIR_HU:
+        raise CaseError(
+            f"the image's values range from {low} to {high}: no air (about -1000 HU, in every body CT), so not CT "
+            "in Hounsfield units (a profile with [image] require_air = false accepts it)")
+
+
+def _count_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while reading: counted for the reading thread's case, never shown (a library's
+    warning may quote header values); shown as before in a thread that is not reading."""
+    sink = getattr(_warning_sink, "counts", None)
+    if sink is None:
+        _count_warning.shown_by(message, category, filename, lineno, file, line)
+        return
+    library = "pydicom" if "pydicom" in Path(filename).parts else "Python"
+    sink[(library, category.__name__)] = sink.get((library, category.__name__), 0) + 1
+
+
+_count_warning.shown_by = warnings.showwarning
+
+
+@contextmanager
+def library_warnings_as_notes(notes: list[str]):
+    """Warnings raised in this thread while the block reads a case become counts in ``notes``, by library and
+    category, without their text. ITK's warnings (printed by C++, some naming files) are switched off."""
+    if warnings.showwarning is not _count_warning:
+        _count_warning.shown_by = warnings.showwarning
+        warnings.showwarning = _count_warning
+    warnings.filterwarnings("always", module="pydicom")  # every one counted, not only the first of each line
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    _warning_sink.counts = counts = {}
+    try:
+        yield
+    finally:
+        _warning_sink.counts = None
+        notes.extend(f"{n} {library} warning(s) ({category}) while reading; their text is left out (it may quote "
+                     "header values)" for (library, category), n in sorted(counts.items()))
 
 
 def per_slice_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -52,6 +52,7 @@ class CaseOutcome:
     reason: str
     detail: str = ""
     record: dict | None = None
+    notes: list[str] = field(default_factory=list)  # without identifying values: for report.json
 
 
 def header_check(header: Any, patient_id: str, key: bytes) -> dict[str, str]:
@@ -171,11 +172,12 @@ def convert_case(job: CaseJob, loaded: LoadedCase | Exception | None = None) -> 
         }
         record = {"case_id": case_id, "entry": entry, "fingerprint": job.fingerprint, "settings": job.settings,
                   "header_check": header_check(loaded.header, patient_id, job.key)}
-        if loaded.layout is not None:
-            record["notes"] = loaded.layout.notes()
+        notes = [*(loaded.layout.notes() if loaded.layout is not None else []), *loaded.notes]
+        if notes:
+            record["notes"] = notes
         write_json_atomic(record_path(job.out_dir, case_id), record)
         reason = f"converted {len(kept)} of {canonical['size'][2]} axial slices"
-        return CaseOutcome(raw.key, case_id, "converted", reason, record=record)
+        return CaseOutcome(raw.key, case_id, "converted", reason, record=record, notes=notes)
     except Exception as err:  # noqa: BLE001 - one case fails alone, whatever went wrong
         if case_id is not None:
             discard_case(job.out_dir, job.storage, case_id)

@@ -153,8 +153,8 @@ def _prune(out_dir: Path, storage: str, keep: set[str]) -> None:
 
 def _report_entry(outcome: CaseOutcome) -> dict:
     entry = {"case_id": outcome.case_id, "status": outcome.status, "reason": outcome.reason}
-    if outcome.record is not None and outcome.record.get("notes"):  # geometry warnings of a converted case
-        entry["notes"] = outcome.record["notes"]
+    if outcome.notes:
+        entry["notes"] = list(outcome.notes)
     return entry
 
 
@@ -272,7 +272,8 @@ def _resumed_and_pending(raws: list[RawCase], raw_dir: Path, out_dir: Path, prof
                 and writer.case_exists(out_dir, storage, record["case_id"])):
             entry = record["entry"]
             reason = f"converted {entry['num_slices']} of {entry['canonical']['size'][2]} axial slices"
-            outcomes[index] = CaseOutcome(raw.key, record["case_id"], "converted", reason, record=record)
+            outcomes[index] = CaseOutcome(raw.key, record["case_id"], "converted", reason, record=record,
+                                          notes=record.get("notes", []))
         else:
             jobs.append((index, CaseJob(raw, raw_dir, out_dir, profile, key, storage, fingerprint, settings)))
     return outcomes, jobs
@@ -293,6 +294,8 @@ def _run_jobs(jobs: list[tuple[int, CaseJob]], outcomes: list[CaseOutcome | None
                     failures.append((outcome.raw_name, outcome.reason))
                     line = f"FAILED {outcome.raw_name}: {outcome.reason}"
                     bar.print(line + (f" [{outcome.detail}]" if outcome.detail else ""))
+                for note in outcome.notes:
+                    bar.print(f"note {outcome.raw_name}: {note}")
                 bar.advance()
     return failures
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from care_dataset.format.layout import EMPTY_CHUNK, FORMAT_NAME, FORMAT_VERSION, case_path, read_json, shard_path
+from care_dataset.format.layout import (EMPTY_CHUNK, FORMAT_NAME, FORMAT_VERSION, case_path, content_checksum,
+                                        read_json, shard_path)
 
 
 class SplitSlices:
@@ -137,16 +138,23 @@ class CareDataset(SplitSlices):
 
     def missing_cases(self, case_ids: list[str]) -> list[str]:
         """The cases among ``case_ids`` whose stored slices are absent (a cheap check of the files, not of
-        their contents). A zarr array without its shard file counts as absent: zarr omits the shard only when
-        every slice is all zeros, which a stored case (every slice holds a labelled class) never is."""
+        their contents). zarr omits a shard whose every slice holds the fill value: a label never does (every
+        stored slice holds a labelled class), an image may (all 0 HU, converted with ``require_air = false``);
+        an image without its shard counts as present only when the case's checksum says it is all fill value."""
         def present(case_id: str) -> bool:
             path = case_path(self.root, self.storage, case_id)
             if self.storage == "zarr":
-                return all((path / name / "zarr.json").is_file() and shard_path(path / name).is_file()
-                           for name in ("image", "label"))
+                if not (all((path / name / "zarr.json").is_file() for name in ("image", "label"))
+                        and shard_path(path / "label").is_file()):
+                    return False
+                return shard_path(path / "image").is_file() or self._holds_checksum(case_id)
             return path.is_file()
 
         return [case_id for case_id in case_ids if not present(case_id)]
+
+    def _holds_checksum(self, case_id: str) -> bool:
+        """Whether the stored slices read back give the checksum cases.json records for the case."""
+        return content_checksum(*self.read_case(case_id)) == self.cases[case_id].get("checksum")
 
     def read_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Whole case: image (n, H, W) int16, label (n, H, W) uint8."""
@@ -178,7 +186,7 @@ class ShardedSlices:
     index is read once and each slice is one ``pread`` and one Blosc decompression, following the zarr v3
     sharding specification. A whole-array read (``[...]`` or ``[:]``) is one read of the shard and one
     decompression per chunk into the result; any other key goes through zarr itself. Tests check both paths
-    agree with zarr.
+    agree with zarr. A shard zarr left out (every slice the fill value) reads as the fill value.
     """
 
     def __init__(self, array_dir: Path, array: Any):
@@ -188,13 +196,17 @@ class ShardedSlices:
         self._decompress = numcodecs.blosc.decompress
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype.to_native_dtype() if hasattr(array.dtype, "to_native_dtype") else array.dtype)
+        self._fill = np.asarray(array.fill_value, self.dtype)
         self._shard_path = shard_path(array_dir)
         n = self.shape[0]
-        index_bytes = 16 * n + 4
-        with open(self._shard_path, "rb") as f:
-            f.seek(-index_bytes, os.SEEK_END)
-            index = f.read(index_bytes)
-        self._index = np.frombuffer(index[:-4], dtype="<u8").reshape(n, 2)
+        if self._shard_path.is_file():
+            index_bytes = 16 * n + 4
+            with open(self._shard_path, "rb") as f:
+                f.seek(-index_bytes, os.SEEK_END)
+                index = f.read(index_bytes)
+            self._index = np.frombuffer(index[:-4], dtype="<u8").reshape(n, 2)
+        else:
+            self._index = np.full((n, 2), EMPTY_CHUNK, dtype="<u8")
         self._fd: int | None = None
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -206,15 +218,17 @@ class ShardedSlices:
         if not -self.shape[0] <= position < self.shape[0]:
             raise IndexError(f"slice {position} out of range for {self.shape[0]} slices")
         offset, nbytes = (int(v) for v in self._index[position])
-        if offset == EMPTY_CHUNK:  # the fill value
-            return np.zeros(self.shape[1:], self.dtype)
+        if offset == EMPTY_CHUNK:
+            return np.full(self.shape[1:], self._fill, self.dtype)
         if self._fd is None:
             self._fd = os.open(self._shard_path, os.O_RDONLY)
         raw = self._decompress(os.pread(self._fd, nbytes, offset))
         return np.frombuffer(raw, dtype=self.dtype.newbyteorder("<")).reshape(self.shape[1:])
 
     def _read_all(self) -> np.ndarray:
-        stored = np.zeros(self.shape, self.dtype.newbyteorder("<"))
+        stored = np.full(self.shape, self._fill, self.dtype.newbyteorder("<"))
+        if (self._index[:, 0] == EMPTY_CHUNK).all():
+            return stored.astype(self.dtype, copy=False)
         with open(self._shard_path, "rb") as f:
             shard = memoryview(f.read())
         for position, (offset, nbytes) in enumerate(self._index.tolist()):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +129,12 @@ class DicomScan:
     series: list[DicomSeries]
     skipped: dict[str, int]
     num_files: int
+    set_aside: dict[str, int] = field(default_factory=dict)  # files that are no DICOM image, by reason
+    rejected: list[tuple[tuple[int, int, int], str]] = field(default_factory=list)  # (columns, rows, files), why
+
+    def notes(self) -> list[str]:
+        """One note per kind of file set aside, with its count."""
+        return [f"set aside {n} {why}" for why, n in sorted(self.set_aside.items())]
 
 
 def _walk_files(root: Path, exclude: set[Path]) -> list[Path]:
@@ -143,21 +149,28 @@ def _walk_files(root: Path, exclude: set[Path]) -> list[Path]:
     return found
 
 
-def _read_header(path: Path) -> pydicom.Dataset | None:
-    """Header with the pixel data left on disk (encapsulated pixel data is dropped); None for non-DICOM files."""
+UNREADABLE = "unreadable file(s) (no parseable DICOM header: stray or damaged)"
+DANGLING = "dangling symbolic link(s)"
+UNUSABLE_IMAGE = "image(s) whose "  # start of every reason of _header_problem
+
+
+def _read_header(path: Path) -> pydicom.Dataset | str | None:
+    """Header with the pixel data left on disk (encapsulated pixel data is dropped); None for non-DICOM files,
+    why it is set aside for a dangling link or a file whose header cannot be parsed (a stray file such as a
+    Thumbs.db, or a damaged one: a damaged slice of the annotated series then shows as a grid mismatch)."""
+    if not path.exists():
+        return DANGLING
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:
         return None
-    except OSError:
-        raise DicomError("a file in the case folder cannot be read (permission or I/O error)") from None
-    except Exception:  # noqa: BLE001 - any parser failure means a damaged file
-        raise DicomError("a DICOM file is corrupt or truncated (its header cannot be parsed)") from None
+    except Exception:  # noqa: BLE001 - any parser or I/O failure means a file that cannot be used
+        return UNREADABLE
     sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
     if sop_class == DICOMDIR_SOP_CLASS:
         return None
     if "SeriesInstanceUID" not in ds:
-        raise DicomError("a DICOM file is corrupt or truncated (its header ends before the series identifier)")
+        return UNREADABLE
     if _transfer_syntax(ds) not in PYDICOM_DECODED and "PixelData" in ds:
         del ds.PixelData  # read in full by the parser (undefined length); SimpleITK reads it again
     return ds
@@ -187,6 +200,29 @@ def _floats(value, n: int) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return out if len(out) == n else None
+
+
+def _finite(value, n: int) -> bool:
+    """Whether ``value`` is ``n`` finite numbers."""
+    numbers = _floats(value, n)
+    return numbers is not None and bool(np.all(np.isfinite(numbers)))
+
+
+def _header_problem(ds: pydicom.Dataset) -> str | None:
+    """Why an image's geometry or rescale cannot be used, naming the attribute; None when they can."""
+    try:
+        if not _finite(ds.PixelSpacing, 2):
+            return UNUSABLE_IMAGE + "PixelSpacing is not two numbers"
+        if not _finite(ds.ImageOrientationPatient, 6):
+            return UNUSABLE_IMAGE + "ImageOrientationPatient is not six numbers"
+        if not _finite(ds.ImagePositionPatient, 3):
+            return UNUSABLE_IMAGE + "ImagePositionPatient is not three numbers"
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if ds.get(keyword) not in (None, "") and not _finite([ds.get(keyword)], 1):
+                return f"{UNUSABLE_IMAGE}{keyword} is not a finite number"
+    except (TypeError, ValueError, AttributeError):  # a value pydicom cannot even convert
+        return UNUSABLE_IMAGE + "PixelSpacing, ImageOrientationPatient or rescale values cannot be read"
+    return None
 
 
 def _hu_range(headers: list[pydicom.Dataset]) -> tuple[float, float] | None:
@@ -293,8 +329,12 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
     groups: dict[tuple, tuple[list[pydicom.Dataset], list[Path]]] = {}
     skipped: dict[str, int] = {}
     num_files = 0
+    set_aside: dict[str, int] = {}
     for path in _walk_files(root, set(exclude)):
         ds = _read_header(path)
+        if isinstance(ds, str):
+            set_aside[ds] = set_aside.get(ds, 0) + 1
+            continue
         if ds is None:
             continue
         num_files += 1
@@ -307,6 +347,9 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
         if _is_localizer(ds):
             skipped["localizer image"] = skipped.get("localizer image", 0) + 1
             continue
+        if problem := _header_problem(ds):
+            skipped[problem] = skipped.get(problem, 0) + 1
+            continue
         shape_key = (
             str(ds.SeriesInstanceUID), int(ds.Rows), int(ds.Columns),
             tuple(round(float(v), 3) for v in ds.ImageOrientationPatient),
@@ -315,15 +358,16 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
         headers, files = groups.setdefault(shape_key, ([], []))
         headers.append(ds)
         files.append(path)
-    series = []
+    series, rejected = [], []
     for headers, files in groups.values():
         built = _build_series(headers, files)
         if isinstance(built, str):
             skipped[built] = skipped.get(built, 0) + 1
+            rejected.append(((int(headers[0].Columns), int(headers[0].Rows), len(files)), built))
         else:
             series.append(built)
     series.sort(key=lambda s: (s.modality != "CT", s.sort_key, -s.size[2], str(s.files[0])))
-    return DicomScan(series=series, skipped=skipped, num_files=num_files)
+    return DicomScan(series=series, skipped=skipped, num_files=num_files, set_aside=set_aside, rejected=rejected)
 
 
 def _add_frames(ds: pydicom.Dataset, path: Path, groups: dict, skipped: dict[str, int]) -> None:
@@ -502,21 +546,47 @@ def refuse_irregular(scan: DicomScan) -> DicomScan:
         if series.layout is not None:
             why = f"{series.layout.problems[0]}, refused by the profile's uneven_spacing setting"
             skipped[why] = skipped.get(why, 0) + 1
-    return DicomScan([s for s in scan.series if s.layout is None], skipped, scan.num_files)
+    return replace(scan, series=[s for s in scan.series if s.layout is None], skipped=skipped)
+
+
+def _set_aside_labelled_series(scan: DicomScan, label_grid: dict) -> str | None:
+    """When no series is on the annotation grid: why a series of the annotation's size (columns, rows and
+    slices, in either in-plane order) was set aside (the annotated series, damaged), else the unreadable files
+    and unusable images set aside, if any (a damaged slice of it); None when none was."""
+    x, y, z = (int(v) for v in label_grid["size"])
+    for (columns, rows, slices), why in scan.rejected:
+        if slices == z and sorted((columns, rows)) == sorted((x, y)):
+            return f"the series of the annotation's size ({columns}x{rows}x{slices}) is not usable: {why}"
+    damaged = {why: n for why, n in {**scan.skipped, **scan.set_aside}.items()
+               if why in (UNREADABLE, DANGLING) or why.startswith(UNUSABLE_IMAGE)}
+    if not damaged:
+        return None
+    candidates = ", ".join(describe_grid(canonical_geometry(s.geometry()), with_origin=False) for s in scan.series)
+    listed = ", ".join(f"{n} {why}" for why, n in sorted(damaged.items()))
+    return (f"no series is on the annotation grid {describe_grid(label_grid, with_origin=False)} (candidates: "
+            f"{candidates}); set aside: {listed}")
 
 
 def read_case_series(root: Path, exclude: set[Path], label_grid: dict, tolerance: float,
-                     uneven_spacing: str = "accept") -> tuple[sitk.Image, pydicom.Dataset, SliceLayout | None]:
+                     uneven_spacing: str = "accept", notes: list[str] | None = None,
+                     ) -> tuple[sitk.Image, pydicom.Dataset, SliceLayout | None]:
     """The CT series under `root` on the annotation's grid, as int16 HU, the header of one of its files, and its
     true slice positions when they are off its grid (``uneven_spacing = "refuse"``: such series are set aside).
+    Files set aside (stray, unreadable, dangling links) are described in ``notes``.
 
     Raises DicomError with a privacy-safe reason: no usable series, none on the grid, or not CT.
     """
     scan = scan_dicom(root, exclude=exclude)
     if uneven_spacing == "refuse":
         scan = refuse_irregular(scan)
+    if notes is not None:
+        notes.extend(scan.notes())
     if not scan.series:
-        raise DicomError(no_series_reason(scan.skipped, scan.num_files))
+        raise DicomError(no_series_reason({**scan.skipped, **scan.set_aside},
+                                          scan.num_files + sum(scan.set_aside.values())))
+    if all(grid_difference(canonical_geometry(s.geometry()), label_grid, tolerance) for s in scan.series):
+        if labelled := _set_aside_labelled_series(scan, label_grid):
+            raise DicomError(labelled)
     chosen = choose_series(scan.series, label_grid, tolerance)
     if chosen.modality != "CT":
         raise DicomError(not_ct_reason(chosen.modality))

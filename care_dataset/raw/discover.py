@@ -38,6 +38,36 @@ def files_under(folder: Path) -> list[Path]:
     return [f for f in found if f.exists()]  # drops dangling symbolic links
 
 
+DICOM_MARKER_OFFSET = 128  # a DICOM file (PS3.10) starts with a 128-byte preamble, then "DICM"
+
+
+def _looks_like_image_file(path: Path) -> bool:
+    """A volume file or a DICOM file (by its name or its marker bytes); unreadable files are not."""
+    if volume_suffix(path.name) or path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DICOM_MARKER_OFFSET + 4)
+    except OSError:
+        return False
+    return head[DICOM_MARKER_OFFSET:] == b"DICM"
+
+
+def loose_files_problem(raw_dir: Path) -> str | None:
+    """Why ``raw_dir`` cannot be read as a raw folder when it holds image files directly (not in case folders),
+    with the layout to use; None otherwise. Names no file (file names may identify patients)."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return None
+    loose = sum(1 for f in raw_dir.iterdir()  # a DICOMDIR (a CD's index) only points into the folders
+                if not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and f.is_file()
+                and _looks_like_image_file(f))
+    if not loose:
+        return None
+    return (f"{raw_dir} holds {loose} DICOM or volume file(s) directly; put each case in a folder of its own: "
+            f"{raw_dir}/<case>/ holding that case's DICOM series (or image volume) and its annotation")
+
+
 def _label_files(files: list[Path], profile: Profile) -> list[Path]:
     return [f for f in files if volume_suffix(f.name) and profile.is_label_file(f.name)]
 

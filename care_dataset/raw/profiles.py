@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Profile:
     image_dirs: tuple[str, ...] = ()
     label_dirs: tuple[str, ...] = ()
     uneven_spacing: str = "accept"  # or "refuse": DICOM series whose slices are off a regular grid
+    require_air: bool = True  # refuse an image without air (<= AIR_HU): not CT in Hounsfield units
     source_text: str = field(default="", repr=False)
 
     @property
@@ -72,13 +74,23 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+def names_shipped_profile(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` names a shipped profile: no path separator and no ``.toml`` suffix, whatever the
+    working directory holds (a folder ``care/`` left by care-publish does not shadow the profile ``care``)."""
+    text = str(name_or_path)
+    separators = [s for s in ("/", os.sep, os.altsep) if s]
+    return not any(s in text for s in separators) and not text.lower().endswith(".toml")
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
-    """Load a profile by name (a file in conversion/) or by path to a TOML file."""
+    """Load a profile by name (a file in conversion/) or by path to a TOML file (one with a path separator or
+    the ``.toml`` suffix)."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if names_shipped_profile(name_or_path):
         path = PROFILE_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ProfileError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
+        if not path.is_file():
+            raise ProfileError(f"unknown profile {str(name_or_path)!r}; available: {', '.join(available_profiles())}"
+                               f" (a profile file is named by a path with a / or ending in .toml)")
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist")
     text = path.read_text()
@@ -130,6 +142,9 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
     if uneven_spacing not in UNEVEN_SPACING_CHOICES:
         raise ProfileError(f"profile {origin}: [dicom] uneven_spacing must be 'accept' or 'refuse', not "
                            f"{uneven_spacing!r}")
+    require_air = raw.get("image", {}).get("require_air", True)
+    if not isinstance(require_air, bool):
+        raise ProfileError(f"profile {origin}: [image] require_air must be true or false, not {require_air!r}")
     return Profile(
         name=str(raw.get("name", Path(origin).stem)),
         description=str(raw.get("description", "")),
@@ -145,5 +160,6 @@ def parse_profile(raw: dict, text: str = "", origin: str = "<profile>") -> Profi
         image_dirs=as_tuple(layout.get("images", ())),
         label_dirs=as_tuple(layout.get("labels", ())),
         uneven_spacing=uneven_spacing,
+        require_air=require_air,
         source_text=text,
     )
