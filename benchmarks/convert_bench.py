@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from care_dataset.format import writer
-from care_dataset.synth import phantom as synth_phantom
+from care_dataset.synth import phantom
 from care_dataset.synth import raw_export as synth
 from care_dataset.convert.pool import keep_freed_buffers
 from care_dataset.convert.case import load_case
@@ -54,7 +54,7 @@ def make_word_set(root: Path, cases: int, slices: int, seed: int) -> None:
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(seed)
     for i in range(cases):
-        hu, label = synth_phantom.phantom_volume((slices, 512, 512), (2.5, 0.8, 0.8), rng)
+        hu, label = phantom.phantom_volume((slices, 512, 512), (2.5, 0.8, 0.8), rng)
         organs = np.zeros_like(label)
         organs[hu > 250] = 15            # bone, shown as "head of femur left"
         organs[label > 0] = 13           # rectum

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from care_dataset.raw import dicom as io_dicom
+from care_dataset.raw import dicom
 from care_dataset.synth import raw_export as synth
 from care_dataset.raw.discover import discover_cases
 from care_dataset.raw.profiles import load_profile
@@ -37,13 +37,13 @@ def main() -> None:
     if not raw.exists():
         synth.write_raw_dataset(raw, cases=args.cases, seed=0, size=512, slices=args.slices, messy=False)
     cases = discover_cases(raw, load_profile("care"))[: args.cases]
-    series = [io_dicom.scan_dicom(c.root, exclude={c.label_path, c.description_path}).series[0] for c in cases]
+    series = [dicom.scan_dicom(c.root, exclude={c.label_path, c.description_path}).series[0] for c in cases]
     for s in series:
-        assert s.transfer_syntax in io_dicom.PYDICOM_DECODED
-        np.testing.assert_array_equal(io_dicom._decode_with_pydicom(s),  # raises instead of falling back
-                                      sitk.GetArrayFromImage(io_dicom._read_with_simpleitk(s)))
-    readers = {"pydicom decoder (care-convert)": io_dicom.read_series_int16,
-               "SimpleITK ImageSeriesReader (GDCM)": io_dicom._read_with_simpleitk}
+        assert s.transfer_syntax in dicom.PYDICOM_DECODED
+        np.testing.assert_array_equal(dicom._decode_with_pydicom(s),  # raises instead of falling back
+                                      sitk.GetArrayFromImage(dicom._read_with_simpleitk(s)))
+    readers = {"pydicom decoder (care-convert)": dicom.read_series_int16,
+               "SimpleITK ImageSeriesReader (GDCM)": dicom._read_with_simpleitk}
     best = {name: float("inf") for name in readers}
     slices = sum(s.size[2] for s in series)
     for round_ in range(args.repeats):

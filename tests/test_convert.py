@@ -10,16 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
 
-from care_dataset.convert.pipeline import convert_dataset
+import care_dataset.convert.job
+from care_dataset.cli import convert_main
+from care_dataset.convert.pipeline import ConvertError, convert_dataset
 from care_dataset.convert.regrid import to_original_grid
 from care_dataset.deid.pseudonyms import patient_of
+from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 from care_dataset.format import layout, reader
 from care_dataset.raw.profiles import load_profile
+from care_dataset.synth import raw_export
 from dicom_cases import LABEL_NAME_PHI, SHARED_PHI, SLICES, SPACING, phantom, write_dicom_case
 from real_profiles import LIVER_COLON, LIVER_SPINE
 
@@ -251,7 +256,6 @@ def test_private_map_names_raw_folders_outside_the_output(raw, converted, tmp_pa
     assert set(table.values()) == set(reader.open_dataset(tmp_path / "out").case_ids())
     assert patient_of(table["Roe Richard (2nd scan)"]) == patient_of(table["ROE_RICHARD_followup"])
     assert table["Roe Richard (2nd scan)"] != table["ROE_RICHARD_followup"]
-    from care_dataset.convert.pipeline import ConvertError
 
     with pytest.raises(ConvertError, match="private-map"):
         convert(raw["dir"], tmp_path / "out", private_map=tmp_path / "out" / "map.json")
@@ -310,8 +314,6 @@ def _break_truncated_label(case: Path) -> None:
 
 def _break_label_xforms(case: Path) -> None:
     """An annotation whose qform is 20 mm off its sform (a header edited by hand or by a registration tool)."""
-    import nibabel as nib
-
     (seg_path,) = case.glob("*_seg.nii.gz")
     seg = nib.load(seg_path)
     qform = seg.affine.copy()
@@ -349,8 +351,6 @@ def broken(raw, tmp_path_factory) -> dict:
 
 
 def test_each_bad_case_fails_alone_without_leftovers(broken, converted, tmp_path, capsys):
-    from care_dataset.cli import convert_main
-
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY + b"\n")
     out = tmp_path / "out"
@@ -429,7 +429,6 @@ def test_killed_conversion_resumes_to_the_same_result(raw, converted, tmp_path, 
     killed = subprocess.run([sys.executable, "-c", KILLER, "3", point, *args], env=env, capture_output=True)
     assert killed.returncode == -9, killed.stderr.decode()
     assert not (out / "dataset.json").exists()
-    from care_dataset.cli import convert_main
 
     assert convert_main(args) == 0
     assert_same_dataset(converted["zarr"][0], out)
@@ -456,8 +455,6 @@ def test_changed_input_is_converted_again(raw, tmp_path):
 
 def test_a_crashing_worker_fails_only_its_case(raw, converted, tmp_path, monkeypatch, capsys):
     """A worker process that dies (segfault, out of memory) takes down only the case it was converting."""
-    import care_dataset.convert.job
-
     load_case = care_dataset.convert.job.load_case
 
     def crashing_load_case(raw_case, profile, *args, **kwargs):
@@ -490,8 +487,7 @@ def _largest_series(case_dir: Path) -> sitk.Image:
 
 
 def test_synthetic_messy_dataset_end_to_end(tmp_path):
-    synth = pytest.importorskip("care_dataset.synth.raw_export")
-    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
+    synth = raw_export
 
     plans = synth.plan_dataset(8, 1, size=128, slices=24)
     folders = synth.write_raw_dataset(tmp_path / "raw", 8, seed=1, size=128, slices=24)
@@ -542,7 +538,6 @@ def test_real_dicom_series_with_nrrd_label(tmp_path):
     source = SHARED / "dcmqi_ct3slice"
     if not source.is_dir():
         pytest.skip("../shared/data/dcmqi_ct3slice not available")
-    from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 
     case = tmp_path / "raw" / "GE_LightSpeed_patient"
     shutil.copytree(source / "ct-3slice", case / "ct-3slice")

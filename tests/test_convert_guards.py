@@ -3,6 +3,7 @@ safe report reasons, profile validation and odd raw folders (symbolic links, nes
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -17,10 +18,18 @@ import SimpleITK as sitk
 from care_dataset import files
 from care_dataset.cli import convert_main
 from care_dataset.convert import pipeline
-from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.convert.pipeline import ConvertError, convert_dataset
+from care_dataset.deid.pseudonyms import (
+    KEY_ENV_VAR,
+    KeyMissingError,
+    is_placeholder_id,
+    load_key,
+    patient_identity,
+    patient_of,
+)
 from care_dataset.files import LOCK_NAME, hold_output_lock
 from care_dataset.format import layout, reader
-from care_dataset.raw.profiles import load_profile
+from care_dataset.raw.profiles import ProfileError, load_profile
 from care_dataset.synth.phantom import phantom_volume
 from dicom_cases import phantom, write_dicom_case
 
@@ -140,8 +149,6 @@ def test_workers_left_behind_by_a_killed_run_do_not_hold_the_lock(tmp_path):
 
 
 def test_a_file_system_that_cannot_lock_gives_a_warning_not_a_failure(raw, key_file, tmp_path, monkeypatch, capsys):
-    import errno
-
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -214,7 +221,6 @@ def test_negative_seed_is_a_usage_error_before_work(raw, key_file, tmp_path, cap
     (line,) = error_lines(capsys.readouterr().err)
     assert "--seed" in line and seed in line
     assert not out.exists()
-    from care_dataset.convert.pipeline import ConvertError
 
     with pytest.raises(ConvertError, match="seed"):
         convert_dataset(raw, out, load_profile("care"), KEY, True, seed=int(seed), progress=False)
@@ -245,23 +251,17 @@ def test_only_dicom_defined_modality_terms_reach_the_report(key_file, tmp_path, 
 @pytest.mark.parametrize("value", ["ANONYMOUS", "anonymized", "Unknown", "NONE", "N/A", "0", "000000", "", " ",
                                    "-", "?"])
 def test_placeholder_patient_ids_fall_back_to_the_folder(value):
-    from care_dataset.deid.pseudonyms import is_placeholder_id, patient_identity
-
     assert is_placeholder_id(value)
     assert patient_identity({"PatientID": value, "IssuerOfPatientID": "HOSP"}, "case_folder") == "case_folder"
 
 
 @pytest.mark.parametrize("value", ["PID778812", "1", "0001", "A0", "NONE-4711"])
 def test_real_patient_ids_are_kept(value):
-    from care_dataset.deid.pseudonyms import is_placeholder_id, patient_identity
-
     assert not is_placeholder_id(value)
     assert patient_identity({"PatientID": value}, "case_folder") == value
 
 
 def test_placeholder_ids_do_not_merge_patients_and_reused_ids_warn(key_file, tmp_path, capsys):
-    from care_dataset.deid.pseudonyms import patient_of
-
     raw = tmp_path / "raw"
     cases = {  # folder: (PatientName, PatientID, PatientBirthDate)
         "anon_a": ("Brennan^John", "ANONYMOUS", "19500101"),
@@ -299,8 +299,6 @@ def test_placeholder_ids_do_not_merge_patients_and_reused_ids_warn(key_file, tmp
     ("margin = 1", '["*seg*", ""]', "patterns"),
 ])
 def test_bad_margin_or_patterns_is_a_profile_error(tmp_path, raw, key_file, capsys, slices, patterns, wanted):
-    from care_dataset.raw.profiles import ProfileError
-
     path = tmp_path / "bad.toml"
     path.write_text(f'[classes]\nnames = ["background", "rectum", "tumor"]\n'
                     f"[labels]\npatterns = {patterns}\n[slices]\n{slices}\n")
@@ -344,8 +342,6 @@ def test_links_to_the_output_to_raw_itself_or_to_another_case_are_skipped(raw, k
 
 
 def test_key_from_the_environment_loses_its_line_end_like_the_key_file(tmp_path, monkeypatch):
-    from care_dataset.deid.pseudonyms import KEY_ENV_VAR, KeyMissingError, load_key
-
     key_file = tmp_path / "key"
     key_file.write_bytes(b"s3cret-0123456789\r\n")
     monkeypatch.setenv(KEY_ENV_VAR, "s3cret-0123456789\n")

@@ -18,7 +18,7 @@ from care_dataset.cli import anonymize_main, convert_main
 from care_dataset.convert.case import CaseError, load_case
 from care_dataset.convert.pipeline import convert_dataset
 from care_dataset.format import reader
-from care_dataset.raw.discover import discover_cases
+from care_dataset.raw.discover import discover_cases, loose_files_problem
 from care_dataset.raw.profiles import load_profile
 from real_profiles import LIVER_COLON, LIVER_SPINE
 
@@ -251,8 +251,6 @@ def test_pydicom_warnings_become_notes_without_their_text(tmp_path, key_file, ca
 
 
 def test_loose_files_check_ignores_hidden_and_non_image_files(tmp_path):
-    from care_dataset.raw.discover import loose_files_problem
-
     (tmp_path / "case1").mkdir()
     (tmp_path / "README.txt").write_text("exported by the PACS")
     (tmp_path / ".DS_Store").write_bytes(b"\0" * 200)

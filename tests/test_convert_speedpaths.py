@@ -6,14 +6,17 @@ match ``np.unique``; kept slices taken as a view equal fancy indexing.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import zarr
 from zarr.codecs import BloscCodec
 
+from care_dataset.convert.case import CaseError, kept_slices_of, per_slice_counts, select_slices, value_counts
 from care_dataset.format import layout, reader, writer
-from care_dataset.convert.case import kept_slices_of, select_slices
-from care_dataset.convert.case import per_slice_counts, value_counts
 from care_dataset.raw.profiles import load_profile
 
 
@@ -119,8 +122,6 @@ def test_select_slices_counts_and_kept_views():
 
 
 def test_select_slices_rejects_values_outside_the_profile():
-    from care_dataset.convert.case import CaseError
-
     profile = load_profile("care")
     label = np.zeros((4, 6, 6), np.uint8)
     label[1, 2, 2] = 1
@@ -133,10 +134,6 @@ def test_converting_volume_files_never_imports_pydicom(tmp_path):
     """Only DICOM cases need pydicom (0.25 s to import): the command line and NRRD conversions run without it.
 
     (NIfTI files are checked with nibabel, whose NIfTI module imports pydicom: 0.5 s once per process.)"""
-    import subprocess
-    import sys
-
-    import SimpleITK as sitk
 
     raw = tmp_path / "raw"
     for folder in ("imagesTr", "labelsTr"):

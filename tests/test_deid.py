@@ -22,11 +22,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from care_dataset.cli import build_anonymize_parser, run_anonymize
+from care_dataset.convert.pipeline import convert_dataset
 from care_dataset.deid.annex_e import load_basic_profile
 from care_dataset.deid.anonymize import BurnedInAnnotationError, DeidContext, anonymize_dataset, anonymize_tree
 from care_dataset.deid.pseudonyms import KeyMissingError, load_key, make_case_id, patient_identity, patient_of
 from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 from care_dataset.files import OutputLockedError
+from care_dataset.raw.profiles import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -513,8 +515,6 @@ def test_two_studies_of_one_patient_get_two_case_folders(tmp_path):
 
 @needs_real_ct
 def test_case_ids_are_those_of_care_convert(tmp_path):
-    from care_dataset.convert.pipeline import convert_dataset
-    from care_dataset.raw.profiles import load_profile
 
     raw = tmp_path / "raw"
     for scan in ("scan A", "scan B"):

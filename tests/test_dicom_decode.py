@@ -14,23 +14,23 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         generate_uid)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from care_dataset.raw import dicom as io_dicom
+from care_dataset.raw import dicom
 from care_dataset.raw.dicom import DicomError, read_series_int16, scan_dicom
+from care_dataset.synth import raw_export
 from ct_instances import new_ct_instance
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def assert_same_as_simpleitk(series: io_dicom.DicomSeries, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+def assert_same_as_simpleitk(series: dicom.DicomSeries, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
     """Both paths agree, and read_series_int16 takes the pydicom path; returns the voxels."""
-    reference = io_dicom._read_with_simpleitk(series)
-    decoded = io_dicom._decode_with_pydicom(series)  # raises if pydicom cannot decode: no silent fallback here
+    reference = dicom._read_with_simpleitk(series)
+    decoded = dicom._decode_with_pydicom(series)  # raises if pydicom cannot decode: no silent fallback here
     np.testing.assert_array_equal(decoded, sitk.GetArrayViewFromImage(reference))
     with monkeypatch.context() as patch:
-        patch.setattr(io_dicom, "_read_with_simpleitk", lambda s: pytest.fail("fell back to SimpleITK"))
+        patch.setattr(dicom, "_read_with_simpleitk", lambda s: pytest.fail("fell back to SimpleITK"))
         image = read_series_int16(series)
     assert image.GetPixelID() == sitk.sitkInt16
     assert image.GetSize() == reference.GetSize()
@@ -72,7 +72,7 @@ def write_slices(folder: Path, stored: np.ndarray, *, bits_stored=16, signed=Tru
                    little_endian=little, enforce_file_format=True)
 
 
-def only_series(folder: Path) -> io_dicom.DicomSeries:
+def only_series(folder: Path) -> dicom.DicomSeries:
     scan = scan_dicom(folder)
     assert len(scan.series) == 1, scan.skipped
     return scan.series[0]
@@ -84,18 +84,18 @@ def test_real_series_decodes_like_simpleitk(tmp_path, monkeypatch):
         pytest.skip("real data ../shared/data/dcmqi_ct3slice is missing")
     shutil.copytree(source, tmp_path / "ct")
     series = only_series(tmp_path / "ct")
-    assert series.transfer_syntax in io_dicom.PYDICOM_DECODED
+    assert series.transfer_syntax in dicom.PYDICOM_DECODED
     voxels = assert_same_as_simpleitk(series, monkeypatch)
     assert voxels.shape == (3, 512, 512) and voxels.min() >= -3024 and voxels.max() > 1000  # air to bone
 
 
 def test_synthetic_export_decodes_like_simpleitk(tmp_path, monkeypatch):
-    synth = pytest.importorskip("care_dataset.synth.raw_export")
+    synth = raw_export
     synth.write_raw_dataset(tmp_path, 10, seed=3, size=64, slices=10)  # every messy feature, every pixel format
     native = compressed = 0
     for case in sorted(p for p in tmp_path.iterdir() if p.is_dir()):
         for series in scan_dicom(case).series:
-            if series.transfer_syntax in io_dicom.PYDICOM_DECODED:
+            if series.transfer_syntax in dicom.PYDICOM_DECODED:
                 assert_same_as_simpleitk(series, monkeypatch)
                 native += 1
             else:  # compressed: SimpleITK reads it, and the scan kept no encapsulated pixel data in memory
@@ -155,9 +155,9 @@ def test_monochrome1_is_left_to_simpleitk(tmp_path):
         ds.save_as(path)
     series = only_series(tmp_path / "ct")
     with pytest.raises(ValueError, match="MONOCHROME1"):
-        io_dicom._decode_with_pydicom(series)
+        dicom._decode_with_pydicom(series)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_series_int16(series)),
-                                  sitk.GetArrayFromImage(io_dicom._read_with_simpleitk(series)))
+                                  sitk.GetArrayFromImage(dicom._read_with_simpleitk(series)))
 
 
 def test_truncated_pixel_data_is_refused_by_both_readers(tmp_path):
@@ -166,7 +166,7 @@ def test_truncated_pixel_data_is_refused_by_both_readers(tmp_path):
     victim.write_bytes(victim.read_bytes()[:-1000])
     series = only_series(tmp_path / "ct")
     with pytest.raises(ValueError, match="truncated"):
-        io_dicom._decode_with_pydicom(series)
+        dicom._decode_with_pydicom(series)
     with pytest.raises(DicomError, match="corrupt or truncated"):
         read_series_int16(series)
 
@@ -181,10 +181,10 @@ def test_pixel_data_stays_on_disk_after_scan_and_decoding(tmp_path):
         return [ds.get_item("PixelData", keep_deferred=True).value is not None for ds in series.headers]
 
     assert not any(values_in_memory())
-    first = io_dicom._decode_with_pydicom(series)
+    first = dicom._decode_with_pydicom(series)
     assert not any(values_in_memory())
     np.testing.assert_array_equal(first, hu)
-    np.testing.assert_array_equal(io_dicom._decode_with_pydicom(series), hu)  # the headers can be decoded again
+    np.testing.assert_array_equal(dicom._decode_with_pydicom(series), hu)  # the headers can be decoded again
 
 
 def test_file_changed_after_the_scan_is_not_decoded_from_the_old_offsets(tmp_path, monkeypatch):
@@ -196,10 +196,10 @@ def test_file_changed_after_the_scan_is_not_decoded_from_the_old_offsets(tmp_pat
     ds.InstitutionName = "A LONGER NAME THAT MOVES THE PIXEL DATA"
     ds.save_as(victim)
     with pytest.raises(ValueError, match="changed|not where"):
-        io_dicom._decode_with_pydicom(series)
+        dicom._decode_with_pydicom(series)
     monkeypatch.setattr(series.headers[1], "timestamp", victim.stat().st_mtime)  # same mtime: the tag check
     with pytest.raises(ValueError, match="not where"):
-        io_dicom._decode_with_pydicom(series)
+        dicom._decode_with_pydicom(series)
 
 
 @pytest.mark.parametrize("spacing", [(0.0, 0.0), (-0.7, 0.9)])

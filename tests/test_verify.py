@@ -16,6 +16,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from care_dataset.cli import build_verify_parser, run_verify
+from care_dataset.deid import verify
 from care_dataset.deid.anonymize import anonymize_tree
 from care_dataset.deid.verify import collect_identifying_values, is_meaningful, scan_for_leaks
 
@@ -127,7 +128,6 @@ def test_binary_chunks_are_scanned_as_bytes(raw_tree, tmp_path):
     values = collect_identifying_values(raw_tree)
     assert scan_for_leaks(out, values) == []
     # a value straddling the scanner's internal block boundary is still found
-    from care_dataset.deid import verify
     big = noise * 200
     cut = verify.CHUNK_BYTES - 5
     (out / "c.0.0").write_bytes(big[:cut] + "Marguerite".encode("latin-1") + big[cut:])

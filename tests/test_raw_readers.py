@@ -14,8 +14,9 @@ from pydicom.uid import RLELossless, generate_uid
 from care_dataset.convert.case import CaseError, load_case
 from care_dataset.raw.discover import RawCase, discover_cases
 from care_dataset.raw.image import canonical_geometry, geometry_of, to_canonical
-from care_dataset.raw.volume import parse_label_description
 from care_dataset.raw.profiles import load_profile, parse_profile
+from care_dataset.raw.volume import parse_label_description
+from care_dataset.synth import raw_export
 from ct_instances import new_ct_instance
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -510,7 +511,7 @@ def test_real_nifti_pair_mapped_by_value(tmp_path):
 
 
 def test_messy_synthetic_export_loads_exactly_its_ground_truth(tmp_path):
-    synth = pytest.importorskip("care_dataset.synth.raw_export")
+    synth = raw_export
     plans = {plan.folder: plan for plan in synth.plan_dataset(10, seed=3, size=64, slices=12)}
     assert set().union(*(plan.features for plan in plans.values())) == set(synth.MESSY_FEATURES)
     synth.write_raw_dataset(tmp_path, 10, seed=3, size=64, slices=12)
@@ -525,7 +526,7 @@ def test_messy_synthetic_export_loads_exactly_its_ground_truth(tmp_path):
 
 
 def test_corrupted_synthetic_cases_fail_with_their_reason(tmp_path):
-    synth = pytest.importorskip("care_dataset.synth.raw_export")
+    synth = raw_export
     expected = {
         "truncated_dicom": "corrupt or truncated",
         "no_label": "no annotation file matching *seg*, *label*",
