@@ -5,8 +5,8 @@ care-verify and usam predict's image reader, and a table of what went wrong.
 
 Sources: the real GE 3-slice DICOM series with its NRRD labels and the TotalSegmentator NIfTI pair from
 ``../shared/data`` (each skipped with a note when absent), and small synthetic exports (``care-synth``'s writer,
-64 x 64 x 8, messy). Case i gets mutation kind ``MUTATION_ORDER[seed-shuffled][i % kinds]`` applied to a copy of a
-source it applies to; every random choice comes from ``random.Random(f"{seed}:{i}")``, so a seed gives the same
+64 x 64 x 8, messy). Case i gets mutation kind ``mutation_order(seed)[i % kinds]`` applied to a copy of a source
+it applies to; every random choice comes from ``random.Random(f"{seed}:{i}")``, so a seed gives the same
 case folders byte for byte. Cases run in batches (one raw/ folder per batch, so each command starts once per
 batch); a command that times out, prints a traceback or exits with an unexpected code is rerun case by case to
 find the culprit.
@@ -849,7 +849,7 @@ def convert_results(cases: list[FuzzCase], where: Path, run: Run, batch: Path, f
         else:
             findings.add("missing", "care-convert", case.name)
     for leftover in partial_files(out):
-        findings.add("partial", "care-convert", owner_of(leftover, converted, private, batch.name), leftover)
+        findings.add("partial", "care-convert", owner_of(leftover, private, batch.name), leftover)
     check_readable(out, converted, findings)
     for name in converted:
         if by_name(cases, name).corrupt_role:
@@ -861,9 +861,9 @@ def by_name(cases: list[FuzzCase], name: str) -> FuzzCase:
     return next(c for c in cases if c.name == name)
 
 
-def owner_of(path: str, converted: dict[str, str], private: dict, fallback: str) -> str:
-    ids = {v: k for k, v in private.items() if v}
-    return next((name for case_id, name in ids.items() if case_id in path), fallback)
+def owner_of(path: str, case_ids: dict[str, str | None], fallback: str) -> str:
+    """The case whose ID a leftover path names, else the batch."""
+    return next((name for name, case_id in case_ids.items() if case_id and case_id in path), fallback)
 
 
 def check_readable(out: Path, converted: dict[str, str], findings: Findings) -> None:
@@ -916,8 +916,7 @@ def anonymize_results(cases: list[FuzzCase], where: Path, run: Run, ids: dict[st
             findings.add("missing", "care-anonymize", name)
     if out.is_dir():
         for leftover in partial_files(out):
-            findings.add("partial", "care-anonymize", owner_of(leftover, {}, {k: v for k, v in ids.items()},
-                                                                where.name), leftover)
+            findings.add("partial", "care-anonymize", owner_of(leftover, ids, where.name), leftover)
         check_dicom_readable(out, ids, where.name, findings)
 
 
@@ -931,22 +930,48 @@ def check_dicom_readable(out: Path, ids: dict[str, str], fallback: str, findings
             findings.add("unreadable", "care-anonymize", who, type(error).__name__)
 
 
+def verify_args(out: Path) -> Callable[[Path, Path], list[str]]:
+    return lambda raw, where: command("care-verify") + [str(out), "--raw", str(raw)]
+
+
 def check_verify(cases: list[FuzzCase], raw: Path, batch: Path, timeout: float, ids: dict[str, str],
-                 findings: Findings) -> None:
-    names = {case_id: name for name, case_id in ids.items()}
-    for out in (batch / "convert", batch / "anonymized"):
+                 profile: Path, findings: Findings) -> None:
+    """care-verify on both outputs against the batch's raw folder; a leak no case ID names (in a shared file
+    such as report.json, or in an anonymized copy of a case that did not convert) is traced by rerunning the
+    command and care-verify on each other case alone."""
+    for out, make in ((batch / "convert", convert_args(profile)), (batch / "anonymized", anonymize_args)):
         if not out.is_dir():
             continue
-        run = run_command(command("care-verify") + [str(out), "--raw", str(raw)],
-                          START_UP_S + timeout * len(cases), batch)
+        tool = f"care-verify {out.name}"
+        run = run_command(verify_args(out)(raw, batch), START_UP_S + timeout * len(cases), batch)
         if batch_misbehaved(run):
-            run_alone("care-verify", lambda r, w, o=out: command("care-verify") + [str(o), "--raw", str(r)],
-                      cases, batch, timeout, findings)
+            run_alone("care-verify", verify_args(out), cases, batch, timeout, findings)
             continue
-        for line in run.stdout.splitlines():
-            if "***" in line:
-                who = next((n for cid, n in names.items() if cid in line), batch.name)
-                findings.add("leak", f"care-verify {out.name}", who, line[:200])
+        leaks = {line: owner_of(line, ids, "") for line in run.stdout.splitlines() if "***" in line}
+        for line, who in leaks.items():
+            if who:
+                findings.add("leak", tool, who, line[:200])
+        unnamed = [line for line, who in leaks.items() if not who]
+        if unnamed:
+            others = [c for c in cases if c.name not in leaks.values()]
+            culprits = leak_culprits(make, out.name, others, batch, timeout) or {batch.name}
+            for who in culprits:
+                findings.add("leak", tool, who, unnamed[0][:200])
+
+
+def leak_culprits(make: Callable[[Path, Path], list[str]], out_name: str, cases: list[FuzzCase], batch: Path,
+                  timeout: float) -> set[str]:
+    culprits = set()
+    for case in cases:
+        where = Path(tempfile.mkdtemp(prefix=f"leak-{case.name}-", dir=batch))
+        raw = single_case_raw(case, where)
+        if run_command(make(raw, where), timeout + START_UP_S / 4, where).returncode is None:
+            continue
+        if (where / out_name).is_dir():
+            verify = run_command(verify_args(where / out_name)(raw, where), timeout + START_UP_S / 4, where)
+            if verify.returncode == 1:
+                culprits.add(case.name)
+    return culprits
 
 
 READER_WORKER = """
@@ -969,8 +994,8 @@ for line in sys.stdin:
 
 def reader_input(case: FuzzCase) -> str:
     """What usam predict --image would get: the case folder for DICOM, else its image volume file."""
-    images = case_files(case.folder).images
-    return str(images[0] if images and not case_files(case.folder).dicom else case.folder)
+    files = case_files(case.folder)
+    return str(files.images[0] if files.images and not files.dicom else case.folder)
 
 
 def check_reader(cases: list[FuzzCase], timeout: float, findings: Findings) -> None:
@@ -1031,7 +1056,7 @@ def run_batch(cases: list[FuzzCase], raw: Path, batch: Path, timeout: float, pro
               findings: Findings) -> None:
     ids = check_convert(cases, raw, batch, timeout, profile, findings)
     check_anonymize(cases, raw, batch, timeout, ids, findings)
-    check_verify(cases, raw, batch, timeout, ids, findings)
+    check_verify(cases, raw, batch, timeout, ids, profile, findings)
     check_reader(cases, timeout, findings)
 
 
@@ -1090,6 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
                            log=lambda line: print(line, file=sys.stderr))
     for note in findings.notes if args.details else [n for n in findings.notes if n.startswith("note:")]:
         print(note)
+    flagged = set().union(*(findings.cases_in(c) for c in CATEGORIES))
+    for case in (c for c in cases if args.details and c.name in flagged):
+        print(f"{case.name}: {case.kind} on {case.source}: {case.detail}")
     print(f"{len(cases)} cases, seed {args.seed}, {time.monotonic() - started:.0f} s, work folder {workdir}")
     print(table(cases, findings))
     if args.workdir is None:
