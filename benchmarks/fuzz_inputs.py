@@ -162,6 +162,13 @@ def role_of(files: CaseFiles, path: Path) -> str:
     return "label" if path in files.labels else "image"
 
 
+def describe(files: CaseFiles, path: Path) -> str:
+    """'DICOM slice', 'label .nrrd', 'image .nii.gz': what a mutation touched, for the details."""
+    if path in files.dicom:
+        return "DICOM slice"
+    return f"{role_of(files, path)} {next((s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)), '')}"
+
+
 # --- byte helpers -------------------------------------------------------------------------------------------
 
 
@@ -209,7 +216,7 @@ def truncate_file(case: Path, files: CaseFiles, rng: random.Random) -> Outcome:
     cut = rng.randint(1, len(data) - 1) if rng.random() < 0.8 else rng.randint(len(data) // 2, len(data) - 1)
     target.write_bytes(data[:cut])
     compressed = target.name.endswith(".gz") or (nrrd_is_gzip(data) and cut >= header_end(data, target))
-    return f"{target.suffix} cut to {cut}/{len(data)}", role_of(files, target) if compressed else None
+    return f"{describe(files, target)} cut to {cut}/{len(data)}", role_of(files, target) if compressed else None
 
 
 def flip_header_bytes(case: Path, files: CaseFiles, rng: random.Random) -> Outcome:
@@ -217,7 +224,7 @@ def flip_header_bytes(case: Path, files: CaseFiles, rng: random.Random) -> Outco
     data = read_payload(target)
     start = 132 if is_dicom(target) else 0
     write_payload(target, flip_bytes(data, start, header_end(data, target), rng))
-    return f"header of {target.suffix}", None
+    return f"header of {describe(files, target)}", None
 
 
 def flip_pixel_bytes(case: Path, files: CaseFiles, rng: random.Random) -> Outcome:
@@ -225,7 +232,7 @@ def flip_pixel_bytes(case: Path, files: CaseFiles, rng: random.Random) -> Outcom
     data = read_payload(target)
     start = min(header_end(data, target) + 16, len(data) - 1)
     write_payload(target, flip_bytes(data, start, len(data), rng))
-    return f"pixels of {target.suffix}", role_of(files, target) if nrrd_is_gzip(data) else None
+    return f"pixels of {describe(files, target)}", role_of(files, target) if nrrd_is_gzip(data) else None
 
 
 def edit_dicom(files: CaseFiles, rng: random.Random, edit: Callable[[pydicom.Dataset], None]) -> int:
@@ -531,7 +538,7 @@ def empty_files(case: Path, files: CaseFiles, rng: random.Random) -> Outcome:
     if how == "data":
         target = rng.choice(files.data)
         target.write_bytes(b"")
-        return f"empty {role_of(files, target) if target not in files.dicom else 'slice'}", None
+        return f"empty {describe(files, target)}", None
     (case / ("empty.dcm" if how == "extra_dcm" else "empty_seg.nii.gz")).write_bytes(b"")
     return f"empty {how}", None
 
@@ -945,7 +952,10 @@ def check_verify(cases: list[FuzzCase], raw: Path, batch: Path, timeout: float, 
         tool = f"care-verify {out.name}"
         run = run_command(verify_args(out)(raw, batch), START_UP_S + timeout * len(cases), batch)
         if batch_misbehaved(run):
-            run_alone("care-verify", verify_args(out), cases, batch, timeout, findings)
+            alone = run_alone("care-verify", verify_args(out), cases, batch, timeout, findings)
+            for name, alone_run in alone.items():
+                if alone_run.returncode == 1 and not has_traceback(alone_run):
+                    findings.add("leak", tool, name, last_lines(alone_run, 1))
             continue
         leaks = {line: owner_of(line, ids, "") for line in run.stdout.splitlines() if "***" in line}
         for line, who in leaks.items():
