@@ -667,9 +667,8 @@ def command(name: str) -> list[str]:
 
 
 def tool_env() -> dict[str, str]:
-    env = dict(os.environ, CARE_DEID_KEY=KEY, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("CARE_DEID_KEY_FILE", None)
-    return env
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, CARE_DEID_KEY=KEY, PYTHONPATH=os.pathsep.join(paths))
 
 
 def run_command(args: list[str], timeout: float, cwd: Path) -> Run:
@@ -768,10 +767,7 @@ def note_warnings(tool: str, run: Run, names: set[str], fallback: str, findings:
 
 
 def single_case_raw(case: FuzzCase, where: Path) -> Path:
-    raw = where / "raw"
-    raw.mkdir(parents=True)
-    shutil.copytree(case.folder, raw / case.name, symlinks=True)
-    return raw
+    return raw_of([case], where)
 
 
 def run_alone(tool: str, args: Callable[[Path, Path], list[str]], cases: list[FuzzCase], work: Path,
@@ -943,30 +939,46 @@ def verify_args(out: Path) -> Callable[[Path, Path], list[str]]:
 
 def check_verify(cases: list[FuzzCase], raw: Path, batch: Path, timeout: float, ids: dict[str, str],
                  profile: Path, findings: Findings) -> None:
-    """care-verify on both outputs against the batch's raw folder; a leak no case ID names (in a shared file
-    such as report.json, or in an anonymized copy of a case that did not convert) is traced by rerunning the
-    command and care-verify on each other case alone."""
+    """care-verify on both outputs against the batch's raw folder. A run that fails is rerun case by case to
+    find the raw cases it fails on, then once more without them. A leak no case ID names (in a shared file such
+    as report.json, or in an anonymized copy of a case that did not convert) is traced by rerunning the command
+    and care-verify on each other case alone."""
     for out, make in ((batch / "convert", convert_args(profile)), (batch / "anonymized", anonymize_args)):
         if not out.is_dir():
             continue
-        tool = f"care-verify {out.name}"
+        tool, kept = f"care-verify {out.name}", cases
         run = run_command(verify_args(out)(raw, batch), START_UP_S + timeout * len(cases), batch)
         if batch_misbehaved(run):
             alone = run_alone("care-verify", verify_args(out), cases, batch, timeout, findings)
-            for name, alone_run in alone.items():
-                if alone_run.returncode == 1 and not has_traceback(alone_run):
-                    findings.add("leak", tool, name, last_lines(alone_run, 1))
-            continue
-        leaks = {line: owner_of(line, ids, "") for line in run.stdout.splitlines() if "***" in line}
-        for line, who in leaks.items():
-            if who:
-                findings.add("leak", tool, who, line[:200])
-        unnamed = [line for line, who in leaks.items() if not who]
-        if unnamed:
-            others = [c for c in cases if c.name not in leaks.values()]
-            culprits = leak_culprits(make, out.name, others, batch, timeout) or {batch.name}
-            for who in culprits:
-                findings.add("leak", tool, who, unnamed[0][:200])
+            kept = [c for c in cases if not batch_misbehaved(alone[c.name])]
+            rest = raw_of(kept, Path(tempfile.mkdtemp(prefix=f"verify-{out.name}-", dir=batch)))
+            run = run_command(verify_args(out)(rest, batch), START_UP_S + timeout * len(kept), batch)
+            if batch_misbehaved(run):
+                findings.add("traceback", "care-verify", batch.name, last_lines(run))
+                continue
+        record_leaks(tool, run, kept, ids, make, out.name, batch, timeout, findings)
+
+
+def raw_of(cases: list[FuzzCase], where: Path) -> Path:
+    raw = where / "raw"
+    raw.mkdir(parents=True)
+    for case in cases:
+        shutil.copytree(case.folder, raw / case.name, symlinks=True)
+    return raw
+
+
+def record_leaks(tool: str, run: Run, cases: list[FuzzCase], ids: dict[str, str],
+                 make: Callable[[Path, Path], list[str]], out_name: str, batch: Path, timeout: float,
+                 findings: Findings) -> None:
+    leaks = {line: owner_of(line, ids, "") for line in run.stdout.splitlines() if "***" in line}
+    for line, who in leaks.items():
+        if who:
+            findings.add("leak", tool, who, line[:200])
+    unnamed = [line for line, who in leaks.items() if not who]
+    if unnamed:
+        others = [c for c in cases if c.name not in leaks.values()]
+        for who in leak_culprits(make, out_name, others, batch, timeout) or {batch.name}:
+            findings.add("leak", tool, who, unnamed[0][:200])
 
 
 def leak_culprits(make: Callable[[Path, Path], list[str]], out_name: str, cases: list[FuzzCase], batch: Path,
