@@ -463,21 +463,28 @@ def run_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.target == "nnunet" and (problem := option_problem(args.dataset_id, args.name, args.folds)):
         return _usage_error(parser, problem)
     try:
-        if args.target == "nnunet":
-            done = export_nnunet(args.source, args.raw_root, args.dataset_id, args.name, args.overwrite, args.folds)
-            print(f"wrote {done.folder}: {done.num_training} training and {done.num_test} test cases, "
-                  f"{done.num_folds} folds; copy splits_final.json into nnUNet_preprocessed/{done.folder.name}/ "
-                  "after nnUNetv2_plan_and_preprocess")
-        else:
-            done = export_datalist(args.source, args.datalist, args.overwrite, args.folds)
-            counts = ", ".join(f"{key} {n}" for key, n in done.entries.items())
-            print(f"wrote {done.datalist} ({counts}) and its volumes in {done.folder}")
+        print(_export_nnunet(args) if args.target == "nnunet" else _export_datalist(args))
     except ExportError as err:
         return _error(parser, str(err))
     except OSError as err:
         print(f"care-export: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _export_nnunet(args: argparse.Namespace) -> str:
+    """Run `care-export nnunet`; the line saying what was written and where splits_final.json goes."""
+    done = export_nnunet(args.source, args.raw_root, args.dataset_id, args.name, args.overwrite, args.folds)
+    return (f"wrote {done.folder}: {done.num_training} training and {done.num_test} test cases, {done.num_folds} "
+            f"folds; copy splits_final.json into nnUNet_preprocessed/{done.folder.name}/ after "
+            "nnUNetv2_plan_and_preprocess")
+
+
+def _export_datalist(args: argparse.Namespace) -> str:
+    """Run `care-export monai`; the line saying what was written."""
+    done = export_datalist(args.source, args.datalist, args.overwrite, args.folds)
+    counts = ", ".join(f"{key} {n}" for key, n in done.entries.items())
+    return f"wrote {done.datalist} ({counts}) and its volumes in {done.folder}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,8 @@ from converted_folders import make_converted, make_converted_folder
 CASE_IDS = ["care_aaaaaaaaaaaa-000001", "care_aaaaaaaaaaaa-000002", "care_bbbbbbbbbbbb-000001",
             "care_bbbbbbbbbbbb-000002", "care_cccccccccccc-000001", "care_dddddddddddd-000001",
             "care_dddddddddddd-000002", "care_eeeeeeeeeeee-000001"]
-NNUNET_PLAN = "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as e; e()"
+NNUNET_PLAN = ("from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry; "
+               "plan_and_preprocess_entry()")
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,13 @@ def test_volumes_hold_the_stored_slices_on_the_canonical_grid(tmp_path):
 
 def check_case_volume(dataset, case_id: str, folder: Path, record: dict) -> None:
     tag = "Tr" if record["split"] == "train" else "Ts"
-    image_file, label_file = folder / f"images{tag}" / f"{case_id}_0000.nii.gz", folder / f"labels{tag}" / f"{case_id}.nii.gz"
+    image_file = folder / f"images{tag}" / f"{case_id}_0000.nii.gz"
+    label_file = folder / f"labels{tag}" / f"{case_id}.nii.gz"
     image, label = dataset.read_case(case_id)
     geometry = dataset.cases[case_id]
     kept = np.asarray(geometry["kept_slices"])
-    volume, labels = sitk.GetArrayFromImage(sitk.ReadImage(image_file)), sitk.GetArrayFromImage(sitk.ReadImage(label_file))
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(image_file))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
     assert volume.dtype == np.int16 and labels.dtype == np.uint8
     assert volume.shape[0] == kept[-1] - kept[0] + 1 and record["canonical_slices"] == [kept[0], kept[-1]]
     np.testing.assert_array_equal(volume[kept - kept[0]], image)

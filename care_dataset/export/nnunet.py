@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 from care_dataset.export.errors import ExportError
 from care_dataset.export.folds import DEFAULT_FOLDS, train_val_folds
 from care_dataset.export.staging import check_output, staged_folder
-from care_dataset.export.volumes import NIFTI_ENDING, TRAIN_SPLIT, open_source, slices_statement, split_seed, write_cases
+from care_dataset.export.volumes import (NIFTI_ENDING, TRAIN_SPLIT, open_source, slices_statement, split_seed,
+                                         write_cases)
+from care_dataset.files import write_json_atomic
 from care_dataset.format.reader import CareDataset
 from care_dataset.version import __version__
 
@@ -41,12 +42,12 @@ def dataset_folder(raw_root: Path, dataset_id: int, name: str) -> Path:
     return raw_root / f"Dataset{dataset_id:03d}_{name}"
 
 
-def check_dataset_id(raw_root: Path, folder: Path) -> None:
-    """ExportError when another dataset in `raw_root` has the ID of `folder` (nnU-Net refuses two)."""
-    prefix = folder.name.split("_")[0] + "_"
-    others = sorted(p.name for p in raw_root.glob(f"{prefix}*") if p.is_dir() and p.name != folder.name)
+def check_dataset_id(raw_root: Path, dataset_id: int, name: str) -> None:
+    """ExportError when `raw_root` holds a dataset of another name with `dataset_id` (nnU-Net refuses two)."""
+    own = dataset_folder(raw_root, dataset_id, name)
+    others = sorted(p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p != own)
     if others:
-        raise ExportError(f"{raw_root} already holds {others[0]} with dataset ID {prefix[7:-1]}; choose another "
+        raise ExportError(f"{raw_root} already holds {others[0]} with dataset ID {dataset_id}; choose another "
                           f"--dataset-id")
 
 
@@ -59,13 +60,13 @@ def export_nnunet(source: Path, raw_root: Path, dataset_id: int, name: str = "CA
     dataset = open_source(source)
     folder = dataset_folder(raw_root, dataset_id, name)
     check_output(folder, source, overwrite)
-    check_dataset_id(raw_root, folder)
+    check_dataset_id(raw_root, dataset_id, name)
     training = dataset.case_ids(TRAIN_SPLIT) if TRAIN_SPLIT in dataset.splits else []
     folds = train_val_folds(training, num_folds, split_seed(dataset))
     with staged_folder(folder) as staging:
         records = write_cases(dataset, staging)
-        write_json(staging / "dataset.json", dataset_json(dataset, folder.name, records))
-        write_json(staging / SPLITS_FILE, folds)
+        write_json_atomic(staging / "dataset.json", dataset_json(dataset, folder.name, records))
+        write_json_atomic(staging / SPLITS_FILE, folds)
     return NnunetExport(folder, len(training), len(records) - len(training), len(folds))
 
 
@@ -81,7 +82,3 @@ def dataset_json(dataset: CareDataset, folder_name: str, records: dict[str, dict
         "care_export": {"slices": slices_statement(records), "splits_file": SPLITS_FILE,
                         "source_checksum": dataset.manifest.get("checksums", {}).get("all"), "cases": records},
     }
-
-
-def write_json(path: Path, value: object) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -20,8 +20,7 @@ from care_dataset.format.reader import CareDataset, open_dataset
 FILL_HU = -1024
 NIFTI_ENDING = ".nii.gz"
 TRAIN_SPLIT = "train"
-# nnU-Net's file layout, used by both exports: train split -> *Tr, any other split -> *Ts
-CHANNEL_SUFFIX = "_0000"
+CHANNEL_SUFFIX = "_0000"  # nnU-Net's image file names: <case_id>_0000.nii.gz (channel 0, CT)
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,7 @@ def on_canonical_grid(array: np.ndarray, canonical: dict, first_slice: int) -> s
 
 
 def folder_suffix(split: str) -> str:
+    """nnU-Net's file layout, used by both exports: the train split in imagesTr/labelsTr, the others in *Ts."""
     return "Tr" if split == TRAIN_SPLIT else "Ts"
 
 
@@ -114,9 +114,9 @@ def write_cases(dataset: CareDataset, root: Path) -> dict[str, dict]:
                 sitk.WriteImage(image, str(path), useCompression=True)
             depth = volume.image.GetSize()[2]
             geometry = dataset.cases[case_id]
-            records[case_id] = {"split": split, "canonical_slices": [volume.first_slice, volume.first_slice + depth - 1],
-                                "filled_slices": volume.filled_slices, "whole_scan": whole_scan(geometry),
-                                "off_grid_slices": "slice_positions" in geometry}
+            records[case_id] = {"split": split, "filled_slices": volume.filled_slices,
+                                "canonical_slices": [volume.first_slice, volume.first_slice + depth - 1],
+                                "whole_scan": whole_scan(geometry), "off_grid_slices": "slice_positions" in geometry}
     return records
 
 
