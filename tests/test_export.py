@@ -114,6 +114,7 @@ def check_case_volume(dataset, case_id: str, folder: Path, record: dict) -> None
         np.testing.assert_allclose(nib.load(path).affine, ras_affine, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")  # MONAI's optional GPU decoder
 def test_monai_loads_the_datalist_with_the_same_splits_and_folds(converted, tmp_path):
     monai_data = pytest.importorskip("monai.data")
     monai_transforms = pytest.importorskip("monai.transforms")
