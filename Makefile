@@ -9,17 +9,24 @@ DEMO   ?= demo
 export HF_DATASETS_DISABLE_PROGRESS_BARS = 1
 export HF_HUB_OFFLINE = 1
 
+# nnU-Net v2 checks care-export's output in the tests. Its declared dependencies reach torchvision (through
+# timm) and would replace the CPU torch, so it comes without them, plus what its dataset check and planning use.
+NNUNET = nnunetv2==2.8.1 acvl-utils==0.2.6 dynamic-network-architectures==0.4.4 batchgenerators==0.25.5
+NNUNET_PLANNING_NEEDS = "blosc2>=3.3.2" "scikit-image>=0.19.3" scikit-learn
+
 .PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
 # torch first: a CPU build where one is at hand, so the range `torch>=2.4` in pyproject.toml is already met
 # (a bare `pip install torch` can pull a multi-GB CUDA build).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.*" || $(BIN)/python -m pip install -q "torch>=2.4"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(NNUNET)
+	$(BIN)/python -m pip install -q $(NNUNET_PLANNING_NEEDS)
 	touch $@
 
 demo: install

@@ -1,4 +1,5 @@
-"""Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish, care-keygen.
+"""Console scripts: care-convert, care-anonymize, care-synth, care-verify, care-publish, care-keygen,
+care-export.
 
 Each entry point returns the process exit code: 0 success, 1 when some case failed (or a leak was found),
 2 for a usage error. Every command's parser is built here with ``_parser``; the modules a command other than
@@ -22,6 +23,10 @@ from care_dataset.convert.progress import stderr_console, terminal_progress
 from care_dataset.convert.summary import print_summary
 from care_dataset.deid.pseudonyms import (KEY_ENV_VAR, MIN_KEY_BYTES, NEW_KEY_BYTES, KeyMissingError,
                                           key_file_exposure, load_key, new_key)
+from care_dataset.export.datalist import export_datalist
+from care_dataset.export.errors import ExportError
+from care_dataset.export.folds import DEFAULT_FOLDS
+from care_dataset.export.nnunet import export_nnunet, option_problem
 from care_dataset.files import create_private_file, creation_problem
 from care_dataset.format.reader import open_dataset
 from care_dataset.publish.errors import PublishError
@@ -423,6 +428,63 @@ def _published_table(name: str, stats: dict) -> Table:
             table.add_row(config, split, str(s.num_examples), str(len(s.files)),
                           human_bytes(sum(f.num_bytes for f in s.files)))
     return table
+
+
+# --- care-export --------------------------------------------------------------------------------------------
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = _parser("care-export", "Write a converted folder as nnU-Net v2 raw data or a MONAI datalist: one NIfTI "
+                               "volume per case, the same splits, cross-validation folds by patient.")
+    targets = p.add_subparsers(dest="target", required=True, metavar="{nnunet,monai}")
+    nnunet = targets.add_parser("nnunet", help="nnU-Net v2 raw dataset DatasetNNN_NAME")
+    nnunet.add_argument("source", type=Path, help="converted CARE folder (written by care-convert)")
+    nnunet.add_argument("raw_root", type=Path, help="nnUNet_raw folder; DatasetNNN_NAME is written in it")
+    nnunet.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset ID, 1 to 999")
+    nnunet.add_argument("--name", default="CARE", help="dataset name after the ID (default %(default)s)")
+    monai = targets.add_parser("monai", help="MONAI datalist (Decathlon style) and its NIfTI volumes")
+    monai.add_argument("source", type=Path, help="converted CARE folder (written by care-convert)")
+    monai.add_argument("datalist", type=Path, help="datalist .json to write; the volumes go in the folder of its "
+                                                   "name beside it")
+    for target in (nnunet, monai):
+        target.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                            help="cross-validation folds of the train split (default %(default)s)")
+        target.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = build_export_parser()
+    return _run(parser, argv, lambda args: run_export(parser, args))
+
+
+def run_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Exit 0, 2 for a usage error or an input or output place that cannot be used, 1 when writing fails."""
+    if args.target == "nnunet" and (problem := option_problem(args.dataset_id, args.name, args.folds)):
+        return _usage_error(parser, problem)
+    try:
+        print(_export_nnunet(args) if args.target == "nnunet" else _export_datalist(args))
+    except ExportError as err:
+        return _error(parser, str(err))
+    except OSError as err:
+        print(f"care-export: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_nnunet(args: argparse.Namespace) -> str:
+    """Run `care-export nnunet`; the line saying what was written and where splits_final.json goes."""
+    done = export_nnunet(args.source, args.raw_root, args.dataset_id, args.name, args.overwrite, args.folds)
+    return (f"wrote {done.folder}: {done.num_training} training and {done.num_test} test cases, {done.num_folds} "
+            f"folds; copy splits_final.json into nnUNet_preprocessed/{done.folder.name}/ after "
+            "nnUNetv2_plan_and_preprocess")
+
+
+def _export_datalist(args: argparse.Namespace) -> str:
+    """Run `care-export monai`; the line saying what was written."""
+    done = export_datalist(args.source, args.datalist, args.overwrite, args.folds)
+    counts = ", ".join(f"{key} {n}" for key, n in done.entries.items())
+    return f"wrote {done.datalist} ({counts}) and its volumes in {done.folder}"
 
 
 if __name__ == "__main__":  # pragma: no cover

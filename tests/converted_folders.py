@@ -92,14 +92,15 @@ def assert_sample_equal(got: dict, want: dict) -> None:
 
 
 def make_converted_folder(root: Path, num_patients: int = 6, size: int = 64, depth: int = 24,
-                          storage: str = "zarr", seed: int = 0) -> Path:
-    """A small converted CARE folder (docs/format.md) of synthetic pelvic phantoms: one case per patient,
-    the slices that hold a label kept, patients 0 and 1 in the test split, the rest in train."""
+                          storage: str = "zarr", seed: int = 0, case_ids: list[str] | None = None) -> Path:
+    """A small converted CARE folder (docs/format.md) of synthetic pelvic phantoms: one case per patient (or
+    the given `case_ids`, one phantom each), the slices that hold a label kept, cases 0 and 1 in the test split,
+    the rest in train."""
     writer.init_store(root, storage)
     cases, checksums = {}, {}
     splits = {"seed": seed, "strategy": "patient", "train": [], "test": []}
-    for p in range(num_patients):
-        case_id = f"P{p:03d}_a"
+    case_ids = case_ids or [f"P{p:03d}_a" for p in range(num_patients)]
+    for p, case_id in enumerate(case_ids):
         hu, label = phantom_volume((depth, size, size), (5.0, 400.0 / size, 400.0 / size),
                                    np.random.default_rng([seed, p]), tumour=True)
         kept = np.flatnonzero(label.reshape(depth, -1).max(1) > 0)

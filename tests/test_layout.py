@@ -18,7 +18,7 @@ USAM_MAY_IMPORT = ("care_dataset.format", "care_dataset.raw", "care_dataset.file
                    "care_dataset.version")
 # care_dataset's stages by rank: a module imports its own stage or a lower rank, never a higher one.
 STAGE_RANK = {"files": 0, "error_text": 0, "version": 0, "raw": 1, "deid": 2, "format": 3, "convert": 4,
-              "publish": 5, "synth": 5, "cli": 6, "": 6}
+              "publish": 5, "synth": 5, "export": 5, "cli": 6, "": 6}
 DEFERRED = "# deferred:"
 
 

@@ -1,0 +1,128 @@
+"""One NIfTI image and label volume per case, on the case's canonical grid, from its stored slices.
+
+A volume spans the canonical slices from the first kept slice to the last: same spacing and direction as the
+canonical volume, origin moved to the first kept slice. Canonical slices inside that span that the conversion
+did not keep (a gap between kept runs) hold ``FILL_HU`` and label 0; each case's record counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from care_dataset.export.errors import ExportError
+from care_dataset.format.layout import content_checksum, read_json
+from care_dataset.format.reader import CareDataset, open_dataset
+
+FILL_HU = -1024
+NIFTI_ENDING = ".nii.gz"
+TRAIN_SPLIT = "train"
+CHANNEL_SUFFIX = "_0000"  # nnU-Net's image file names: <case_id>_0000.nii.gz (channel 0, CT)
+
+
+@dataclass(frozen=True)
+class CaseVolume:
+    image: sitk.Image
+    label: sitk.Image
+    first_slice: int  # canonical index of the volume's slice 0
+    filled_slices: int  # slices of the span the conversion did not keep
+
+
+def open_source(source: Path) -> CareDataset:
+    """The converted folder at `source`; ExportError when it is missing, unreadable or lacks a case's slices."""
+    if not source.is_dir():
+        raise ExportError(f"converted folder {source} not found")
+    try:
+        dataset = open_dataset(source)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise ExportError(str(err)) from None
+    listed = [c for s in dataset.splits for c in dataset.case_ids(s)]
+    if not listed:
+        raise ExportError(f"{source}: no case in any split")
+    if unknown := [c for c in listed if c not in dataset.cases]:
+        raise ExportError(f"case {unknown[0]}: listed in splits.json but missing from cases.json")
+    if missing := dataset.missing_cases(listed):
+        raise ExportError(f"{source}: the slices of {len(missing)} case(s) are missing, first {missing[0]}")
+    return dataset
+
+
+def split_seed(dataset: CareDataset) -> int:
+    """The seed of the converted folder's patient split (0 when splits.json names none)."""
+    return int(read_json(dataset.root / "splits.json").get("seed", 0))
+
+
+def case_volume(dataset: CareDataset, case_id: str) -> CaseVolume:
+    """The case's stored slices placed on its canonical grid, spanning its kept slices; its checksum checked."""
+    geometry = dataset.cases[case_id]
+    image, label = dataset.read_case(case_id)
+    if content_checksum(image, label) != geometry.get("checksum"):
+        raise ExportError(f"case {case_id}: stored slices do not match their checksum in cases.json")
+    kept = np.asarray(geometry["kept_slices"], dtype=np.int64)
+    first = int(kept[0])
+    depth = int(kept[-1]) - first + 1
+    image_span = np.full((depth, *image.shape[1:]), FILL_HU, dtype=np.int16)
+    label_span = np.zeros((depth, *label.shape[1:]), dtype=np.uint8)
+    image_span[kept - first], label_span[kept - first] = image, label
+    canonical = geometry["canonical"]
+    return CaseVolume(on_canonical_grid(image_span, canonical, first),
+                      on_canonical_grid(label_span, canonical, first), first, depth - len(kept))
+
+
+def on_canonical_grid(array: np.ndarray, canonical: dict, first_slice: int) -> sitk.Image:
+    """`array` (z, y, x) as an image whose slice 0 is canonical slice `first_slice`."""
+    spacing = [float(v) for v in canonical["spacing"]]
+    direction = np.asarray(canonical["direction"], dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(canonical["origin"], dtype=np.float64) + direction[:, 2] * spacing[2] * first_slice
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin.tolist())
+    image.SetDirection(direction.ravel().tolist())
+    return image
+
+
+def folder_suffix(split: str) -> str:
+    """nnU-Net's file layout, used by both exports: the train split in imagesTr/labelsTr, the others in *Ts."""
+    return "Tr" if split == TRAIN_SPLIT else "Ts"
+
+
+def image_path(root: Path, split: str, case_id: str) -> Path:
+    return root / f"images{folder_suffix(split)}" / f"{case_id}{CHANNEL_SUFFIX}{NIFTI_ENDING}"
+
+
+def label_path(root: Path, split: str, case_id: str) -> Path:
+    return root / f"labels{folder_suffix(split)}" / f"{case_id}{NIFTI_ENDING}"
+
+
+def whole_scan(geometry: dict) -> bool:
+    """Whether the conversion kept every canonical slice of the case."""
+    return list(geometry["kept_slices"]) == list(range(int(geometry["canonical"]["size"][2])))
+
+
+def write_cases(dataset: CareDataset, root: Path) -> dict[str, dict]:
+    """Every case of every split as NIfTI under `root` (imagesTr/labelsTr for train, imagesTs/labelsTs for the
+    other splits); returns each case's record: split, canonical slice span, filled slices, whole scan."""
+    records = {}
+    for split in dataset.splits:
+        for case_id in dataset.case_ids(split):
+            volume = case_volume(dataset, case_id)
+            for path, image in ((image_path(root, split, case_id), volume.image),
+                                (label_path(root, split, case_id), volume.label)):
+                path.parent.mkdir(exist_ok=True)
+                sitk.WriteImage(image, str(path), useCompression=True)
+            depth = volume.image.GetSize()[2]
+            geometry = dataset.cases[case_id]
+            records[case_id] = {"split": split, "filled_slices": volume.filled_slices,
+                                "canonical_slices": [volume.first_slice, volume.first_slice + depth - 1],
+                                "whole_scan": whole_scan(geometry), "off_grid_slices": "slice_positions" in geometry}
+    return records
+
+
+def slices_statement(records: dict[str, dict]) -> str:
+    """What the volumes hold, for the export's notes."""
+    if all(r["whole_scan"] for r in records.values()):
+        return "all: the conversion kept every slice, each volume is the whole canonical scan"
+    return (f"kept: each volume spans the case's kept canonical slices (canonical_slices); slices inside the span "
+            f"the conversion did not keep hold {FILL_HU} HU and label 0 (filled_slices)")
