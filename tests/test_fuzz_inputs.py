@@ -54,18 +54,14 @@ def test_no_care_command_prints_a_traceback_on_the_sample(sample):
     assert found(sample[1], "traceback", tools) == {}, [n for n in sample[1].notes if n.startswith("traceback")]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 items 2 and 6: 'unexpected error (X)' reasons are being replaced")
 def test_every_failure_of_the_sample_has_an_actionable_reason(sample):
     assert found(sample[1], "unexplained") == {}, [n for n in sample[1].notes if n.startswith("unexplained")]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 item 6: library warnings are to become per-case notes")
 def test_no_library_warning_reaches_the_terminal(sample):
     assert found(sample[1], "warning") == {}, [n for n in sample[1].notes if n.startswith("warning")]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 item 2: scan_dicom raises OverflowError on an infinite "
-                                        "RescaleIntercept, which read_image lets through")
 def test_the_image_reader_raises_only_input_errors(sample):
     assert found(sample[1], "traceback", {READER}) == {}, [n for n in sample[1].notes if n.startswith("traceback")]
 
@@ -109,8 +105,6 @@ def test_unexplained_reasons_are_defined_precisely(reason, unexplained):
     assert fuzz_inputs.is_unexplained(reason) == unexplained
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 item 6: a gzip stream failing its CRC (a .nii.gz, or a gzip-encoded "
-                                        "NRRD) is converted")
 def test_cases_of_seed_0_with_a_corrupt_stream_are_not_converted(sources, tmp_path):
     if not {"totalseg_nifti", "ge_dicom"} <= {s.name for s in sources}:
         pytest.skip("needs the real data in ../shared/data")

@@ -67,7 +67,7 @@ image images img im series study studies dicom dicomdir dcm file files data data
 label labels labelmap segmentation segmentations mask masks volume volumes slice slices
 annotation annotations roi clear description descriptions export exports scan scans exam exams
 examination patient patients
-nifti nii gz nrrd mha mhd raw txt json
+nifti nii gz nrrd mha mhd raw txt json pdf report reports readme metadata cases splits summary
 background normal rectum rectal wall tumor tumour cancer lesion lumen colon sigmoid bladder
 liver spleen kidney kidneys stomach gallbladder esophagus oesophagus pancreas duodenum
 intestine small large adrenal gland femur of and the bone bones spine vertebra pelvis prostate

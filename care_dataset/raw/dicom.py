@@ -152,6 +152,8 @@ def _walk_files(root: Path, exclude: set[Path]) -> list[Path]:
 UNREADABLE = "unreadable file(s) (no parseable DICOM header: stray or damaged)"
 DANGLING = "dangling symbolic link(s)"
 UNUSABLE_IMAGE = "image(s) whose "  # start of every reason of _header_problem
+# The pixel format attributes an image must hold as one whole number, with the values they may take.
+PIXEL_FORMAT = {"Rows": (1, 65535), "Columns": (1, 65535), "BitsAllocated": (8, 32), "PixelRepresentation": (0, 1)}
 
 
 def _read_header(path: Path) -> pydicom.Dataset | str | None:
@@ -208,9 +210,16 @@ def _finite(value, n: int) -> bool:
     return numbers is not None and bool(np.all(np.isfinite(numbers)))
 
 
+def _is_whole_number(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and low <= value <= high
+
+
 def _header_problem(ds: pydicom.Dataset) -> str | None:
-    """Why an image's geometry or rescale cannot be used, naming the attribute; None when they can."""
+    """Why an image's pixel format, geometry or rescale cannot be used, naming the attribute; None when they can."""
     try:
+        for keyword, (low, high) in PIXEL_FORMAT.items():
+            if not _is_whole_number(ds.get(keyword), low, high):
+                return f"{UNUSABLE_IMAGE}{keyword} is not one whole number from {low} to {high}"
         if not _finite(ds.PixelSpacing, 2):
             return UNUSABLE_IMAGE + "PixelSpacing is not two numbers"
         if not _finite(ds.ImageOrientationPatient, 6):
@@ -221,7 +230,7 @@ def _header_problem(ds: pydicom.Dataset) -> str | None:
             if ds.get(keyword) not in (None, "") and not _finite([ds.get(keyword)], 1):
                 return f"{UNUSABLE_IMAGE}{keyword} is not a finite number"
     except (TypeError, ValueError, AttributeError):  # a value pydicom cannot even convert
-        return UNUSABLE_IMAGE + "PixelSpacing, ImageOrientationPatient or rescale values cannot be read"
+        return UNUSABLE_IMAGE + "pixel format, PixelSpacing, ImageOrientationPatient or rescale values cannot be read"
     return None
 
 
