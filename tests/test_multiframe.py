@@ -23,11 +23,13 @@ import SimpleITK as sitk
 from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom.sequence import Sequence
 from pydicom.uid import RLELossless, generate_uid
-from test_uneven_spacing import TWO_STACKS, write_itk_snap_label, write_moved_series
 
 from care_dataset.convert.pipeline import convert_dataset
+from care_dataset.deid.anonymize import anonymize_tree
+from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 from care_dataset.raw.dicom import read_series_int16, scan_dicom
 from care_dataset.raw.profiles import load_profile
+from moved_series import TWO_STACKS, write_itk_snap_label, write_moved_series
 from usam.predict import read_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -235,3 +237,22 @@ def test_truncated_multi_frame_case_fails_with_a_reason(tmp_path):
     assert entry["status"] == "failed" and entry["reason"] == "multi-frame pixel data is corrupt or truncated"
     assert json.loads((tmp_path / "out" / "cases.json").read_text()) == {}
     assert not [p for p in (tmp_path / "out").glob("slices*/*") if p.is_dir()]  # no case stored
+
+
+# ---------------------------------------------------------------- de-identifying
+
+
+@needs_ge_series
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_a_multi_frame_case_is_anonymized_and_reads_back_as_its_source(tmp_path, kind):
+    """care-anonymize cleans the functional groups (dates, UIDs) like the rest of the header; the frames keep
+    their geometry and pixels."""
+    raw, out = tmp_path / "raw", tmp_path / "anon"
+    ge_case(raw, kind)
+    (result,) = anonymize_tree(raw, out, KEY)
+    assert result["status"] == "anonymized" and result["files"] == 1, result
+    assert scan_for_leaks(out, collect_identifying_values(raw)) == []
+    (single,), (anonymized,) = scan_dicom(GE_SERIES).series, scan_dicom(out).series
+    assert anonymized.size == (512, 512, 3) and anonymized.spacing == single.spacing
+    assert anonymized.origin == single.origin and anonymized.direction == single.direction
+    np.testing.assert_array_equal(image_of(anonymized)[0], image_of(single)[0])

@@ -13,7 +13,6 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from pydicom.uid import generate_uid
 from torch import nn
 
 from care_dataset import files
@@ -23,72 +22,17 @@ from care_dataset.format import layout, reader, writer
 from care_dataset.raw import dicom
 from care_dataset.raw.dicom import scan_dicom
 from care_dataset.raw.profiles import ProfileError, load_profile, parse_profile
+from moved_series import GE_SERIES, TWO_STACKS, itk_series_image, write_itk_snap_label, write_moved_series
 from usam.evaluate import evaluate_split, true_positions
 from usam.inference import inference_settings
 from usam.metrics import SlicePositions, volume_metrics
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GE_SERIES = SHARED / "dcmqi_ct3slice" / "ct-3slice"
 KEY = b"test-key-not-secret"
-TWO_STACKS = (4.22,) * 4 + (7.38,) * 3  # gaps along the slice normal, mm: 8 slices
 EVEN = (5.0,) * 7
 ORIENTATIONS = {"head first": (1.0, 0.0, 0.0), "mirrored rows": (-1.0, 0.0, 0.0)}  # row cosine; the second
 # puts the slice normal towards the feet, so the canonical volume is flipped along z and x
 
 needs_ge_series = pytest.mark.skipif(not GE_SERIES.is_dir(), reason="../shared/data/dcmqi_ct3slice is missing")
-
-
-def write_moved_series(folder: Path, gaps: tuple[float, ...], tilt_degrees: float,
-                       row_cosine: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> list[Path]:
-    """Copies of the real GE slices (cycled), one series, moved so that their gaps along the slice normal are
-    ``gaps`` and the gantry is tilted by ``tilt_degrees`` (the table moves along z; the image plane is tilted about
-    the patient's left-right axis, as GE writes it). Everything else stays as the scanner wrote it."""
-    folder.mkdir(parents=True)
-    sources = sorted(GE_SERIES.glob("*.dcm"))
-    tilt = math.radians(tilt_degrees)
-    column_cosine = (0.0, math.cos(tilt), math.sin(tilt))
-    normal = np.cross(row_cosine, column_cosine)
-    table_steps = np.concatenate([[0.0], np.cumsum(gaps)]) / abs(normal[2])  # gap along the normal -> along z
-    x, y, z = (float(v) for v in pydicom.dcmread(sources[0]).ImagePositionPatient)
-    written = []
-    for k, step in enumerate(table_steps):
-        ds = pydicom.dcmread(sources[k % len(sources)])
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = k + 1
-        ds.ImageOrientationPatient = [*row_cosine, *column_cosine]
-        ds.ImagePositionPatient = [x, y, round(z - step, 4)]
-        ds.SliceLocation = round(z - step, 4)
-        ds.GantryDetectorTilt = tilt_degrees
-        path = folder / f"IM{k:04d}.dcm"
-        ds.save_as(path)
-        written.append(path)
-    return written
-
-
-def itk_series_image(folder: Path) -> sitk.Image:
-    """The series as ITK-SNAP opens it: GDCM's file order, ITK's series reader with its defaults."""
-    reader_ = sitk.ImageSeriesReader()
-    reader_.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-    reader_.SetImageIO("GDCMImageIO")
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns of the non-uniform sampling
-    try:
-        return reader_.Execute()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(True)
-
-
-def write_itk_snap_label(case: Path, series: Path, labelled: range) -> np.ndarray:
-    """An annotation saved on the grid ITK-SNAP shows (rectum and a tumour on slices ``labelled``); its array."""
-    image = itk_series_image(series)
-    label = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
-    for k in labelled:
-        label[k, 240:300, 230:290] = 1
-        label[k, 255:280, 250:270] = 2
-    seg = sitk.GetImageFromArray(label)
-    seg.CopyInformation(image)
-    sitk.WriteImage(seg, str(case / "rectum_seg.nrrd"), useCompression=True)
-    return label
 
 
 def profile_file(tmp_path: Path, uneven_spacing: str) -> Path:
