@@ -49,11 +49,14 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 import SimpleITK as sitk
 
 from care_dataset.format.reader import open_dataset
@@ -79,8 +82,6 @@ unmapped = "background"
 [slices]
 keep_classes = [1, 2]
 """
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
 # --- sources ------------------------------------------------------------------------------------------------
@@ -240,8 +241,7 @@ def edit_dicom(files: CaseFiles, rng: random.Random, edit: Callable[[pydicom.Dat
     targets = files.dicom if rng.random() < 0.5 else [rng.choice(files.dicom)]
     for path in targets:
         ds = pydicom.dcmread(path, force=True)
-        with pydicom.config.disable_value_validation():  # absurd values are the point
-            edit(ds)
+        edit(ds)
         ds.save_as(path, enforce_file_format=False)
     return len(targets)
 
@@ -256,9 +256,23 @@ ABSURD_TAGS = [
 ]
 
 
+def set_raw(ds: pydicom.Dataset, keyword: str, value: Any) -> None:
+    """Set ``keyword`` to ``value`` as the bytes a damaged file would hold, even where pydicom cannot hold the
+    value (a DS of letters)."""
+    tag = Tag(tag_for_keyword(keyword))
+    vr = dictionary_VR(tag)
+    if vr == "US":
+        raw = struct.pack("<H", int(value))
+    else:
+        text = "\\".join(value) if isinstance(value, list) else str(value)
+        raw = (text + " " * (len(text) % 2)).encode("ascii")
+    ds._dict[tag] = RawDataElement(tag, vr, len(raw), raw, 0, ds.is_implicit_VR if ds.is_implicit_VR is not None
+                                   else True, True)
+
+
 def absurd_geometry_tags(case: Path, files: CaseFiles, rng: random.Random) -> Outcome:
     keyword, value = rng.choice(ABSURD_TAGS)
-    n = edit_dicom(files, rng, lambda ds: setattr(ds, keyword, value))
+    n = edit_dicom(files, rng, lambda ds: set_raw(ds, keyword, value))
     return f"{keyword} = {value} in {n} slice(s)", None
 
 
