@@ -80,6 +80,21 @@ def create_private_file(path: Path, data: bytes) -> None:
         raise
 
 
+@contextmanager
+def atomic_folder(folder: Path, purpose: str) -> Iterator[Path]:
+    """Yield an empty hidden staging folder beside `folder` (``.<name>.<purpose>-*``); when the block ends
+    without error it takes `folder`'s place as a whole (`replace_folder`), otherwise it is removed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(folder.parent, f".{folder.name}.{purpose}-")
+    try:
+        yield staging
+        replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     """Write `text` (UTF-8) to `path` through `atomic_file` (`mode` as there)."""
     with atomic_file(path, mode) as tmp:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from care_dataset.export.errors import ExportError
 from care_dataset.export.folds import DEFAULT_FOLDS, fold_of
-from care_dataset.export.staging import check_output, staged_folder
+from care_dataset.export.staging import check_output
 from care_dataset.export.volumes import (TRAIN_SPLIT, image_path, label_path, open_source, slices_statement,
                                          split_seed, write_cases)
-from care_dataset.files import write_json_atomic
+from care_dataset.files import atomic_folder, write_json_atomic
 from care_dataset.format.reader import CareDataset
 
 TRAINING_KEY = "training"  # the datalist key of the train split; other splits keep their names
@@ -42,7 +42,7 @@ def export_datalist(source: Path, datalist: Path, overwrite: bool = False,
     folder = volumes_folder(datalist)
     check_output(datalist, source, overwrite)
     check_output(folder, source, overwrite)
-    with staged_folder(folder) as staging:
+    with atomic_folder(folder, "export") as staging:
         records = write_cases(dataset, staging)
     content = datalist_content(dataset, folder.name, records, num_folds)
     write_json_atomic(datalist, content)

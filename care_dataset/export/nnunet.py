@@ -8,7 +8,8 @@ from pathlib import Path
 
 from care_dataset.export.errors import ExportError
 from care_dataset.export.folds import DEFAULT_FOLDS, train_val_folds
-from care_dataset.export.staging import check_output, staged_folder
+from care_dataset.export.staging import check_output
+from care_dataset.files import atomic_folder
 from care_dataset.export.volumes import (NIFTI_ENDING, TRAIN_SPLIT, open_source, slices_statement, split_seed,
                                          write_cases)
 from care_dataset.files import write_json_atomic
@@ -63,7 +64,7 @@ def export_nnunet(source: Path, raw_root: Path, dataset_id: int, name: str = "CA
     check_dataset_id(raw_root, dataset_id, name)
     training = dataset.case_ids(TRAIN_SPLIT) if TRAIN_SPLIT in dataset.splits else []
     folds = train_val_folds(training, num_folds, split_seed(dataset))
-    with staged_folder(folder) as staging:
+    with atomic_folder(folder, "export") as staging:
         records = write_cases(dataset, staging)
         write_json_atomic(staging / "dataset.json", dataset_json(dataset, folder.name, records))
         write_json_atomic(staging / SPLITS_FILE, folds)

@@ -1,14 +1,11 @@
-"""An export's output folder, written all or nothing: built in a hidden sibling and renamed into place."""
+"""Checks on an export's output folder before any work."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from care_dataset.export.errors import ExportError
-from care_dataset.files import creation_problem, make_staging_dir, replace_folder
+from care_dataset.files import creation_problem
 
 
 def check_output(output: Path, source: Path, overwrite: bool) -> None:
@@ -20,17 +17,3 @@ def check_output(output: Path, source: Path, overwrite: bool) -> None:
         raise ExportError(f"{output} exists; pass --overwrite to replace it")
     if problem := creation_problem(output.parent):
         raise ExportError(f"{output}: {problem}")
-
-
-@contextmanager
-def staged_folder(output: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `output`; it replaces `output` when the block ends without error,
-    else it is removed."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(output.parent, f".{output.name}.export-")
-    try:
-        yield staging
-        replace_folder(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

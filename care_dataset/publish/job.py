@@ -22,7 +22,7 @@ import huggingface_hub
 from huggingface_hub import HfApi
 
 from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
-from care_dataset.files import creation_problem, make_staging_dir, replace_folder
+from care_dataset.files import atomic_folder, creation_problem
 from care_dataset.format.hf import CONFIGS, SLICES, VOLUMES, slice_features, split_order, volume_features
 from care_dataset.format.reader import CareDataset, open_dataset
 from care_dataset.publish.card import LEAK_SCAN_NOTES, build_readme, default_card_path, public_licence_problem
@@ -61,19 +61,13 @@ def publish(source: str | Path, output: str | Path, max_shard_mb: float = DEFAUL
     shape = common_inplane_shape(dataset, [c for s in splits for c in dataset.case_ids(s)])
     features = {SLICES: slice_features(dataset.class_names, shape),
                 VOLUMES: volume_features(dataset.class_names, shape)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_staging_dir(output.parent, f".{output.name}.publish-")
-    try:
+    with atomic_folder(output, "publish") as tmp:
         stats = _write_shards(tmp, dataset, splits, features, int(max_shard_mb * 2**20), progress)
         (tmp / "metadata").mkdir()
         for name in METADATA_FILES:
             shutil.copyfile(source / name, tmp / "metadata" / name)
         readme = build_readme(dataset, splits, features, stats, shape, card, leak_scan)
         (tmp / "README.md").write_text(readme, encoding="utf-8")
-        replace_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 
