@@ -9,10 +9,9 @@ from pathlib import Path
 from care_dataset.export.errors import ExportError
 from care_dataset.export.folds import DEFAULT_FOLDS, train_val_folds
 from care_dataset.export.staging import check_output
-from care_dataset.files import atomic_folder
 from care_dataset.export.volumes import (NIFTI_ENDING, TRAIN_SPLIT, open_source, slices_statement, split_seed,
                                          write_cases)
-from care_dataset.files import write_json_atomic
+from care_dataset.files import atomic_folder, write_json_atomic
 from care_dataset.format.reader import CareDataset
 from care_dataset.version import __version__
 
