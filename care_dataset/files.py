@@ -55,22 +55,30 @@ def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
         raise
 
 
-def _create_empty(path: Path, mode: int) -> None:
-    """A new empty file at `path` with exactly `mode` (umask not applied); one left there before is replaced."""
-    path.unlink(missing_ok=True)
+def _open_new(path: Path, mode: int) -> int:
+    """A descriptor of a new file at `path` with exactly `mode` (umask not applied); FileExistsError when
+    something is there already (never replaced, nor a link followed)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)
-    finally:
+    except BaseException:
         os.close(fd)
+        Path(path).unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _create_empty(path: Path, mode: int) -> None:
+    """A new empty file at `path` with exactly `mode`; one left there before is replaced."""
+    path.unlink(missing_ok=True)
+    os.close(_open_new(path, mode))
 
 
 def create_private_file(path: Path, data: bytes) -> None:
     """Create `path` holding `data`, mode 0600 from its first moment; FileExistsError when something is at
     `path` already (it is never replaced, nor a link followed). A failed write leaves no file."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = _open_new(path, 0o600)
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
