@@ -9,6 +9,7 @@ care-convert runs are imported when it runs (they import pydicom, datasets or py
 from __future__ import annotations
 
 import argparse
+import warnings
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from care_dataset.convert.pipeline import (ConvertError, OutputBusyError, Output
 from care_dataset.convert.pool import keep_freed_buffers
 from care_dataset.convert.progress import stderr_console, terminal_progress
 from care_dataset.convert.summary import print_summary
+from care_dataset.deid.notes import quiet_library_loggers
 from care_dataset.deid.pseudonyms import (KEY_ENV_VAR, MIN_KEY_BYTES, NEW_KEY_BYTES, KeyMissingError,
                                           key_file_exposure, load_key, new_key)
 from care_dataset.export.datalist import export_datalist
@@ -307,7 +309,12 @@ def run_verify(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             print(f"error: folder not found: {folder}", file=sys.stderr)
             return 2
-    values = collect_identifying_values(raw_dir)
+    with warnings.catch_warnings(record=True) as caught, quiet_library_loggers():
+        warnings.simplefilter("always")
+        values = collect_identifying_values(raw_dir)
+    if caught:
+        print(f"{len(caught)} library warning(s) while reading {raw_dir}; their text is left out (it may quote "
+              "header values)", file=sys.stderr)
     leaks = scan_for_leaks(out_dir, values)
     for leak in leaks:
         print(leak.line())

@@ -5,6 +5,7 @@ case, unusable rescale or spacing values, a damaged annotated series, and librar
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -21,6 +22,8 @@ from care_dataset.format import reader
 from care_dataset.raw.discover import discover_cases, loose_files_problem
 from care_dataset.raw.profiles import load_profile
 from real_profiles import LIVER_COLON, LIVER_SPINE
+from usam.inference import InputError
+from usam.predict import read_image
 
 KEY = b"integrity-test-key-0123456789"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -258,3 +261,33 @@ def test_loose_files_check_ignores_hidden_and_non_image_files(tmp_path):
     assert loose_files_problem(tmp_path) is None
     (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\2\0")  # DICOM without a suffix
     assert "holds 1 DICOM or volume file(s) directly" in loose_files_problem(tmp_path)
+
+
+BAD_UTF8 = os.fsdecode(b"scan\xff\xfe")  # a name another system wrote in a legacy code page
+
+
+@needs_ge
+@needs_totalseg
+def test_names_that_are_not_utf8_are_set_aside_or_refused_and_never_crash(tmp_path, key_file, capsys):
+    raw = tmp_path / "raw"
+    case = _ge_case(raw / "GE_case")
+    shutil.copy(case / "ct-3slice" / "01.dcm", case / "ct-3slice" / f"{BAD_UTF8}.dcm")  # a 4th copy of slice 1
+    _totalseg_case(raw / "ts_case", label=TOTALSEG / "example_seg.nii.gz")
+    (raw / "ts_case" / "example_seg.nii.gz").rename(raw / "ts_case" / f"{BAD_UTF8}_seg.nii.gz")
+    profile = tmp_path / "profile.toml"
+    profile.write_text(LIVER_SPINE)
+    code = convert_main([str(raw), str(tmp_path / "out"), "--profile", str(profile), "--key-file", str(key_file),
+                         "--quiet"])
+    assert code == 1  # the NIfTI case fails, the DICOM case converts
+    by_status = {e["status"]: e for e in _report(tmp_path / "out")}
+    assert "set aside 1 file(s) whose path is not valid UTF-8 (SimpleITK cannot open them: rename them)" in \
+        by_status["converted"]["notes"]
+    assert "not valid UTF-8: rename it" in by_status["failed"]["reason"]
+    assert not list((tmp_path / "out").rglob(".lock")) and "Traceback" not in capsys.readouterr().err
+
+
+def test_predict_refuses_a_path_that_is_not_utf8_with_a_reason(tmp_path):
+    path = tmp_path / f"{BAD_UTF8}.nii.gz"
+    path.write_bytes(b"not read")
+    with pytest.raises(InputError, match=r"not valid UTF-8: rename it$"):
+        read_image(path)

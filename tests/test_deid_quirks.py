@@ -29,7 +29,8 @@ KEY = b"quirks-test-key-0123456789abcdef"
 ACTIONS = ("rerun", "repair", "remove it", "copy it again", "convert", "put each", "give the user", "check the disk")
 
 # building the quirky inputs (and care-verify reading them) warns; care-anonymize's own warnings are checked by _run
-pytestmark = pytest.mark.filterwarnings("ignore:(Invalid value for VR|Unknown encoding|The value length)")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:(Invalid value for VR|Unknown encoding|The value length|VR lookup failed)")
 
 needs_real_ct = pytest.mark.skipif(not REAL_SERIES.is_dir(), reason="../shared/data/dcmqi_ct3slice not present")
 
@@ -446,6 +447,71 @@ def test_unknown_value_representations_in_damaged_elements(tmp_path):
     found = collect_identifying_values(raw)  # care-verify reads the damaged elements' raw text
     assert found.get("Pelvis for Janct") is not None
     assert scan_for_leaks(out, found) == []
+
+
+def _swallow(data: bytes, tag: int, through: int) -> bytes:
+    """`data` (an implicit VR file) with the length of element `tag` grown over the elements up to and including
+    `through`, as a damaged length field does: its value then holds their tags, lengths and values."""
+    start = _element_offset(data, tag, explicit=False)
+    end_raw = pydicom.dcmread(BytesIO(data)).get_item(through)
+    new_length = end_raw.value_tell + end_raw.length - (start + 8)
+    return data[:start + 4] + struct.pack("<I", new_length) + data[start + 8:]
+
+
+def _retag(data: bytes, tag: int, new_tag: int, explicit: bool) -> bytes:
+    at = _element_offset(data, tag, explicit)
+    return data[:at] + struct.pack("<HH", new_tag >> 16, new_tag & 0xFFFF) + data[at + 4:]
+
+
+@needs_real_ct
+def test_damaged_and_undefined_elements_carry_no_value_into_the_copy(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "anon"
+    site_uid = "1.2.392.200103.20080913.113635.9.1"  # a site's own UID in an element the table keeps
+    for i in (1, 2, 3):
+        ds = _real(i)
+        ds.add_new(0x0008001A, "UI", [CTImageStorage, site_uid])  # Related General SOP Class UID
+        if i == 1:  # a damaged tag number: the Study Instance UID under a tag DICOM does not define
+            ds.add_new(0x00200051, "UI", ds.StudyInstanceUID)
+        _save(ds, raw / "damaged" / f"IM{i}")
+    first, third = raw / "damaged" / "IM1", raw / "damaged" / "IM3"
+    # StudyTime's length swallows the times and the Accession Number after it; in an explicit VR copy of slice 3
+    # ImagePositionPatient's tag number is damaged
+    first.write_bytes(_swallow(first.read_bytes(), 0x00080030, through=0x00080050))
+    third.write_bytes(_retag(_explicit_copy_bytes(pydicom.dcmread(third)), 0x00200032, 0x0020F032, explicit=True))
+    assert "03086212" in str(pydicom.dcmread(first).StudyTime)
+    (result,) = _run(raw, out).values()
+    assert result["status"] == "anonymized" and result["files"] == 3
+    assert "element (0008,0030) held characters its value representation does not allow (damaged) and was " \
+           "removed" in result["notes"]
+    copies = {int(ds.InstanceNumber): ds for ds in _copies(out, result)}
+    assert "StudyTime" not in copies[1] and copies[2].StudyTime == "104607"
+    assert all(0x00200051 not in ds and 0x0020F032 not in ds for ds in copies.values())
+    for ds in copies.values():
+        standard, replaced = ds.RelatedGeneralSOPClassUID
+        assert standard == CTImageStorage and replaced.startswith("2.25.")
+    _assert_same_pixels_as_the_real_series(list(copies.values()))
+    found = collect_identifying_values(raw)
+    assert found.get(site_uid) and found.get("03086212")  # searched, and absent from every copy:
+    assert scan_for_leaks(out, found) == []
+    assert not any(value.startswith("-235.1") for value in found)  # the damaged tag's geometry is not searched
+
+
+@needs_real_ct
+def test_a_uid_counts_as_found_only_as_a_whole(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "anon"
+    for i in (1, 2, 3):
+        ds = _real(i)
+        item = Dataset()
+        item.ReferencedSOPClassUID = CTImageStorage
+        item.ReferencedSOPInstanceUID = "1.2.826.0.1.3" if i == 1 else "1.2.826.0.1.36"  # cut short by damage
+        ds.ReferencedImageSequence = Sequence([item])
+        _save(ds, raw / "referenced" / f"IM{i}")
+    (result,) = _run(raw, out).values()
+    copy_ = _copies(out, result)[0]
+    assert copy_.file_meta.ImplementationClassUID.startswith("1.2.826.0.1.36")  # pydicom's, in every copy
+    assert scan_for_leaks(out, collect_identifying_values(raw)) == []
+    (out / "leak.txt").write_text("ref 1.2.826.0.1.3, end")  # a whole copy of the UID is still found
+    assert [leak.path for leak in scan_for_leaks(out, collect_identifying_values(raw))] == ["leak.txt"]
 
 
 @needs_real_ct

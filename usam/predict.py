@@ -27,7 +27,7 @@ from torch import nn
 from care_dataset.error_text import error_line
 from care_dataset.raw.dicom import DICOM_MODALITIES, DicomError, no_series_reason, read_series_int16, scan_dicom
 from care_dataset.raw.image import to_canonical
-from care_dataset.raw.volume import VolumeFileError, read_volume_file
+from care_dataset.raw.volume import PathNameError, VolumeFileError, itk_path, read_volume_file
 from usam.inference import InferenceSettings, InputError, choose_device, inference_settings, segment_slices
 from usam.models.checkpoints import load_checkpoint
 from usam.outputs import check_output_path, check_overlay_folder, write_prediction
@@ -60,6 +60,10 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
     """
     notes = notes if notes is not None else []
     path = Path(path)
+    try:
+        itk_path(path)
+    except PathNameError as error:
+        raise InputError(f"{ascii(str(path))[1:-1]}: {error}") from None
     if path.is_dir():
         try:
             scan = scan_dicom(path)

@@ -36,7 +36,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import logging
 import os
 import re
 import shutil
@@ -49,15 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_has_tag, repeater_has_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, UID_dictionary, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid.notes import CaseNotes
+from care_dataset.deid.notes import CaseNotes, quiet_library_loggers
 from care_dataset.deid.pseudonyms import (case_id_for, date_offset_days, key_problem, make_case_id, patient_identity,
                                           remap_uid)
 from care_dataset.deid.quarantine import (has_pixels, instance_class, quarantine_reasons, sop_class_name,
@@ -69,10 +69,24 @@ from care_dataset.version import __version__
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+TEXT_VALUE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+ESCAPE_ONLY = {0x1B: None}  # ISO 2022 character set switches
+FREE_TEXT_CONTROLS = {0x1B: None, 0x09: None, 0x0A: None, 0x0C: None, 0x0D: None}
+_TIME = r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?"
+_DATE_TIME = r"\d{4}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)?)?(?:[+-]\d{4})?"
+_DAY = r"(?:\d{8}|\d{4}[-./]\d{2}[-./]\d{2}|\d{4}|\d{6})"  # what shift_date reads, and partial dates
+VALUE_FORMS = {
+    "AS": re.compile(r"\d{3}[DWMY]"),
+    "DA": re.compile(f"{_DAY}?(?:-{_DAY}?)?"),
+    "DT": re.compile(f"(?:{_DATE_TIME})?(?:-(?:{_DATE_TIME})?)?"),
+    "TM": re.compile(f"(?:{_TIME})?(?:-(?:{_TIME})?)?"),
+    "UI": re.compile(r"[0-9]+(?:\.[0-9]+)*"),
+}
 FINGERPRINT_NAME = ".fingerprint"
 PARTIAL_PREFIX = ".partial-"
 REPLACED_PREFIX = ".replaced-"
-RULES_VERSION = "3"  # raise when a change of the rules below must rebuild existing cases
+RULES_VERSION = "4"  # raise when a change of the rules below must rebuild existing cases
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 NON_DICOM_SUFFIXES = (
     ".nii", ".nii.gz", ".mha", ".mhd", ".raw", ".nrrd", ".nhdr", ".txt", ".json", ".csv", ".md",
@@ -193,9 +207,36 @@ def is_overlay_group(group: int) -> bool:
 
 
 def element_action(table: AnnexETable, tag: int, vr: str) -> str:
-    """The table's action, except that free text the table would keep gets a dummy value."""
+    """The table's action, except that free text the table would keep gets a dummy value, a public tag that
+    DICOM does not define (a damaged tag number, or a vendor's misuse) is removed, and a UID the table would
+    keep is replaced unless it is one DICOM defines (see `_keep_or_replace_uids`)."""
+    if not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
+        return "X"
     action = table.action(tag, vr)
-    return "D" if action == "K" and vr in FREE_TEXT_VRS else action
+    if action == "K" and vr in FREE_TEXT_VRS:
+        return "D"
+    return "KEEP_STANDARD_UIDS" if action == "K" and vr == "UI" else action
+
+
+def is_damaged_value(text: str, vr: str) -> bool:
+    """Whether one decoded text value breaks its value representation: control characters, or not the form
+    of AS, DA, DT, TM, UI. It comes from a damaged element whose length swallowed the elements after it."""
+    text = text.rstrip("\x00 ")
+    allowed = FREE_TEXT_CONTROLS if vr in FREE_TEXT_VRS else ESCAPE_ONLY
+    if CONTROL_CHARACTERS.search(text.translate(allowed)):
+        return True
+    form = VALUE_FORMS.get(vr)
+    return bool(text) and form is not None and not form.fullmatch(text)
+
+
+def _has_damaged_value(elem) -> bool:
+    return elem.VR in TEXT_VALUE_VRS and any(is_damaged_value(str(v), elem.VR) for v in _values(elem.value))
+
+
+def _keep_or_replace_uids(elem, ctx: DeidContext) -> None:
+    """UIDs DICOM defines (SOP classes, transfer syntaxes, coding schemes) are kept; any other UID in an
+    element the table keeps is a site's or vendor's and is replaced like the UIDs the table lists."""
+    _set_values(elem, [v if str(v) in UID_dictionary else ctx.uid(str(v)) for v in _values(elem.value)])
 
 
 def _clean(ds: Dataset, ctx: DeidContext) -> None:
@@ -210,7 +251,9 @@ def _clean(ds: Dataset, ctx: DeidContext) -> None:
             _drop_undecodable(ds, tag, ctx, exc)
             continue
         action = element_action(ctx.table, int(tag), elem.VR)
-        if action == "X":
+        if action == "K" and _has_damaged_value(elem):
+            _drop_damaged(ds, tag, ctx)
+        elif action == "X":
             del ds[tag]
         elif action == "Z":
             elem.value = Sequence() if elem.VR == "SQ" else None
@@ -218,6 +261,8 @@ def _clean(ds: Dataset, ctx: DeidContext) -> None:
             elem.value = DUMMY_BY_VR.get(elem.VR, DUMMY_TEXT)
         elif action == "U":
             _set_values(elem, [ctx.uid(str(v)) for v in _values(elem.value)])
+        elif action == "KEEP_STANDARD_UIDS":
+            _keep_or_replace_uids(elem, ctx)
         elif action == "SHIFT":
             shift = shift_date if elem.VR == "DA" else shift_datetime
             _set_values(elem, [shift(str(v), ctx.date_offset_days) for v in _values(elem.value)])
@@ -244,6 +289,13 @@ def _drop_undecodable(ds: Dataset, tag, ctx: DeidContext, exc: Exception) -> Non
     if ctx.notes is not None:
         ctx.notes.add(f"element {_tag_text(int(tag))} could not be decoded (damaged, or of an unknown value "
                       "representation) and was removed")
+
+
+def _drop_damaged(ds: Dataset, tag, ctx: DeidContext) -> None:
+    del ds[tag]
+    if ctx.notes is not None:
+        ctx.notes.add(f"element {_tag_text(int(tag))} held characters its value representation does not allow "
+                      "(damaged) and was removed")
 
 
 def anonymize_dataset(ds: Dataset, ctx: DeidContext, in_place: bool = False,
@@ -793,7 +845,7 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
     result = _new_result(case_dir.name)
     notes = CaseNotes()
     tmp_dir: Path | None = None
-    with warnings.catch_warnings(record=True) as caught, _quiet_pydicom_logger(debug):
+    with warnings.catch_warnings(record=True) as caught, quiet_library_loggers(debug):
         warnings.simplefilter("always")
         run = _CaseRun(case_dir, notes, caught, debug)
         try:
@@ -854,19 +906,6 @@ def anonymize_case(case_dir: Path, out_dir: Path, key: bytes, allow_burned_in: b
                 run.take_warnings()
             result["notes"] = notes.lines()
     return result
-
-
-@contextlib.contextmanager
-def _quiet_pydicom_logger(debug: bool):
-    """pydicom logs each warning it issues too; while a case is read its warnings become notes, so the log
-    stays silent (unless --debug) even where a handler is configured."""
-    logger = logging.getLogger("pydicom")
-    before = logger.disabled
-    logger.disabled = not debug
-    try:
-        yield
-    finally:
-        logger.disabled = before
 
 
 def _under(exc: OSError, folder: Path) -> bool:

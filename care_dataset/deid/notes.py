@@ -7,8 +7,11 @@ user could act on (deprecations inside the library) are dropped. `--debug` shows
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 _TAG = r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)"
 _VR = r"\b([A-Z]{2})\b"
@@ -65,3 +68,19 @@ class CaseNotes:
 
     def lines(self) -> list[str]:
         return [note if n == 1 else f"{note} ({n} times)" for note, n in self._counts.items()]
+
+
+@contextlib.contextmanager
+def quiet_library_loggers(debug: bool = False) -> Iterator[None]:
+    """pydicom logs each warning it issues too, and nibabel logs what it fixes in a header (some of it quotes
+    header values): while raw files are read both loggers stay silent (unless --debug), even where a handler is
+    configured."""
+    loggers = [logging.getLogger(name) for name in ("pydicom", "nibabel")]
+    before = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = not debug
+    try:
+        yield
+    finally:
+        for logger, disabled in zip(loggers, before):
+            logger.disabled = disabled

@@ -7,6 +7,11 @@ Values collected from raw/:
   at any sequence depth, and every string value of a private tag (UN values too when they decode
   to printable latin-1 text). Only text VRs count (CS code strings and binary numbers are not
   searched).
+  A value that breaks its value representation (control characters, or not the form of AS, DA, DT, TM,
+  UI) comes from a damaged element whose length swallowed the elements after it: it is not searched
+  (care-anonymize removes such an element; what it swallowed is searched where it is intact). Nor is
+  a numbers-only value of a public tag DICOM does not define (a damaged tag number: its numbers are
+  geometry the copy holds under the right tag; care-anonymize removes such elements).
   Person names are also split on "^" and "=" into components; dates (DA, and the date part of
   DT) are also searched as YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD.
 - every folder and file name under raw/ (each path component and its stem without extensions);
@@ -21,7 +26,8 @@ and fewer than 6 digits (short numbers; dates and UIDs stay), is made only of ge
 well-known DICOM UID (1.2.840.10008.*).
 
 Every file under out/ is read as bytes and searched, case-insensitively (ASCII), for the UTF-8
-and latin-1 encodings of each value; so are the relative path names. In binary files (a NUL
+and latin-1 encodings of each value; so are the relative path names. A UID or decimal number counts
+only as a whole: not where it is the start of a longer one (1.2.3 inside 1.2.34). In binary files (a NUL
 byte in the first 8 KiB, or not UTF-8) only values of 6 or more bytes are searched: shorter
 strings occur by chance in compressed data.
 """
@@ -37,15 +43,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag, repeater_has_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid.anonymize import element_action, is_non_dicom_name, is_overlay_group, iter_case_files, read_dicom
+from care_dataset.deid.anonymize import (element_action, is_damaged_value, is_non_dicom_name, is_overlay_group,
+                                         iter_case_files, read_dicom)
 from care_dataset.deid.pseudonyms import STANDARD_UID_ROOT
-from care_dataset.raw.volume import NIFTI_SUFFIXES
+from care_dataset.raw.volume import NIFTI_SUFFIXES, itk_path
 
 MIN_TEXT_LENGTH = 4
 MIN_BINARY_LENGTH = 6
@@ -56,6 +63,8 @@ NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
 ITK_HEADER_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 ITK_GEOMETRY_KEY_PREFIXES = ("ITK_", "NRRD_")
 METAIMAGE_UNKNOWN_MODALITY = "MET_MOD_UNKNOWN"
+DOTTED_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)+")  # UIDs and decimals: a match inside a longer one is not theirs
+NUMBER_BYTES = b"0123456789."
 NUMBER_SEPARATORS = re.compile(r"[\s,;()\[\]]+")
 GENERIC_WORDS = frozenset("""
 ct mr pt us cr dx mg nm ot sc rt seg sr pr ko doc
@@ -131,7 +140,7 @@ def _element_strings(elem) -> list[str]:
         if isinstance(item, (bytes, bytearray)):
             continue
         text = str(item).strip()
-        if not text:
+        if not text or is_damaged_value(text, elem.VR):
             continue
         if elem.VR == "PN":
             out.append(text)
@@ -169,8 +178,10 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             category = f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}"
         else:
             continue
+        undefined = not (tag.is_private or dictionary_has_tag(tag) or repeater_has_tag(tag))
         for text in _element_strings(elem):
-            _add(found, text, category)
+            if not (undefined and _numbers_only(text)):
+                _add(found, text, category)
 
 
 def _changed_by_deid(table: AnnexETable, tag: BaseTag, vr: str) -> bool:
@@ -210,7 +221,7 @@ def _nifti_strings(path: Path) -> list[str]:
 def _image_header_strings(path: Path) -> list[str]:
     """Text values of an NRRD or MetaImage header (numbers-only values and geometry keys left out)."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(itk_path(path))
     reader.ReadImageInformation()
     out = []
     for key in reader.GetMetaDataKeys():
@@ -312,6 +323,7 @@ class _Matcher:
                 self.by_prefix.setdefault(pattern[:4], {}).setdefault(len(pattern), {})[pattern] = value
                 self.table2[pattern[0] | pattern[1] << 8] = True
                 self.max_len = max(self.max_len, len(pattern))
+        self.dotted = {value for value in values if DOTTED_NUMBER.fullmatch(value.strip())}
         self.prefix4 = np.array(sorted(int.from_bytes(p, "little") for p in self.by_prefix), dtype=np.uint32)
 
     def find(self, data: bytes, min_len: int) -> set[str]:
@@ -331,7 +343,7 @@ class _Matcher:
             for length, patterns in self.by_prefix[low[pos:pos + 4]].items():
                 if length >= min_len:
                     value = patterns.get(low[pos:pos + length])
-                    if value is not None:
+                    if value is not None and (value not in self.dotted or _stands_alone(low, pos, length)):
                         found.add(value)
         return found
 
@@ -349,6 +361,13 @@ class _Matcher:
                     break
                 block = block[-overlap:] + more if overlap else more
         return found
+
+
+def _stands_alone(data: bytes, pos: int, length: int) -> bool:
+    """Whether the match at data[pos:pos + length] is a whole dotted number, not part of a longer one."""
+    before = data[pos - 1:pos] if pos else b""
+    after = data[pos + length:pos + length + 1]
+    return not (before and before in NUMBER_BYTES) and not (after and after in NUMBER_BYTES)
 
 
 def _looks_like_text(head: bytes) -> bool:

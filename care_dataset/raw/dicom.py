@@ -28,6 +28,7 @@ from pydicom.uid import UID
 
 from care_dataset.raw import multiframe
 from care_dataset.raw.image import as_int16, canonical_geometry, cast_int16, describe_grid, grid_difference
+from care_dataset.raw.volume import PathNameError, itk_path
 
 # Modality (0008,0060) defined terms of PS3.3 C.7.3.1.1.1, current and retired: only these may be echoed in a
 # reason (report.json); any other value is free text typed in somewhere and is never copied out.
@@ -151,6 +152,7 @@ def _walk_files(root: Path, exclude: set[Path]) -> list[Path]:
 
 UNREADABLE = "unreadable file(s) (no parseable DICOM header: stray or damaged)"
 DANGLING = "dangling symbolic link(s)"
+NOT_UTF8 = "file(s) whose path is not valid UTF-8 (SimpleITK cannot open them: rename them)"
 UNUSABLE_IMAGE = "image(s) whose "  # start of every reason of _header_problem
 # The pixel format attributes an image must hold as one whole number, with the values they may take.
 PIXEL_FORMAT = {"Rows": (1, 65535), "Columns": (1, 65535), "BitsAllocated": (8, 32), "PixelRepresentation": (0, 1)}
@@ -162,6 +164,10 @@ def _read_header(path: Path) -> pydicom.Dataset | str | None:
     Thumbs.db, or a damaged one: a damaged slice of the annotated series then shows as a grid mismatch)."""
     if not path.exists():
         return DANGLING
+    try:
+        itk_path(path)
+    except PathNameError:
+        return NOT_UTF8
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError:

@@ -42,6 +42,21 @@ class CorruptStreamError(VolumeFileError):
     """Compressed voxel data that is truncated or fails its checksum."""
 
 
+class PathNameError(VolumeFileError):
+    """A path SimpleITK cannot be given: it holds bytes that are not UTF-8."""
+
+
+def itk_path(path: Path) -> str:
+    """``path`` as SimpleITK takes it. A name that is not valid UTF-8 raises PathNameError: SimpleITK refuses it,
+    or aborts the whole process."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathNameError("a file or folder name on its path is not valid UTF-8: rename it") from None
+    return text
+
+
 READ_CHUNK = 1 << 20
 HEADER_LIMIT = 1 << 20  # NRRD and MetaImage headers are text; a larger one is not a header
 
@@ -126,9 +141,10 @@ def volume_suffix(name: str) -> str | None:
 def read_volume_file(path: Path) -> sitk.Image:
     """A volume file as SimpleITK reads it, its compressed data checked in full first (:func:`check_compressed`)
     and a NIfTI file also checked for what ITK reads wrongly (:func:`check_nifti`). Raises RuntimeError
-    (SimpleITK) or VolumeFileError."""
+    (SimpleITK) or VolumeFileError (PathNameError for a name SimpleITK cannot be given)."""
+    itk_path(path)
     data_size = check_compressed(Path(path))
-    image = sitk.ReadImage(str(path))
+    image = sitk.ReadImage(itk_path(path))
     if is_nifti(path):
         check_nifti(path, data_size)
     return image
