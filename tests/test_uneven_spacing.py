@@ -159,7 +159,7 @@ def test_regular_series_records_nothing_new(tmp_path):
     assert set(entry) == {"case_id", "status", "reason"}
     (case,) = json.loads((out / "cases.json").read_text()).values()
     assert set(case) == {"num_slices", "kept_slices", "canonical", "spacing", "original", "voxels_before",
-                         "voxels_after", "checksum", "split"}
+                         "voxels_after", "checksum", "split", "slice_selection"}
 
 
 @needs_ge_series

@@ -235,7 +235,8 @@ def map_label(label: sitk.Image, profile: Profile, names: dict[int, str]) -> sit
 
 
 def select_slices(label: np.ndarray, profile: Profile) -> tuple[np.ndarray, dict[str, int], dict[str, int]]:
-    """Axial slices to keep and voxels per class before and after.
+    """Axial slices to keep (those holding ``keep_classes`` plus the margin, or every slice when the profile
+    keeps all) and voxels per class before and after.
 
     label: (Z, Y, X) uint8 class indices. Returns kept slice indices (ascending int64), then voxel counts per
     class name over the whole volume and over the kept slices.
@@ -251,7 +252,9 @@ def select_slices(label: np.ndarray, profile: Profile) -> tuple[np.ndarray, dict
     if not selecting.any():
         names = ", ".join(profile.class_names[c] for c in profile.keep_classes)
         raise CaseError(f"the annotation holds no voxel of the classes that select slices ({names})")
-    if profile.margin > 0:
+    if profile.all_slices:
+        selecting = np.ones_like(selecting)
+    elif profile.margin > 0:
         window = np.ones(2 * profile.margin + 1)
         selecting = np.convolve(selecting.astype(float), window, mode="same") > 0
     kept = np.flatnonzero(selecting).astype(np.int64)

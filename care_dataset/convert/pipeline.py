@@ -27,9 +27,10 @@ from care_dataset.files import (LOCK_NAME, OutputLockedError, creation_problem, 
 from care_dataset.format import writer
 from care_dataset.format.layout import (FORMAT_NAME, FORMAT_VERSION, H5_DIR, STORAGE_FORMATS, TMP_DIR, ZARR_DIR,
                                         read_json)
-from care_dataset.format.splits import make_splits
+from care_dataset.format.splits import given_splits, make_splits, patients_in_several_splits, split_names
 from care_dataset.raw.discover import RawCase, discover_cases, drop_linked_cases, raw_fingerprint
 from care_dataset.raw.profiles import Profile
+from care_dataset.raw.split_lists import SplitAssignment, SplitListError, assign_splits
 from care_dataset.version import __version__
 
 PRIVATE_MAP_MODE = 0o600  # raw folder names are patient names: for the data custodian's eyes only
@@ -174,13 +175,24 @@ def split_statistics(cases: dict[str, dict], splits: dict, split_names: list[str
     return stats
 
 
+def split_warnings(splits: dict) -> list[str]:
+    """One warning per patient prefix whose cases the source put in different splits."""
+    source = "the image folders" if splits.get("strategy") == "folders" else "the split file"
+    return [f"warning: the cases of patient {patient} lie in splits {' and '.join(held)}, as {source} put them; "
+            "one patient's scans in training and in testing inflate the scores"
+            for patient, held in patients_in_several_splits(splits).items()]
+
+
 def build_outputs(records: list[dict], report: list[dict], profile: Profile, storage: str, seed: int,
-                  key_reproducible: bool) -> dict[str, Any]:
-    """The four top-level JSON objects, from the case records alone (deterministic)."""
+                  key_reproducible: bool, splits: dict | None = None) -> dict[str, Any]:
+    """The four top-level JSON objects, from the case records alone (deterministic); ``splits``: the
+    splits.json object of splits the source gave (None: the seeded patient split of the profile's sizes)."""
     by_id = {r["case_id"]: r["entry"] for r in sorted(records, key=lambda r: r["case_id"])}
-    splits = make_splits(list(by_id), profile.split_sizes, seed)
-    split_of = {c: name for name in profile.split_sizes for c in splits[name]}
-    cases = {c: {**entry, "split": split_of[c]} for c, entry in by_id.items()}
+    if splits is None:
+        splits = make_splits(list(by_id), profile.split_sizes, seed)
+    split_of = {c: name for name in split_names(splits) for c in splits[name]}
+    selection = "all" if profile.all_slices else "labelled"
+    cases = {c: {**entry, "split": split_of[c], "slice_selection": selection} for c, entry in by_id.items()}
     checksums = {c: entry["checksum"] for c, entry in by_id.items()}
     overall = hashlib.sha256("".join(f"{c} {s}\n" for c, s in checksums.items()).encode()).hexdigest()
     manifest = {
@@ -189,7 +201,7 @@ def build_outputs(records: list[dict], report: list[dict], profile: Profile, sto
         "storage": storage,
         "classes": list(profile.class_names),
         "profile": profile.to_json(),
-        "splits": split_statistics(cases, splits, list(profile.split_sizes), list(profile.class_names)),
+        "splits": split_statistics(cases, splits, split_names(splits), list(profile.class_names)),
         "checksums": {"cases": checksums, "all": overall},
         "tool": "care-usam",
         "tool_version": __version__,
@@ -214,16 +226,25 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConvertError(f"the split seed must be a non-negative integer, got {seed!r}")
     raw_dir, out_dir, private_map = check_paths(raw_dir, out_dir, private_map)
-    raws, skipped = drop_linked_cases(discover_cases(raw_dir, profile), raw_dir, out_dir)
-    if skipped:
-        for name, why in skipped:
-            stderr_console().print(f"note: skipped case folder {name}: {why}", markup=False, highlight=False)
+    discovered = discover_cases(raw_dir, profile)
+    try:
+        assignment = assign_splits(discovered, profile)
+    except SplitListError as err:
+        raise ConvertError(str(err)) from None
+    raws, skipped = drop_linked_cases(discovered, raw_dir, out_dir)
+    if assignment is not None:
+        skipped += [(r.key, f"it is in no split of the split file {profile.split_file}") for r in raws
+                    if r.key not in assignment.of_raw]
+        raws = [r for r in raws if r.key in assignment.of_raw]
+    for name, why in skipped:
+        stderr_console().print(f"note: skipped case folder {name}: {why}", markup=False, highlight=False)
     if not raws:
         raise ConvertError(f"no cases found in {raw_dir} for profile {profile.name!r}")
     try:
         with hold_output_lock(out_dir, "care-convert"):
             outcomes, failures, warnings, outputs = _convert_locked(
-                raws, raw_dir, out_dir, profile, key, key_reproducible, seed, storage, workers, private_map, progress)
+                raws, raw_dir, out_dir, profile, key, key_reproducible, seed, storage, workers, private_map, progress,
+                assignment)
     except OutputLockedError as err:
         raise OutputBusyError(str(err)) from None
 
@@ -236,19 +257,24 @@ def convert_dataset(raw_dir: Path, out_dir: Path, profile: Profile, key: bytes, 
 
 def _convert_locked(raws: list[RawCase], raw_dir: Path, out_dir: Path, profile: Profile, key: bytes,
                     key_reproducible: bool, seed: int, storage: str, workers: int, private_map: Path | None,
-                    progress: bool) -> tuple[list[CaseOutcome], list[tuple[str, str]], list[str], dict[str, Any]]:
+                    progress: bool, assignment: SplitAssignment | None = None,
+                    ) -> tuple[list[CaseOutcome], list[tuple[str, str]], list[str], dict[str, Any]]:
     """The conversion proper, run while this process holds the output folder's lock."""
     _prepare_output(out_dir, storage)
     outcomes, jobs = _resumed_and_pending(raws, raw_dir, out_dir, profile, key, storage)
     failures = _run_jobs(jobs, outcomes, out_dir, storage, workers, progress)
     _fail_duplicate_ids(outcomes, out_dir, storage, failures)
     done = [o for o in outcomes if o is not None and o.status == "converted"]
-    warnings = identity_conflicts([o.record for o in done])
+    _prune(out_dir, storage, {o.case_id for o in done})
+    splits = None
+    if assignment is not None:
+        splits = given_splits(assignment.of_case({o.raw_name: o.case_id for o in done}), assignment.names,
+                              assignment.strategy, seed)
+    outputs = build_outputs([o.record for o in done], [_report_entry(o) for o in outcomes], profile, storage,
+                            seed, key_reproducible, splits)
+    warnings = identity_conflicts([o.record for o in done]) + split_warnings(outputs["splits.json"])
     for line in warnings:
         stderr_console().print(line, style="yellow", markup=False, highlight=False)
-    _prune(out_dir, storage, {o.case_id for o in done})
-    outputs = build_outputs([o.record for o in done], [_report_entry(o) for o in outcomes], profile, storage,
-                            seed, key_reproducible)
     if private_map is not None:  # before the completion marker: a run that cannot write it does not look done
         private_map.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(private_map, {o.raw_name: o.case_id for o in outcomes}, mode=PRIVATE_MAP_MODE)

@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from care_dataset.export.errors import ExportError
-from care_dataset.format.layout import content_checksum, read_json
+from care_dataset.format.layout import content_checksum, read_json, whole_scan
 from care_dataset.format.reader import CareDataset, open_dataset
 
 FILL_HU = -1024
@@ -94,11 +94,6 @@ def image_path(root: Path, split: str, case_id: str) -> Path:
 
 def label_path(root: Path, split: str, case_id: str) -> Path:
     return root / f"labels{folder_suffix(split)}" / f"{case_id}{NIFTI_ENDING}"
-
-
-def whole_scan(geometry: dict) -> bool:
-    """Whether the conversion kept every canonical slice of the case."""
-    return list(geometry["kept_slices"]) == list(range(int(geometry["canonical"]["size"][2])))
 
 
 def write_cases(dataset: CareDataset, root: Path) -> dict[str, dict]:

@@ -38,6 +38,12 @@ def content_checksum(image: np.ndarray, label: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def whole_scan(geometry: dict) -> bool:
+    """Whether a case's stored slices are every canonical slice of its scan (cases.json's ``kept_slices`` and
+    ``canonical.size``), as a conversion with ``[slices] margin = "all"`` keeps them."""
+    return list(geometry["kept_slices"]) == list(range(int(geometry["canonical"]["size"][2])))
+
+
 def case_path(root: Path, storage: str, case_id: str) -> Path:
     """Where a case's arrays lie: its zarr group folder or its HDF5 file."""
     if storage == "zarr":

@@ -1,10 +1,12 @@
-"""Patient-level dataset splits, deterministic from a seed.
+"""Dataset splits: patient-level, deterministic from a seed, or given by the source (``given_splits``).
 
 Case IDs have the form ``<patient>-<suffix>`` (``care_dataset.deid.pseudonyms.case_id_for``): every case of one
-patient shares the prefix, so all of them land in the same split.
+patient shares the prefix, so the seeded split puts all of them in the same split.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -57,6 +59,32 @@ def make_splits(case_ids: list[str], split_sizes: dict[str, int], seed: int) -> 
     for name in split_sizes:
         splits[name] = sorted(c for c in case_ids if split_of_patient[patient_of(c)] == name)
     return splits
+
+
+def given_splits(split_of_case: dict[str, str], names: Sequence[str], strategy: str, seed: int) -> dict:
+    """The ``splits.json`` object for splits the source gave (``strategy`` "folders" or "file"): ``{"seed",
+    "strategy", <split>: [case_id, ...]}``, every split in ``names`` (in that order) even when empty. The seed is
+    kept for what derives from it later (the exports' folds); it decided no membership."""
+    splits: dict = {"seed": int(seed), "strategy": strategy}
+    for name in names:
+        splits[name] = sorted(c for c, s in split_of_case.items() if s == name)
+    return splits
+
+
+def split_names(splits: dict) -> list[str]:
+    """The split names of a ``splits.json`` object, in its order."""
+    return [name for name, cases in splits.items() if isinstance(cases, list)]
+
+
+def patients_in_several_splits(splits: dict) -> dict[str, list[str]]:
+    """Patient prefix -> the splits holding its cases, for patients whose cases lie in more than one."""
+    found: dict[str, list[str]] = {}
+    for name in split_names(splits):
+        for case_id in splits[name]:
+            held = found.setdefault(patient_of(case_id), [])
+            if name not in held:
+                held.append(name)
+    return {patient: held for patient, held in sorted(found.items()) if len(held) > 1}
 
 
 def carve_validation(case_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

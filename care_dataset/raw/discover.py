@@ -22,6 +22,7 @@ class RawCase:
     label_path: Path | None
     description_path: Path | None
     problem: str | None = None  # why the case cannot be loaded, found during discovery
+    folder: str | None = None  # paired layouts: the profile's image folder the image is in (it may name a split)
 
 
 def _stem(name: str) -> str:
@@ -126,7 +127,8 @@ def _discover_paired(raw_dir: Path, profile: Profile) -> list[RawCase]:
         # nnU-Net names images <case>_0000.nii.gz and labels <case>.nii.gz
         names = [image.name] + ([stem[:-5] + volume_suffix(image.name)] if re.search(r"_\d{4}$", stem) else [])
         label = next(
-            (raw_dir / d / n for d in profile.label_dirs for n in names if (raw_dir / d / n).is_file()), None
+            (raw_dir / d / n for d in _label_dirs_for(image_dir, profile) for n in names
+             if (raw_dir / d / n).is_file()), None
         )
         cases.append(RawCase(
             key=stem if stem_count[stem] == 1 else f"{image_dir}/{stem}",
@@ -134,8 +136,18 @@ def _discover_paired(raw_dir: Path, profile: Profile) -> list[RawCase]:
             label_path=label,
             description_path=None,
             problem=None if label else f"no annotation of the same name in {', '.join(profile.label_dirs)}",
+            folder=image_dir,
         ))
     return sorted(cases, key=lambda c: c.key)
+
+
+def _label_dirs_for(image_dir: str, profile: Profile) -> list[str]:
+    """The label folders searched for an image in ``image_dir``: the one at the same place in the profile's
+    lists first (imagesTs pairs with labelsTs when one name is in several folders), then the others."""
+    if len(profile.image_dirs) == len(profile.label_dirs):
+        own = profile.label_dirs[profile.image_dirs.index(image_dir)]
+        return [own, *(d for d in profile.label_dirs if d != own)]
+    return list(profile.label_dirs)
 
 
 def drop_linked_cases(raws: list, raw_dir: Path, out_dir: Path) -> tuple[list, list[tuple[str, str]]]:
