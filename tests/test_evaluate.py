@@ -24,8 +24,9 @@ from care_dataset.format import layout, reader, writer
 from care_dataset.publish.job import publish
 from usam.cli import add_eval_arguments
 from usam.data import resize_labels
-from usam.evaluate import cases_csv, evaluate_split, print_tables, report, run_eval, summary_csv
-from usam.inference import inference_settings
+from usam.evaluate import (cases_csv, default_out_name, evaluate_split, print_tables, report, run_eval,
+                            summary_csv)
+from usam.inference import InputError, inference_settings
 from usam.metrics import dice_from_confusion
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
@@ -218,6 +219,7 @@ def test_cli_with_untrained_model_writes_reports(converted, tiny_checkpoint, tmp
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # staged, renamed in, readable as any folder
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["points_per_class"] == 3 and summary["num_cases"] == 3 and summary["num_slices"] == 9
+    assert summary["volume_protocol"] == summary["clinical_protocol"]["volume"] == "labelled"
     for protocol in ("paper_protocol", "clinical_protocol"):
         for metric in ("dice", "iou"):
             for value in summary[protocol][metric].values():
@@ -345,3 +347,98 @@ def test_an_out_folder_whose_parent_is_not_writable_is_refused_before_any_work(c
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-1500:]
     assert f"cannot create files in {parent} (Permission denied)" in lines[0]
     assert "Dice" not in result.stdout and list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------- --volume labelled | full
+
+
+@pytest.fixture(scope="module")
+def whole_scans(tmp_path_factory):
+    """Two test cases stored whole (as [slices] margin = "all" keeps them): 6 slices of 224 x 224, the rectum
+    labelled on slices 2-3 and bright there; slice 5 holds an equally bright, unlabelled blob."""
+    root = tmp_path_factory.mktemp("whole")
+    writer.init_store(root, "zarr")
+    rows, cols = np.mgrid[0:224, 0:224]
+    geometry = {}
+    for i, case_id in enumerate(("care_00000000000a-000001", "care_00000000000b-000001")):
+        image = np.full((6, 224, 224), -1000, np.int16)
+        image[:, 30:194, 30:194] = 40
+        label = np.zeros((6, 224, 224), np.uint8)
+        blob = (rows - 100 - 5 * i) ** 2 + (cols - 110) ** 2 < 20 ** 2
+        label[2:4, blob] = 1
+        image[2:4, blob] = 90
+        image[5, blob] = 90  # looks like rectum, is not: a false positive outside the labelled range
+        writer.write_case(root, "zarr", case_id, image, label)
+        canonical = {"size": [224, 224, 6], "spacing": SPACING, "origin": [0.0, 0.0, 0.0],
+                     "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]}
+        geometry[case_id] = {"split": "test", "num_slices": 6, "kept_slices": list(range(6)), "canonical": canonical,
+                             "spacing": SPACING, "original": {**canonical, "orientation": "LPS"},
+                             "slice_selection": "all"}
+    files.write_json_atomic(root / "dataset.json", {"format": layout.FORMAT_NAME, "format_version": layout.FORMAT_VERSION,
+                                                    "storage": "zarr", "classes": CLASSES})
+    files.write_json_atomic(root / "cases.json", geometry)
+    files.write_json_atomic(root / "splits.json", {"seed": 0, "strategy": "patient", "test": sorted(geometry)})
+    return root
+
+
+class BrightModel(nn.Module):
+    """Predicts rectum wherever the windowed input is brighter than soft tissue; counts the slices it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.slices_seen = 0
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, points=None, point_labels=None):
+        self.slices_seen += len(images)
+        bright = (images[:, 0] > 0.475).float()  # HU 90 -> 0.54, HU 40 -> 0.41 in the window [-125, 275]
+        return torch.stack([1 - bright, bright, torch.full_like(bright, -1.0)], dim=1) * 10
+
+
+def test_labelled_scores_the_labelled_slices_and_full_the_whole_scan(whole_scans):
+    dataset = reader.open_dataset(whole_scans)
+    runs = {}
+    for volume in ("labelled", "full"):
+        model, done = BrightModel(), []
+        runs[volume] = evaluate_split(model, SETTINGS, dataset, "test", 0, batch_size=4, volume=volume,
+                                      progress=done.append)
+        assert sum(done) == 12  # every stored slice counted by the progress, run or not
+        assert model.slices_seen == (4 if volume == "labelled" else 12)
+    labelled, full = runs["labelled"], runs["full"]
+    assert [c.num_slices for c in labelled.cases] == [2, 2] and [c.num_slices for c in full.cases] == [6, 6]
+    for case in labelled.cases:
+        assert case.dice[1] == 1.0 and case.hd95_penalised[1] == 0.0
+    for case in full.cases:  # slice 5's blob, as large as each labelled one: Dice 2 * 2 / (2 + 3)
+        assert case.dice[1] == pytest.approx(0.8) and case.hd95[1] == pytest.approx(2 * SPACING[2])  # slice 3 to 5
+    np.testing.assert_array_equal(full.pooled_confusion, labelled.pooled_confusion)  # the paper pools labelled
+    assert full.num_slices == labelled.num_slices == 4
+    for evaluation in (labelled, full):
+        summary = report(evaluation, "bright")
+        assert summary["volume_protocol"] == summary["clinical_protocol"]["volume"] == evaluation.volume
+        assert summary["clinical_protocol"]["num_slices"] == sum(c.num_slices for c in evaluation.cases)
+        assert f"clinical_per_volume_{evaluation.volume}" in summary_csv(summary)
+    assert "holding a label" in report(labelled, "m")["clinical_protocol"]["description"]
+    assert "every slice of the scan" in report(full, "m")["clinical_protocol"]["description"]
+
+
+def test_full_is_refused_where_the_conversion_kept_only_labelled_slices(converted, tiny_checkpoint, tmp_path, capsys):
+    dataset = reader.open_dataset(converted)
+    with pytest.raises(InputError, match="case care_000000000001 stores 3 of 13 axial slices"):
+        evaluate_split(BrightModel(), SETTINGS, dataset, "test", 0, volume="full")
+    out = tmp_path / "never"
+    assert run_eval(_eval_args("--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--volume", "full",
+                               "--out", str(out))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("usam eval: --volume full: case care_000000000001 stores 3 of 13") and "\n" not in err
+    assert 'margin = "all"' in err and "--volume labelled" in err and not out.exists()
+
+
+def test_cli_full_on_whole_scans_records_the_protocol(whole_scans, tiny_checkpoint, tmp_path):
+    out = tmp_path / "full"
+    assert run_eval(_eval_args("--data", str(whole_scans), "--checkpoint", str(tiny_checkpoint), "--volume", "full",
+                               "--batch-size", "6", "--device", "cpu", "--out", str(out))) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["volume_protocol"] == "full" and [c["num_slices"] for c in summary["cases"]] == [6, 6]
+    assert summary["num_slices"] == 4  # pooled: the slices holding a label
+    assert default_out_name("test", 3, "full") == "eval_test_points3_full"
+    assert default_out_name("test", 3, "labelled") == "eval_test_points3"

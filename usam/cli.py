@@ -56,10 +56,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--points", type=int, default=None,
                         help="points per class sampled from the truth (0 = unprompted; default: the checkpoint's)")
+    parser.add_argument("--volume", choices=("labelled", "full"), default="labelled",
+                        help="per-volume metrics over the stored slices holding a label (labelled, default) or "
+                             "over every slice of the scan (full: a conversion with [slices] margin = \"all\")")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: <checkpoint>/../eval_<split>_points<k>)")
+                        help="output folder (default: <checkpoint>/../eval_<split>_points<k>, _full added "
+                             "for --volume full)")
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:

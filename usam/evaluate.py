@@ -1,10 +1,11 @@
 """`usam eval`: a checkpoint on one split of a converted or published CARE folder, paper and clinical metrics.
 
-Paper protocol: Dice and IoU per class pooled over every slice of the split at the model's
-224 x 224 resolution (sum of intersections over sum of sizes). Clinical protocol: per volume, on the
-stored slices at their original in-plane resolution (logits resized bilinearly to H x W, then
-argmax), Dice, IoU and the 95th-percentile surface Hausdorff distance in mm (as defined, and penalised:
-a miss or a false positive scores the volume's field-of-view diagonal); mean and std over cases.
+Paper protocol: Dice and IoU per class pooled over every slice of the split holding a label, at the model's
+224 x 224 resolution (sum of intersections over sum of sizes). Clinical protocol: per volume at the original
+in-plane resolution (logits resized bilinearly to H x W, then argmax), Dice, IoU and the 95th-percentile
+surface Hausdorff distance in mm (as defined, and penalised: a miss or a false positive scores the volume's
+field-of-view diagonal); mean and std over cases. The volume is the stored slices holding a label
+(``labelled``) or every slice of the scan (``full``: only for a conversion that kept them all).
 Definitions and empty-set conventions: docs/evaluation.md.
 """
 
@@ -31,6 +32,7 @@ from rich.table import Table
 from torch import nn
 
 from care_dataset.error_text import error_line
+from care_dataset.format.layout import whole_scan
 from care_dataset.format.published import open_any
 from usam.data import resize_labels
 from usam.inference import (
@@ -59,10 +61,14 @@ from usam.outputs import check_parent_creatable, error_reason, write_folder_file
 from usam.overlays import save_case_grid
 from usam.prompts import PADDING_LABEL, sample_points
 
-PAPER_PROTOCOL = "paper: Dice/IoU pooled over all slices of the split at {size} x {size}"
-CLINICAL_PROTOCOL = (
-    "clinical: per volume at the original in-plane resolution (stored slices), mean and std over cases"
-)
+PAPER_PROTOCOL = "paper: Dice/IoU pooled over the slices of the split holding a label, at {size} x {size}"
+VOLUME_PROTOCOLS = ("labelled", "full")
+CLINICAL_PROTOCOL = {
+    "labelled": "clinical: per volume over the stored slices holding a label, at the original in-plane "
+                "resolution, mean and std over cases",
+    "full": "clinical: per volume over every slice of the scan (all stored), at the original in-plane "
+            "resolution, mean and std over cases",
+}
 HD95_DEFINITIONS = {
     "hd95_mm": "HD95 mm: over cases where truth and prediction both hold the class; misses and false "
                "positives are excluded (counted as HD95 undefined), so missing a tumour never worsens it.",
@@ -102,9 +108,10 @@ class Evaluation:
     split: str
     points_per_class: int
     settings: InferenceSettings
-    pooled_confusion: np.ndarray  # at img_size x img_size, summed over every slice
+    pooled_confusion: np.ndarray  # at img_size x img_size, summed over every slice holding a label
     cases: list[CaseResult]
-    num_slices: int
+    num_slices: int  # slices pooled: those holding a label
+    volume: str = "labelled"  # VOLUME_PROTOCOLS: the slices of each case its per-volume metrics cover
 
 
 def model_prompts(
@@ -151,17 +158,123 @@ def _case_volumes(pred: np.ndarray, truth: np.ndarray, kept: np.ndarray) -> tupl
     return full_pred, full_truth
 
 
-def true_positions(geometry: Mapping[str, Any], kept: np.ndarray) -> SlicePositions | None:
+def true_positions(geometry: Mapping[str, Any], kept: np.ndarray,
+                   stored: np.ndarray | None = None) -> SlicePositions | None:
     """The voxel positions of a case's volume (stored slices at their canonical z, as `_case_volumes` places
-    them) from cases.json's ``slice_positions``; None when the case has none (its slices are on its grid)."""
+    them) from cases.json's ``slice_positions``; None when the case has none (its slices are on its grid).
+    ``kept``: the canonical indices of the measured slices, ``stored`` their positions among the stored slices
+    (default: all of them, in order)."""
     if "slice_positions" not in geometry:
         return None
     sx, sy, sz = (float(s) for s in geometry["canonical"]["spacing"])
     direction = np.asarray(geometry["canonical"]["direction"], dtype=np.float64).reshape(3, 3)
+    measured = np.asarray(geometry["slice_positions"], dtype=np.float64)
     origins = np.full((int(kept.max() - kept.min() + 1), 3), np.nan)
-    origins[kept - kept.min()] = np.asarray(geometry["slice_positions"], dtype=np.float64)
+    origins[kept - kept.min()] = measured if stored is None else measured[stored]
     return SlicePositions(origins, row_step=direction[:, 1] * sy, column_step=direction[:, 0] * sx,
                           slice_step=direction[:, 2] * sz)
+
+
+def full_volume_problem(dataset: Any, case_ids: list[str]) -> str | None:
+    """Why ``--volume full`` cannot score these cases (the first whose stored slices are not its whole scan),
+    or None."""
+    for case_id in case_ids:
+        geometry = dataset.cases[case_id]
+        try:
+            whole = whole_scan(geometry)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return (f"--volume full: case {case_id} has no kept_slices and canonical size in cases.json, so "
+                    "whether its whole scan is stored is unknown; use --volume labelled")
+        if not whole:
+            return (f"--volume full: case {case_id} stores {len(geometry['kept_slices'])} of "
+                    f"{int(geometry['canonical']['size'][2])} axial slices (its conversion kept the labelled "
+                    "ones); convert with [slices] margin = \"all\" to score whole scans, or use --volume labelled")
+    return None
+
+
+@dataclass
+class EvalCase:
+    """One case as read for evaluation: stored slices, where they sit, which are scored and pooled."""
+
+    case_id: str
+    image: np.ndarray  # (n, H, W) int16, stored slices
+    truth: np.ndarray  # (n, H, W) uint8
+    kept: np.ndarray  # (n,) canonical index of each stored slice
+    spacing: tuple[float, float, float]  # z, y, x mm
+    scored: np.ndarray  # stored positions the per-volume metrics cover
+    pooled: np.ndarray  # (len(scored),) bool: which of them hold a label (pooled by the paper protocol)
+    positions: SlicePositions | None  # true positions of the scored slices, where they are off the grid
+
+
+def read_eval_case(dataset: Any, case_id: str, num_classes: int, volume: str) -> EvalCase:
+    """A case's stored slices and the ones `volume` scores; InputError, one line, for a case that cannot be
+    read or does not fit the model."""
+    try:
+        image, truth = dataset.read_case(case_id)
+        geometry = dataset.cases[case_id]
+        kept = np.asarray(geometry["kept_slices"], dtype=np.int64)
+        sx, sy, sz = (float(s) for s in geometry["spacing"])
+    except (KeyError, OSError, ValueError, TypeError) as error:
+        raise InputError(f"case {case_id}: cannot be read ({type(error).__name__}: {error})") from None
+    n = image.shape[0]
+    if len(kept) != n or truth.shape != image.shape:
+        raise InputError(f"case {case_id}: {n} stored slices but {len(kept)} kept_slices in cases.json")
+    if int(truth.max(initial=0)) >= num_classes:
+        raise InputError(f"case {case_id}: label value {int(truth.max())} but the model has {num_classes} classes")
+    labelled = truth.reshape(n, -1).any(axis=1)
+    scored = np.flatnonzero(labelled) if volume == "labelled" else np.arange(n)
+    if not len(scored):
+        raise InputError(f"case {case_id}: no stored slice holds a label, so --volume labelled scores nothing")
+    try:
+        positions = true_positions(geometry, kept[scored], scored)
+    except (KeyError, ValueError, TypeError, IndexError) as error:
+        raise InputError(f"case {case_id}: cannot be read ({type(error).__name__}: {error})") from None
+    return EvalCase(case_id, image, truth, kept, (sz, sy, sx), scored, labelled[scored], positions)
+
+
+def predict_case(model: nn.Module, settings: InferenceSettings, case: EvalCase, points_per_class: int,
+                 batch_size: int, device: torch.device, pooled: np.ndarray, progress: Any | None) -> np.ndarray:
+    """Labels (len(scored), H, W) of the case's scored slices at its resolution; adds the slices holding a label
+    to the `pooled` confusion at the model's."""
+    num_classes, size = settings.num_classes, settings.img_size
+    height, width = case.image.shape[1:]
+    pred = np.zeros((len(case.scored), height, width), case.truth.dtype)
+    for batch in iter_batches(len(case.scored), batch_size):
+        index = case.scored[batch]
+        x = model_input(case.image[index], settings, device)
+        truth_small = resize_labels(torch.from_numpy(case.truth[index]), size)
+        points = point_labels = None
+        if points_per_class:
+            points, point_labels = model_prompts(truth_small, num_classes, points_per_class, settings.points_per_class)
+        logits = forward_logits(model, x, points, point_labels, device)
+        pool_slices(pooled, logits.argmax(dim=1), truth_small.to(logits.device), case.pooled[batch], num_classes)
+        pred[batch] = logits_to_labels(logits, height, width).cpu().numpy()
+        if progress is not None:
+            progress(batch.stop - batch.start)
+    return pred
+
+
+def pool_slices(pooled: np.ndarray, pred_small: torch.Tensor, truth_small: torch.Tensor, counted: np.ndarray,
+                num_classes: int) -> None:
+    """Add the slices of a batch marked in `counted` (B,) to the `pooled` confusion matrix."""
+    if counted.all():
+        pooled += confusion_matrix(pred_small, truth_small, num_classes)
+    elif counted.any():
+        keep = torch.from_numpy(counted).to(pred_small.device)
+        pooled += confusion_matrix(pred_small[keep], truth_small[keep], num_classes)
+
+
+def score_case(case: EvalCase, pred: np.ndarray, num_classes: int) -> CaseResult:
+    """Per-volume metrics of the scored slices (at their canonical z) and the overlay's preview slice."""
+    truth, kept = case.truth[case.scored], case.kept[case.scored]
+    volume_pred, volume_truth = _case_volumes(pred, truth, kept)
+    m = volume_metrics(volume_pred, volume_truth, num_classes, spacing=case.spacing, positions=case.positions)
+    foreground = (truth > 0).reshape(len(truth), -1).sum(axis=1)
+    if not foreground.any():
+        foreground = (pred > 0).reshape(len(pred), -1).sum(axis=1)
+    best = int(np.argmax(foreground))
+    return CaseResult(case.case_id, len(case.scored), m["dice"], m["iou"], m["hd95"], m["hd95_penalised"],
+                      m["true_voxels"], m["pred_voxels"], int(case.scored[best]), pred[best].copy())
 
 
 def evaluate_split(
@@ -173,61 +286,34 @@ def evaluate_split(
     batch_size: int = 32,
     device: torch.device | str = "cpu",
     progress: Any | None = None,
+    volume: str = "labelled",
 ) -> Evaluation:
-    """Run every slice of `split` and collect pooled and per-volume metrics.
+    """Run the slices of `split` and collect pooled and per-volume metrics.
 
     dataset: a `CareDataset` or `PublishedDataset` (read_case, cases, case_ids). points_per_class = 0
     runs unprompted; otherwise prompts are sampled deterministically (rng=None) from each slice's
-    truth at model resolution. `progress`: optional callable(number_of_slices_done).
+    truth at model resolution. `volume`: "labelled" runs and scores the stored slices holding a label; "full"
+    runs every stored slice and scores the whole scan (InputError unless every case stores its whole scan);
+    both pool only the slices holding a label. `progress`: optional callable(number_of_stored_slices_done).
     """
+    if volume not in VOLUME_PROTOCOLS:
+        raise InputError(f"--volume {volume!r}: expected one of {', '.join(VOLUME_PROTOCOLS)}")
+    if volume == "full" and (problem := full_volume_problem(dataset, dataset.case_ids(split))):
+        raise InputError(problem)
     device = torch.device(device)
     model = model.to(device).eval()
-    num_classes, size = settings.num_classes, settings.img_size
+    num_classes = settings.num_classes
     pooled = np.zeros((num_classes, num_classes), np.int64)
     results: list[CaseResult] = []
     total = 0
     for case_id in dataset.case_ids(split):
-        try:
-            image, truth = dataset.read_case(case_id)
-            geometry = dataset.cases[case_id]
-            sx, sy, sz = (float(s) for s in geometry["spacing"])
-            kept = np.asarray(geometry["kept_slices"], dtype=np.int64)
-            positions = true_positions(geometry, kept)
-        except (KeyError, OSError, ValueError, TypeError) as error:
-            raise InputError(f"case {case_id}: cannot be read ({type(error).__name__}: {error})") from None
-        n, height, width = image.shape
-        if len(kept) != n or truth.shape != image.shape:
-            raise InputError(f"case {case_id}: {n} stored slices but {len(kept)} kept_slices in cases.json")
-        if int(truth.max(initial=0)) >= num_classes:
-            raise InputError(f"case {case_id}: label value {int(truth.max())} but the model has {num_classes} classes")
-        pred = np.zeros_like(truth)
-        for batch in iter_batches(n, batch_size):
-            x = model_input(image[batch], settings, device)
-            truth_small = resize_labels(torch.from_numpy(truth[batch]), size)
-            points = point_labels = None
-            if points_per_class:
-                points, point_labels = model_prompts(
-                    truth_small, num_classes, points_per_class, settings.points_per_class
-                )
-            logits = forward_logits(model, x, points, point_labels, device)
-            pooled += confusion_matrix(logits.argmax(dim=1), truth_small.to(logits.device), num_classes)
-            pred[batch] = logits_to_labels(logits, height, width).cpu().numpy()
-            if progress is not None:
-                progress(batch.stop - batch.start)
-        volume_pred, volume_truth = _case_volumes(pred, truth, kept)
-        m = volume_metrics(volume_pred, volume_truth, num_classes, spacing=(sz, sy, sx), positions=positions)
-        foreground = (truth > 0).reshape(n, -1).sum(axis=1)
-        if not foreground.any():
-            foreground = (pred > 0).reshape(n, -1).sum(axis=1)
-        position = int(np.argmax(foreground))
-        results.append(
-            CaseResult(
-                case_id, n, m["dice"], m["iou"], m["hd95"], m["hd95_penalised"], m["true_voxels"], m["pred_voxels"],
-                position, pred[position].copy(),
-            )
-        )
-        total += n
-    return Evaluation(split, points_per_class, settings, pooled, results, total)
+        case = read_eval_case(dataset, case_id, num_classes, volume)
+        pred = predict_case(model, settings, case, points_per_class, batch_size, device, pooled, progress)
+        if progress is not None and len(case.image) > len(case.scored):
+            progress(len(case.image) - len(case.scored))  # stored slices without a label, not run
+        results.append(score_case(case, pred, num_classes))
+        total += int(case.pooled.sum())
+    return Evaluation(split, points_per_class, settings, pooled, results, total, volume)
 
 
 # ---------------------------------------------------------------- reporting
@@ -277,6 +363,7 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
         "prompted": evaluation.points_per_class > 0,
         "num_cases": len(evaluation.cases),
         "num_slices": evaluation.num_slices,
+        "volume_protocol": evaluation.volume,
         "paper_protocol": {
             "description": PAPER_PROTOCOL.format(size=size),
             "resolution": [size, size],
@@ -288,7 +375,9 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
             "predicted_pixels": {names[c]: int(pooled_pred[c]) for c in foreground},
         },
         "clinical_protocol": {
-            "description": CLINICAL_PROTOCOL,
+            "description": CLINICAL_PROTOCOL[evaluation.volume],
+            "volume": evaluation.volume,
+            "num_slices": sum(case.num_slices for case in evaluation.cases),
             "dice": _per_volume(evaluation, "dice"),
             "iou": _per_volume(evaluation, "iou"),
             "hd95_mm": _per_volume(evaluation, "hd95"),
@@ -356,12 +445,13 @@ def summary_csv(summary: Mapping[str, Any]) -> str:
             writer.writerow(["paper_pooled_224", metric, name, _csv_value(value), "", "", ""])
         writer.writerow(["paper_pooled_224", metric, "mean", _csv_value(paper[f"mean_{metric}"]), "", "", ""])
     clinical = summary["clinical_protocol"]
+    protocol = f"clinical_per_volume_{clinical['volume']}"
     for metric in ("dice", "iou", "hd95_mm", "hd95_mm_penalised"):
         for name, s in clinical[metric].items():
-            writer.writerow(["clinical_per_volume", metric, name, *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
+            writer.writerow([protocol, metric, name, *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
         if metric in ("dice", "iou"):
             s = clinical[f"mean_{metric}"]
-            writer.writerow(["clinical_per_volume", metric, "mean", *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
+            writer.writerow([protocol, metric, "mean", *(_csv_value(s[k]) for k in ("mean", "std", "n", "n_undefined"))])
     return buffer.getvalue()
 
 
@@ -470,6 +560,11 @@ def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: A
 # ---------------------------------------------------------------- command line
 
 
+def default_out_name(split: str, points: int, volume: str) -> str:
+    """``eval_<split>_points<k>``, with ``_full`` for whole-scan per-volume scores."""
+    return f"eval_{split}_points{points}" + ("_full" if volume == "full" else "")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """`usam eval`; returns the exit status (0 ok, 2 bad input)."""
     console = Console()
@@ -484,6 +579,8 @@ def run_eval(args: argparse.Namespace) -> int:
             raise InputError(f"--data {args.data}: {error.args[0]}") from None
         if not case_ids:
             raise InputError(f"--data {args.data}: split {args.split!r} has no cases")
+        if args.volume == "full" and (problem := full_volume_problem(dataset, case_ids)):
+            raise InputError(problem)
         try:
             model, config = load_checkpoint(args.checkpoint, map_location="cpu")
         except (ValueError, FileNotFoundError) as error:
@@ -502,7 +599,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"--points {k}: this model has {settings.points_per_class} prompt slot(s) per class "
                 f"(use 0..{settings.points_per_class})"
             )
-        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}_points{k}"
+        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / default_out_name(args.split, k,
+                                                                                                       args.volume)
         check_output_folder(out, Path(args.data), Path(args.checkpoint))
     except InputError as error:
         print(f"usam eval: {error}", file=sys.stderr)
@@ -514,7 +612,7 @@ def run_eval(args: argparse.Namespace) -> int:
         task = bar.add_task(f"{args.split} on {device.type}", total=total)
         try:
             evaluation = evaluate_split(model, settings, dataset, args.split, k, args.batch_size, device,
-                                        progress=lambda n: bar.advance(task, n))
+                                        progress=lambda n: bar.advance(task, n), volume=args.volume)
         except InputError as error:
             print(f"usam eval: {error}", file=sys.stderr)
             return 2
