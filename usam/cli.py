@@ -12,7 +12,7 @@ from typing import Any
 import torch.distributed as dist
 
 from usam.config import TrainConfig, build_config, coerce, read_toml, tomllib
-from usam.outputs import LABEL_VOLUME_EXTENSIONS, OVERLAY_MARKER
+from usam.outputs import LABEL_VOLUME_EXTENSIONS, OUT_FORMATS, OVERLAY_MARKER
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -73,8 +73,17 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        help=f"output label volume, e.g. pred.nii.gz (one of {', '.join(LABEL_VOLUME_EXTENSIONS)}); "
-        "<name>_labels.txt (ITK-SNAP label descriptions) is written beside it",
+        help=f"output file. nifti: a label volume, e.g. pred.nii.gz (one of {', '.join(LABEL_VOLUME_EXTENSIONS)}), "
+        "with <name>_labels.txt (ITK-SNAP label descriptions) beside it; seg, rtstruct: one DICOM file, e.g. "
+        "pred_seg.dcm",
+    )
+    parser.add_argument(
+        "--out-format",
+        choices=OUT_FORMATS,
+        default="nifti",
+        help="nifti (default): a label volume on the input's grid; seg: a DICOM Segmentation, rtstruct: a DICOM "
+        "RT Structure Set, both referencing the input DICOM series (a DICOM folder only) and carrying its patient "
+        "and study identity, as the series does",
     )
     parser.add_argument(
         "--overlays",

@@ -1,6 +1,7 @@
 """Writing the output files of usam predict and usam eval all or nothing (on care_dataset.files): each output
 is staged in a hidden folder beside its destination and moved in whole, so a failed write leaves nothing partial.
-Also which --overlays folders usam predict may replace (its marker file lists what it wrote there)."""
+Also which --out names each --out-format takes, and which --overlays folders usam predict may replace (its marker
+file lists what it wrote there)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from care_dataset.error_text import error_line
@@ -21,6 +23,10 @@ from usam.prompts import AXIS_NAMES, CanonicalGrid
 # Label volume formats SimpleITK writes and ITK-SNAP and 3D Slicer read as volumes (lower case, as
 # ITK's NIfTI writer requires). .nhdr and .mhd write a detached data file beside the header.
 LABEL_VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# usam predict --out-format: a label volume, a DICOM Segmentation or a DICOM RT Structure Set.
+OUT_FORMATS = ("nifti", "seg", "rtstruct")
+DICOM_FORMATS = {"seg": "DICOM Segmentation", "rtstruct": "DICOM RT Structure Set"}
+DICOM_EXTENSION = ".dcm"
 # ITK-SNAP label colours (RGB) for classes 1, 2, ...; background is transparent.
 LABEL_COLORS = ((230, 159, 0), (213, 94, 0), (0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233))
 # Marks a --overlays folder as written by usam predict; lists the files it wrote there.
@@ -36,22 +42,42 @@ def check_parent_creatable(path: Path, what: str) -> None:
         raise InputError(f"{what}: {problem}")
 
 
-def check_output_path(out: Path, image: Path | None = None) -> None:
-    """Refuse an --out that cannot become a label volume, before any work (InputError, one line)."""
+def check_output_path(out: Path, image: Path | None = None, out_format: str = "nifti") -> None:
+    """Refuse an --out that cannot become the --out-format's file, before any work (InputError, one line)."""
     if os.path.isdir(out):
-        raise InputError(f"--out {out}: is an existing folder; give a file name such as {out / 'pred.nii.gz'}")
+        example = "pred.dcm" if out_format in DICOM_FORMATS else "pred.nii.gz"
+        raise InputError(f"--out {out}: is an existing folder; give a file name such as {out / example}")
+    if out_format in DICOM_FORMATS:
+        _check_dicom_name(out, out_format)
+    else:
+        _check_volume_name(out)
+    if image is not None and os.path.exists(out) and out.resolve() == Path(image).resolve():
+        raise InputError(f"--out {out}: is the input image; give another file name")
+    check_parent_creatable(out.parent, f"--out {out}")
+
+
+def _check_volume_name(out: Path) -> None:
+    """A label volume name SimpleITK writes, whose label description file beside it is no folder."""
     if not out.name.endswith(LABEL_VOLUME_EXTENSIONS):
+        hint = (" (for a DICOM SEG or RT Structure Set add --out-format seg or rtstruct)"
+                if out.name.lower().endswith(DICOM_EXTENSION) else "")
         raise InputError(
             f"--out {out}: cannot write a label volume named like this; end it with one of "
-            f"{', '.join(LABEL_VOLUME_EXTENSIONS)}"
+            f"{', '.join(LABEL_VOLUME_EXTENSIONS)}{hint}"
         )
     if label_description_path(out).name == "_labels.txt":
         raise InputError(f"--out {out}: give the file a name before its extension, such as pred.nii.gz")
-    if image is not None and os.path.exists(out) and out.resolve() == Path(image).resolve():
-        raise InputError(f"--out {out}: is the input image; give another file name")
     if os.path.isdir(label_description_path(out)):
         raise InputError(f"--out {out}: {label_description_path(out)} is an existing folder")
-    check_parent_creatable(out.parent, f"--out {out}")
+
+
+def _check_dicom_name(out: Path, out_format: str) -> None:
+    """One DICOM file: a name ending in .dcm (any case), with something before it."""
+    if not out.name.lower().endswith(DICOM_EXTENSION):
+        raise InputError(f"--out {out}: --out-format {out_format} writes one {DICOM_FORMATS[out_format]} file; "
+                         f"end its name with {DICOM_EXTENSION}, such as pred_{out_format}.dcm")
+    if len(out.name) == len(DICOM_EXTENSION):
+        raise InputError(f"--out {out}: give the file a name before its extension, such as pred_{out_format}.dcm")
 
 
 def overlay_folder_is_ours(folder: Path) -> bool:
@@ -167,9 +193,9 @@ def error_reason(error: Exception) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, str] | None = None) -> None:
-    """Write `image` (and text files `extra_text` {name: text} beside it) through a hidden temporary
-    folder in out's parent, then move them in; the volume's header (out itself) moves last.
+def write_files_atomic(out: Path, render: Callable[[Path], None]) -> None:
+    """``render(folder)`` writes the file named like `out` (and any files beside it) into a hidden temporary
+    folder in out's parent; they are then moved in, out itself last.
 
     Raises InputError naming `out` and the reason; nothing partial is left.
     """
@@ -178,9 +204,7 @@ def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, st
     failed = True
     try:
         staged = writer.stage_folder(out.parent, ".usam-predict-")
-        sitk.WriteImage(image, str(staged / out.name), useCompression=True)
-        for name, text in (extra_text or {}).items():
-            (staged / name).write_text(text, encoding="utf-8")
+        render(staged)
         header_last = sorted(os.listdir(staged), key=lambda name: (name == out.name, name))
         _move_files_in(staged, out.parent, header_last)
         failed = False
@@ -188,6 +212,23 @@ def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, st
         raise InputError(f"--out {out}: could not write ({error_reason(error)})") from None
     finally:
         writer.cleanup(failed)
+
+
+def write_image_atomic(image: sitk.Image, out: Path, extra_text: Mapping[str, str] | None = None) -> None:
+    """Write `image` (and text files `extra_text` {name: text} beside it) through `write_files_atomic`: the
+    volume's header (out itself) moves in last. Raises InputError; nothing partial is left."""
+
+    def render(folder: Path) -> None:
+        sitk.WriteImage(image, str(folder / out.name), useCompression=True)
+        for name, text in (extra_text or {}).items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    write_files_atomic(Path(out), render)
+
+
+def write_dicom_atomic(dataset: pydicom.Dataset, out: Path) -> None:
+    """Write `dataset` (with its file meta information) as the DICOM file `out` through `write_files_atomic`."""
+    write_files_atomic(Path(out), lambda folder: dataset.save_as(folder / Path(out).name, enforce_file_format=True))
 
 
 def stage_overlays(
@@ -221,13 +262,13 @@ def swap_overlay_folder(staged: Path, folder: Path) -> None:
 
 
 def write_prediction(
-    result: sitk.Image,
+    result: sitk.Image | pydicom.Dataset,
     out: Path,
     settings: InferenceSettings,
     overlays: tuple[Path, np.ndarray, np.ndarray, CanonicalGrid] | None = None,
 ) -> list[str] | None:
-    """Write the label volume and its label description file, and the overlays when asked
-    (``overlays``: folder, canonical HU, canonical labels, grid).
+    """Write the label volume and its label description file (or, for a DICOM `result`, that one file), and the
+    overlays when asked (``overlays``: folder, canonical HU, canonical labels, grid).
 
     Everything is rendered and staged before anything is moved in, so a failure while writing leaves
     no partial output (only a failed final rename of the overlay folder, after the volume is in place,
@@ -242,10 +283,13 @@ def write_prediction(
             folder, hu, labels, grid = overlays
             what = f"--overlays {folder}"
             staged_overlays, files = stage_overlays(writer, Path(folder), hu, labels, settings, grid)
-        description = label_description_path(out)
-        write_image_atomic(result, out, {description.name: label_description(settings.class_names)})
+        if isinstance(result, pydicom.Dataset):
+            write_dicom_atomic(result, out)
+        else:
+            description = label_description_path(out)
+            write_image_atomic(result, out, {description.name: label_description(settings.class_names)})
         if staged_overlays is not None:
-            what = f"--overlays {folder} (the label volume {out} was written)"
+            what = f"--overlays {folder} (the prediction {out} was written)"
             swap_overlay_folder(staged_overlays, Path(folder))
         failed = False
     except (OSError, RuntimeError) as error:

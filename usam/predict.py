@@ -3,8 +3,9 @@
 Pipeline: read (DICOM folder or volume file) -> ``DICOMOrient(image, "LPS")`` (the stored slices'
 orientation) -> every axial slice windowed, resized to the model size and run in batches -> logits
 resized back to each slice's H x W (bilinear) -> argmax -> uint8 label volume reoriented to the
-input's grid (same size, spacing, origin, direction) -> written atomically, with an ITK-SNAP label
-description file beside it.
+input's grid (same size, spacing, origin, direction) -> written atomically: a label volume with an ITK-SNAP label
+description file beside it, or (``--out-format seg | rtstruct``, DICOM input only) a DICOM Segmentation or RT
+Structure Set referencing the series read (``usam.dicom_outputs``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,12 +26,19 @@ from rich.console import Console
 from torch import nn
 
 from care_dataset.error_text import error_line
-from care_dataset.raw.dicom import DICOM_MODALITIES, DicomError, no_series_reason, read_series_int16, scan_dicom
+from care_dataset.raw.dicom import (
+    DICOM_MODALITIES,
+    DicomError,
+    DicomSeries,
+    no_series_reason,
+    read_series_int16,
+    scan_dicom,
+)
 from care_dataset.raw.image import to_canonical
 from care_dataset.raw.volume import PathNameError, VolumeFileError, itk_path, read_volume_file
 from usam.inference import InferenceSettings, InputError, choose_device, inference_settings, segment_slices
-from usam.models.checkpoints import load_checkpoint
-from usam.outputs import check_output_path, check_overlay_folder, write_prediction
+from usam.models.checkpoints import checkpoint_digest, load_checkpoint
+from usam.outputs import DICOM_FORMATS, check_output_path, check_overlay_folder, write_prediction
 from usam.prompts import (
     PADDING_LABEL,
     POINT_LABEL,
@@ -41,6 +49,11 @@ from usam.prompts import (
     voxel_to_model,
     world_to_model,
 )
+
+if TYPE_CHECKING:
+    import pydicom
+
+    from usam.dicom_outputs import SourceSeries
 
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
 
@@ -58,35 +71,58 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
     disagree (``care_dataset.raw.volume``). Raises InputError with the reason; appends to ``notes`` what the
     user should know about the choice made (which series, 8-bit voxels).
     """
+    return read_input(path, notes)[0]
+
+
+def read_input(path: str | os.PathLike, notes: list[str] | None = None) -> tuple[sitk.Image, DicomSeries | None]:
+    """``read_image``'s image, and the DICOM series it was read from (None for a volume file)."""
     notes = notes if notes is not None else []
     path = Path(path)
+    series = None
     try:
         itk_path(path)
     except PathNameError as error:
         raise InputError(f"{ascii(str(path))[1:-1]}: {error}") from None
     if path.is_dir():
-        try:
-            scan = scan_dicom(path)
-            if not scan.num_files:
-                raise InputError(f"{path}: no DICOM files in this folder or below it")
-            if not scan.series:
-                raise InputError(f"{path}: {no_series_reason(scan.skipped, scan.num_files)}")
-            chosen = max(scan.series, key=lambda s: (s.modality == "CT", s.size[2]))
-            image = read_series_int16(chosen)
-        except DicomError as error:
-            raise InputError(f"{path}: {error}") from None
-        notes.append(_series_note(scan.series, chosen))
+        image, series = _read_dicom_folder(path, notes)
     elif path.is_file():
-        try:
-            if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
-                raise InputError(f"{path}: one DICOM file; give the folder that holds its series")
-            image = read_volume_file(path)
-        except RuntimeError as error:
-            raise InputError(f"{path}: not a readable image ({error_line(error, last=True)})") from None
-        except VolumeFileError as error:
-            raise InputError(f"{path}: {error}") from None
+        image = _read_volume_file(path)
     else:
         raise InputError(f"{path}: no such file or folder")
+    _check_ct(image, path, notes)
+    return image, series
+
+
+def _read_dicom_folder(path: Path, notes: list[str]) -> tuple[sitk.Image, DicomSeries]:
+    """The CT series with most slices below the folder `path`, read in HU; notes which one."""
+    try:
+        scan = scan_dicom(path)
+        if not scan.num_files:
+            raise InputError(f"{path}: no DICOM files in this folder or below it")
+        if not scan.series:
+            raise InputError(f"{path}: {no_series_reason(scan.skipped, scan.num_files)}")
+        chosen = max(scan.series, key=lambda s: (s.modality == "CT", s.size[2]))
+        image = read_series_int16(chosen)
+    except DicomError as error:
+        raise InputError(f"{path}: {error}") from None
+    notes.append(_series_note(scan.series, chosen))
+    return image, chosen
+
+
+def _read_volume_file(path: Path) -> sitk.Image:
+    """The volume file `path` (not a DICOM file: its folder is what to give)."""
+    try:
+        if sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "GDCMImageIO":
+            raise InputError(f"{path}: one DICOM file; give the folder that holds its series")
+        return read_volume_file(path)
+    except RuntimeError as error:
+        raise InputError(f"{path}: not a readable image ({error_line(error, last=True)})") from None
+    except VolumeFileError as error:
+        raise InputError(f"{path}: {error}") from None
+
+
+def _check_ct(image: sitk.Image, path: Path, notes: list[str]) -> None:
+    """Refuse what is not one 3-D channel; note 8-bit voxels."""
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{path}: need a 3-D single-channel CT, got {image.GetDimension()}-D with "
@@ -95,7 +131,41 @@ def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> sitk.
     if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
         notes.append("8-bit voxels read as HU: an 8-bit CT is usually a windowed export, not Hounsfield units, "
                      "and the model expects HU")
-    return image
+
+
+def volume_kind(path: Path) -> str:
+    """'a NIfTI file', 'an NRRD file', ... as the refusal of --out-format seg and rtstruct names it."""
+    name = path.name.lower()
+    for suffixes, kind in (((".nii", ".nii.gz"), "a NIfTI file"), ((".nrrd", ".nhdr"), "an NRRD file"),
+                           ((".mha", ".mhd"), "a MetaImage file")):
+        if name.endswith(suffixes):
+            return kind
+    return "a volume file"
+
+
+def check_not_a_source_file(out: Path, series: DicomSeries | None) -> None:
+    """Refuse an --out that would replace one of the DICOM files the series was read from."""
+    if series is not None and os.path.exists(out) and out.resolve() in {f.resolve() for f in series.files}:
+        raise InputError(f"--out {out}: is a file of the input DICOM series; give another file name")
+
+
+def dicom_source(out_format: str, image_path: Path, series: DicomSeries | None) -> SourceSeries | None:
+    """For --out-format seg or rtstruct, the images `series` was read from; None for nifti.
+
+    InputError, one line, when the input is no DICOM series (a derived DICOM object references its instances).
+    """
+    if out_format not in DICOM_FORMATS:
+        return None
+    if series is None:
+        raise InputError(f"--out-format {out_format} needs a DICOM series as --image (the {DICOM_FORMATS[out_format]} "
+                         f"references its images); got {volume_kind(image_path)}, {image_path}: give the DICOM "
+                         "folder, or use --out-format nifti")
+    from usam import dicom_outputs  # deferred: highdicom and scikit-image load only for a DICOM output
+
+    try:
+        return dicom_outputs.source_series(series)
+    except InputError as error:
+        raise InputError(f"--out-format {out_format}: {image_path}: {error}") from None
 
 
 def _series_note(series: list, chosen: Any) -> str:
@@ -330,8 +400,9 @@ def run_predict(args: argparse.Namespace) -> int:
     console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one line per message
     out = Path(args.out)
     overlays = Path(args.overlays) if args.overlays else None
+    out_format = args.out_format
     try:
-        check_output_path(out, Path(args.image))
+        check_output_path(out, Path(args.image), out_format)
         if overlays is not None:
             check_overlay_folder(overlays, out)
         if args.batch_size < 1:
@@ -339,7 +410,9 @@ def run_predict(args: argparse.Namespace) -> int:
         device = choose_device(args.device)
         spec = load_points(args.points) if args.points else None
         notes: list[str] = []
-        image = read_image(args.image, notes)
+        image, series = read_input(args.image, notes)
+        check_not_a_source_file(out, series)
+        source = dicom_source(out_format, Path(args.image), series)
         try:
             model, config = load_checkpoint(args.checkpoint, map_location="cpu")
         except (ValueError, FileNotFoundError) as error:
@@ -354,6 +427,8 @@ def run_predict(args: argparse.Namespace) -> int:
     labels = predict_canonical(model, settings, hu, prompts, args.batch_size, device)
     result = labels_on_original_grid(labels, canonical, image)
     try:
+        if source is not None:
+            result = dicom_prediction(out_format, source, result, settings, args.checkpoint, config, prompts)
         drawn = write_prediction(result, out, settings,
                                  None if overlays is None else (overlays, hu, labels, CanonicalGrid.of(image)))
     except InputError as error:
@@ -363,7 +438,8 @@ def run_predict(args: argparse.Namespace) -> int:
     run = "unprompted on every slice" if prompts is None else f"prompted on {len(prompts)} slice(s)"
     for note in notes:
         console.print(f"usam predict: {note}")
-    console.print(f"usam predict: {hu.shape[0]} slices, {run}, on {device.type}; wrote {out}")
+    what = f" ({DICOM_FORMATS[out_format]} referencing {len(series.headers)} slices)" if source is not None else ""
+    console.print(f"usam predict: {hu.shape[0]} slices, {run}, on {device.type}; wrote {out}{what}")
     for c in range(1, settings.num_classes):
         console.print(f"  {settings.class_names[c]}: {int(counts[c])} voxels")
     if drawn is not None:
@@ -372,3 +448,19 @@ def run_predict(args: argparse.Namespace) -> int:
         else:
             console.print(f"  overlays: nothing to draw (no foreground predicted); {overlays} holds no PNG")
     return 0
+
+
+def dicom_prediction(out_format: str, source: SourceSeries, result: sitk.Image, settings: InferenceSettings,
+                     checkpoint: str | os.PathLike, config: Mapping[str, Any], prompts: Mapping | None
+                     ) -> pydicom.Dataset:
+    """The label image `result` (on the source series' grid) as the --out-format's DICOM object, whose algorithm is
+    the checkpoint's model, versioned by a short hash of the checkpoint's files."""
+    from usam import dicom_outputs  # deferred: highdicom and scikit-image load only for a DICOM output
+
+    try:
+        version = checkpoint_digest(checkpoint)
+    except OSError as error:
+        raise InputError(f"checkpoint {checkpoint}: cannot read it again ({error.strerror or error})") from None
+    provenance = dicom_outputs.Provenance(str(config["model"]["name"]), version, prompts is not None)
+    labels = sitk.GetArrayFromImage(result)  # (slices, rows, columns): the series' slices in their order
+    return dicom_outputs.derived_object(out_format, source, labels, settings.class_names, provenance)

@@ -1,6 +1,7 @@
 """Saving and loading our own checkpoints (safetensors + JSON), written all or nothing."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -163,3 +164,14 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {directory}: cannot build its model ({error})") from None
     load_weights(model, directory, map_location=map_location)
     return model.to(map_location), config
+
+
+def checkpoint_digest(directory: str | os.PathLike, length: int = 12) -> str:
+    """The first `length` hex digits of the SHA-256 of the checkpoint's config.json and then its model.safetensors:
+    names these exact weights (as the version of a DICOM output's algorithm) without naming any path."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(Path(directory) / name, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:length]
