@@ -6,8 +6,14 @@ from typing import Any
 
 from torch import nn
 
+from usam.models.focalunet import FocalUNet
+from usam.models.missformer import MISSFormer
+from usam.models.multiresunet import MultiResUNet
+from usam.models.r2unet import R2UNet
+from usam.models.resunetpp import ResUNetPlusPlus
 from usam.models.sam_baseline import SAMBaseline
 from usam.models.sam_weights import load_sam_checkpoint
+from usam.models.uctransnet import UCTransNet
 from usam.models.unet import UNet
 from usam.models.usam import USAM
 
@@ -43,6 +49,12 @@ _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "sam_b": (SAMBaseline, _VIT_B),
     "sam_tiny": (SAMBaseline, _VIT_TINY),
     "unet": (UNet, {"base_channels": 256}),
+    "uctransnet": (UCTransNet, {"base_channels": 64}),
+    "multiresunet": (MultiResUNet, {"base_channels": 32}),
+    "resunetpp": (ResUNetPlusPlus, {"base_channels": 16}),
+    "missformer": (MISSFormer, {"base_channels": 64}),
+    "r2unet": (R2UNet, {"base_channels": 64}),
+    "focalunet": (FocalUNet, {"base_channels": 96}),
 }
 
 
