@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -58,6 +59,17 @@ def write_converted(root: Path, storage: str, cases: dict[str, tuple[np.ndarray,
 
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def column_bytes(folder: Path, leaf: str) -> int:
+    """Compressed bytes of one Parquet leaf column (``preview.bytes``) over the shards in `folder`."""
+    total = 0
+    for path in Path(folder).glob("*.parquet"):
+        meta = pq.read_metadata(path)
+        for group in range(meta.num_row_groups):
+            columns = (meta.row_group(group).column(i) for i in range(meta.num_columns))
+            total += sum(c.total_compressed_size for c in columns if c.path_in_schema == leaf)
+    return total
 
 
 def single_process_rate(dataset, indices: np.ndarray) -> float:
@@ -145,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"Parquet (the Arrow cache from load_dataset adds {folder_bytes(tmp / 'hf_cache') / 2**20:,.1f} "
                       f"MiB); care-publish {publish_s:.1f} s, first load_dataset {load_s:.1f} s; "
                       f"{os.cpu_count()} CPUs")
+        previews = column_bytes(tmp / "care" / "slices", "preview.bytes")
+        console.print(f"`preview` PNGs: {previews / total / 1024:.1f} KiB a slice, "
+                      f"{100 * previews / parquet:.1f} % of the slices Parquet")
 
 
 if __name__ == "__main__":

@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import io
 import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import huggingface_hub
+import nibabel as nib
 import numpy as np
+import PIL.Image
 import pyarrow.parquet as pq
 import pytest
+import SimpleITK as sitk
 import torch
 import yaml
+from datasets.info import DatasetInfosDict
+from datasets.utils.metadata import MetadataConfigs
 
 from care_dataset import files
 from care_dataset.cli import publish_main
 from care_dataset.convert.pipeline import convert_dataset
 from care_dataset.deid.verify import collect_identifying_values, scan_for_leaks
 from care_dataset.format import layout, reader
-from care_dataset.format.hf import iter_samples
+from care_dataset.format.hf import iter_samples, slice_features, volume_features
+from care_dataset.format.span import FILL_HU
 from care_dataset.publish import job as pub
 from care_dataset.publish.card import LEAK_SCAN_NOTES, default_card_path
+from care_dataset.publish.preview import preview_png
 from care_dataset.raw.profiles import load_profile
 from care_dataset.synth.raw_export import write_raw_dataset
 from converted_folders import CLASSES, assert_sample_equal, make_converted
@@ -69,24 +77,63 @@ def test_slices_load_back_equal_to_the_source(published):
             assert row["label_classes"].tolist() == np.unique(want["label"]).tolist()
 
 
-def test_volumes_hold_whole_cases_with_geometry(published):
+def canonical_grid(geometry: dict) -> sitk.Image:
+    """An empty image on the case's canonical grid, as ITK (and ITK-SNAP) place its voxels (LPS)."""
+    canonical = geometry["canonical"]
+    grid = sitk.Image([int(v) for v in canonical["size"]], sitk.sitkUInt8)
+    grid.SetSpacing(canonical["spacing"])
+    grid.SetOrigin(canonical["origin"])
+    grid.SetDirection(canonical["direction"])
+    return grid
+
+
+def assert_on_canonical_grid(nifti: nib.Nifti1Image, geometry: dict) -> None:
+    """NIfTI voxel (i, j, k) lies where canonical voxel (i, j, kept_slices[0] + k) does (RAS = LPS with x, y
+    negated); checked at the span's eight corners."""
+    grid, first = canonical_grid(geometry), geometry["kept_slices"][0]
+    for corner in np.ndindex(2, 2, 2):
+        index = [c * (n - 1) for c, n in zip(corner, nifti.shape)]
+        lps = grid.TransformIndexToPhysicalPoint([index[0], index[1], first + index[2]])
+        ras = nifti.affine @ [*index, 1]
+        np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-4)
+
+
+def stored_slices(nifti: nib.Nifti1Image, geometry: dict) -> np.ndarray:
+    """The (n, H, W) slices at the kept canonical indices of a span volume, in its stored dtype."""
+    volume = np.asanyarray(nifti.dataobj).transpose(2, 1, 0)  # NIfTI (x, y, z) -> (z, y, x)
+    return volume[np.asarray(geometry["kept_slices"]) - geometry["kept_slices"][0]]
+
+
+def test_volumes_are_nifti_images_on_the_canonical_grid(published):
     source, output = published
     care = reader.open_dataset(source)
     volumes = datasets.load_dataset(str(output), "volumes")
+    assert isinstance(volumes["train"].features["image"], datasets.Nifti)
+    gaps = 0
     for split in ("train", "test"):
-        rows = volumes[split].with_format("numpy", dtype=None)
-        assert [str(c) for c in rows["case_id"]] == care.case_ids(split)
+        rows = volumes[split]
+        assert rows["case_id"] == care.case_ids(split)
         for row in rows:
-            case_id = str(row["case_id"])
-            image, label = care.read_case(case_id)
-            assert row["image"].dtype == np.int16 and row["label"].dtype == np.uint8
-            np.testing.assert_array_equal(row["image"], image)
-            np.testing.assert_array_equal(row["label"], label)
+            case_id = row["case_id"]
             geometry = care.cases[case_id]
-            assert row["kept_slices"].tolist() == geometry["kept_slices"]
+            image, label = care.read_case(case_id)
+            for nifti, stored, dtype in ((row["image"], image, np.int16), (row["label"], label, np.uint8)):
+                assert isinstance(nifti, nib.Nifti1Image) and nifti.get_data_dtype() == dtype
+                assert nifti.shape[2] == geometry["kept_slices"][-1] - geometry["kept_slices"][0] + 1
+                assert_on_canonical_grid(nifti, geometry)
+                np.testing.assert_array_equal(stored_slices(nifti, geometry), stored)
+                assert stored_slices(nifti, geometry).dtype == dtype
+            np.testing.assert_array_equal(row["image"].affine, row["label"].affine)
+            filled = np.setdiff1d(np.arange(row["image"].shape[2]), np.asarray(geometry["kept_slices"])
+                                  - geometry["kept_slices"][0])
+            assert (np.asanyarray(row["image"].dataobj)[..., filled] == FILL_HU).all()
+            assert (np.asanyarray(row["label"].dataobj)[..., filled] == 0).all()
+            gaps += len(filled)
+            assert row["kept_slices"] == geometry["kept_slices"]
             for key in ("size", "spacing", "origin", "direction"):
-                assert row[key].tolist() == geometry["canonical"][key]
-            assert str(row["checksum"]) == geometry["checksum"] == layout.content_checksum(row["image"], row["label"])
+                assert row[key] == geometry["canonical"][key]
+            assert row["checksum"] == geometry["checksum"] == layout.content_checksum(image, label)
+    assert gaps > 0  # the fixture's non-contiguous case
 
 
 def test_load_by_relative_name_from_parent_and_torch_format(published, monkeypatch):
@@ -145,6 +192,45 @@ def test_readme_header_lists_configs_splits_and_features(published):
         assert hashlib.sha256((output / f).read_bytes()).hexdigest() in text
 
 
+def test_readme_metadata_parses_with_the_hub_card_tools(published):
+    """The README.md header read as the Hub reads it: huggingface_hub's card parser (the Hub's YAML block regex,
+    DatasetCardData without ignoring errors) and datasets' parsers of `configs` and `dataset_info`. The Hub's own
+    validation endpoint (DatasetCard.validate) needs the network and is not called."""
+    source, output = published
+    care = reader.open_dataset(source)
+    card = huggingface_hub.DatasetCard.load(output / "README.md")
+    assert isinstance(card.data, huggingface_hub.DatasetCardData)
+    assert card.data.to_dict() == huggingface_hub.metadata_load(output / "README.md")  # nothing dropped or renamed
+    assert huggingface_hub.DatasetCard(str(card)).data.to_dict() == card.data.to_dict()
+    assert card.data.size_categories == ["n<1K"] and card.data.task_categories == ["image-segmentation"]
+    configs = MetadataConfigs.from_dataset_card_data(card.data)
+    assert list(configs) == ["slices", "volumes"] and configs.get_default_config_name() == "slices"
+    for name, config in configs.items():
+        for data_files in config["data_files"]:
+            assert sorted(output.glob(data_files["path"])), data_files
+    infos = DatasetInfosDict.from_dataset_card_data(card.data)
+    assert infos["slices"].features == slice_features(care.class_names, (64, 64))
+    assert infos["volumes"].features == volume_features(care.class_names)
+    assert infos["slices"].features["preview"] == datasets.Image()
+    assert infos["volumes"].features["image"] == infos["volumes"].features["label"] == datasets.Nifti()
+    for name, info in infos.items():
+        assert {split: s.num_examples for split, s in info.splits.items()} == \
+            {split: len(care.case_ids(split)) if name == "volumes" else care.num_slices(split)
+             for split in ("train", "test")}
+
+
+def test_slices_preview_shows_each_slice(published):
+    source, output = published
+    care = reader.open_dataset(source)
+    test = load_slices(output, "test")
+    assert test.features["preview"] == datasets.Image()
+    for i in (0, len(test) - 1):
+        preview, want = test[i]["preview"], care.sample("test", i)
+        assert preview.format == "PNG" and preview.mode == "RGB" and preview.size == (64, 64)
+        np.testing.assert_array_equal(np.asarray(preview), np.asarray(PIL.Image.open(io.BytesIO(
+            preview_png(want["image"], want["label"])))))
+
+
 def test_shards_respect_the_size_limit_and_keep_the_features(published):
     _, output = published
     train = sorted((output / "slices").glob("train-*.parquet"))
@@ -198,10 +284,12 @@ def test_h5_source_with_varying_inplane_sizes(tmp_path, hf_offline):
         rows = loaded[split].with_format("numpy", dtype=None)
         for i in range(len(rows)):
             assert_sample_equal(rows[i], care.sample(split, i))
-    volumes = datasets.load_dataset(str(output), "volumes", split="train").with_format("numpy", dtype=None)
-    image, label = care.read_case(care.case_ids("train")[1])
-    np.testing.assert_array_equal(volumes[1]["image"], image)
-    np.testing.assert_array_equal(volumes[1]["label"], label)
+    volumes = datasets.load_dataset(str(output), "volumes", split="train")
+    case_id = care.case_ids("train")[1]
+    image, label = care.read_case(case_id)
+    assert volumes[1]["image"].shape[:2] == (image.shape[2], image.shape[1])  # NIfTI (x, y, z)
+    np.testing.assert_array_equal(stored_slices(volumes[1]["image"], care.cases[case_id]), image)
+    np.testing.assert_array_equal(stored_slices(volumes[1]["label"], care.cases[case_id]), label)
 
 
 # ---------------------------------------------------------------- CLI, errors and push

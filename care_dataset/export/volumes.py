@@ -1,8 +1,7 @@
 """One NIfTI image and label volume per case, on the case's canonical grid, from its stored slices.
 
-A volume spans the canonical slices from the first kept slice to the last: same spacing and direction as the
-canonical volume, origin moved to the first kept slice. Canonical slices inside that span that the conversion
-did not keep (a gap between kept runs) hold ``FILL_HU`` and label 0; each case's record counts them.
+A volume is the case's span (``care_dataset.format.span``): the canonical slices from the first kept slice to
+the last, gaps between kept runs holding ``FILL_HU`` and label 0; each case's record counts them.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ import SimpleITK as sitk
 from care_dataset.export.errors import ExportError
 from care_dataset.format.layout import content_checksum, read_json, whole_scan
 from care_dataset.format.reader import CareDataset, open_dataset
+from care_dataset.format.span import FILL_HU, SpanGeometry, case_span, span_geometry
 
-FILL_HU = -1024
 NIFTI_ENDING = ".nii.gz"
 TRAIN_SPLIT = "train"
 CHANNEL_SUFFIX = "_0000"  # nnU-Net's image file names: <case_id>_0000.nii.gz (channel 0, CT)
@@ -60,26 +59,17 @@ def case_volume(dataset: CareDataset, case_id: str) -> CaseVolume:
     image, label = dataset.read_case(case_id)
     if content_checksum(image, label) != geometry.get("checksum"):
         raise ExportError(f"case {case_id}: stored slices do not match their checksum in cases.json")
-    kept = np.asarray(geometry["kept_slices"], dtype=np.int64)
-    first = int(kept[0])
-    depth = int(kept[-1]) - first + 1
-    image_span = np.full((depth, *image.shape[1:]), FILL_HU, dtype=np.int16)
-    label_span = np.zeros((depth, *label.shape[1:]), dtype=np.uint8)
-    image_span[kept - first], label_span[kept - first] = image, label
-    canonical = geometry["canonical"]
-    return CaseVolume(on_canonical_grid(image_span, canonical, first),
-                      on_canonical_grid(label_span, canonical, first), first, depth - len(kept))
+    span = case_span(image, label, geometry["kept_slices"])
+    grid = span_geometry(geometry["canonical"], span.first_slice)
+    return CaseVolume(on_grid(span.image, grid), on_grid(span.label, grid), span.first_slice, span.filled_slices)
 
 
-def on_canonical_grid(array: np.ndarray, canonical: dict, first_slice: int) -> sitk.Image:
-    """`array` (z, y, x) as an image whose slice 0 is canonical slice `first_slice`."""
-    spacing = [float(v) for v in canonical["spacing"]]
-    direction = np.asarray(canonical["direction"], dtype=np.float64).reshape(3, 3)
-    origin = np.asarray(canonical["origin"], dtype=np.float64) + direction[:, 2] * spacing[2] * first_slice
+def on_grid(array: np.ndarray, grid: SpanGeometry) -> sitk.Image:
+    """`array` (z, y, x) as an image on `grid`."""
     image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin.tolist())
-    image.SetDirection(direction.ravel().tolist())
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
     return image
 
 

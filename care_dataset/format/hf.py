@@ -3,11 +3,13 @@
 A published folder (written by ``care-publish``) holds two configurations:
 
     slices   one row per stored axial slice: image (H, W) int16 HU, label (H, W) uint8, case_id,
-             slice_index, spacing, label_classes (class values present in the slice, names in the feature)
-    volumes  one row per case: image (n, H, W) int16, label (n, H, W) uint8 and the canonical geometry
+             slice_index, spacing, label_classes (class values present in the slice, names in the feature),
+             preview (a small windowed PNG of the slice, for the Hub's dataset viewer)
+    volumes  one row per case: image and label as NIfTI (``datasets.Nifti``: nibabel images on the case's
+             canonical grid, spanning its kept slices), case_id, kept_slices, the canonical geometry, checksum
 
-When every case has the same in-plane size the arrays are ``Array2D`` / ``Array3D`` features with that
-fixed shape; otherwise they are nested ``List`` features (same Parquet storage, same decoded arrays).
+When every case has the same in-plane size the ``slices`` arrays are ``Array2D`` features with that fixed
+shape; otherwise they are nested ``List`` features (same Parquet storage, same decoded arrays).
 ``care_dataset.format.published.PublishedDataset`` reads a published folder with the interface of ``CareDataset``.
 """
 
@@ -24,39 +26,35 @@ CONFIGS = (SLICES, VOLUMES)
 SAMPLE_KEYS = ("image", "label", "case_id", "slice_index", "spacing")
 
 
-def _array_feature(ndim: int, shape: tuple[int, int] | None, dtype: str) -> Any:
-    """Array2D/Array3D with fixed in-plane ``shape`` (first dim dynamic for 3-D), else nested lists."""
-    from datasets import Array2D, Array3D, List, Value  # deferred: datasets takes 1 s to import
+def _slice_feature(shape: tuple[int, int] | None, dtype: str) -> Any:
+    """Array2D with fixed in-plane ``shape``, else a list of lists."""
+    from datasets import Array2D, List, Value  # deferred: datasets takes 1 s to import
 
-    if shape is not None:
-        return Array2D(shape=tuple(shape), dtype=dtype) if ndim == 2 else Array3D(shape=(None, *shape), dtype=dtype)
-    feature: Any = Value(dtype)
-    for _ in range(ndim):
-        feature = List(feature)
-    return feature
+    return Array2D(shape=tuple(shape), dtype=dtype) if shape is not None else List(List(Value(dtype)))
 
 
 def slice_features(class_names: list[str], shape: tuple[int, int] | None) -> Any:
     """Features of the ``slices`` configuration; ``shape`` (H, W) or None for varying in-plane sizes."""
-    from datasets import ClassLabel, Features, List, Value  # deferred: datasets takes 1 s to import
+    from datasets import ClassLabel, Features, Image, List, Value  # deferred: datasets takes 1 s to import
 
     return Features({
-        "image": _array_feature(2, shape, "int16"),
-        "label": _array_feature(2, shape, "uint8"),
+        "image": _slice_feature(shape, "int16"),
+        "label": _slice_feature(shape, "uint8"),
         "case_id": Value("string"),
         "slice_index": Value("int32"),
         "spacing": List(Value("float64"), length=3),
         "label_classes": List(ClassLabel(names=list(class_names))),
+        "preview": Image(),
     })
 
 
-def volume_features(class_names: list[str], shape: tuple[int, int] | None) -> Any:
+def volume_features(class_names: list[str]) -> Any:
     """Features of the ``volumes`` configuration (one row per case)."""
-    from datasets import ClassLabel, Features, List, Value  # deferred: datasets takes 1 s to import
+    from datasets import ClassLabel, Features, List, Nifti, Value  # deferred: datasets takes 1 s to import
 
     return Features({
-        "image": _array_feature(3, shape, "int16"),
-        "label": _array_feature(3, shape, "uint8"),
+        "image": Nifti(),
+        "label": Nifti(),
         "case_id": Value("string"),
         "kept_slices": List(Value("int32")),
         "size": List(Value("int32"), length=3),

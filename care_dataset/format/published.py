@@ -1,7 +1,7 @@
 """Read a published Hugging Face folder (``care-publish``) through the interface of ``CareDataset``.
 
 Only the ``slices`` configuration is read: its rows are ordered by split, case (as in splits.json) and stored
-position, so one case is a contiguous run of rows and holds the same arrays as its ``volumes`` row. A slice
+position, so one case is a contiguous run of rows and holds the stored slices of its ``volumes`` row. A slice
 is one Arrow row and a whole case one contiguous Arrow slice of the memory-mapped table, both converted
 without the ``datasets`` formatters. Per-case metadata comes from ``metadata/cases.json`` (a byte copy of
 the converted folder's), checked against the rows; without it, from the Parquet columns.

@@ -86,7 +86,7 @@ def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict
              f"converter {manifest.get('tool', 'care-usam')} {manifest.get('tool_version', 'unknown')}).", "",
              f"- Conversion profile: `{profile.get('name', 'unknown')}` (SHA-256 `{profile.get('sha256', 'unknown')}`)",
              "- Classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(dataset.class_names)),
-             "- In-plane size: " + (f"{shape[0]} x {shape[1]} for every slice (`Array2D` / `Array3D` features)"
+             "- In-plane size: " + (f"{shape[0]} x {shape[1]} for every slice (`Array2D` features)"
                                    if shape else "varies between cases (nested `List` features)"),
              f"- Case IDs reproducible from the data custodian's key: "
              f"{'yes' if manifest.get('key_reproducible', True) else 'no (random key)'}",
@@ -104,8 +104,9 @@ def build_figures(dataset: CareDataset, splits: list[str], stats: dict[str, dict
     checksums = manifest.get("checksums", {})
     overall = {k: v for k, v in checksums.items() if isinstance(v, str) and k not in dataset.cases} \
         if isinstance(checksums, dict) else {}
-    lines += ["", "Content checksums (SHA-256 of the `image` bytes then the `label` bytes, C order) are stored per "
-              "case in the `checksum` column of `volumes` and in `metadata/cases.json`."]
+    lines += ["", "Content checksums (SHA-256 of a case's stored image slices then its label slices, the int16 and "
+              "uint8 arrays of `slices` in C order) are stored per case in the `checksum` column of `volumes` and in "
+              "`metadata/cases.json`."]
     for key, value in sorted(overall.items()):
         lines += ["", f"Checksum over all cases (`dataset.json` `checksums.{key}`): `{value}`."]
     lines += ["", "### Files", "", "| file | bytes | SHA-256 |", "|---|---:|---|"]

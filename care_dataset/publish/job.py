@@ -60,7 +60,7 @@ def publish(source: str | Path, output: str | Path, max_shard_mb: float = DEFAUL
     splits = _splits_to_publish(dataset)
     shape = common_inplane_shape(dataset, [c for s in splits for c in dataset.case_ids(s)])
     features = {SLICES: slice_features(dataset.class_names, shape),
-                VOLUMES: volume_features(dataset.class_names, shape)}
+                VOLUMES: volume_features(dataset.class_names)}
     with atomic_folder(output, "publish") as tmp:
         stats = _write_shards(tmp, dataset, splits, features, int(max_shard_mb * 2**20), progress)
         (tmp / "metadata").mkdir()

@@ -17,7 +17,10 @@ import pyarrow.parquet as pq
 from care_dataset.format.hf import SLICES
 from care_dataset.format.layout import content_checksum
 from care_dataset.format.reader import CareDataset
+from care_dataset.format.span import case_span, span_geometry
 from care_dataset.publish.errors import PublishError
+from care_dataset.publish.nifti import nifti_cell
+from care_dataset.publish.preview import preview_cell
 
 ROW_GROUP_MAX_BYTES = 64 * 2**20
 BYTE_STREAM_SPLIT_COLUMNS = ("image",)  # int16 HU: byte-stream split + zstd is ~25 % smaller than dictionary
@@ -66,23 +69,27 @@ def rows_to_table(rows: list[dict], schema: Any) -> Any:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _leaf_paths(name: str, pa_type: Any) -> list[str]:
-    """Parquet leaf column paths of one Arrow field (``image.list.element.list.element`` for an Array2D)."""
+def _leaves(name: str, pa_type: Any) -> list[tuple[str, Any]]:
+    """(Parquet leaf column path, Arrow type) of one Arrow field: ``image.list.element.list.element`` for an
+    Array2D, ``preview.bytes`` and ``preview.path`` for an encoded file (``Image``, ``Nifti``)."""
     if isinstance(pa_type, pa.ExtensionType):
         pa_type = pa_type.storage_type
     if pa.types.is_list(pa_type) or pa.types.is_large_list(pa_type) or pa.types.is_fixed_size_list(pa_type):
-        return _leaf_paths(f"{name}.list.element", pa_type.value_type)
-    return [name]
+        return _leaves(f"{name}.list.element", pa_type.value_type)
+    if pa.types.is_struct(pa_type):
+        return [leaf for child in pa_type for leaf in _leaves(f"{name}.{child.name}", child.type)]
+    return [(name, pa_type)]
 
 
 def parquet_options(schema: Any) -> dict:
-    """Fixed Parquet writer settings: zstd level 3, byte-stream split for images, dictionary for the rest."""
+    """Fixed Parquet writer settings: zstd level 3, byte-stream split for int16 images, plain encoding for file
+    bytes (PNG, NIfTI), dictionary for the rest."""
     dictionary, encoding = [], {}
     for schema_field in schema:
-        for leaf in _leaf_paths(schema_field.name, schema_field.type):
-            if schema_field.name in BYTE_STREAM_SPLIT_COLUMNS:
+        for leaf, leaf_type in _leaves(schema_field.name, schema_field.type):
+            if schema_field.name in BYTE_STREAM_SPLIT_COLUMNS and pa.types.is_integer(leaf_type):
                 encoding[leaf] = "BYTE_STREAM_SPLIT"
-            else:
+            elif not pa.types.is_binary(leaf_type):
                 dictionary.append(leaf)
     return dict(compression="zstd", compression_level=3, use_dictionary=dictionary, column_encoding=encoding,
                 write_page_index=True, write_statistics=True)
@@ -141,14 +148,17 @@ def slice_rows(dataset: CareDataset, case_id: str) -> Iterator[dict]:
     for position, index in enumerate(geometry["kept_slices"]):
         yield {"image": image[position], "label": label[position], "case_id": case_id,
                "slice_index": int(index), "spacing": spacing,
-               "label_classes": [int(v) for v in np.unique(label[position])]}
+               "label_classes": [int(v) for v in np.unique(label[position])],
+               "preview": preview_cell(image[position], label[position])}
 
 
 def volume_rows(dataset: CareDataset, case_id: str) -> Iterator[dict]:
-    """The single ``volumes`` row of one case."""
+    """The single ``volumes`` row of one case: its span as NIfTI image and label, its canonical geometry."""
     image, label, geometry = _case_arrays(dataset, case_id)
     canonical = geometry["canonical"]
-    yield {"image": image, "label": label, "case_id": case_id,
+    span = case_span(image, label, geometry["kept_slices"])
+    grid = span_geometry(canonical, span.first_slice)
+    yield {"image": nifti_cell(span.image, grid), "label": nifti_cell(span.label, grid), "case_id": case_id,
            "kept_slices": [int(k) for k in geometry["kept_slices"]],
            "size": [int(s) for s in canonical["size"]],
            "spacing": [float(s) for s in canonical["spacing"]],
@@ -159,7 +169,9 @@ def volume_rows(dataset: CareDataset, case_id: str) -> Iterator[dict]:
 
 
 def _row_bytes(row: dict) -> int:
-    return int(row["image"].nbytes + row["label"].nbytes)
+    """The bytes of a row's arrays and encoded files (what decides its row group)."""
+    arrays = sum(v.nbytes for v in row.values() if isinstance(v, np.ndarray))
+    return int(arrays + sum(len(v["bytes"]) for v in row.values() if isinstance(v, dict)))
 
 
 def write_split(dataset: CareDataset, config: str, split: str, folder: Path, schema: Any,
