@@ -6,10 +6,15 @@ from typing import Any
 
 from torch import nn
 
+from usam.models.attention_unet import AttentionUNet
 from usam.models.sam_baseline import SAMBaseline
 from usam.models.sam_weights import load_sam_checkpoint
+from usam.models.samed import SAMed
+from usam.models.swin_unet import SwinUNet
+from usam.models.transunet import TransUNet
 from usam.models.unet import UNet
 from usam.models.usam import USAM
+from usam.models.vnet import VNet2D
 
 _VIT_B = {
     "embed_dim": 256,
@@ -33,6 +38,9 @@ _VIT_TINY = {
     "decoder_num_heads": 4,
 }
 
+# SAM ViT-H (SAMed-H): width 1280, depth 32, 16 heads, global attention in blocks 7, 15, 23, 31
+_VIT_H = {**_VIT_B, "vit_embed_dim": 1280, "vit_depth": 32, "vit_num_heads": 16, "vit_global_attn_indexes": (7, 15, 23, 31)}
+
 # "USAM.__init__() " at the start of a TypeError: which class refused an option is not the user's concern
 _CALLER = re.compile(r"^[\w.]+\(\) ")
 
@@ -43,12 +51,26 @@ _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "sam_b": (SAMBaseline, _VIT_B),
     "sam_tiny": (SAMBaseline, _VIT_TINY),
     "unet": (UNet, {"base_channels": 256}),
+    "vnet": (VNet2D, {}),
+    "attention_unet": (AttentionUNet, {}),
+    "transunet": (TransUNet, {}),
+    "swin_unet": (SwinUNet, {}),
+    "samed_b": (SAMed, _VIT_B),
+    "samed_h": (SAMed, _VIT_H),
+    "samed_tiny": (SAMed, _VIT_TINY),
 }
 
 
 def list_models() -> list[str]:
     """Names accepted by `create_model`, sorted."""
     return sorted(_MODELS)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The class `create_model(name)` builds."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name][0]
 
 
 def create_model(

@@ -1,0 +1,47 @@
+"""What the prompt-free baselines built on maintained libraries share: config, input check, optimiser groups."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class PromptFreeSegmenter(nn.Module):
+    """Base of a system that takes no prompts (V-Net, Attention U-Net, TransUNet, Swin-Unet, SAMed).
+
+    It takes the same inputs as the SAM-style models and ignores the points, as `unet` does;
+    `points_per_class` is only recorded (the trainer passes ``--points``). ``config`` holds
+    every constructor option, so ``create_model(**model.config)`` rebuilds the model.
+    """
+
+    def __init__(self, *, name: str, num_classes: int, img_size: int, points_per_class: int,
+                 multiple: int = 16, **options: Any) -> None:
+        """`multiple`: the input side must be a multiple of it (the network's total downsampling)."""
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
+        if img_size < multiple or img_size % multiple:
+            raise ValueError(f"img_size must be a positive multiple of {multiple}, got {img_size}")
+        self.config = {"name": name, "num_classes": num_classes, "img_size": img_size,
+                       "points_per_class": points_per_class, **options}
+        self.num_classes = num_classes
+        self.img_size = img_size
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """Modules that can start from pretrained weights (the smaller-learning-rate "encoder" group)."""
+        return []
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters: "encoder" (`encoder_modules`, trained with --lr-encoder), "decoder" (the rest)."""
+        encoder_ids = {id(p) for m in self.encoder_modules() for p in m.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"encoder": [], "decoder": []}
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                groups["encoder" if id(parameter) in encoder_ids else "decoder"].append(parameter)
+        return groups
+
+    def check_images(self, images: Tensor) -> None:
+        """Raise ValueError unless images is B x 1 x img_size x img_size."""
+        size = self.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, size, size):
+            raise ValueError(f"images must be B x 1 x {size} x {size}, got {tuple(images.shape)}")
