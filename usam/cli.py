@@ -121,6 +121,9 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-checkpoint", dest="sam_checkpoints", action="append", type=_system_path, default=[],
                         metavar="SYSTEM=PATH", help="official SAM weights for one system, e.g. "
                         "usam_b=sam_vit_b_01ec64.pth or samed_h=sam_vit_h_4b8939.pth (repeatable)")
+    parser.add_argument("--pretrained", dest="pretrained", action="append", type=_system_path, default=[],
+                        metavar="SYSTEM=PATH", help="official ImageNet weights for one system, e.g. "
+                        "transunet=R50+ViT-B_16.npz or swin_unet=swin_tiny_patch4_window7_224.pth (repeatable)")
     parser.add_argument("--device", default=None, help="for usam fit and usam eval (default: auto)")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass in evaluation")
     parser.add_argument("--nproc-per-node", type=int, default=1,

@@ -116,9 +116,10 @@ def fit_options(args: argparse.Namespace, system: str, seed: int, prompted: dict
     for key in ("max_steps", "batch_size", "device"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    for name, path in args.sam_checkpoints:
-        if name == system:
-            options["sam_checkpoint"] = str(Path(path).resolve())
+    for key, given in (("sam_checkpoint", args.sam_checkpoints), ("pretrained", args.pretrained)):
+        for name, path in given:
+            if name == system:
+                options[key] = str(Path(path).resolve())
     model_args = {key: value for name, key, value in args.model_args if name == system}
     if model_args:
         options["model_args"] = model_args

@@ -74,12 +74,15 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def create_model(
-    name: str, num_classes: int = 3, sam_checkpoint: str | None = None, **kwargs: Any
+    name: str, num_classes: int = 3, sam_checkpoint: str | None = None, pretrained: str | None = None,
+    **kwargs: Any
 ) -> nn.Module:
     """Build a registered model; `kwargs` override its defaults (see each class).
 
     `sam_checkpoint`: path to an official SAM ViT-B checkpoint (``sam_vit_b_01ec64.pth``) to
-    initialise the SAM parts from; the load report is kept as ``model.sam_load_report``.
+    initialise the SAM parts from; the load report is kept as ``model.sam_load_report``. `pretrained`: the
+    official ImageNet weights a baseline's encoder starts from (its ``load_pretrained``; report in
+    ``model.pretrained_load_report``).
     The returned model's ``config`` rebuilds it: ``create_model(**model.config)``.
     """
     if name not in _MODELS:
@@ -93,4 +96,8 @@ def create_model(
         if not hasattr(model, "prompt_encoder"):
             raise ValueError(f"model {name!r} has no SAM parts to load {sam_checkpoint}")
         model.sam_load_report = load_sam_checkpoint(model, sam_checkpoint)
+    if pretrained is not None:
+        if not hasattr(model, "load_pretrained"):
+            raise ValueError(f"model {name!r} takes no pretrained weights file ({pretrained})")
+        model.pretrained_load_report = model.load_pretrained(pretrained)
     return model

@@ -29,7 +29,7 @@ def parameter_counts(name: str, num_classes: int = 3, **kwargs) -> dict[str, int
 def parameter_table(num_classes: int = 3) -> str:
     """Markdown table of `parameter_counts` for every registered model."""
     lines = [
-        "| model | parameters | trainable | frozen (prompt encoder) | encoder group | decoder group |",
+        "| model | parameters | trainable | frozen | encoder group | decoder group |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in list_models():

@@ -22,13 +22,24 @@ model has (2, 2, 6, 2)), MLP ratio 4, qkv bias, patch norm, stochastic depth 0.2
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets.swin_unetr import BasicLayer, SwinTransformer
 from torch import Tensor, nn
 
+from usam.models.pretrained import load_renamed
 from usam.models.prompt_free import PromptFreeSegmenter
+from usam.models.sam_weights import LoadReport
+
+# official Swin Transformer keys: a block's tensors, a patch merging's; the block layers MONAI names otherwise
+_SWIN_BLOCK = re.compile(r"layers\.(\d)\.blocks\.(\d+)\.(.+)")
+_SWIN_MERGE = re.compile(r"layers\.(\d)\.downsample\.((?:reduction|norm)\.\w+)")
+_BLOCK_RENAMES = {"mlp.fc1.": "mlp.linear1.", "mlp.fc2.": "mlp.linear2."}
+_BLOCK_BUFFERS = ("attn.relative_position_index", "attn_mask")
 
 
 class PatchExpand(nn.Module):
@@ -113,6 +124,24 @@ class SwinUNet(PromptFreeSegmenter):
     def encoder_modules(self) -> list[nn.Module]:
         return [self.encoder]
 
+    def load_pretrained(self, path: str | os.PathLike) -> LoadReport:
+        """Initialise from an official Swin Transformer ImageNet checkpoint (swin_tiny_patch4_window7_224.pth),
+        as Swin-Unet's ``load_from`` does: the encoder and its final norm, and each decoder stage's Swin blocks
+        from the mirrored encoder stage; blocks the file has beyond this model's depth, its classifier and its
+        buffers are skipped. Read with ``torch.load(weights_only=True)``."""
+        state = _read_swin_state(Path(path))
+        tensors: dict[str, Tensor] = {}
+        skipped: dict[str, str] = {}
+        own = self.state_dict()
+        for key, value in state.items():
+            targets = _swin_targets(key)
+            kept = [t for t in targets if t in own]
+            for target in kept:
+                tensors[target] = value
+            if not kept:
+                skipped[key] = "not in this model" if targets else "not a Swin encoder tensor (classifier, buffer)"
+        return load_renamed(self, tensors, skipped, f"Swin checkpoint {path}")
+
     def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x S x S in [0, 1] -> B x N x S x S logits."""
         self.check_images(images)
@@ -121,3 +150,39 @@ class SwinUNet(PromptFreeSegmenter):
         for fuse, stage, expand, skip in zip(self.fuse, self.stages, self.expands, (x2, x1, x0)):
             x = expand(stage(fuse(torch.cat([x, skip], dim=1))))
         return self.head(self.expand_final(self.norm_up(x)))
+
+
+def _read_swin_state(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise ValueError(f"Swin checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling refused or not a torch file at all
+        raise ValueError(f"Swin checkpoint {path}: not a plain torch file of tensors ({type(error).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # the official release wraps the weights as {"model": ...}
+    if not isinstance(state, dict) or "patch_embed.proj.weight" not in state or "layers.0.blocks.0.norm1.weight" \
+            not in state:
+        raise ValueError(f"Swin checkpoint {path}: no patch_embed.* and layers.* tensors, not an official Swin "
+                         "Transformer checkpoint (swin_tiny_patch4_window7_224.pth)")
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _swin_targets(key: str) -> list[str]:
+    """This model's keys for an official Swin key: one in the encoder, and for a block of stages 0-2 one in the
+    mirrored decoder stage (decoder stage i holds encoder stage 2 - i); none for buffers and the classifier."""
+    if key.startswith("patch_embed."):
+        return ["encoder." + key]
+    if key in ("norm.weight", "norm.bias"):
+        return ["norm.module." + key.removeprefix("norm.")]
+    if match := _SWIN_MERGE.fullmatch(key):
+        return [f"encoder.layers{int(match[1]) + 1}.0.downsample.{match[2]}"]
+    match = _SWIN_BLOCK.fullmatch(key)
+    if match is None or match[3].startswith(_BLOCK_BUFFERS):
+        return []
+    part = match[3]
+    for old, new in _BLOCK_RENAMES.items():
+        if part.startswith(old):
+            part = new + part.removeprefix(old)
+    stage, name = int(match[1]), f"blocks.{match[2]}.{part}"
+    return [f"encoder.layers{stage + 1}.0.{name}"] + ([f"stages.{2 - stage}.{name}"] if stage < 3 else [])

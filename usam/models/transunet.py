@@ -21,15 +21,29 @@ Our configuration, the official R50-ViT-B/16 one at 224 x 224:
 """
 from __future__ import annotations
 
+import os
+import re
+import zipfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import ViT, ResNet
 from torch import Tensor, nn
 
 from usam.models.blocks import ConvBNReLU
+from usam.models.pretrained import load_renamed
 from usam.models.prompt_free import PromptFreeSegmenter
+from usam.models.sam_weights import LoadReport
+
+# official R50+ViT-B_16.npz keys (Google's JAX layout, as TransUNet's load_from reads them)
+_UNIT = re.compile(r"block(\d)/unit(\d+)/(conv[123]|gn[123]|conv_proj|gn_proj)/(kernel|scale|bias)")
+_VIT_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/(.+)/(kernel|scale|bias)")
+_VIT_PARTS = {"LayerNorm_0": "norm1", "LayerNorm_2": "norm2", "MlpBlock_3/Dense_0": "mlp.linear1",
+              "MlpBlock_3/Dense_1": "mlp.linear2", "MultiHeadDotProductAttention_1/out": "attn.out_proj"}
+_QKV = ("query", "key", "value")
 
 
 class StdConv2d(nn.Conv2d):
@@ -110,6 +124,8 @@ class TransUNet(PromptFreeSegmenter):
         self.vit = ViT(in_channels=16 * w, img_size=img_size // 16, patch_size=1, hidden_size=vit_embed_dim,
                        mlp_dim=vit_mlp_dim, num_layers=vit_depth, num_heads=vit_num_heads, proj_type="conv",
                        classification=False, dropout_rate=dropout, spatial_dims=2, qkv_bias=True)
+        for block in self.vit.blocks:  # MONAI keeps a cross-attention norm even without cross-attention
+            del block.norm_cross_attn
         self.conv_more = ConvBNReLU(vit_embed_dim, 512)
         channels = [512, *options["decoder_channels"]]
         skips = [8 * w, 4 * w, w, 0]
@@ -118,6 +134,62 @@ class TransUNet(PromptFreeSegmenter):
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.resnet, self.vit]
+
+    def load_pretrained(self, path: str | os.PathLike) -> LoadReport:
+        """Initialise the encoder from the official ImageNet-21k R50+ViT-B_16.npz, as TransUNet's ``load_from``
+        does: the ResNet, the patch embedding, the positions (the class token's dropped, the grid resized
+        bilinearly where the input size differs), the 12 blocks and the final norm; decoder and head stay new.
+        Read with ``numpy.load(allow_pickle=False)``."""
+        arrays = _read_npz(Path(path))
+        tensors: dict[str, Tensor] = {}
+        skipped: dict[str, str] = {}
+        qkv: dict[tuple[int, str], list[Tensor | None]] = {}
+        for key, array in arrays.items():
+            value = torch.from_numpy(array)
+            target = _r50_target(key, value)
+            if target is not None:
+                tensors[target[0]] = target[1]
+            elif match := _VIT_BLOCK.fullmatch(key):
+                block, part, kind = int(match[1]), match[2], match[3]
+                name = f"vit.blocks.{block}"
+                if part.startswith("MultiHeadDotProductAttention_1/") and part.split("/")[1] in _QKV:
+                    slot = qkv.setdefault((block, "weight" if kind == "kernel" else "bias"), [None, None, None])
+                    slot[_QKV.index(part.split("/")[1])] = value.reshape(value.shape[0], -1).t() \
+                        if kind == "kernel" else value.reshape(-1)
+                elif part in _VIT_PARTS:
+                    tensors[f"{name}.{_VIT_PARTS[part]}.{'bias' if kind == 'bias' else 'weight'}"] = \
+                        _dense(value, kind, out_last=part.endswith("/out"))
+                else:
+                    skipped[key] = "not in this model"
+            elif key == "embedding/kernel":
+                tensors["vit.patch_embedding.patch_embeddings.weight"] = value.permute(3, 2, 0, 1)
+            elif key == "embedding/bias":
+                tensors["vit.patch_embedding.patch_embeddings.bias"] = value
+            elif key == "Transformer/posembed_input/pos_embedding":
+                tensors["vit.patch_embedding.position_embeddings"] = self._positions(value)
+            elif key in ("Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias"):
+                tensors[f"vit.norm.{'weight' if key.endswith('scale') else 'bias'}"] = value
+            else:
+                skipped[key] = "not in this model (classifier head, pre-logits)"
+        for (block, kind), parts in qkv.items():
+            if any(p is None for p in parts):
+                raise ValueError(f"{path}: block {block} lacks a query, key or value {kind}")
+            tensors[f"vit.blocks.{block}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+        return load_renamed(self, tensors, skipped, f"TransUNet weights {path}")
+
+    def _positions(self, positions: Tensor) -> Tensor:
+        """1 x (1 + g0^2) x D or 1 x g0^2 x D official positions -> this model's 1 x g^2 x D."""
+        grid = self.img_size // 16
+        if positions.shape[1] != grid * grid:
+            old = int(round((positions.shape[1] - 1) ** 0.5))
+            if old * old == positions.shape[1] - 1:  # a class-token position first, as the ImageNet files have
+                positions = positions[:, 1:]
+            old = int(round(positions.shape[1] ** 0.5))
+            if old * old == positions.shape[1] and old != grid:
+                x = positions.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+                x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=True)
+                positions = x.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+        return positions
 
     def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x S x S in [0, 1] -> B x N x S x S logits."""
@@ -132,3 +204,41 @@ class TransUNet(PromptFreeSegmenter):
         for block, skip in zip(self.blocks, (f3, f2, f1, None)):
             x = block(x, skip)
         return self.head(x)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise ValueError(f"TransUNet weights {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"TransUNet weights {path}: not a readable .npz file ({type(error).__name__})") from None
+    if "conv_root/kernel" not in arrays or "Transformer/encoderblock_0/LayerNorm_0/scale" not in arrays:
+        raise ValueError(f"TransUNet weights {path}: no conv_root/kernel and Transformer/encoderblock_* arrays, "
+                         "not the official R50+ViT-B_16.npz")
+    return arrays
+
+
+def _r50_target(key: str, value: Tensor) -> tuple[str, Tensor] | None:
+    """(this model's key, tensor) for an official ResNet array: kernels HWIO -> OIHW; None for other keys."""
+    if key == "conv_root/kernel":
+        return "resnet.conv1.weight", value.permute(3, 2, 0, 1)
+    if key in ("gn_root/scale", "gn_root/bias"):
+        return f"resnet.bn1.{'weight' if key.endswith('scale') else 'bias'}", value.reshape(-1)
+    match = _UNIT.fullmatch(key)
+    if match is None:
+        return None
+    block, unit, layer, kind = int(match[1]), int(match[2]), match[3], match[4]
+    name = {"conv_proj": "downsample.0", "gn_proj": "downsample.1"}.get(layer, layer.replace("gn", "bn"))
+    prefix = f"resnet.layer{block}.{unit - 1}.{name}"
+    if kind == "kernel":
+        return f"{prefix}.weight", value.permute(3, 2, 0, 1)
+    return f"{prefix}.{'weight' if kind == 'scale' else 'bias'}", value.reshape(-1)
+
+
+def _dense(value: Tensor, kind: str, out_last: bool) -> Tensor:
+    """A JAX dense or LayerNorm array -> torch: kernels (in..., out) -> (out, in); others flattened."""
+    if kind != "kernel":
+        return value.reshape(-1)
+    return (value.reshape(-1, value.shape[-1]) if out_last else value.reshape(value.shape[0], -1)).t()
