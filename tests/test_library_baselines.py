@@ -174,7 +174,8 @@ def official_r50_vit_npz(model: torch.nn.Module) -> dict[str, np.ndarray]:
         for jax, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
             arrays[f"{root}{jax}/scale"], arrays[f"{root}{jax}/bias"] = own[f"{p}{ours}.weight"], own[f"{p}{ours}.bias"]
         for jax, ours in (("MlpBlock_3/Dense_0", "mlp.linear1"), ("MlpBlock_3/Dense_1", "mlp.linear2")):
-            arrays[f"{root}{jax}/kernel"], arrays[f"{root}{jax}/bias"] = own[f"{p}{ours}.weight"].T, own[f"{p}{ours}.bias"]
+            arrays[f"{root}{jax}/kernel"] = own[f"{p}{ours}.weight"].T
+            arrays[f"{root}{jax}/bias"] = own[f"{p}{ours}.bias"]
     return arrays
 
 
@@ -212,7 +213,8 @@ def test_swin_unet_loads_the_official_swin_file_into_encoder_and_mirrored_decode
             stage, rest = int(key[len("encoder.layers")]) - 1, key.split(".0.", 1)[1]
             state[f"layers.{stage}.{rest.replace('mlp.linear', 'mlp.fc')}"] = torch.randn_like(value.float())
     torch.save({"model": state}, tmp_path / "swin_tiny_patch4_window7_224.pth")
-    model = create_model("swin_unet", **SMALL["swin_unet"], pretrained=str(tmp_path / "swin_tiny_patch4_window7_224.pth"))
+    weights = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    model = create_model("swin_unet", **SMALL["swin_unet"], pretrained=str(weights))
     loaded = model.state_dict()
     qkv = state["layers.1.blocks.0.attn.qkv.weight"]
     assert torch.equal(loaded["encoder.layers2.0.blocks.0.attn.qkv.weight"], qkv)

@@ -83,7 +83,8 @@ def test_table2_dry_run_prints_one_command_per_system_and_seed(data_dir, tmp_pat
     for system in systems:
         commands = [line for line in printed if f" --model {system} " in line]
         if system in list_models():
-            assert len(commands) == 2 and all(c.startswith("torchrun --nproc_per_node 4 -m usam.cli fit ") for c in commands)
+            torchrun = "torchrun --nproc_per_node 4 -m usam.cli fit "
+            assert len(commands) == 2 and all(c.startswith(torchrun) for c in commands)
         else:
             assert not commands and any(line.endswith(f"({system}): not available in this build") for line in printed)
     usam_b = [line for line in printed if " --model usam_b " in line]

@@ -109,7 +109,8 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training recipe, the same for every system; this build's usam fit has one: usam (its "
                         "defaults, the authors' released code); passed on as usam fit --recipe where fit has it")
     parser.add_argument("--out", default="results",
-                        help="results folder: table.md, table.csv, table.png and runs/<system>/seed<k> (default results)")
+                        help="results folder: table.md, table.csv, table.png and runs/<system>/seed<k> "
+                        "(default results)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per system (default 3)")
     parser.add_argument("--config", metavar="TOML", default=None,
                         help="usam fit options for every run (the table's own options override it)")

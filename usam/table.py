@@ -92,7 +92,8 @@ def plan_rows(systems: str) -> Plan:
         if system not in available:
             unavailable += [f"{row['name']} ({system})" for row in paper_rows] or [system]
             continue
-        rows += [Row(row["name"], system, int(row["points"]), row) for row in paper_rows] or [Row(system, system, 0, None)]
+        rows += [Row(row["name"], system, int(row["points"]), row) for row in paper_rows] or \
+            [Row(system, system, 0, None)]
     return Plan(name, list(table["classes"]), rows, unavailable)
 
 

@@ -39,7 +39,8 @@ _VIT_TINY = {
 }
 
 # SAM ViT-H (SAMed-H): width 1280, depth 32, 16 heads, global attention in blocks 7, 15, 23, 31
-_VIT_H = {**_VIT_B, "vit_embed_dim": 1280, "vit_depth": 32, "vit_num_heads": 16, "vit_global_attn_indexes": (7, 15, 23, 31)}
+_VIT_H = {**_VIT_B, "vit_embed_dim": 1280, "vit_depth": 32, "vit_num_heads": 16,
+          "vit_global_attn_indexes": (7, 15, 23, 31)}
 
 # "USAM.__init__() " at the start of a TypeError: which class refused an option is not the user's concern
 _CALLER = re.compile(r"^[\w.]+\(\) ")
@@ -79,7 +80,7 @@ def create_model(
 ) -> nn.Module:
     """Build a registered model; `kwargs` override its defaults (see each class).
 
-    `sam_checkpoint`: path to an official SAM ViT-B checkpoint (``sam_vit_b_01ec64.pth``) to
+    `sam_checkpoint`: path to an official SAM checkpoint (``sam_vit_b_01ec64.pth``; ViT-H for `samed_h`) to
     initialise the SAM parts from; the load report is kept as ``model.sam_load_report``. `pretrained`: the
     official ImageNet weights a baseline's encoder starts from (its ``load_pretrained``; report in
     ``model.pretrained_load_report``).

@@ -158,7 +158,8 @@ def _read_swin_state(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused or not a torch file at all
-        raise ValueError(f"Swin checkpoint {path}: not a plain torch file of tensors ({type(error).__name__})") from None
+        raise ValueError(f"Swin checkpoint {path}: not a plain torch file of tensors "
+                         f"({type(error).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # the official release wraps the weights as {"model": ...}
     if not isinstance(state, dict) or "patch_embed.proj.weight" not in state or "layers.0.blocks.0.norm1.weight" \
