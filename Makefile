@@ -13,6 +13,9 @@ export HF_HUB_OFFLINE = 1
 # timm) and would replace the CPU torch, so it comes without them, plus what its dataset check and planning use.
 NNUNET = nnunetv2==2.8.1 acvl-utils==0.2.6 dynamic-network-architectures==0.4.4 batchgenerators==0.25.5
 NNUNET_PLANNING_NEEDS = "blosc2>=3.3.2" "scikit-image>=0.19.3" scikit-learn
+# timm is not installed at all: it imports torchvision when imported (timm.layers.create_norm, timm.data), and no
+# torchvision runs beside the CPU torch, so TransUNet and Swin-Unet are built on MONAI's blocks (pyproject.toml).
+# peft is not used either: SAMed adapts the q and v thirds of SAM's fused qkv projection, which peft cannot target.
 
 .PHONY: install demo test bench clean
 

@@ -1,4 +1,4 @@
-"""The ``usam`` command: ``usam fit | eval | predict | models``."""
+"""The ``usam`` command: ``usam fit | eval | predict | table | models``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,53 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
 
+def _system_model_arg(text: str) -> tuple[str, str, Any]:
+    system, sep, rest = text.partition(".")
+    if not sep or not system:
+        raise argparse.ArgumentTypeError(f"expected SYSTEM.KEY=VALUE, got {text!r}")
+    return (system, *_model_arg(rest))
+
+
+def _system_path(text: str) -> tuple[str, str]:
+    system, sep, path = text.partition("=")
+    if not sep or not system or not path:
+        raise argparse.ArgumentTypeError(f"expected SYSTEM=PATH, got {text!r}")
+    return system, path
+
+
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="converted or published CARE folder, as for usam fit")
+    parser.add_argument("--systems", default="table2",
+                        help="table2 or table3 (the systems of the seed paper's Table 2 or 3), all (every registered "
+                        "model), or comma-separated names from `usam models` (default table2)")
+    parser.add_argument("--recipe", default="usam",
+                        help="training recipe, the same for every system; this build's usam fit has one: usam (its "
+                        "defaults, the authors' released code); passed on as usam fit --recipe where fit has it")
+    parser.add_argument("--out", default="results",
+                        help="results folder: table.md, table.csv, table.png and runs/<system>/seed<k> "
+                        "(default results)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per system (default 3)")
+    parser.add_argument("--config", metavar="TOML", default=None,
+                        help="usam fit options for every run (the table's own options override it)")
+    parser.add_argument("--max-steps", type=int, default=None, help="passed to usam fit (e.g. for a smoke test)")
+    parser.add_argument("--batch-size", type=int, default=None, help="passed to usam fit")
+    parser.add_argument("--model-arg", dest="model_args", action="append", type=_system_model_arg, default=[],
+                        metavar="SYSTEM.KEY=VALUE", help="a create_model option of one system, e.g. "
+                        "transunet.vit_depth=6 (repeatable)")
+    parser.add_argument("--sam-checkpoint", dest="sam_checkpoints", action="append", type=_system_path, default=[],
+                        metavar="SYSTEM=PATH", help="official SAM weights for one system, e.g. "
+                        "usam_b=sam_vit_b_01ec64.pth or samed_h=sam_vit_h_4b8939.pth (repeatable)")
+    parser.add_argument("--pretrained", dest="pretrained", action="append", type=_system_path, default=[],
+                        metavar="SYSTEM=PATH", help="official ImageNet weights for one system, e.g. "
+                        "transunet=R50+ViT-B_16.npz or swin_unet=swin_tiny_patch4_window7_224.pth (repeatable)")
+    parser.add_argument("--device", default=None, help="for usam fit and usam eval (default: auto)")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass in evaluation")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="with --dry-run: print torchrun commands for this many processes per run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the usam fit (or torchrun) command of each system and seed, train nothing")
+
+
 def resolve_fit_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < saved run config (--resume) < --config file < command line."""
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
@@ -142,6 +189,12 @@ def run_predict(args: argparse.Namespace) -> int:
     return predict.run_predict(args)
 
 
+def run_table(args: argparse.Namespace) -> int:
+    from usam.table import run_table  # deferred: the model zoo and its libraries load only for the command that runs
+
+    return run_table(args)
+
+
 def run_models(args: argparse.Namespace) -> int:
     from usam.models.registry import list_models  # deferred: segment-anything loads only when it is needed
 
@@ -153,7 +206,7 @@ def run_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usam", description="U-SAM for rectal-cancer CT: train, evaluate, "
                                      "predict.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{fit,eval,predict,models}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fit,eval,predict,table,models}")
     fit = commands.add_parser("fit", help="train a model on CARE slices",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_fit_arguments(fit)
@@ -164,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="segment a CT volume with a checkpoint")
     add_predict_arguments(predict)
     predict.set_defaults(run=run_predict)
+    table = commands.add_parser("table", help="train and evaluate systems alike; the seed paper's comparison table")
+    add_table_arguments(table)
+    table.set_defaults(run=run_table)
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=run_models)
     return parser

@@ -39,8 +39,10 @@ class TrainConfig:
     model: str = option("usam_b", "Registered model name (``usam models`` lists them).")
     # a TOML table in a config file
     model_args: dict = option({}, "extra create_model argument, e.g. base_channels=32 (repeatable)")
-    sam_checkpoint: str = option("", "Official SAM ViT-B weights (sam_vit_b_01ec64.pth) to initialise the SAM parts; "
-                                     "empty = from scratch.")
+    sam_checkpoint: str = option("", "Official SAM weights (sam_vit_b_01ec64.pth; sam_vit_h_4b8939.pth for samed_h) to "
+                                     "initialise the SAM parts; empty = from scratch.")
+    pretrained: str = option("", "Official ImageNet weights of a baseline's encoder: R50+ViT-B_16.npz (transunet) or "
+                                 "swin_tiny_patch4_window7_224.pth (swin_unet); empty = from scratch.")
     num_classes: int = option(0, "Classes including background; 0 takes the data's count, any other value must "
                                  "match it.")
     out: str = option("runs/usam", "Run folder: config, logs, curves, checkpoints ``last/`` and ``best/``.")
@@ -150,22 +152,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def with_absolute_paths(self) -> TrainConfig:
-        """The same options with ``data``, ``out`` and ``sam_checkpoint`` made absolute, so that a saved
+        """The same options with ``data``, ``out``, ``sam_checkpoint`` and ``pretrained`` made absolute, so that a saved
         run resumes from any working directory."""
-        paths = {k: str(Path(getattr(self, k)).resolve()) for k in ("data", "out", "sam_checkpoint")
+        paths = {k: str(Path(getattr(self, k)).resolve()) for k in ("data", "out", "sam_checkpoint", "pretrained")
                  if getattr(self, k)}
         return dataclasses.replace(self, **paths)
 
 
 # create_model arguments the trainer passes itself, and the option that sets each
 TRAINER_MODEL_ARGS = {"name": "--model", "num_classes": "--num-classes", "points_per_class": "--points",
-                      "sam_checkpoint": "--sam-checkpoint"}
+                      "sam_checkpoint": "--sam-checkpoint", "pretrained": "--pretrained"}
 
 # options that may differ between a run and its resumption without changing its results on CPU
 # (the weights come from last/ on resume, so a moved SAM checkpoint file does not matter; deterministic only
 # picks CUDA kernels, while amp and channels_last change the arithmetic of every CUDA step and stay fixed)
 RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "compile", "deterministic", "log_every", "epochs",
-                               "max_steps", "data", "out", "sam_checkpoint"})
+                               "max_steps", "data", "out", "sam_checkpoint",
+                               "pretrained"})
 
 
 def field_names() -> list[str]:

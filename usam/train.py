@@ -173,7 +173,8 @@ def set_up(config: TrainConfig) -> TrainingRun:
     resume_state = resolve_resume(config, data, ddp.world_size)
     torch.manual_seed(config.seed)
     # on resume the weights come from last/: the SAM checkpoint the run started from is not read again
-    model = build_model(config if resume_state is None else replace(config, sam_checkpoint=""), num_classes)
+    model = build_model(config if resume_state is None else replace(config, sam_checkpoint="", pretrained=""),
+                        num_classes)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     plan = plan_batches(config, data, model, ddp)
@@ -575,7 +576,7 @@ def checkpoint_config(config: TrainConfig, data: TrainingData, step: int, epoch:
     Paths in the recorded options are reduced to their last component (a checkpoint travels).
     """
     options = config.to_dict()
-    for key in ("data", "out", "sam_checkpoint"):
+    for key in ("data", "out", "sam_checkpoint", "pretrained"):
         options[key] = Path(options[key]).name if options[key] else ""
     return {
         "classes": data.class_names,
@@ -752,11 +753,14 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
 def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     try:
         return create_model(config.model, num_classes=num_classes, points_per_class=config.points,
-                            sam_checkpoint=config.sam_checkpoint or None, **config.model_args)
+                            sam_checkpoint=config.sam_checkpoint or None, pretrained=config.pretrained or None,
+                            **config.model_args)
     except ValueError as error:
         message = str(error)
         if config.sam_checkpoint and config.sam_checkpoint in message:
             raise ValueError(f"--sam-checkpoint does not fit model {config.model}: {message}") from None
+        if config.pretrained and config.pretrained in message:
+            raise ValueError(f"--pretrained does not fit model {config.model}: {message}") from None
         raise
 
 

@@ -1,4 +1,5 @@
-"""The U-SAM model zoo: U-SAM, the SAM baseline, a U-Net; registry, official SAM weights and checkpoints."""
+"""The U-SAM model zoo: U-SAM, the SAM baseline, a U-Net, the seed paper's baselines; registry, official SAM
+weights and checkpoints."""
 from __future__ import annotations
 
 from usam.models.checkpoints import load_checkpoint, load_weights, save_checkpoint

@@ -23,7 +23,7 @@ from monai.networks.layers import DropPath
 from torch import Tensor, nn
 
 from usam.models.blocks import init_prior_bias
-from usam.models.prompt_free import PromptFreeModel
+from usam.models.prompt_free import PromptFreeSegmenter
 
 ENCODER_DEPTH = 4  # focal blocks per encoder stage
 FOCAL_LEVEL = 3
@@ -107,13 +107,13 @@ class DecoderStage(nn.Module):
         return self.expand(self.block(self.fuse(torch.cat([x, skip], dim=-1))))
 
 
-class FocalUNet(PromptFreeModel):
+class FocalUNet(PromptFreeSegmenter):
     """Focal-UNet (see the module docstring); `base_channels` is the patch embedding's width C (96)."""
 
     def __init__(self, *, name: str = "focalunet", num_classes: int = 3, img_size: int = 224,
                  points_per_class: int = 0, base_channels: int = 96) -> None:
         super().__init__(name=name, num_classes=num_classes, img_size=img_size, points_per_class=points_per_class,
-                         size_multiple=32, base_channels=base_channels)
+                         multiple=32, base_channels=base_channels)
         dims = [base_channels * 2**i for i in range(4)]
         blocks = 4 * ENCODER_DEPTH
         rates = [DROP_PATH * i / (blocks - 1) for i in range(blocks)]  # linear from 0

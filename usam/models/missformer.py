@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usam.models.blocks import init_prior_bias
-from usam.models.prompt_free import PromptFreeModel
+from usam.models.prompt_free import PromptFreeSegmenter
 
 WIDTHS = (1, 2, 5, 8)  # stage widths in units of b
 HEADS = (1, 2, 5, 8)
@@ -201,13 +201,13 @@ class DecoderStage(nn.Module):
         return self.expand(x, height, width)
 
 
-class MISSFormer(PromptFreeModel):
+class MISSFormer(PromptFreeSegmenter):
     """MISSFormer (see the module docstring); `base_channels` is b (stage widths b, 2b, 5b, 8b; even)."""
 
     def __init__(self, *, name: str = "missformer", num_classes: int = 3, img_size: int = 224,
                  points_per_class: int = 0, base_channels: int = 64) -> None:
         super().__init__(name=name, num_classes=num_classes, img_size=img_size, points_per_class=points_per_class,
-                         size_multiple=32, base_channels=base_channels)
+                         multiple=32, base_channels=base_channels)
         if base_channels <= 0 or base_channels % 2:
             raise ValueError(f"base_channels must be a positive even number, got {base_channels}")
         b = base_channels

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usam.models.blocks import init_prior_bias
-from usam.models.prompt_free import PromptFreeModel, conv_bn
+from usam.models.prompt_free import PromptFreeSegmenter, conv_bn
 
 ALPHA = 1.67
 RES_PATH_LENGTHS = (4, 3, 2, 1)  # residual units on the skips of levels 1..4
@@ -70,13 +70,13 @@ def res_path(in_channels: int, out_channels: int, length: int) -> nn.Sequential:
     return nn.Sequential(*(ResPathUnit(in_channels if i == 0 else out_channels, out_channels) for i in range(length)))
 
 
-class MultiResUNet(PromptFreeModel):
+class MultiResUNet(PromptFreeSegmenter):
     """MultiResUNet (see the module docstring); `base_channels` is the first level's U."""
 
     def __init__(self, *, name: str = "multiresunet", num_classes: int = 3, img_size: int = 224,
                  points_per_class: int = 0, base_channels: int = 32) -> None:
         super().__init__(name=name, num_classes=num_classes, img_size=img_size, points_per_class=points_per_class,
-                         size_multiple=16, base_channels=base_channels)
+                         multiple=16, base_channels=base_channels)
         u = [base_channels * 2**i for i in range(5)]
         self.encoder = nn.ModuleList()
         self.res_paths = nn.ModuleList()

@@ -1,4 +1,4 @@
-"""What the prompt-free baselines written here share: `unet`'s model interface and a biased conv-BN-ReLU."""
+"""What the prompt-free baselines share: `unet`'s model interface, optimiser groups and a biased conv-BN-ReLU."""
 from __future__ import annotations
 
 from typing import Any
@@ -17,32 +17,46 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, relu: boo
                        norm="BATCH", bias=bias, **options)
 
 
-class PromptFreeModel(nn.Module):
-    """Base of a baseline that takes the SAM-style models' inputs and ignores the points, as `unet` does.
+class PromptFreeSegmenter(nn.Module):
+    """Base of a system that takes no prompts (the baselines other than SAM's and U-SAM).
 
-    ``config`` holds the constructor's arguments, so ``create_model(**model.config)`` rebuilds the model; a
-    subclass passes its own options on as keywords and implements `segment`. Nothing is pretrained: every
-    parameter is in the "decoder" group (the 1e-3 learning rate).
+    It takes the same inputs as the SAM-style models and ignores the points, as `unet` does;
+    `points_per_class` is only recorded (the trainer passes ``--points``). ``config`` holds
+    every constructor option, so ``create_model(**model.config)`` rebuilds the model. A subclass
+    implements `segment`, or `forward` itself after `check_images`.
     """
 
-    def __init__(self, *, name: str, num_classes: int, img_size: int, points_per_class: int, size_multiple: int,
-                 **options: Any) -> None:
+    def __init__(self, *, name: str, num_classes: int, img_size: int, points_per_class: int,
+                 multiple: int = 16, **options: Any) -> None:
+        """`multiple`: the input side must be a multiple of it (the network's total downsampling)."""
         super().__init__()
-        if img_size <= 0 or img_size % size_multiple:
-            raise ValueError(f"img_size must be a positive multiple of {size_multiple}, got {img_size}")
-        self.config = {
-            "name": name,
-            "num_classes": num_classes,
-            "img_size": img_size,
-            "points_per_class": points_per_class,
-            **options,
-        }
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
+        if img_size < multiple or img_size % multiple:
+            raise ValueError(f"img_size must be a positive multiple of {multiple}, got {img_size}")
+        self.config = {"name": name, "num_classes": num_classes, "img_size": img_size,
+                       "points_per_class": points_per_class, **options}
         self.num_classes = num_classes
         self.img_size = img_size
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """Modules that can start from pretrained weights (the smaller-learning-rate "encoder" group)."""
+        return []
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Nothing is pretrained: every parameter is in "decoder" (the 1e-3 group)."""
-        return {"encoder": [], "decoder": [p for p in self.parameters() if p.requires_grad]}
+        """Trainable parameters: "encoder" (`encoder_modules`, trained with --lr-encoder), "decoder" (the rest)."""
+        encoder_ids = {id(p) for m in self.encoder_modules() for p in m.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"encoder": [], "decoder": []}
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                groups["encoder" if id(parameter) in encoder_ids else "decoder"].append(parameter)
+        return groups
+
+    def check_images(self, images: Tensor) -> None:
+        """Raise ValueError unless images is B x 1 x img_size x img_size."""
+        size = self.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, size, size):
+            raise ValueError(f"images must be B x 1 x {size} x {size}, got {tuple(images.shape)}")
 
     def segment(self, images: Tensor) -> Tensor:
         """images B x 1 x H x W -> B x N x H x W logits."""
@@ -50,7 +64,5 @@ class PromptFreeModel(nn.Module):
 
     def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x H x W in [0, 1] -> B x N x H x W logits; points are ignored."""
-        size = self.img_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (1, size, size):
-            raise ValueError(f"images must be B x 1 x {size} x {size}, got {tuple(images.shape)}")
+        self.check_images(images)
         return self.segment(images)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usam.models.blocks import init_prior_bias
-from usam.models.prompt_free import PromptFreeModel, conv_bn
+from usam.models.prompt_free import PromptFreeSegmenter, conv_bn
 
 RECURRENCE = 2  # t
 
@@ -64,13 +64,13 @@ class UpConv(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class R2UNet(PromptFreeModel):
+class R2UNet(PromptFreeSegmenter):
     """R2U-Net (see the module docstring); `base_channels` is the first level's width (64)."""
 
     def __init__(self, *, name: str = "r2unet", num_classes: int = 3, img_size: int = 224,
                  points_per_class: int = 0, base_channels: int = 64) -> None:
         super().__init__(name=name, num_classes=num_classes, img_size=img_size, points_per_class=points_per_class,
-                         size_multiple=16, base_channels=base_channels)
+                         multiple=16, base_channels=base_channels)
         widths = [base_channels * 2**i for i in range(5)]
         self.encoder = nn.ModuleList(
             RecurrentResidualUnit(c_in, c_out) for c_in, c_out in zip([1, *widths[:-1]], widths)

@@ -21,7 +21,7 @@ from monai.networks.blocks import ADN, ChannelSELayer
 from torch import Tensor, nn
 
 from usam.models.blocks import init_prior_bias
-from usam.models.prompt_free import PromptFreeModel, conv_bn
+from usam.models.prompt_free import PromptFreeSegmenter, conv_bn
 
 ASPP_RATES = (1, 6, 12, 18)
 SE_RATIO = 8
@@ -97,13 +97,13 @@ class DecoderStep(nn.Module):
         return self.unit(torch.cat([x, g], dim=1))
 
 
-class ResUNetPlusPlus(PromptFreeModel):
+class ResUNetPlusPlus(PromptFreeSegmenter):
     """ResUNet++ (see the module docstring); `base_channels` is the stem's 16 filters (then 2x, 4x, 8x, 16x)."""
 
     def __init__(self, *, name: str = "resunetpp", num_classes: int = 3, img_size: int = 224,
                  points_per_class: int = 0, base_channels: int = 16) -> None:
         super().__init__(name=name, num_classes=num_classes, img_size=img_size, points_per_class=points_per_class,
-                         size_multiple=8, base_channels=base_channels)
+                         multiple=8, base_channels=base_channels)
         f = [base_channels * 2**i for i in range(5)]
         self.stem = ResidualSEUnit(1, f[0], stem=True)
         self.down1 = ResidualSEUnit(f[0], f[1], stride=2)

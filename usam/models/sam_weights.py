@@ -19,6 +19,8 @@ _HEAD_KEY = re.compile(
     r"mask_decoder\.(mask_tokens|output_hypernetworks_mlps|iou_prediction_head|output_upscaling)\."
 )
 _SAM_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+# Layers a model adds inside SAM's parts (SAMed's LoRA matrices): new, never in a SAM file.
+_ADDED_KEY = re.compile(r"\.lora_\w+\.weight$")
 
 
 @dataclass
@@ -142,7 +144,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadReport
     missing = [
         k
         for k in own
-        if k not in updates and k.startswith(_SAM_PREFIXES) and not _HEAD_KEY.match(k)
+        if k not in updates and k.startswith(_SAM_PREFIXES) and not _HEAD_KEY.match(k) and not _ADDED_KEY.search(k)
     ]
     if missing:
         raise ValueError(

@@ -9,7 +9,10 @@ from usam.models.registry import create_model, list_models
 
 def parameter_counts(name: str, num_classes: int = 3, **kwargs) -> dict[str, int]:
     """Total, trainable, frozen, encoder-group and decoder-group parameter counts."""
-    with torch.device("meta"):  # shapes only, nothing allocated
+    try:
+        with torch.device("meta"):  # shapes only, nothing allocated
+            model = create_model(name, num_classes=num_classes, **kwargs)
+    except (RuntimeError, NotImplementedError):  # a library's constructor reads a tensor's value (MONAI's Swin)
         model = create_model(name, num_classes=num_classes, **kwargs)
     groups = model.parameter_groups()
     total = sum(p.numel() for p in model.parameters())
@@ -26,7 +29,7 @@ def parameter_counts(name: str, num_classes: int = 3, **kwargs) -> dict[str, int
 def parameter_table(num_classes: int = 3) -> str:
     """Markdown table of `parameter_counts` for every registered model."""
     lines = [
-        "| model | parameters | trainable | frozen (prompt encoder) | encoder group | decoder group |",
+        "| model | parameters | trainable | frozen | encoder group | decoder group |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in list_models():

@@ -21,7 +21,7 @@ from monai.networks.blocks import MLPBlock
 from torch import Tensor, nn
 
 from usam.models.blocks import init_prior_bias
-from usam.models.prompt_free import PromptFreeModel, conv_bn
+from usam.models.prompt_free import PromptFreeSegmenter, conv_bn
 
 PATCH_SIZES = (16, 8, 4, 2)  # per skip scale (H, H/2, H/4, H/8): one H/16 x W/16 token grid at every scale
 NUM_LAYERS = 4
@@ -176,13 +176,13 @@ def _down(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.MaxPool2d(2), conv_bn(in_channels, out_channels), conv_bn(out_channels, out_channels))
 
 
-class UCTransNet(PromptFreeModel):
+class UCTransNet(PromptFreeSegmenter):
     """UCTransNet (see the module docstring); `base_channels` is C."""
 
     def __init__(self, *, name: str = "uctransnet", num_classes: int = 3, img_size: int = 224,
                  points_per_class: int = 0, base_channels: int = 64) -> None:
         super().__init__(name=name, num_classes=num_classes, img_size=img_size, points_per_class=points_per_class,
-                         size_multiple=PATCH_SIZES[0], base_channels=base_channels)
+                         multiple=PATCH_SIZES[0], base_channels=base_channels)
         c = base_channels
         self.stem = conv_bn(1, c)
         self.down1 = _down(c, 2 * c)
