@@ -192,7 +192,9 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_table(args: argparse.Namespace) -> int:
     from usam.table import run_table  # deferred: the model zoo and its libraries load only for the command that runs
 
-    return run_table(args)
+    eval_parser = argparse.ArgumentParser(prog="usam eval")
+    add_eval_arguments(eval_parser)
+    return run_table(args, parse_eval_args=eval_parser.parse_args)
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import math
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,14 @@ from matplotlib.figure import Figure
 
 from care_dataset.files import atomic_file, write_text_atomic
 from usam import evaluate
-from usam.config import RESUMABLE_CHANGES, TrainConfig, build_config, field_names, read_toml, tomllib
+from usam.config import (
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    build_config,
+    field_names,
+    read_toml,
+    tomllib,
+)
 from usam.models.checkpoints import read_checkpoint_config
 from usam.models.prompted import PromptedSegmenter
 from usam.models.registry import list_models, model_class
@@ -193,15 +201,18 @@ def eval_folder(run: Path, points: int) -> Path:
     return run / f"eval_{SPLIT}_points{points}"
 
 
-def evaluate_row(args: argparse.Namespace, run: Path, points: int) -> str:
+def evaluate_row(args: argparse.Namespace, run: Path, points: int,
+                 parse_eval_args: Callable[[list[str]], argparse.Namespace]) -> str:
     """``usam eval`` of the run's best checkpoint with `points` prompts per class, unless one newer than the
-    checkpoint is there; its printout goes to eval.log in the evaluation folder."""
+    checkpoint is there; its printout goes to eval.log in the evaluation folder. `parse_eval_args` is usam
+    eval's own parser, so every option it does not set takes usam eval's default."""
     out, best = eval_folder(run, points), run / "best"
     metrics = out / evaluate.OUTPUT_FILES[0]
     if metrics.is_file() and metrics.stat().st_mtime >= (best / "model.safetensors").stat().st_mtime:
         return "evaluated earlier"
-    eval_args = argparse.Namespace(data=args.data, checkpoint=str(best), split=SPLIT, points=points,
-                                   batch_size=args.eval_batch_size, device=args.device or "auto", out=str(out))
+    eval_args = parse_eval_args(["--data", str(args.data), "--checkpoint", str(best), "--split", SPLIT,
+                                 "--points", str(points), "--batch-size", str(args.eval_batch_size),
+                                 "--device", args.device or "auto", "--out", str(out)])
     printed, errors = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         code = evaluate.run_eval(eval_args)
@@ -349,8 +360,8 @@ def save_chart(results: list[Result], path: Path) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def run_table(args: argparse.Namespace) -> int:
-    """`usam table`; raises ValueError (one line) for a user error."""
+def run_table(args: argparse.Namespace, parse_eval_args: Callable[[list[str]], argparse.Namespace]) -> int:
+    """`usam table`; raises ValueError (one line) for a user error. `parse_eval_args`: see `evaluate_row`."""
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.recipe != "usam" and "recipe" not in field_names():
@@ -373,7 +384,7 @@ def run_table(args: argparse.Namespace) -> int:
         print(f"{system} seed {seed}: {train_system(fit_config(args, options))}", flush=True)
     for row in plan.rows:
         for seed in seeds:
-            done = evaluate_row(args, run_folder(args.out, row.system, seed), row.points)
+            done = evaluate_row(args, run_folder(args.out, row.system, seed), row.points, parse_eval_args)
             print(f"{row.label} ({row.system}, {row.points} points) seed {seed}: {done}", flush=True)
     results = collect(args, plan, seeds)
     out = Path(args.out)
