@@ -1,6 +1,7 @@
 """Model registry: `create_model(name, ...)` and `list_models()`."""
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -57,7 +58,8 @@ def create_model(
     """Build a registered model; `kwargs` override its defaults (see each class).
 
     `sam_checkpoint`: path to an official SAM ViT-B checkpoint (``sam_vit_b_01ec64.pth``) to
-    initialise the SAM parts from; the load report is kept as ``model.sam_load_report``.
+    initialise the SAM parts from (a model with ``decoder="released"`` loads it as the released
+    code does, see `load_sam_checkpoint`); the load report is kept as ``model.sam_load_report``.
     The returned model's ``config`` rebuilds it: ``create_model(**model.config)``.
     """
     if name not in _MODELS:
@@ -70,5 +72,13 @@ def create_model(
     if sam_checkpoint is not None:
         if not hasattr(model, "prompt_encoder"):
             raise ValueError(f"model {name!r} has no SAM parts to load {sam_checkpoint}")
-        model.sam_load_report = load_sam_checkpoint(model, sam_checkpoint)
+        style = "released" if model.config.get("decoder") == "released" else "usam"
+        model.sam_load_report = load_sam_checkpoint(model, sam_checkpoint, style)
     return model
+
+
+def takes_option(name: str, option: str) -> bool:
+    """True if the registered model `name` takes the keyword argument `option` (its class or a base class)."""
+    cls = _MODELS[name][0]
+    return any(option in inspect.signature(base.__init__).parameters
+               for base in cls.__mro__ if "__init__" in vars(base) and base is not nn.Module)
