@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from usam.models import create_model, load_checkpoint, load_sam_checkpoint, load_weights, save_checkpoint
 from usam.models.sam_weights import _resize_pos_embed, _resize_rel_pos
@@ -35,8 +36,9 @@ def official_checkpoint(official_state, tmp_path_factory) -> Path:
     return path
 
 
-def test_usam_b_loads_the_official_layout(official_checkpoint, official_state):
-    model = create_model("usam_b", sam_checkpoint=str(official_checkpoint))
+@pytest.mark.parametrize("decoder", ["class_tokens", "released"])
+def test_usam_b_loads_the_official_layout(official_checkpoint, official_state, decoder):
+    model = create_model("usam_b", sam_checkpoint=str(official_checkpoint), decoder=decoder)
     report = model.sam_load_report
     own = model.state_dict()
     assert set(report.resized) == {"image_encoder.pos_embed"} | {
@@ -54,12 +56,22 @@ def test_usam_b_loads_the_official_layout(official_checkpoint, official_state):
     assert "mask_decoder.mask_tokens.weight" in report.skipped
     assert any(k.startswith("mask_decoder.iou_prediction_head.") for k in report.skipped)
     assert any(k.startswith("mask_decoder.output_upscaling.") for k in report.skipped)
-    assert {"class_embed", "mask_decoder.mask_tokens.weight", "head.weight"} <= set(report.new)
-    assert any(k.startswith("cnn.") for k in report.new)
+    assert {"mask_decoder.mask_tokens.weight"} <= set(report.new)
+    assert any(k.startswith("cnn.") for k in report.new) and any(k.startswith("head.") for k in report.new)
     assert set(report.loaded) | set(report.resized) | set(report.new) == set(own)
     text = str(report)
     assert "resized  image_encoder.pos_embed: [1, 64, 64, 768] -> [1, 14, 14, 768]" in text
     assert "skipped  image_encoder.patch_embed.proj.weight" in text
+    mlp = "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"  # SAM's MLPs have the released ones' shape
+    pos_embed = official_state["image_encoder.pos_embed"].permute(0, 3, 1, 2)
+    if decoder == "released":  # as the released code's load_from: no decoder head key, pos_embed bilinear
+        assert mlp in report.skipped and mlp in report.new and "class_embed" in report.new
+        assert model.mask_decoder.num_mask_tokens == 32
+        expected = F.interpolate(pos_embed, size=(14, 14), mode="bilinear", align_corners=False)
+    else:
+        assert mlp in report.loaded and {"class_embed", "head.weight"} <= set(report.new)
+        expected = F.interpolate(pos_embed, size=(14, 14), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(own["image_encoder.pos_embed"], expected.permute(0, 2, 3, 1))
     with torch.no_grad():
         logits = model.eval()(torch.rand(1, 1, 224, 224))
     assert logits.shape == (1, 3, 224, 224) and torch.isfinite(logits).all()
@@ -227,3 +239,17 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError, match="may not replace"):
         save_checkpoint(second, tmp_path / "last", {}, {"config.json": lambda path: None})
 
+
+
+def test_a_checkpoint_written_before_the_recipe_options_loads_as_it_was_trained(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("usam_tiny")
+    save_checkpoint(model, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("prompt_style", "decoder", "head_bias"):
+        del config["model"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_checkpoint(tmp_path / "old")
+    assert loaded.config == model.config and loaded.class_embed is not None
+    with pytest.raises(ValueError, match="differs in decoder"):
+        load_weights(create_model("usam_tiny", decoder="released"), tmp_path / "old")

@@ -168,11 +168,13 @@ def test_class_embedding_tells_the_decoder_which_class_a_point_belongs_to():
     assert not torch.allclose(different[0], different[1], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["usam_tiny", "sam_tiny", "unet"])
-def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(name):
+@pytest.mark.parametrize("name, options", [
+    ("usam_tiny", {}), ("sam_tiny", {}), ("unet", {"base_channels": 32}),
+    ("usam_tiny", {"decoder": "released", "prompt_style": "released"}),
+], ids=["usam_tiny", "sam_tiny", "unet", "usam_tiny-released"])
+def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(name, options):
     torch.manual_seed(0)
-    kwargs = {"base_channels": 32} if name == "unet" else {}
-    model = create_model(name, **kwargs).train()
+    model = create_model(name, **options).train()
     images, labels = blob_slices(2)
     points, point_labels = prompts_for(model, labels, np.random.default_rng(0)) if name != "unet" else (None, None)
     loss = F.cross_entropy(model(images, points, point_labels), labels)
@@ -189,7 +191,7 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(name):
         assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
         encoder_ids = {id(p) for p in groups["encoder"]}
         assert all(id(p) in encoder_ids for p in model.image_encoder.parameters())
-        assert id(model.class_embed) not in encoder_ids
+        assert model.class_embed is None or id(model.class_embed) not in encoder_ids
         assert all(id(p) not in encoder_ids for p in model.mask_decoder.parameters())
         if name == "usam_tiny":
             assert all(id(p) in encoder_ids for p in model.cnn.parameters())
@@ -364,3 +366,55 @@ def test_sam_parts_load_without_a_working_torchvision(tmp_path, torchvision_init
         pytest.skip("a torchvision is installed here")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(1, 3, 224, 224)"
+
+
+RELEASED_CODE_PARAMETERS = 104_155_791  # kanydao/U-SAM's model as it counts them (docs/reproduction.md)
+
+
+def test_released_decoder_has_d_over_8_tokens_and_a_conv_head():
+    model = create_model("usam_tiny", decoder="released").eval()  # D = 64: 8 tokens
+    assert model.config["decoder"] == "released" and model.config["head_bias"] == "none"
+    assert model.mask_decoder.num_mask_tokens == 8 and len(model.mask_decoder.output_hypernetworks_mlps) == 8
+    assert model.up1.up.in_channels == 8
+    assert isinstance(model.head[0][0], torch.nn.Conv2d) and model.head[0][0].kernel_size == (3, 3)
+    assert model.head[1].kernel_size == (1, 1) and model.head[1].bias is None
+    images, labels = blob_slices(2)
+    with torch.no_grad():
+        assert model(images, *prompts_for(model, labels)).shape == (2, 3, SIZE, SIZE)
+    assert create_model(**model.config).config == model.config
+
+
+def test_usam_b_with_the_released_decoder_counts_within_1_percent_of_the_released_code():
+    counts = parameter_counts("usam_b", decoder="released")
+    # the released model also holds an unused patch embedding (590,592), IoU head (139,808) and low-resolution
+    # head (9,411), and biases in its convolutions before BatchNorm
+    assert counts["total"] == 103_412_908
+    assert abs(counts["total"] / RELEASED_CODE_PARAMETERS - 1) < 0.01
+    assert parameter_counts("usam_b")["total"] == 99_329_334
+
+
+@pytest.mark.parametrize("bias, expected", [("prior", "log priors"), ("default", "other"), ("none", None)])
+def test_head_bias_options(bias, expected):
+    for name, kwargs in (("usam_tiny", {}), ("unet", {"base_channels": 8})):
+        torch.manual_seed(0)
+        head = create_model(name, head_bias=bias, **kwargs).head
+        if expected is None:
+            assert head.bias is None
+        else:
+            priors = torch.tensor([0.99, 0.005, 0.005]).log()
+            assert torch.allclose(head.bias, priors) == (expected == "log priors")
+
+
+@pytest.mark.parametrize("name", ["usam_tiny", "sam_tiny"])
+def test_released_prompt_style_has_no_class_identity(name):
+    torch.manual_seed(0)
+    model = create_model(name, prompt_style="released").eval()
+    assert model.class_embed is None and "class_embed" not in model.state_dict()
+    images = torch.rand(1, 1, SIZE, SIZE)
+    points = torch.tensor([[[60.0, 60.0], [70.0, 62.0], [64.0, 70.0], [160.0, 160.0], [150.0, 170.0], [170.0, 150.0]]])
+    point_labels = torch.ones(1, 6, dtype=torch.int64)
+    with torch.no_grad():  # the two groups swapped: the same answer, nothing tells the model which is which
+        torch.testing.assert_close(model(images, points, point_labels),
+                                   model(images, points[:, [3, 4, 5, 0, 1, 2]], point_labels), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prompt_style must be one of classwise, released"):
+        create_model(name, prompt_style="other")

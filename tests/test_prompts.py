@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 from usam.prompts import (
     CanonicalGrid,
+    PromptProtocol,
     model_to_voxel,
     model_to_world,
     sample_points,
     sample_points_batch,
     slot_classes,
+    slots_from_clicks,
     voxel_to_model,
     world_to_model,
 )
@@ -196,3 +198,93 @@ def test_real_ct_labels_become_prompts_on_the_right_slice():
     points, labels = sample_points(label, 3, 3, None)
     assert labels[3:].tolist() == [1, 1, 1]
     assert_inside(points, labels, label, 3, 3)
+
+
+# ---------------------------------------------------------------- prompt protocols (docs/reproduction.md)
+
+RELEASED = PromptProtocol("released", "raster", "xy")
+
+
+def raster_pixels(region: np.ndarray, indices: list[int]) -> list[tuple[float, float]]:
+    """(x, y) of the region's pixels at these raster-order (row-major) positions."""
+    rows, cols = np.nonzero(region)
+    return [(float(cols[i]), float(rows[i])) for i in indices]
+
+
+def test_released_style_on_a_slice_holding_only_class_1_has_no_padding_and_no_class_identity():
+    label = two_class_slice()
+    label[label == 2] = 0
+    for rng in (None, np.random.default_rng(0)):
+        points, labels = sample_points(label, 3, 3, rng, RELEASED)
+        assert labels.tolist() == [1] * 6  # no padding: the absent class's group holds class-1 points
+        assert all(label[int(y), int(x)] == 1 for x, y in points)
+    step = int((label == 1).sum()) // 10
+    # its evaluation points: candidates 0..9 at i * step; group 1 takes 0-4, group 2 5-9, each every other one
+    assert [tuple(p) for p in points_of(label, RELEASED)] == raster_pixels(label == 1, [0, 2 * step, 4 * step,
+                                                                                       5 * step, 7 * step,
+                                                                                       9 * step])
+    # the classwise style (ours): the absent class's slots are padding
+    points, labels = sample_points(label, 3, 3, None)
+    assert labels.tolist() == [1, 1, 1, -1, -1, -1] and not points[3:].any()
+
+
+def points_of(label: np.ndarray, protocol: PromptProtocol, k: int = 3) -> np.ndarray:
+    return sample_points(label, 3, k, None, protocol)[0]
+
+
+def test_raster_placement_takes_the_released_codes_pixels_for_each_class():
+    label = two_class_slice()
+    for cls in (1, 2):
+        step = int((label == cls).sum()) // 10
+        group = slice((cls - 1) * 3, cls * 3)
+        expected = raster_pixels(label == cls, [0, 4 * step, 8 * step])
+        for style in ("released", "classwise"):
+            got = points_of(label, PromptProtocol(style, "raster", "xy"))[group]
+            assert [tuple(p) for p in got] == expected, (style, cls)
+        one = points_of(label, PromptProtocol("released", "raster", "xy"), k=1)[cls - 1]
+        assert tuple(one) == raster_pixels(label == cls, [4 * step])[0]
+
+
+def test_rowcol_order_swaps_the_coordinates_and_nothing_else():
+    label = two_class_slice()
+    for protocol in (RELEASED, PromptProtocol()):
+        xy = points_of(label, protocol)
+        rowcol = points_of(label, PromptProtocol(protocol.style, protocol.placement, "rowcol"))
+        assert np.array_equal(rowcol, xy[:, ::-1])
+
+
+def test_released_style_with_more_classes_cycles_through_the_present_ones():
+    label = np.zeros((40, 40), np.uint8)
+    label[2:10, 2:10] = 1
+    label[20:30, 20:30] = 3
+    label[35, 35] = 2  # under 5 pixels: absent, as the released code's WORD loader counts it
+    points, labels = sample_points(label, 4, 1, None, RELEASED)
+    assert labels.tolist() == [1, 1, 1]
+    assert [label[int(y), int(x)] for x, y in points] == [1, 3, 1]
+
+
+def test_protocols_refuse_what_the_released_code_cannot_place():
+    label = two_class_slice()
+    for protocol in (RELEASED, PromptProtocol("classwise", "raster", "xy")):
+        with pytest.raises(ValueError, match="1, 3 or 5 points per class"):
+            sample_points(label, 3, 2, None, protocol)
+    with pytest.raises(ValueError, match="prompt style 'other'"):
+        sample_points(label, 3, 3, None, PromptProtocol("other"))
+
+
+def test_clicks_fill_slots_by_class_or_every_slot_in_the_released_style():
+    clicks = {1: [np.array([10.0, 20.0]), np.array([11.0, 21.0])]}
+    points, labels = slots_from_clicks(clicks, 3, 3)
+    assert labels.tolist() == [1, 1, -1, -1, -1, -1] and points[:2].tolist() == [[10, 20], [11, 21]]
+    points, labels = slots_from_clicks(clicks, 3, 3, PromptProtocol("released", "raster", "rowcol"))
+    assert labels.tolist() == [1] * 6
+    assert points.tolist() == [[20, 10], [21, 11], [20, 10]] * 2
+
+
+def test_corner_aligned_mapping_puts_the_corner_voxels_on_the_corner_pixels():
+    image = sitk.Image([512, 400, 3], sitk.sitkInt16)
+    corners = np.array([[0, 0, 1], [511, 399, 1]], dtype=np.float64)
+    _, xy = voxel_to_model(corners, image, 224, corner_aligned=True)
+    assert np.allclose(xy, [[0, 0], [223, 223]])
+    back = model_to_voxel(np.array([1, 1]), xy, image, 224, corner_aligned=True)
+    assert np.allclose(back, corners)

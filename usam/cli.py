@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from usam.config import TrainConfig, build_config, coerce, read_toml, tomllib
+from usam.config import SELECTION_WARNING, TrainConfig, build_config, coerce, read_toml, recipe_options, tomllib
 from usam.outputs import LABEL_VOLUME_EXTENSIONS, OUT_FORMATS, OVERLAY_MARKER
 
 
@@ -46,7 +46,10 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar=field.metadata.get("metavar", "W"), default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=type(default), default=argparse.SUPPRESS,
-                                help=f"{help_text} (default {default!r})")
+                                choices=field.metadata.get("choices"), help=f"{help_text} (default {default!r})")
+        if name == "batch_scope":
+            parser.add_argument("--batch-per-device", dest=name, action="store_const", const="per_device",
+                                default=argparse.SUPPRESS, help="the same as --batch-scope per_device")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--volume", choices=("labelled", "full"), default="labelled",
                         help="per-volume metrics over the stored slices holding a label (labelled, default) or "
                              "over every slice of the scan (full: a conversion with [slices] margin = \"all\")")
+    parser.add_argument("--recipe", choices=TrainConfig.__dataclass_fields__["recipe"].metadata["choices"],
+                        default=None, help="take --prompt-style, --eval-points and --point-order from this recipe "
+                        "(docs/reproduction.md; default: the checkpoint's own)")
+    for flag, name in (("--prompt-style", "prompt_style"), ("--eval-points", "eval_points"),
+                       ("--point-order", "point_order")):
+        field = TrainConfig.__dataclass_fields__[name]
+        parser.add_argument(flag, dest=name, choices=field.metadata["choices"], default=None,
+                            help=f"{field.metadata['help']} Default: the checkpoint's.")
+    parser.add_argument("--allow-prompt-mismatch", action="store_true",
+                        help="evaluate with a prompt style or point order other than the checkpoint was trained with")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default 32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     parser.add_argument("--out", default=None,
@@ -147,20 +160,24 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_fit_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < saved run config (--resume) < --config file < command line."""
+    """Defaults < the recipe's preset < saved run config (--resume) < --config file < command line.
+
+    The recipe is the one named on the command line, else in the --config file, else in the saved run, else usam.
+    """
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     if "model_args" in given:
         given["model_args"] = dict(given["model_args"])
-    layers: list[dict[str, Any]] = []
     file_options = read_toml(args.config) if args.config else {}
     resume = given.get("resume", file_options.get("resume", False))
     out = given.get("out", file_options.get("out", TrainConfig().out))
-    saved = Path(out) / "config.toml"
+    saved_path = Path(out) / "config.toml"
+    saved: dict[str, Any] = {}
     if resume:
-        if not saved.is_file():
+        if not saved_path.is_file():
             raise ValueError(f"--resume: {out} has no run to resume")
-        layers.append(read_toml(saved))
-    layers += [file_options, {k: coerce(k, v) for k, v in given.items()}]
+        saved = read_toml(saved_path)
+    recipe = given.get("recipe", file_options.get("recipe", saved.get("recipe", TrainConfig().recipe)))
+    layers = [recipe_options(recipe), saved, file_options, {k: coerce(k, v) for k, v in given.items()}]
     return build_config(*layers)
 
 
@@ -172,8 +189,10 @@ def run_fit(args: argparse.Namespace) -> int:
     if not _is_main_rank():  # under torchrun the main process reports
         return 0
     best = result["best_mean_dice"]
-    print(f"trained {result['step']} steps; best validation mean foreground Dice "
+    print(f"trained {result['step']} steps; best {config.selection_split} mean foreground Dice "
           f"{'n/a' if best is None else f'{best:.4f}'}; run folder {result['out']}")
+    if config.selection_split == "test":
+        print(f"warning: {SELECTION_WARNING}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Training configuration: one dataclass, a TOML file that may set any field, command-line overrides.
 
-Precedence, lowest first: the defaults below, the saved config of the run (``--resume``), the
-``--config`` TOML file, options given on the command line.
+Precedence, lowest first: the defaults below, the recipe's preset (``usam/recipes/<recipe>.toml``), the
+saved config of the run (``--resume``), the ``--config`` TOML file, options given on the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from usam.data import RESIZE_KERNELS
+from usam.prompts import AXIS_ORDERS, PLACEMENTS, PROMPT_STYLES, PromptProtocol
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -24,7 +27,7 @@ else:  # pragma: no cover
 def option(default: Any, help_text: str, **cli: Any) -> Any:
     """A TrainConfig field: its default, its ``usam fit --help`` text and any argparse hints (``nargs``,
     ``metavar``), kept as the field's metadata."""
-    metadata = {"help": help_text, **cli}
+    metadata = {"help": help_text, **cli}  # "choices": the strings a string option takes
     if isinstance(default, (list, dict)):
         return field(default_factory=partial(copy.deepcopy, default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -34,6 +37,9 @@ def option(default: Any, help_text: str, **cli: Any) -> Any:
 class TrainConfig:
     """Every option of ``usam fit``; field names are the TOML keys and (with - for _) the CLI flags."""
 
+    recipe: str = option("usam", "Preset of the options below: usam (ours: the defaults), paper (the paper's text), "
+                                  "released (the authors' released code); --config and explicit options override "
+                                  "it (docs/reproduction.md).", choices=("usam", "paper", "released"))
     # data and model
     data: str = option("", "converted CARE folder or published Hugging Face dataset folder")  # zarr/HDF5 shards
     model: str = option("usam_b", "Registered model name (``usam models`` lists them).")
@@ -46,12 +52,31 @@ class TrainConfig:
     num_classes: int = option(0, "Classes including background; 0 takes the data's count, any other value must "
                                  "match it.")
     out: str = option("runs/usam", "Run folder: config, logs, curves, checkpoints ``last/`` and ``best/``.")
+    decoder: str = option("class_tokens", "U-SAM's mask decoder: class_tokens (one mask token per class, the "
+                                          "paper's text) or released (D/8 = 32 tokens, conv head; the released "
+                                          "code). usam_* models only.", choices=("class_tokens", "released"))
+    head_bias: str = option("prior", "Bias of the final 1x1 convolution (usam_*, unet): prior (log class "
+                                     "priors; ours), default (PyTorch's init), none (no bias; the released "
+                                     "code).", choices=("prior", "default", "none"))
 
     # input pipeline
     # clipped and scaled to [0, 1]; stored in the checkpoint; the CLI takes exactly two numbers
     window: list = option([-125.0, 275.0], "HU window LOW HIGH (default -125 275)", nargs=2, metavar=("LOW", "HIGH"))
     points: int = option(3, "point prompts per present class, sampled after augmentation (the paper uses 0, 1, 3 "
                             "or 5)")
+    prompt_style: str = option("classwise", "How prompts are built: classwise (ours: an absent class's slots "
+                                            "padded, a class embedding on points) or released (every slot a "
+                                            "point, absent classes filled from a present one, no class "
+                                            "identity).", choices=PROMPT_STYLES)
+    eval_points: str = option("interior", "Placement of validation/evaluation points: interior (deepest inside "
+                                          "the region; ours) or raster (pixels 0, 4 step, 8 step in raster "
+                                          "order; the released code).", choices=PLACEMENTS)
+    point_order: str = option("xy", "Point coordinates as the model gets them: xy (SAM's convention) or rowcol "
+                                    "(the released code's).", choices=AXIS_ORDERS)
+    clahe: bool = option(False, "CLAHE on the windowed slice before resizing, as the released code "
+                                "(clip limit 1-4 per training sample, 2.5 in evaluation; 8 x 8 tiles).")
+    resize: str = option("bilinear", "Resize to the model size: bilinear (ours; labels nearest) or cubic (the "
+                                     "released code's scipy zoom; labels order 0).", choices=RESIZE_KERNELS)
     augment: bool = option(True, "Online augmentation: flips, quarter turns and small rotations (see "
                                  "usam.data.Augmentation).")
     flip_prob: float = option(0.5, "Probability of a left-right flip per training sample.")
@@ -62,23 +87,31 @@ class TrainConfig:
     class_balance: float = option(0.0, "Fraction of training samples drawn from slices holding a uniformly chosen "
                                        "foreground class; 0 = the paper.")
     val_fraction: float = option(0.1, "Fraction of the training patients held out for model selection (the test "
-                                      "split is never read).")
+                                      "split is read only with selection_split test).")
+    selection_split: str = option("validation", "Split best/ is chosen on: validation (carved from train) or test "
+                                                "(the released code; OPTIMISTIC, flagged in every output; "
+                                                "val_fraction is then unused).", choices=("validation", "test"))
 
     # optimisation
     epochs: int = option(100, "Passes over the training slices.")
     max_steps: int = option(0, "Stop after this many optimiser steps (0 = no bound); the LR schedule spans "
                                "min(epochs x steps/epoch, max_steps).")
-    batch_size: int = option(24, "Global batch size (split evenly over DDP ranks); 24 as in the paper.")
+    batch_size: int = option(24, "Batch size, 24 as in the paper: global (split evenly over DDP ranks) or per "
+                                 "process (batch_scope).")
+    batch_scope: str = option("global", "global or per_device (each DDP process takes batch_size samples, as "
+                                        "the released code; --batch-per-device).", choices=("global", "per_device"))
     lr_encoder: float = option(1e-4, "LR of the pretrained ViT and the CNN down path. Authors' code: 1e-4; the "
                                      "paper's text says 1e-3.")
     lr_decoder: float = option(1e-3, "LR of everything else (prompt/mask decoder, U-Net up path). Authors' code: "
                                      "1e-3; paper's text: 1e-4.")
-    weight_decay: float = option(0.01, "AdamW decoupled weight decay (PyTorch's default).")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (PyTorch's default; released code 1e-4).")
     poly_power: float = option(0.9, "Polynomial decay: lr = base_lr * (1 - step / total_steps) ** poly_power "
                                     "(0 = constant lr).")
     ce_weight: float = option(0.4, "Loss = ce_weight * cross-entropy + dice_weight * soft Dice loss (authors' "
                                    "code: 0.4 / 0.6).")
     dice_weight: float = option(0.6, "Weight of the soft Dice loss (see ce_weight).")
+    dice_denominator: str = option("sum", "Soft Dice denominator: sum (sum p + sum t; ours) or squares (sum p^2 + "
+                                          "sum t^2; the released code's TransUNet loss).", choices=("sum", "squares"))
     class_weights: list = option([], "Cross-entropy weight per class, background first (empty = unweighted, as in "
                                      "the authors' code).")
     seed: int = option(0, "Seeds initialisation, the validation carve, sample order, augmentation and points.")
@@ -93,6 +126,7 @@ class TrainConfig:
     workers: int = option(-1, "DataLoader worker processes (-1 = min(8, CPU cores per rank)); results do not "
                               "depend on it.")
     amp: bool = option(True, "bf16 autocast on CUDA (CPU always runs fp32).")
+    sync_bn: bool = option(False, "SyncBatchNorm across DDP processes (CUDA, more than one process).")
     channels_last: bool = option(True, "channels_last memory format on CUDA.")
     compile: bool = option(False, "torch.compile the model.")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms(True) (CPU runs are bit-reproducible "
@@ -138,9 +172,15 @@ class TrainConfig:
             (finite(*self.class_weights) and all(float(w) >= 0 for w in self.class_weights),
              f"class_weights must be finite and >= 0, got {self.class_weights}"),
         ]
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                value = getattr(self, f.name)
+                checks.append((value in f.metadata["choices"],
+                               f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.prompt_protocol().check(self.points)
         reserved = sorted(set(self.model_args) & set(TRAINER_MODEL_ARGS))
         if reserved:
             key = reserved[0]
@@ -150,6 +190,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def prompt_protocol(self) -> PromptProtocol:
+        """How prompts are built from labels (`usam.prompts.PromptProtocol`)."""
+        return PromptProtocol(self.prompt_style, self.eval_points, self.point_order)
 
     def with_absolute_paths(self) -> TrainConfig:
         """The same options with ``data``, ``out``, ``sam_checkpoint`` and ``pretrained`` made absolute, so that a saved
@@ -161,7 +205,11 @@ class TrainConfig:
 
 # create_model arguments the trainer passes itself, and the option that sets each
 TRAINER_MODEL_ARGS = {"name": "--model", "num_classes": "--num-classes", "points_per_class": "--points",
-                      "sam_checkpoint": "--sam-checkpoint", "pretrained": "--pretrained"}
+                      "sam_checkpoint": "--sam-checkpoint", "pretrained": "--pretrained",
+                      "prompt_style": "--prompt-style", "decoder": "--decoder", "head_bias": "--head-bias"}
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+SELECTION_WARNING = ("model selected on the TEST split (selection_split = test, as the released code): its "
+                     "test figures are optimistic")
 
 # options that may differ between a run and its resumption without changing its results on CPU
 # (the weights come from last/ on resume, so a moved SAM checkpoint file does not matter; deterministic only
@@ -229,6 +277,14 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path}: {error}") from None
 
 
+def recipe_options(name: str) -> dict[str, Any]:
+    """The options recipe `name` presets (usam/recipes/<name>.toml), with ``recipe`` itself."""
+    choices = TrainConfig.__dataclass_fields__["recipe"].metadata["choices"]
+    if name not in choices:
+        raise ValueError(f"recipe {name!r}: use one of {', '.join(choices)}")
+    return {**read_toml(RECIPES_DIR / f"{name}.toml"), "recipe": name}
+
+
 def build_config(*layers: dict[str, Any]) -> TrainConfig:
     """Defaults updated by each layer of options in turn."""
     values = TrainConfig().to_dict()
@@ -252,9 +308,11 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(config: TrainConfig) -> str:
-    """The config as TOML that ``read_toml`` reads back to an equal config."""
+    """The config as TOML that ``read_toml`` reads back to an equal config (every option, resolved); selection
+    on the test split is flagged in a comment at the top."""
     values = config.to_dict()
-    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    lines = [f"# {SELECTION_WARNING}"] if config.selection_split == "test" else []
+    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
     for key, table in values.items():
         if isinstance(table, dict):
             lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in sorted(table.items())]

@@ -1,8 +1,11 @@
-"""Input pipeline: HU window + [0, 1] scaling, resize to the model size, augmentation, prompt points.
+"""Input pipeline: HU window + [0, 1] scaling, optional CLAHE, resize to the model size, augmentation, prompt
+points.
 
-The shared preprocessing (``window_normalize``, ``resize_images``, ``resize_labels``,
+The shared preprocessing (``window_normalize``, ``clahe``, ``resize_images``, ``resize_labels``,
 ``preprocess_slices``) is used by training, evaluation and prediction alike, so a checkpoint sees the
-same intensities everywhere.
+same intensities everywhere. Resize kernels: "bilinear" (ours: image bilinear and labels nearest on pixel
+centres, ``align_corners=False``) or "cubic" (the released code's ``scipy.ndimage.zoom``: image cubic
+spline, labels order 0, corner pixels aligned).
 """
 
 from __future__ import annotations
@@ -12,12 +15,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch.utils.data import DistributedSampler
 
-from usam.prompts import sample_points
+from usam.prompts import DEFAULT_PROTOCOL, PromptProtocol, sample_points
 
 DEFAULT_WINDOW: tuple[float, float] = (-125.0, 275.0)
 MODEL_SIZE = 224
+RESIZE_KERNELS = ("bilinear", "cubic")
+# The released code applies albumentations' CLAHE(p=1): clip limit (OpenCV's units) uniform in [1, 4] for every
+# image, 8 x 8 tiles, on the [0, 1] image times 255 truncated to 8 bits. Training draws the limit as it does;
+# evaluation and prediction (where that code draws it too) use the middle of the range, so they are deterministic.
+CLAHE_CLIP_RANGE = (1.0, 4.0)
+CLAHE_EVAL_CLIP = 2.5
 
 
 def window_normalize(hu: np.ndarray | torch.Tensor, window: tuple[float, float] = DEFAULT_WINDOW):
@@ -34,6 +44,29 @@ def window_normalize(hu: np.ndarray | torch.Tensor, window: tuple[float, float] 
     return out
 
 
+def clahe(image: np.ndarray, clip_limit: float) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of an (H, W) image in [0, 1] -> float32 (H, W) in [0, 1].
+
+    As the released code: the image times 255 truncated to uint8, 8 x 8 tiles, 256 bins, output in 8-bit steps.
+    scikit-image's ``equalize_adapthist`` does the work; its clip limit is a fraction of a tile's pixels, OpenCV's
+    `clip_limit` a multiple of the mean bin count, so it gets `clip_limit` / 256.
+    """
+    from skimage.exposure import equalize_adapthist  # deferred: scikit-image loads only for runs with CLAHE
+
+    image8 = (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    equalised = equalize_adapthist(image8, clip_limit=clip_limit / 256, nbins=256)
+    return (np.round(equalised * 255) / 255).astype(np.float32)
+
+
+def zoom_slice(image: np.ndarray, label: np.ndarray | None, size: int = MODEL_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
+    """The released code's resize: image (H, W) float -> (size, size) float32 by cubic spline (``scipy.ndimage.zoom``
+    order 3, not clipped), label (H, W) -> (size, size) by order 0; corner pixels aligned."""
+    height, width = np.shape(image)
+    factors = (size / height, size / width)
+    zoomed = ndimage.zoom(np.asarray(image, dtype=np.float32), factors, order=3)
+    return zoomed, None if label is None else ndimage.zoom(np.asarray(label), factors, order=0)
+
+
 def resize_images(x: torch.Tensor, size: int = MODEL_SIZE) -> torch.Tensor:
     """Bilinear resize: x (B, 1, H, W) float -> (B, 1, size, size)."""
     if x.shape[-2:] == (size, size):
@@ -41,26 +74,39 @@ def resize_images(x: torch.Tensor, size: int = MODEL_SIZE) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
 
 
-def resize_labels(y: torch.Tensor, size: int = MODEL_SIZE) -> torch.Tensor:
+def resize_labels(y: torch.Tensor, size: int = MODEL_SIZE, kernel: str = "bilinear") -> torch.Tensor:
     """Nearest-neighbour resize of label maps: y (B, H, W) integer -> (B, size, size) int64.
 
     Pixel-centre nearest (``mode="nearest-exact"``): output pixel j takes input pixel
-    floor((j + 0.5) * H / size), the same convention as the bilinear image resize.
+    floor((j + 0.5) * H / size), the same convention as the bilinear image resize. `kernel` "cubic":
+    the released code's order-0 zoom instead (`zoom_slice`), matching its cubic image resize.
     """
     if y.shape[-2:] == (size, size):
         return y.long()
+    if kernel == "cubic":
+        array = y.cpu().numpy()
+        return torch.from_numpy(np.stack([zoom_slice(a, a, size)[1] for a in array]).astype(np.int64)).to(y.device)
     resized = F.interpolate(y[:, None].float(), size=(size, size), mode="nearest-exact")
     return resized[:, 0].round().long()
 
 
 def preprocess_slices(
-    images_hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW, size: int = MODEL_SIZE
+    images_hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW, size: int = MODEL_SIZE,
+    clahe_clip: float | None = None, kernel: str = "bilinear",
 ) -> torch.Tensor:
-    """Model input from raw slices: images_hu (B, H, W) int16 HU -> (B, 1, size, size) float32 in [0, 1]."""
+    """Model input from raw slices: images_hu (B, H, W) int16 HU -> (B, 1, size, size) float32 in [0, 1].
+
+    Window, then CLAHE with OpenCV clip limit `clahe_clip` (None: none), then resize with `kernel`.
+    """
     images = np.asarray(images_hu)
     if images.ndim == 2:
         images = images[None]
-    x = torch.from_numpy(window_normalize(images, window))[:, None]
+    normalised = window_normalize(images, window)
+    if clahe_clip is not None:
+        normalised = np.stack([clahe(image, clahe_clip) for image in normalised])
+    if kernel == "cubic":
+        return torch.from_numpy(np.stack([zoom_slice(image, None, size)[0] for image in normalised]))[:, None]
+    x = torch.from_numpy(normalised)[:, None]
     return resize_images(x, size).contiguous()
 
 
@@ -121,6 +167,8 @@ def resample_slice(
     matrix: np.ndarray | None = None,
     window: tuple[float, float] = DEFAULT_WINDOW,
     size: int = MODEL_SIZE,
+    clahe_clip: float | None = None,
+    kernel: str = "bilinear",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Window, resize and transform one slice with one resampling on the ``size`` x ``size`` grid.
 
@@ -130,7 +178,46 @@ def resample_slice(
     coordinates. With no matrix this is exactly ``preprocess_slices`` / ``resize_labels``.
     Windowing is clip, resample, then scale: the scaling is affine, so it commutes with bilinear
     interpolation and runs on the small output only.
+
+    With CLAHE (`clahe_clip`, OpenCV's clip limit) the windowed image is equalised at its stored
+    resolution first. `kernel` "cubic" (the released code's resize): `zoom_slice` to ``size`` first,
+    then the transform on that grid (the released code transforms before it resizes).
     """
+    if clahe_clip is None and kernel == "bilinear":
+        return _resample_hu(image_hu, label, matrix, window, size)
+    image = window_normalize(image_hu, window)
+    if clahe_clip is not None:
+        image = clahe(image, clahe_clip)
+    if kernel == "bilinear":  # the [0, 1] image through the same steps, its window (0, 1) changing nothing
+        return _resample_hu(image, label, matrix, (0.0, 1.0), size)
+    image, label = zoom_slice(image, label, size)
+    image_t = torch.from_numpy(image)[None, None]
+    if matrix is not None:
+        image_t = F.grid_sample(image_t, affine_grid(np.asarray(matrix, dtype=np.float64), size), mode="bilinear",
+                                padding_mode="border", align_corners=False)
+        label = None if label is None else _warp_label(label, matrix, size).numpy()
+    return image_t[0], None if label is None else torch.from_numpy(np.asarray(label, dtype=np.uint8))
+
+
+def _warp_label(label: np.ndarray, matrix: np.ndarray, size: int) -> torch.Tensor:
+    """Label (H, W) through ``matrix`` onto the ``size`` x ``size`` grid: (size, size) uint8, nearest, 0 outside."""
+    height, width = np.shape(label)
+    # grid_sample's nearest rounds half to even; a 1e-3 pixel nudge makes ties go up, as in resize_labels
+    label_grid = affine_grid(np.asarray(matrix, dtype=np.float64), size, offset=(2e-3 / width, 2e-3 / height))
+    label_t = torch.from_numpy(np.asarray(label).astype(np.float32))
+    out_label = F.grid_sample(label_t[None, None], label_grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False)[0, 0]
+    return out_label.to(torch.uint8)
+
+
+def _resample_hu(
+    image_hu: np.ndarray,
+    label: np.ndarray | None,
+    matrix: np.ndarray | None,
+    window: tuple[float, float],
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`resample_slice` without CLAHE, bilinear: clip to the window, one resampling, scale."""
     if matrix is None:
         out_image = preprocess_slices(np.asarray(image_hu)[None], window, size)[0]
         out_label = None if label is None else resize_labels(torch.from_numpy(np.array(label))[None], size)[0]
@@ -144,13 +231,7 @@ def resample_slice(
     out_image = out_image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
     if label is None:
         return out_image, None
-    height, width = np.shape(label)
-    # grid_sample's nearest rounds half to even; a 1e-3 pixel nudge makes ties go up, as in resize_labels
-    label_grid = affine_grid(matrix, size, offset=(2e-3 / width, 2e-3 / height))
-    label_t = torch.from_numpy(np.asarray(label).astype(np.float32))
-    out_label = F.grid_sample(label_t[None, None], label_grid, mode="nearest", padding_mode="zeros",
-                              align_corners=False)[0, 0]
-    return out_image, out_label.to(torch.uint8)
+    return out_image, _warp_label(label, matrix, size)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -172,7 +253,9 @@ class SliceDataset(torch.utils.data.Dataset):
     in model pixels, point_labels (K,) int64, K = (num_classes - 1) * points_per_class. With
     ``augment`` or ``random_points`` set (training), points are drawn at random from the final label,
     anew for each (epoch, index); otherwise (validation) they are the deterministic evaluation points
-    (``usam.prompts.sample_points`` with no rng).
+    (``usam.prompts.sample_points`` with no rng); both as `protocol` builds them. ``clahe``: CLAHE with a
+    clip limit drawn from ``CLAHE_CLIP_RANGE`` per training sample, ``CLAHE_EVAL_CLIP`` otherwise;
+    ``kernel``: the resize kernel (module docstring).
     """
 
     def __init__(
@@ -187,6 +270,9 @@ class SliceDataset(torch.utils.data.Dataset):
         augment: Augmentation | None = None,
         random_points: bool = False,
         seed: int = 0,
+        protocol: PromptProtocol = DEFAULT_PROTOCOL,
+        clahe: bool = False,
+        kernel: str = "bilinear",
     ) -> None:
         self.source = source
         self.case_ids = list(case_ids)
@@ -198,6 +284,9 @@ class SliceDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.random_points = random_points or augment is not None
         self.seed = seed
+        self.protocol = protocol
+        self.clahe = clahe
+        self.kernel = kernel
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -209,11 +298,15 @@ class SliceDataset(torch.utils.data.Dataset):
         return self.transform(image_hu, label, epoch, index)
 
     def transform(self, image_hu: np.ndarray, label: np.ndarray, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        """Window, augment + resize, then sample points from the final label."""
+        """Window, CLAHE, augment + resize, then sample points from the final label."""
         rng = sample_generator(self.seed, epoch, index) if self.random_points else None
         matrix = sampling_matrix(*self.augment.draw(rng)) if self.augment is not None else None
-        image, label_t = resample_slice(image_hu, label, matrix, self.window, self.size)
-        points, point_labels = sample_points(label_t.numpy(), self.num_classes, self.points_per_class, rng)
+        clip = None
+        if self.clahe:
+            clip = float(rng.uniform(*CLAHE_CLIP_RANGE)) if rng is not None else CLAHE_EVAL_CLIP
+        image, label_t = resample_slice(image_hu, label, matrix, self.window, self.size, clip, self.kernel)
+        points, point_labels = sample_points(label_t.numpy(), self.num_classes, self.points_per_class, rng,
+                                             self.protocol)
         return {
             "image": image,
             "label": label_t,

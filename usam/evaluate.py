@@ -34,6 +34,7 @@ from torch import nn
 from care_dataset.error_text import error_line
 from care_dataset.format.layout import whole_scan
 from care_dataset.format.published import open_any
+from usam.config import SELECTION_WARNING, recipe_options
 from usam.data import resize_labels
 from usam.inference import (
     InferenceSettings,
@@ -59,7 +60,7 @@ from usam.metrics import (
 from usam.models.checkpoints import load_checkpoint
 from usam.outputs import check_parent_creatable, error_reason, write_folder_files
 from usam.overlays import save_case_grid
-from usam.prompts import PADDING_LABEL, sample_points
+from usam.prompts import PADDING_LABEL, PromptProtocol, sample_points
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over the slices of the split holding a label, at {size} x {size}"
 VOLUME_PROTOCOLS = ("labelled", "full")
@@ -112,19 +113,22 @@ class Evaluation:
     cases: list[CaseResult]
     num_slices: int  # slices pooled: those holding a label
     volume: str = "labelled"  # VOLUME_PROTOCOLS: the slices of each case its per-volume metrics cover
+    protocol: PromptProtocol = PromptProtocol()  # how the prompts were built
 
 
 def model_prompts(
-    labels: torch.Tensor, num_classes: int, k: int, slots_per_class: int
+    labels: torch.Tensor, num_classes: int, k: int, slots_per_class: int,
+    protocol: PromptProtocol = PromptProtocol(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic prompts from B x S x S labels: k points per present class placed in the first
-    k of each class's `slots_per_class` model slots; the rest are padding."""
+    """Deterministic prompts from B x S x S labels, built as `protocol` says: k points per class placed in
+    the first k of each class's `slots_per_class` model slots; the rest are padding (the released style
+    fills every slot: k must equal `slots_per_class` there)."""
     batch = labels.shape[0]
     points = np.zeros((batch, (num_classes - 1) * slots_per_class, 2), np.float32)
     point_labels = np.full((batch, (num_classes - 1) * slots_per_class), PADDING_LABEL, np.int64)
     array = labels.cpu().numpy()
     for b in range(batch):
-        p, lab = sample_points(array[b], num_classes, k, rng=None)
+        p, lab = sample_points(array[b], num_classes, k, rng=None, protocol=protocol)
         for cls in range(1, num_classes):
             target = slice((cls - 1) * slots_per_class, (cls - 1) * slots_per_class + k)
             source = slice((cls - 1) * k, cls * k)
@@ -233,22 +237,24 @@ def read_eval_case(dataset: Any, case_id: str, num_classes: int, volume: str) ->
 
 
 def predict_case(model: nn.Module, settings: InferenceSettings, case: EvalCase, points_per_class: int,
-                 batch_size: int, device: torch.device, pooled: np.ndarray, progress: Any | None) -> np.ndarray:
-    """Labels (len(scored), H, W) of the case's scored slices at its resolution; adds the slices holding a label
-    to the `pooled` confusion at the model's."""
+                 batch_size: int, device: torch.device, pooled: np.ndarray, progress: Any | None,
+                 protocol: PromptProtocol) -> np.ndarray:
+    """Labels (len(scored), H, W) of the case's scored slices at its resolution, prompted as `protocol` says;
+    adds the slices holding a label to the `pooled` confusion at the model's."""
     num_classes, size = settings.num_classes, settings.img_size
     height, width = case.image.shape[1:]
     pred = np.zeros((len(case.scored), height, width), case.truth.dtype)
     for batch in iter_batches(len(case.scored), batch_size):
         index = case.scored[batch]
         x = model_input(case.image[index], settings, device)
-        truth_small = resize_labels(torch.from_numpy(case.truth[index]), size)
+        truth_small = resize_labels(torch.from_numpy(case.truth[index]), size, settings.resize)
         points = point_labels = None
         if points_per_class:
-            points, point_labels = model_prompts(truth_small, num_classes, points_per_class, settings.points_per_class)
+            points, point_labels = model_prompts(truth_small, num_classes, points_per_class, settings.points_per_class,
+                                                 protocol)
         logits = forward_logits(model, x, points, point_labels, device)
         pool_slices(pooled, logits.argmax(dim=1), truth_small.to(logits.device), case.pooled[batch], num_classes)
-        pred[batch] = logits_to_labels(logits, height, width).cpu().numpy()
+        pred[batch] = logits_to_labels(logits, height, width, settings.corner_aligned).cpu().numpy()
         if progress is not None:
             progress(batch.stop - batch.start)
     return pred
@@ -287,15 +293,18 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     progress: Any | None = None,
     volume: str = "labelled",
+    protocol: PromptProtocol | None = None,
 ) -> Evaluation:
     """Run the slices of `split` and collect pooled and per-volume metrics.
 
     dataset: a `CareDataset` or `PublishedDataset` (read_case, cases, case_ids). points_per_class = 0
     runs unprompted; otherwise prompts are sampled deterministically (rng=None) from each slice's
-    truth at model resolution. `volume`: "labelled" runs and scores the stored slices holding a label; "full"
+    truth at model resolution, built as `protocol` says (default: as the model was trained,
+    `settings.protocol()`). `volume`: "labelled" runs and scores the stored slices holding a label; "full"
     runs every stored slice and scores the whole scan (InputError unless every case stores its whole scan);
     both pool only the slices holding a label. `progress`: optional callable(number_of_stored_slices_done).
     """
+    protocol = protocol or settings.protocol()
     if volume not in VOLUME_PROTOCOLS:
         raise InputError(f"--volume {volume!r}: expected one of {', '.join(VOLUME_PROTOCOLS)}")
     if volume == "full" and (problem := full_volume_problem(dataset, dataset.case_ids(split))):
@@ -308,12 +317,13 @@ def evaluate_split(
     total = 0
     for case_id in dataset.case_ids(split):
         case = read_eval_case(dataset, case_id, num_classes, volume)
-        pred = predict_case(model, settings, case, points_per_class, batch_size, device, pooled, progress)
+        pred = predict_case(model, settings, case, points_per_class, batch_size, device, pooled, progress,
+                            protocol)
         if progress is not None and len(case.image) > len(case.scored):
             progress(len(case.image) - len(case.scored))  # stored slices without a label, not run
         results.append(score_case(case, pred, num_classes))
         total += int(case.pooled.sum())
-    return Evaluation(split, points_per_class, settings, pooled, results, total, volume)
+    return Evaluation(split, points_per_class, settings, pooled, results, total, volume, protocol)
 
 
 # ---------------------------------------------------------------- reporting
@@ -343,8 +353,10 @@ def _cases_where(evaluation: Evaluation, in_truth: bool, predicted: bool) -> dic
             for c in range(1, len(names))}
 
 
-def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
-    """The JSON report (NaN written as null)."""
+def report(evaluation: Evaluation, model_name: str, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON report (NaN written as null). `provenance`: from the checkpoint, its training recipe and the split
+    its model was selected on (`checkpoint_provenance`)."""
+    provenance = dict(provenance or {"recipe": None, "selection_split": "validation"})
     names = evaluation.settings.class_names
     size = evaluation.settings.img_size
     pooled_dice = dice_from_confusion(evaluation.pooled_confusion)
@@ -361,6 +373,12 @@ def report(evaluation: Evaluation, model_name: str) -> dict[str, Any]:
         "window_hu": list(evaluation.settings.window),
         "points_per_class": evaluation.points_per_class,
         "prompted": evaluation.points_per_class > 0,
+        "prompt_style": evaluation.protocol.style,
+        "eval_points": evaluation.protocol.placement,
+        "point_order": evaluation.protocol.axis_order,
+        "trained_prompt_style": evaluation.settings.prompt_style,
+        "trained_point_order": evaluation.settings.point_order,
+        **provenance,
         "num_cases": len(evaluation.cases),
         "num_slices": evaluation.num_slices,
         "volume_protocol": evaluation.volume,
@@ -482,8 +500,19 @@ def _mean_std(summary: Mapping[str, Any], digits: int) -> str:
     return "NaN" if summary["mean"] is None else f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
+def checkpoint_provenance(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training recipe of a checkpoint and the split its model was selected on (flagged when the test split)."""
+    options = (config.get("training") or {}).get("config") or {}
+    split = config.get("selection_split", "validation")
+    return {"recipe": options.get("recipe"), "selection_split": split,
+            **({"selection_warning": SELECTION_WARNING} if split == "test" else {})}
+
+
 def print_tables(summary: Mapping[str, Any], console: Any) -> None:
-    prompt = (f"{summary['points_per_class']} point(s) per class" if summary["prompted"] else "unprompted")
+    prompt = (f"{summary['points_per_class']} point(s) per class, {summary['prompt_style']} prompts, "
+              f"{summary['eval_points']} points, {summary['point_order']}" if summary["prompted"] else "unprompted")
+    if summary.get("selection_warning"):
+        console.print(f"WARNING: {summary['selection_warning']}", style="bold red", soft_wrap=True)
     paper = summary["paper_protocol"]
     table = Table(title=f"PAPER protocol - {paper['description']} ({summary['num_slices']} slices, {prompt})")
     table.add_column("class")
@@ -517,6 +546,8 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
                   "(excluded from every mean); missed: in the truth, not predicted (Dice 0); false positive: "
                   "absent in the truth but predicted (Dice 0). "
                   f"{HD95_DEFINITIONS['hd95_mm']} {HD95_DEFINITIONS['hd95_mm_penalised']} See docs/evaluation.md.")
+    if summary.get("selection_warning"):
+        console.print(f"WARNING: {summary['selection_warning']}", style="bold red", soft_wrap=True)
 
 
 OUTPUT_FILES = ("metrics.json", "cases.csv", "summary.csv", "cases_grid.png")
@@ -565,6 +596,31 @@ def default_out_name(split: str, points: int, volume: str) -> str:
     return f"eval_{split}_points{points}" + ("_full" if volume == "full" else "")
 
 
+def evaluation_protocol(args: argparse.Namespace, settings: InferenceSettings, k: int) -> PromptProtocol:
+    """The prompt protocol of `usam eval`: --prompt-style, --eval-points, --point-order, else --recipe's, else
+    the checkpoint's. A style or axis order other than the model was trained with is refused unless
+    --allow-prompt-mismatch; InputError, one line."""
+    preset = {}
+    if getattr(args, "recipe", None):
+        preset = recipe_options(args.recipe)
+    chosen = {name: getattr(args, name, None) or preset.get(name) or getattr(settings, name)
+              for name in ("prompt_style", "eval_points", "point_order")}
+    protocol = PromptProtocol(chosen["prompt_style"], chosen["eval_points"], chosen["point_order"])
+    try:
+        protocol.check(k)
+    except ValueError as error:
+        raise InputError(f"--points {k}: {error}") from None
+    if k and protocol.style == "released" and k != settings.points_per_class:
+        raise InputError(f"--points {k}: prompt style released fills every slot; use 0 or this model's "
+                         f"{settings.points_per_class}")
+    trained = (settings.prompt_style, settings.point_order)
+    if k and (protocol.style, protocol.axis_order) != trained and not getattr(args, "allow_prompt_mismatch", False):
+        raise InputError(f"the checkpoint was trained with prompt style {trained[0]} and point order {trained[1]}, "
+                         f"not {protocol.style} and {protocol.axis_order}; add --allow-prompt-mismatch to evaluate "
+                         "it so anyway")
+    return protocol
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """`usam eval`; returns the exit status (0 ok, 2 bad input)."""
     console = Console()
@@ -599,6 +655,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"--points {k}: this model has {settings.points_per_class} prompt slot(s) per class "
                 f"(use 0..{settings.points_per_class})"
             )
+        protocol = evaluation_protocol(args, settings, k)
         out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / default_out_name(args.split, k,
                                                                                                        args.volume)
         check_output_folder(out, Path(args.data), Path(args.checkpoint))
@@ -612,11 +669,12 @@ def run_eval(args: argparse.Namespace) -> int:
         task = bar.add_task(f"{args.split} on {device.type}", total=total)
         try:
             evaluation = evaluate_split(model, settings, dataset, args.split, k, args.batch_size, device,
-                                        progress=lambda n: bar.advance(task, n), volume=args.volume)
+                                        progress=lambda n: bar.advance(task, n), volume=args.volume,
+                                        protocol=protocol)
         except InputError as error:
             print(f"usam eval: {error}", file=sys.stderr)
             return 2
-    summary = report(evaluation, str(config["model"].get("name", "model")))
+    summary = report(evaluation, str(config["model"].get("name", "model")), checkpoint_provenance(config))
     print_tables(summary, console)
     try:
         written = write_outputs(evaluation, summary, dataset, out)

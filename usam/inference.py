@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usam.data import DEFAULT_WINDOW, MODEL_SIZE, resize_images, window_normalize
+from usam.data import (
+    CLAHE_EVAL_CLIP,
+    DEFAULT_WINDOW,
+    MODEL_SIZE,
+    RESIZE_KERNELS,
+    preprocess_slices,
+    resize_images,
+    window_normalize,
+)
+from usam.prompts import PromptProtocol
 
 
 class InputError(ValueError):
@@ -27,10 +36,23 @@ class InferenceSettings:
     window: tuple[float, float]
     img_size: int
     points_per_class: int  # the model's prompt slots per class (0: the model takes no prompts)
+    prompt_style: str = "classwise"  # how the model was prompted in training (usam.prompts)
+    eval_points: str = "interior"  # where its validation points were placed
+    point_order: str = "xy"  # the axis order of its point coordinates
+    clahe: bool = False  # CLAHE before resizing (usam.data.clahe)
+    resize: str = "bilinear"  # resize kernel (usam.data)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def corner_aligned(self) -> bool:
+        """True where the resize aligns corner pixels (the released code's zoom) rather than pixel edges."""
+        return self.resize == "cubic"
+
+    def protocol(self) -> PromptProtocol:
+        return PromptProtocol(self.prompt_style, self.eval_points, self.point_order)
 
 
 def config_value(config: Mapping[str, Any], *keys: str) -> Any:
@@ -70,7 +92,18 @@ def inference_settings(config: Mapping[str, Any]) -> InferenceSettings:
         raise InputError(f"checkpoint: invalid intensity window {window}")
     img_size = int(model.get("img_size") or config_value(config, "img_size") or MODEL_SIZE)
     points_per_class = int(model.get("points_per_class", 0))
-    return InferenceSettings(names, window, img_size, points_per_class)
+    # written by usam fit since recipes exist; a checkpoint without them was trained as the defaults say
+    pipeline = {"prompt_style": model.get("prompt_style", "classwise"),
+                "eval_points": config.get("eval_points", "interior"), "point_order": config.get("point_order", "xy"),
+                "clahe": config.get("clahe", False), "resize": config.get("resize", "bilinear")}
+    settings = InferenceSettings(names, window, img_size, points_per_class, **pipeline)
+    try:
+        settings.protocol().check(0)
+    except ValueError as error:
+        raise InputError(f"checkpoint: {error}") from None
+    if settings.resize not in RESIZE_KERNELS or not isinstance(settings.clahe, bool):
+        raise InputError(f"checkpoint: invalid preprocessing (resize {settings.resize!r}, clahe {settings.clahe!r})")
+    return settings
 
 
 def choose_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -99,8 +132,13 @@ def model_input(images_hu: np.ndarray, settings: InferenceSettings, device: torc
     """(B, H, W) int16 HU -> (B, 1, S, S) float32 in [0, 1] on `device`.
 
     The same operations as `usam.data.preprocess_slices` (window, then bilinear resize), run on the
-    device so that only int16 voxels cross to it.
+    device so that only int16 voxels cross to it; with CLAHE or the cubic resize, `preprocess_slices` itself
+    on the CPU (CLAHE at its evaluation clip limit).
     """
+    if settings.clahe or settings.resize != "bilinear":
+        clip = CLAHE_EVAL_CLIP if settings.clahe else None
+        x = preprocess_slices(images_hu, settings.window, settings.img_size, clip, settings.resize)
+        return x.to(device, non_blocking=True).contiguous()
     hu = torch.from_numpy(np.ascontiguousarray(images_hu)).to(device, non_blocking=True)
     return resize_images(window_normalize(hu, settings.window)[:, None], settings.img_size).contiguous()
 
@@ -129,10 +167,11 @@ def forward_logits(
     return logits.float()
 
 
-def logits_to_labels(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """B x C x S x S logits -> B x height x width uint8 labels (bilinear logits, then argmax)."""
+def logits_to_labels(logits: torch.Tensor, height: int, width: int, corner_aligned: bool = False) -> torch.Tensor:
+    """B x C x S x S logits -> B x height x width uint8 labels (bilinear logits, then argmax); `corner_aligned`
+    for a model whose input was resized with corner pixels aligned (`InferenceSettings.corner_aligned`)."""
     if tuple(logits.shape[-2:]) != (height, width):
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=corner_aligned)
     return logits.argmax(dim=1).to(torch.uint8)
 
 
@@ -163,5 +202,5 @@ def segment_slices(
             p = torch.from_numpy(np.ascontiguousarray(points[batch], dtype=np.float32))
             l = torch.from_numpy(np.ascontiguousarray(point_labels[batch], dtype=np.int64))
         logits = forward_logits(model, x, p, l, device)
-        out[batch] = logits_to_labels(logits, height, width).cpu().numpy()
+        out[batch] = logits_to_labels(logits, height, width, settings.corner_aligned).cpu().numpy()
     return out

@@ -40,12 +40,11 @@ from usam.inference import InferenceSettings, InputError, choose_device, inferen
 from usam.models.checkpoints import checkpoint_digest, load_checkpoint
 from usam.outputs import DICOM_FORMATS, check_output_path, check_overlay_folder, write_prediction
 from usam.prompts import (
-    PADDING_LABEL,
-    POINT_LABEL,
     CanonicalGrid,
     OutsideImageError,
     format_position,
     index_ranges,
+    slots_from_clicks,
     voxel_to_model,
     world_to_model,
 )
@@ -294,8 +293,9 @@ def prompts_from_points(
 
     'voxel': 0-based (i, j, k) indices of `image`, as SimpleITK and nibabel count; 'itksnap': the
     1-based voxel coordinates ITK-SNAP's cursor inspector shows; 'world': physical (x, y, z) mm in
-    ITK's LPS convention. Per slice, class c fills its slots (c - 1) * k .. c * k - 1 in click order;
-    unused slots are padding. Errors name ``source`` (the points file) and the point.
+    ITK's LPS convention. Per slice, class c fills its slots (c - 1) * k .. c * k - 1 in click order; unused
+    slots are padding (a checkpoint trained with the released prompt style gets every slot filled, in its axis
+    order: `usam.prompts.slots_from_clicks`). Errors name ``source`` (the points file) and the point.
     """
     spec = validate_points(spec, source)
     k = settings.points_per_class
@@ -310,12 +310,13 @@ def prompts_from_points(
     classes = np.array(classes)
     positions = np.array([p["position"] for p in spec["points"]], dtype=np.float64)
     try:
+        aligned = settings.corner_aligned
         if spec["coordinates"] == "world":
-            slices, xy = world_to_model(positions, image, settings.img_size)
+            slices, xy = world_to_model(positions, image, settings.img_size, aligned)
         elif spec["coordinates"] == "itksnap":
-            slices, xy = voxel_to_model(positions - 1.0, image, settings.img_size)
+            slices, xy = voxel_to_model(positions - 1.0, image, settings.img_size, aligned)
         else:
-            slices, xy = voxel_to_model(positions, image, settings.img_size)
+            slices, xy = voxel_to_model(positions, image, settings.img_size, aligned)
     except OutsideImageError as error:
         if spec["coordinates"] == "itksnap":
             raise InputError(
@@ -326,23 +327,17 @@ def prompts_from_points(
     except ValueError as error:
         raise InputError(f"{source}: {error}") from None
     grid = CanonicalGrid.of(image)
-    num_slots = (settings.num_classes - 1) * k
-    prompts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    filled: dict[tuple[int, int], int] = {}
+    clicks: dict[int, dict[int, list[np.ndarray]]] = {}
     for n, (cls, s, point) in enumerate(zip(classes, slices.tolist(), xy)):
-        if s not in prompts:
-            prompts[s] = (np.zeros((num_slots, 2), np.float32), np.full(num_slots, PADDING_LABEL, np.int64))
-        used = filled.get((s, cls), 0)
-        if used == k:
+        chosen = clicks.setdefault(s, {}).setdefault(int(cls), [])
+        if len(chosen) == k:
             raise InputError(
                 f"{source}: point {n}: more than {k} points for class {settings.class_names[cls]!r} on axial slice "
                 f"{grid.slice_name(s)} (0-based; the model has {k} slots per class)"
             )
-        slot = (cls - 1) * k + used
-        prompts[s][0][slot] = point
-        prompts[s][1][slot] = POINT_LABEL
-        filled[(s, cls)] = used + 1
-    return dict(sorted(prompts.items()))
+        chosen.append(point)
+    protocol = settings.protocol()
+    return {s: slots_from_clicks(clicks[s], settings.num_classes, k, protocol) for s in sorted(clicks)}
 
 
 # ---------------------------------------------------------------- the whole volume

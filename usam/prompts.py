@@ -1,10 +1,20 @@
 """Point prompts: sampling them from label slices, and mapping CT clicks to model-input pixels.
 
 Slot order (fixed): for `num_classes` classes and `k` points per class there are
-K = (num_classes - 1) * k slots; slot j belongs to foreground class 1 + j // k. A real point has
-label 1, a padding slot (its class is absent from the slice) label -1 and coordinates (0, 0).
-Points are (x, y) = (column, row) pixel coordinates; integers are pixel centres (SAM's
-convention).
+K = (num_classes - 1) * k slots in groups of k, group c - 1 for foreground class c. How the groups are
+filled is the prompt protocol (`PromptProtocol`):
+
+- style ``classwise`` (ours): group c - 1 holds points of class c; the slots of a class absent from the
+  slice are padding (label -1, coordinates (0, 0)). With the model's class embedding the prompts tell the
+  model which classes the slice holds.
+- style ``released`` (the authors' released code): every slot is a positive point (label 1); the group of an
+  absent class holds points of a present class, so the prompts carry no class identity and no padding. Only
+  k = 1, 3 or 5 (the released code's choices).
+
+Deterministic (evaluation) points are placed ``interior`` (ours: deepest inside the region, spread apart) or
+``raster`` (the released code: pixels 0, 4 step and 8 step of the region in raster order for k = 3, with
+step = pixels // 10). Points are (x, y) = (column, row) pixel coordinates as SAM expects (axis order
+``xy``), or (row, column) as the released code passes them (``rowcol``); integers are pixel centres.
 
 Model-input coordinates: the canonical slice is axial slice `s` of the volume oriented with
 ``SimpleITK.DICOMOrient(image, "LPS")`` (row 0 = patient anterior, column 0 = patient right,
@@ -24,6 +34,41 @@ from scipy import ndimage
 PADDING_LABEL = -1
 POINT_LABEL = 1
 AXIS_NAMES = "ijk"
+
+PROMPT_STYLES = ("classwise", "released")
+PLACEMENTS = ("interior", "raster")
+AXIS_ORDERS = ("xy", "rowcol")
+RELEASED_POINT_COUNTS = (0, 1, 3, 5)
+# The released code picks a class's k points from a group of 5 candidates: k = 1 the middle one, 3 every
+# other one, 5 all of them.
+_GROUP_PICKS = {1: [2], 3: [0, 2, 4], 5: [0, 1, 2, 3, 4]}
+
+
+@dataclass(frozen=True)
+class PromptProtocol:
+    """How point prompts are built from labels (module docstring): `style` (classwise | released),
+    `placement` of deterministic points (interior | raster), `axis_order` of the coordinates (xy | rowcol).
+    The default is ours."""
+
+    style: str = "classwise"
+    placement: str = "interior"
+    axis_order: str = "xy"
+
+    def check(self, k: int) -> None:
+        """Raise ValueError, one line, for an unknown value or a point count the protocol cannot place."""
+        for name, value, allowed in (("prompt style", self.style, PROMPT_STYLES),
+                                     ("point placement", self.placement, PLACEMENTS),
+                                     ("point axis order", self.axis_order, AXIS_ORDERS)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: use one of {', '.join(allowed)}")
+        needs_released_counts = self.style == "released" or self.placement == "raster"
+        if needs_released_counts and k not in RELEASED_POINT_COUNTS:
+            what = "prompt style released" if self.style == "released" else "point placement raster"
+            raise ValueError(f"{what} reproduces the released code, which takes 1, 3 or 5 points per class "
+                             f"(or 0: unprompted), not {k}")
+
+
+DEFAULT_PROTOCOL = PromptProtocol()
 
 
 def format_position(values: np.ndarray | tuple[float, ...] | list[float]) -> str:
@@ -82,42 +127,145 @@ def _interior_points(region: np.ndarray, k: int) -> np.ndarray:
     return np.array([(r - 1 + top, c - 1 + left) for r, c in picks], dtype=np.int64)
 
 
+def _raster_points(region: np.ndarray, m: int) -> np.ndarray:
+    """m (row, col) pixels of `region` as the released code's evaluation takes them: pixel i * step in raster
+    (row-major) order, i = 0 .. m - 1, step = pixels // m (step 0 repeats the first pixel)."""
+    rows, cols = np.nonzero(region)
+    chosen = np.arange(m) * (len(rows) // m)
+    return np.stack([rows[chosen], cols[chosen]], axis=1).astype(np.int64)
+
+
+def _random_points(region: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """m uniform random (row, col) pixels of `region`, distinct unless it has fewer than m pixels."""
+    flat = np.flatnonzero(region)
+    chosen = rng.choice(flat, size=m, replace=len(flat) < m)
+    return np.stack(np.unravel_index(chosen, region.shape), axis=1).astype(np.int64)
+
+
+def _candidate_count(num_foreground: int) -> int:
+    """Candidates per present class in the released code: 10 for CARE's two foreground classes, else 5 (WORD)."""
+    return 10 if num_foreground == 2 else 5
+
+
+def _candidates(region: np.ndarray, m: int, rng: np.random.Generator | None, placement: str) -> np.ndarray:
+    """m candidate (row, col) pixels of a class: random with `rng`, else placed as `placement` says."""
+    if rng is not None:
+        return _random_points(region, m, rng)
+    return _raster_points(region, m) if placement == "raster" else _interior_points(region, m)
+
+
+def _group(candidates: np.ndarray, num_foreground: int) -> np.ndarray:
+    """A present class's group of 5 candidates: every other one of its 10 (two foreground classes), else all 5."""
+    return candidates[0::2] if num_foreground == 2 else candidates
+
+
+def _classwise_slots(label: np.ndarray, num_classes: int, k: int, rng: np.random.Generator | None,
+                     placement: str) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) K x 2 and labels K: group c - 1 from class c, absent classes padded."""
+    row_col = np.zeros(((num_classes - 1) * k, 2), dtype=np.int64)
+    labels = np.full((num_classes - 1) * k, PADDING_LABEL, dtype=np.int64)
+    if k == 0:
+        return row_col, labels
+    for cls in range(1, num_classes):
+        region = label == cls
+        count = int(region.sum())
+        if count == 0:
+            continue
+        if rng is not None:
+            flat = np.flatnonzero(region)
+            chosen = rng.choice(flat, size=k, replace=count < k)
+            picks = np.stack(np.unravel_index(chosen, label.shape), axis=1)
+        elif placement == "raster":
+            m = _candidate_count(num_classes - 1)
+            picks = _group(_raster_points(region, m), num_classes - 1)[_GROUP_PICKS[k]]
+        else:
+            picks = _interior_points(region, k)
+        slots = slice((cls - 1) * k, cls * k)
+        row_col[slots] = picks
+        labels[slots] = POINT_LABEL
+    return row_col, labels
+
+
+def _released_slots(label: np.ndarray, num_classes: int, k: int, rng: np.random.Generator | None,
+                    placement: str) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) K x 2 and labels K as the released code builds them: every slot a positive point.
+
+    Two foreground classes (its CARE loader): 10 candidates per present class; both present, each group is
+    every other candidate of its class; one present, its candidates 0-4 fill the first group, 5-9 the second.
+    Otherwise (its WORD loader): 5 candidates per class holding at least 5 pixels, groups filled by cycling
+    through the present classes. Each group's k points are its candidates `_GROUP_PICKS[k]`. A slice with no
+    present class (the released code never sees one: it skips such slices) gets padding only.
+    """
+    num_foreground = num_classes - 1
+    row_col = np.zeros((num_foreground * k, 2), dtype=np.int64)
+    labels = np.full(num_foreground * k, PADDING_LABEL, dtype=np.int64)
+    m = _candidate_count(num_foreground)
+    present = [c for c in range(1, num_classes) if int((label == c).sum()) >= (1 if num_foreground == 2 else m)]
+    if k == 0 or not present:
+        return row_col, labels
+    candidates = {c: _candidates(label == c, m, rng, placement) for c in present}
+    if num_foreground == 2 and len(present) == 1:
+        only = candidates[present[0]]
+        groups = [only[:5], only[5:]]
+    else:
+        groups = [_group(candidates[present[j % len(present)]], num_foreground) for j in range(num_foreground)]
+    for j, group in enumerate(groups):
+        row_col[j * k:(j + 1) * k] = group[_GROUP_PICKS[k]]
+    labels[:] = POINT_LABEL
+    return row_col, labels
+
+
 def sample_points(
     label: np.ndarray,
     num_classes: int,
     k: int,
     rng: np.random.Generator | None = None,
+    protocol: PromptProtocol = DEFAULT_PROTOCOL,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k points per foreground class from an H x W label slice.
+    """k points per foreground class slot from an H x W label slice, built as `protocol` says.
 
-    rng given: uniform random pixels of each class region (with replacement only if the region
-    has fewer than k pixels). rng None: deterministic, the points farthest from the region's
-    boundary, spread apart (`_interior_points`). Absent classes get padding slots.
-    Returns points float32 K x 2 as (x, y) and labels int64 K (1 point, -1 padding).
+    rng given (training): uniform random pixels of each class region (classwise: with replacement only if
+    the region has fewer than k pixels; released: the released code's distinct candidates). rng None
+    (evaluation): deterministic, placed as `protocol.placement` says (interior: `_interior_points`; raster:
+    `_raster_points`). Classwise: absent classes get padding slots; released: see `_released_slots`.
+    Returns points float32 K x 2 ((x, y), or (row, col) for axis order rowcol) and labels int64 K
+    (1 point, -1 padding).
     """
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"label must be a 2-D slice, got shape {label.shape}")
     if k < 0 or num_classes < 2:
         raise ValueError(f"need k >= 0 and num_classes >= 2, got k={k}, num_classes={num_classes}")
+    protocol.check(k)
+    fill = _released_slots if protocol.style == "released" else _classwise_slots
+    row_col, labels = fill(label, num_classes, k, rng, protocol.placement)
+    points = row_col[:, ::-1] if protocol.axis_order == "xy" else row_col
+    return points.astype(np.float32), labels
+
+
+def slots_from_clicks(clicks: dict[int, list[np.ndarray]], num_classes: int, k: int,
+                      protocol: PromptProtocol = DEFAULT_PROTOCOL) -> tuple[np.ndarray, np.ndarray]:
+    """One slice's prompts from user clicks: `clicks` maps a foreground class to its (x, y) model-input points
+    (at most k each, in click order) -> (points K x 2 float32, labels K int64), in `protocol`'s axis order.
+
+    Classwise: class c's clicks fill the first slots of its group, the rest are padding. Released: every slot is
+    a point; group c - 1 takes class c's clicks if it has any, else those of a clicked class (cycling through
+    them), each group's clicks repeated in turn to fill its k slots.
+    """
     points = np.zeros(((num_classes - 1) * k, 2), dtype=np.float32)
     labels = np.full((num_classes - 1) * k, PADDING_LABEL, dtype=np.int64)
-    if k == 0:
-        return points, labels
-    for cls in range(1, num_classes):
-        region = label == cls
-        count = int(region.sum())
-        if count == 0:
-            continue
-        if rng is None:
-            row_col = _interior_points(region, k)
+    clicked = [c for c in range(1, num_classes) if clicks.get(c)]
+    for c in range(1, num_classes):
+        if protocol.style == "released" and clicked:
+            chosen = clicks[c] if c in clicked else clicks[clicked[(c - 1) % len(clicked)]]
+            chosen = [chosen[i % len(chosen)] for i in range(k)]
         else:
-            flat = np.flatnonzero(region)
-            chosen = rng.choice(flat, size=k, replace=count < k)
-            row_col = np.stack(np.unravel_index(chosen, label.shape), axis=1)
-        slots = slice((cls - 1) * k, cls * k)
-        points[slots] = row_col[:, ::-1]
-        labels[slots] = POINT_LABEL
+            chosen = clicks.get(c, [])
+        for i, xy in enumerate(chosen):
+            points[(c - 1) * k + i] = xy
+            labels[(c - 1) * k + i] = POINT_LABEL
+    if protocol.axis_order == "rowcol":
+        points = np.ascontiguousarray(points[:, ::-1])
     return points, labels
 
 
@@ -126,10 +274,11 @@ def sample_points_batch(
     num_classes: int,
     k: int,
     rng: np.random.Generator | None = None,
+    protocol: PromptProtocol = DEFAULT_PROTOCOL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_points` over a B x H x W batch: (points B x K x 2 float32, labels B x K int64)."""
     array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    pairs = [sample_points(slice_, num_classes, k, rng) for slice_ in array]
+    pairs = [sample_points(slice_, num_classes, k, rng, protocol) for slice_ in array]
     if not pairs:
         size = (num_classes - 1) * k
         return torch.zeros(0, size, 2), torch.zeros(0, size, dtype=torch.int64)
@@ -202,11 +351,27 @@ class CanonicalGrid:
         return index
 
 
+def _to_model(coordinate: np.ndarray, length: int, size: int, corner_aligned: bool) -> np.ndarray:
+    """A canonical pixel coordinate along an axis of `length` pixels -> its place on the `size` model grid: pixel
+    edges aligned (``F.interpolate(align_corners=False)``), or corner pixels aligned (the released code's zoom)."""
+    if corner_aligned:
+        return coordinate * (size - 1) / max(length - 1, 1)
+    return (coordinate + 0.5) * size / length - 0.5
+
+
+def _from_model(coordinate: np.ndarray, length: int, size: int, corner_aligned: bool) -> np.ndarray:
+    """Inverse of `_to_model`."""
+    if corner_aligned:
+        return coordinate * max(length - 1, 1) / (size - 1)
+    return (coordinate + 0.5) * length / size - 0.5
+
+
 def voxel_to_model(
-    indices: np.ndarray, image: sitk.Image, size: int = 224
+    indices: np.ndarray, image: sitk.Image, size: int = 224, corner_aligned: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """N x 3 voxel indices (i, j, k) of `image`, as ITK orders them (ITK-SNAP shows i, j, k,
-    0-based here) -> (canonical slice index int64 N, (x, y) float32 N x 2 on the size x size input).
+    0-based here) -> (canonical slice index int64 N, (x, y) float32 N x 2 on the size x size input),
+    for a resize with pixel edges aligned or (`corner_aligned`) corner pixels aligned.
 
     Raises OutsideImageError (a ValueError) for a point outside the volume, naming it by the
     image's own indices and valid ranges.
@@ -222,15 +387,13 @@ def voxel_to_model(
         inside = -0.5 <= c[0] < width - 0.5 and -0.5 <= c[1] < height - 0.5 and 0 <= s < depth
         if not inside:
             raise OutsideImageError(n, indices[n], grid.image_size)
-    xy = np.stack(
-        [(canonical[:, 0] + 0.5) * size / width - 0.5, (canonical[:, 1] + 0.5) * size / height - 0.5],
-        axis=1,
-    )
+    xy = np.stack([_to_model(canonical[:, 0], width, size, corner_aligned),
+                   _to_model(canonical[:, 1], height, size, corner_aligned)], axis=1)
     return slices, xy.astype(np.float32)
 
 
 def world_to_model(
-    points_mm: np.ndarray, image: sitk.Image, size: int = 224
+    points_mm: np.ndarray, image: sitk.Image, size: int = 224, corner_aligned: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """N x 3 physical points (x, y, z) in mm, LPS as ITK uses them -> `voxel_to_model`."""
     points_mm = np.atleast_2d(np.asarray(points_mm, dtype=np.float64))
@@ -240,7 +403,7 @@ def world_to_model(
         [image.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))) for p in points_mm]
     ).reshape(-1, 3)
     try:
-        return voxel_to_model(indices, image, size)
+        return voxel_to_model(indices, image, size, corner_aligned)
     except OutsideImageError as error:
         raise OutsideImageError(
             error.point,
@@ -252,7 +415,7 @@ def world_to_model(
 
 
 def model_to_voxel(
-    slice_index: np.ndarray, xy: np.ndarray, image: sitk.Image, size: int = 224
+    slice_index: np.ndarray, xy: np.ndarray, image: sitk.Image, size: int = 224, corner_aligned: bool = False
 ) -> np.ndarray:
     """Inverse of `voxel_to_model`: canonical slice and input-pixel (x, y) -> N x 3 indices of
     `image` (continuous; round them for voxel centres)."""
@@ -261,17 +424,18 @@ def model_to_voxel(
     grid = CanonicalGrid.of(image)
     width, height, _ = grid.size
     canonical = np.stack(
-        [(xy[:, 0] + 0.5) * width / size - 0.5, (xy[:, 1] + 0.5) * height / size - 0.5, slice_index],
+        [_from_model(xy[:, 0], width, size, corner_aligned), _from_model(xy[:, 1], height, size, corner_aligned),
+         slice_index],
         axis=1,
     )
     return grid.from_canonical(canonical)
 
 
 def model_to_world(
-    slice_index: np.ndarray, xy: np.ndarray, image: sitk.Image, size: int = 224
+    slice_index: np.ndarray, xy: np.ndarray, image: sitk.Image, size: int = 224, corner_aligned: bool = False
 ) -> np.ndarray:
     """Inverse of `world_to_model`: N x 3 physical points in mm."""
-    indices = model_to_voxel(slice_index, xy, image, size)
+    indices = model_to_voxel(slice_index, xy, image, size, corner_aligned)
     return np.array(
         [image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i))) for i in indices]
     ).reshape(-1, 3)

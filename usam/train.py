@@ -44,12 +44,12 @@ from torch.utils.data import DataLoader, Subset
 from care_dataset.files import atomic_file, creation_problem, write_text_atomic
 from care_dataset.format.published import manifest_path, open_any
 from care_dataset.format.splits import carve_validation
-from usam.config import RESUMABLE_CHANGES, TrainConfig, read_toml, to_toml
+from usam.config import RESUMABLE_CHANGES, SELECTION_WARNING, TrainConfig, read_toml, to_toml
 from usam.data import MODEL_SIZE, Augmentation, EpochSampler, SliceDataset, slices_with_class
 from usam.inference import choose_device
 from usam.metrics import confusion_tensor, dice_from_confusion, foreground_mean
 from usam.models.checkpoints import load_weights, read_checkpoint_config, recover_checkpoint, save_checkpoint
-from usam.models.registry import create_model
+from usam.models.registry import create_model, list_models, takes_option
 
 TRAIN_STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -163,8 +163,11 @@ def set_up(config: TrainConfig) -> TrainingRun:
     config = config.with_absolute_paths()
     ddp = distributed_from_env()
     device = training_device(config, ddp)
-    if config.batch_size % ddp.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ddp.world_size} processes")
+    if config.batch_scope == "global" and config.batch_size % ddp.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ddp.world_size} processes "
+                         f"(or give the batch per process: --batch-per-device)")
+    if config.sync_bn and ddp.enabled and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only); run without it on CPU")
     data = open_training_data(config)
     num_classes = len(data.class_names)
     if config.class_weights and len(config.class_weights) != num_classes:
@@ -232,7 +235,10 @@ def make_loaders(run: TrainingRun) -> tuple[DataLoader, DataLoader]:
 
 
 def wrap_for_training(run: TrainingRun) -> nn.Module:
-    """The model the training steps call: DDP over the processes, torch.compile where asked."""
+    """The model the training steps call: DDP over the processes (BatchNorm synchronised across them with
+    --sync-bn), torch.compile where asked."""
+    if run.config.sync_bn and run.ddp.enabled:  # the same parameters and buffers, in SyncBatchNorm modules
+        run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
     train_model = run.model
     if run.ddp.enabled:
         probe = next(iter(DataLoader(run.plan.train_set, batch_size=1, generator=torch.Generator())))
@@ -251,7 +257,7 @@ class BatchPlan:
     train_set: SliceDataset
     val_set: SliceDataset
     sampler: EpochSampler
-    rank_batch: int  # this process's share of the global batch
+    rank_batch: int  # this process's batch: its share of the global batch, or the batch itself (per_device)
     steps_per_epoch: int
     total_steps: int  # the length of the learning-rate schedule
     input_size: int
@@ -263,17 +269,18 @@ def plan_batches(config: TrainConfig, data: TrainingData, model: nn.Module, ddp:
         if config.augment else None
     input_size = int(model.config.get("img_size", MODEL_SIZE))
     common = dict(num_classes=len(data.class_names), points_per_class=config.points, window=tuple(config.window),
-                  size=input_size)
+                  size=input_size, protocol=config.prompt_protocol(), clahe=config.clahe, kernel=config.resize)
     train_set = SliceDataset(data.source, data.train_ids, augment=augment, random_points=True, seed=config.seed,
                              **common)
     val_set = SliceDataset(data.source, data.val_ids, augment=None, **common)
-    rank_batch = config.batch_size // ddp.world_size
+    rank_batch = config.batch_size if config.batch_scope == "per_device" else config.batch_size // ddp.world_size
     class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
     sampler = EpochSampler(train_set, num_replicas=ddp.world_size, rank=ddp.rank, shuffle=True, seed=config.seed,
                            class_slices=class_slices, balance=config.class_balance)
     steps_per_epoch = sampler.num_samples // rank_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training slices")
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training slices"
+                         + (f" ({sampler.num_samples} per process)" if ddp.enabled else ""))
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -382,7 +389,7 @@ class LogWindow:
         loss, ce, dice_loss = (self.losses / (self.steps * run.ddp.world_size)).tolist()
         record = {"kind": "train", "step": run.position.step, "epoch": run.position.epoch, "loss": loss, "ce": ce,
                   "dice_loss": dice_loss, **dice_summary(self.confusion, run.data.class_names), "lr": used_lr,
-                  "images_per_s": self.steps * run.config.batch_size / elapsed,
+                  "images_per_s": self.steps * run.plan.rank_batch * run.ddp.world_size / elapsed,
                   "data_wait_fraction": self.data_wait / elapsed}
         self.restart()
         return record
@@ -416,8 +423,8 @@ def validate_and_keep_best(run: TrainingRun, val_loader: DataLoader, progress: P
     improved = metrics["mean_dice"] is not None and metrics["mean_dice"] > run.position.best_dice
     if improved:
         run.position.best_dice = metrics["mean_dice"]
-    record = {"kind": "val", "step": run.position.step, "epoch": run.position.epoch, **metrics,
-              "best_mean_dice": run.position.best_dice}
+    record = {"kind": "val", "step": run.position.step, "epoch": run.position.epoch,
+              "split": run.config.selection_split, **metrics, "best_mean_dice": run.position.best_dice}
     log(run, record)
     progress.validation(record)
     if improved:
@@ -430,24 +437,29 @@ def validate_and_keep_best(run: TrainingRun, val_loader: DataLoader, progress: P
 # --------------------------------------------------------------------------------------------
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                   denominator: str = "sum") -> torch.Tensor:
     """1 - soft Dice of softmax(logits) against one-hot target, per class over the whole batch,
     averaged over all classes (background included, as the authors' TransUNet-derived code).
 
+    `denominator` "sum": sum p + sum t (ours); "squares": sum p^2 + sum t^2 (the released code's loss).
     logits (B, N, H, W), target (B, H, W) int64 -> scalar.
     """
     probs = logits.float().softmax(dim=1)
     one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
     dims = (0, 2, 3)
     intersection = (probs * one_hot).sum(dims)
-    total = probs.sum(dims) + one_hot.sum(dims)
+    if denominator == "squares":
+        total = (probs * probs).sum(dims) + (one_hot * one_hot).sum(dims)
+    else:
+        total = probs.sum(dims) + one_hot.sum(dims)
     return 1.0 - ((2 * intersection + smooth) / (total + smooth)).mean()
 
 
 def loss_terms(logits: torch.Tensor, target: torch.Tensor, run: TrainingRun) -> tuple[torch.Tensor, ...]:
     """(ce_weight x cross-entropy + dice_weight x soft Dice loss, cross-entropy, soft Dice loss)."""
     ce = F.cross_entropy(logits.float(), target, weight=run.class_weights)
-    dice = soft_dice_loss(logits, target)
+    dice = soft_dice_loss(logits, target, denominator=run.config.dice_denominator)
     return run.config.ce_weight * ce + run.config.dice_weight * dice, ce, dice
 
 
@@ -476,9 +488,22 @@ class TrainingData:
     manifest_sha256: str
 
 
+def selection_cases(config: TrainConfig, source: Any, train_cases: list[str]) -> tuple[list[str], list[str]]:
+    """(training cases, model-selection cases): a patient-level validation subset carved from the train split,
+    or with selection_split test (the released code's choice, optimistic) all train cases and the test split."""
+    if config.selection_split == "validation":
+        return carve_validation(train_cases, config.val_fraction, config.seed)
+    test_cases = source.case_ids("test")
+    missing = source.missing_cases(test_cases)
+    if not test_cases or missing:
+        raise ValueError(f"data folder {config.data}: --selection-split test needs the test split's slices "
+                         f"({'no test cases' if not test_cases else f'{len(missing)} test case(s) missing'})")
+    return list(train_cases), list(test_cases)
+
+
 def open_training_data(config: TrainConfig) -> TrainingData:
     """Open the data folder (converted or published) and carve the patient-level validation subset from
-    its train split.
+    its train split (or take the test split, `selection_cases`).
 
     Raises ValueError with one clear line for a missing or malformed folder or a class mismatch.
     """
@@ -511,7 +536,7 @@ def open_training_data(config: TrainConfig) -> TrainingData:
     if config.num_classes and config.num_classes != len(class_names):
         raise ValueError(f"--num-classes {config.num_classes} does not match the data, which has "
                          f"{len(class_names)} classes ({', '.join(class_names)})")
-    train_ids, val_ids = carve_validation(train_cases, config.val_fraction, config.seed)
+    train_ids, val_ids = selection_cases(config, source, train_cases)
     checksums = manifest.get("checksums", {})
     data_checksum = checksums.get("all", "") if isinstance(checksums, dict) else ""
     return TrainingData(source, class_names, train_ids, val_ids, str(data_checksum),
@@ -584,6 +609,13 @@ def checkpoint_config(config: TrainConfig, data: TrainingData, step: int, epoch:
         "normalization": "clip HU to window, then (hu - low) / (high - low) in [0, 1]",
         "input_size": input_size,
         "points_per_class": config.points,
+        "prompt_style": config.prompt_style,
+        "eval_points": config.eval_points,
+        "point_order": config.point_order,
+        "clahe": config.clahe,
+        "resize": config.resize,
+        "selection_split": config.selection_split,
+        **({"selection_warning": SELECTION_WARNING} if config.selection_split == "test" else {}),
         "training": {
             "step": step,
             "epoch": epoch,
@@ -612,7 +644,10 @@ def run_record(run: TrainingRun) -> dict[str, Any]:
             "classes": data.class_names, "train_cases": len(data.train_ids), "val_cases": len(data.val_ids),
             "train_slices": len(plan.train_set), "val_slices": len(plan.val_set),
             "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
-            "world_size": run.ddp.world_size, **started, "resumes": []}
+            "world_size": run.ddp.world_size, "batch_per_process": plan.rank_batch, "recipe": run.config.recipe,
+            "selection_split": run.config.selection_split,
+            **({"selection_warning": SELECTION_WARNING} if run.config.selection_split == "test" else {}),
+            **started, "resumes": []}
 
 
 def prepare_run_folder(run: TrainingRun) -> None:
@@ -750,10 +785,24 @@ def resolve_resume(config: TrainConfig, data: TrainingData, world_size: int = 1)
 # --------------------------------------------------------------------------------------------
 
 
+def architecture_options(config: TrainConfig) -> dict[str, Any]:
+    """The recipe's architecture options the model takes: prompt style (the SAM-style models), decoder (usam_*),
+    head bias (models with a 1x1 head). A decoder other than class_tokens for a model without one is refused."""
+    if config.model not in list_models():
+        return {}  # create_model names the models there are
+    wanted = {"prompt_style": config.prompt_style, "decoder": config.decoder, "head_bias": config.head_bias}
+    taken = {k: v for k, v in wanted.items() if takes_option(config.model, k)}
+    if "decoder" not in taken and config.decoder != "class_tokens":
+        raise ValueError(f"--decoder {config.decoder}: model {config.model} has no such decoder (usam_* models "
+                         "only); use --decoder class_tokens")
+    return taken
+
+
 def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     try:
         return create_model(config.model, num_classes=num_classes, points_per_class=config.points,
                             sam_checkpoint=config.sam_checkpoint or None, pretrained=config.pretrained or None,
+                            **architecture_options(config),
                             **config.model_args)
     except ValueError as error:
         message = str(error)

@@ -8,6 +8,8 @@ from torch import nn
 BACKGROUND_PRIOR = 0.99
 """Typical fraction of background pixels in a CARE slice (rectum ~0.5 %, tumour ~0.1 %)."""
 
+HEAD_BIASES = ("prior", "default", "none")
+
 
 def init_prior_bias(head: nn.Conv2d, background_prior: float = BACKGROUND_PRIOR) -> None:
     """Set a classification head's bias to log class priors (background first, the rest split evenly).
@@ -21,6 +23,20 @@ def init_prior_bias(head: nn.Conv2d, background_prior: float = BACKGROUND_PRIOR)
     prior[0] = background_prior
     with torch.no_grad():
         head.bias.copy_(prior.log())
+
+
+def class_head(in_channels: int, num_classes: int, bias: str = "prior") -> nn.Conv2d:
+    """1x1 convolution C x H x W -> num_classes x H x W logits.
+
+    `bias`: "prior" starts at the log class priors (`init_prior_bias`; ours), "default" keeps PyTorch's
+    initialisation, "none" has no bias term (the released code's final convolution).
+    """
+    if bias not in HEAD_BIASES:
+        raise ValueError(f"head_bias must be one of {', '.join(HEAD_BIASES)}, got {bias!r}")
+    head = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=bias != "none")
+    if bias == "prior":
+        init_prior_bias(head)
+    return head
 
 
 class ConvBNReLU(nn.Sequential):

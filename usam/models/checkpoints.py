@@ -21,6 +21,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FORMAT = "usam-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
+# model options added after checkpoints were first written, with the value a model config without them had
+ADDED_MODEL_OPTIONS = {"prompt_style": "classwise", "decoder": "class_tokens", "head_bias": "prior"}
 
 
 def _json_ready(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,6 +130,7 @@ def load_weights(
     directory = Path(directory)
     config = read_checkpoint_config(directory)
     saved, current = config["model"], _json_ready(model.config)
+    saved = {**{k: v for k, v in ADDED_MODEL_OPTIONS.items() if k in current}, **saved}
     if saved.get("name") != current.get("name"):
         raise ValueError(
             f"checkpoint {directory} holds model {saved.get('name')!r}, not {current.get('name')!r}"

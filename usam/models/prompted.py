@@ -11,20 +11,22 @@ from usam.models.sam_parts import (
     build_prompt_encoder,
     run_two_way_transformer,
 )
+from usam.prompts import PROMPT_STYLES
 
 
 class PromptedSegmenter(nn.Module):
     """Base of the SAM-style models: frozen prompt encoder, class embeddings, mask decoder.
 
     Prompts: K = (num_classes - 1) * points_per_class points per image, (x, y) in input-pixel
-    coordinates (SAM's convention: integers are pixel centres). Slot j belongs to foreground
-    class 1 + j // points_per_class. Label 1 marks a real point, -1 padding (the class is
-    absent; coordinates ignored, SAM's not-a-point embedding). `points=None` gives null prompts.
+    coordinates (SAM's convention: integers are pixel centres). Label 1 marks a real point, -1
+    padding (coordinates ignored, SAM's not-a-point embedding). `points=None` gives null prompts.
 
-    Our addition to SAM: SAM's prompt encoder cannot tell which class a point belongs to and
-    the decoder's attention is permutation-equivariant over tokens, so a learned class
-    embedding (one D-vector per foreground class, initialised to zero) is added to every real
-    point token after the frozen prompt encoder.
+    `prompt_style` (usam.prompts): "classwise" (ours) - slot j belongs to foreground class
+    1 + j // points_per_class, an absent class's slots are padding, and a learned class embedding
+    (one D-vector per foreground class, initialised to zero) is added to every real point token
+    after the frozen prompt encoder, because SAM's prompt encoder cannot tell which class a point
+    belongs to and the decoder's attention is permutation-equivariant over tokens. "released" (the
+    authors' code) - the points go through SAM's prompt encoder as they are, with no class embedding.
     """
 
     def __init__(
@@ -42,10 +44,14 @@ class PromptedSegmenter(nn.Module):
         decoder_depth: int = 2,
         decoder_mlp_dim: int = 2048,
         decoder_num_heads: int = 8,
+        prompt_style: str = "classwise",
     ) -> None:
-        """Sizes of SAM's parts (ViT-B's by default); the ViT itself is built by the subclass, through
-        `build_image_encoder`, where its place in the architecture needs it."""
+        """Sizes of SAM's parts (ViT-B's by default) and the prompt style. The subclass builds the mask
+        decoder first (`build_mask_decoder`, with its count of mask tokens) and the ViT (`build_image_encoder`)
+        where its place in the architecture needs it."""
         super().__init__()
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + classes), got {num_classes}")
         if points_per_class < 0:
@@ -56,6 +62,7 @@ class PromptedSegmenter(nn.Module):
             "num_classes": num_classes,
             "img_size": img_size,
             "points_per_class": points_per_class,
+            "prompt_style": prompt_style,
             "embed_dim": embed_dim,
             "vit_embed_dim": vit_embed_dim,
             "vit_depth": vit_depth,
@@ -69,19 +76,26 @@ class PromptedSegmenter(nn.Module):
         self.num_classes = num_classes
         self.points_per_class = points_per_class
         self.img_size = img_size
+        self.prompt_style = prompt_style
         self.prompt_encoder = build_prompt_encoder(embed_dim=embed_dim, img_size=img_size)
-        self.mask_decoder = build_mask_decoder(
-            embed_dim=embed_dim,
-            num_classes=num_classes,
-            depth=decoder_depth,
-            mlp_dim=decoder_mlp_dim,
-            num_heads=decoder_num_heads,
+        self.class_embed = None
+        if prompt_style == "classwise":
+            self.class_embed = nn.Parameter(torch.zeros(num_classes - 1, embed_dim))
+            slot_classes = torch.arange((num_classes - 1) * points_per_class)
+            if points_per_class:
+                slot_classes = slot_classes // points_per_class
+            self.register_buffer("slot_classes", slot_classes, persistent=False)
+
+    def build_mask_decoder(self, num_mask_tokens: int) -> nn.Module:
+        """SAM's two-way mask decoder with this model's sizes and `num_mask_tokens` mask tokens."""
+        c = self.config
+        return build_mask_decoder(
+            embed_dim=c["embed_dim"],
+            num_mask_tokens=num_mask_tokens,
+            depth=c["decoder_depth"],
+            mlp_dim=c["decoder_mlp_dim"],
+            num_heads=c["decoder_num_heads"],
         )
-        self.class_embed = nn.Parameter(torch.zeros(num_classes - 1, embed_dim))
-        slot_classes = torch.arange((num_classes - 1) * points_per_class)
-        if points_per_class:
-            slot_classes = slot_classes // points_per_class
-        self.register_buffer("slot_classes", slot_classes, persistent=False)
 
     def build_image_encoder(self, in_chans: int) -> nn.Module:
         """SAM's ViT with this model's sizes, taking `in_chans` channels and giving `embed_dim` channels."""
@@ -130,18 +144,21 @@ class PromptedSegmenter(nn.Module):
         """Sparse (B x T x D) and dense (B x D x h x w) prompt embeddings.
 
         Points go through SAM's frozen prompt encoder (which appends one not-a-point token, as
-        SAM does for points without boxes); then the class embedding of each slot is added to
-        the real (label >= 0) point tokens. Null prompts give B x 0 x D sparse embeddings.
+        SAM does for points without boxes); then (classwise style) the class embedding of each
+        slot is added to the real (label >= 0) point tokens. Null prompts give B x 0 x D sparse
+        embeddings.
         """
         encoder = self.prompt_encoder
         if points is None or points.shape[1] == 0:
-            sparse = self.class_embed.new_zeros(batch, 0, encoder.embed_dim)
+            sparse = encoder.no_mask_embed.weight.new_zeros(batch, 0, encoder.embed_dim)
             dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
                 batch, -1, *encoder.image_embedding_size
             )
             return sparse, dense
         with torch.no_grad():
             sparse, dense = encoder(points=(points, point_labels), boxes=None, masks=None)
+        if self.class_embed is None:
+            return sparse, dense
         is_point = (point_labels >= 0).unsqueeze(-1).to(self.class_embed.dtype)
         class_tokens = self.class_embed[self.slot_classes].unsqueeze(0) * is_point
         k = points.shape[1]
@@ -154,7 +171,7 @@ class PromptedSegmenter(nn.Module):
         points: torch.Tensor | None,
         point_labels: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two-way transformer over prompts and image: (hyper_in B x N x D/8, Src B x D x h x w)."""
+        """Two-way transformer over prompts and image: (hyper_in B x T x D/8 for T mask tokens, Src B x D x h x w)."""
         sparse, dense = self.embed_prompts(points, point_labels, image_embeddings.shape[0])
         return run_two_way_transformer(
             self.mask_decoder,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from typing import Any
 
@@ -82,8 +83,9 @@ def create_model(
     """Build a registered model; `kwargs` override its defaults (see each class).
 
     `sam_checkpoint`: path to an official SAM checkpoint (``sam_vit_b_01ec64.pth``; ViT-H for `samed_h`) to
-    initialise the SAM parts from; the load report is kept as ``model.sam_load_report``. `pretrained`: the
-    official ImageNet weights a baseline's encoder starts from (its ``load_pretrained``; report in
+    initialise the SAM parts from (a model with ``decoder="released"`` loads it as the released code does, see
+    `load_sam_checkpoint`); the load report is kept as ``model.sam_load_report``. `pretrained`: the official
+    ImageNet weights a baseline's encoder starts from (its ``load_pretrained``; report in
     ``model.pretrained_load_report``).
     The returned model's ``config`` rebuilds it: ``create_model(**model.config)``.
     """
@@ -95,9 +97,17 @@ def create_model(
     if sam_checkpoint is not None:
         if not hasattr(model, "prompt_encoder"):
             raise ValueError(f"model {name!r} has no SAM parts to load {sam_checkpoint}")
-        model.sam_load_report = load_sam_checkpoint(model, sam_checkpoint)
+        style = "released" if model.config.get("decoder") == "released" else "usam"
+        model.sam_load_report = load_sam_checkpoint(model, sam_checkpoint, style)
     if pretrained is not None:
         if not hasattr(model, "load_pretrained"):
             raise ValueError(f"model {name!r} takes no pretrained weights file ({pretrained})")
         model.pretrained_load_report = model.load_pretrained(pretrained)
     return model
+
+
+def takes_option(name: str, option: str) -> bool:
+    """True if the registered model `name` takes the keyword argument `option` (its class or a base class)."""
+    cls = model_class(name)
+    return any(option in inspect.signature(base.__init__).parameters
+               for base in cls.__mro__ if "__init__" in vars(base) and base is not nn.Module)

@@ -28,6 +28,7 @@ class SAMBaseline(PromptedSegmenter):
         """`sizes`: `PromptedSegmenter`'s keyword arguments (classes, input size, points, SAM's sizes)."""
         super().__init__(**sizes)
         self.config = {"name": name, **self.config}
+        self.mask_decoder = self.build_mask_decoder(self.num_classes)  # one mask token per class
         self.image_encoder = self.build_image_encoder(in_chans=3)
         self.register_buffer(
             "pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False

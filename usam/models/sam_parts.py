@@ -91,11 +91,12 @@ def build_prompt_encoder(*, embed_dim: int, img_size: int) -> PromptEncoder:
 
 
 def build_mask_decoder(
-    *, embed_dim: int, num_classes: int, depth: int, mlp_dim: int, num_heads: int
+    *, embed_dim: int, num_mask_tokens: int, depth: int, mlp_dim: int, num_heads: int
 ) -> MaskDecoder:
-    """SAM's mask decoder with one mask token and one hypernetwork MLP per class.
+    """SAM's mask decoder with `num_mask_tokens` mask tokens, each with its own hypernetwork MLP.
 
-    `num_multimask_outputs = num_classes - 1` gives exactly `num_classes` mask tokens. The IoU
+    One token per class (`num_mask_tokens = num_classes`, via SAM's `num_multimask_outputs =
+    num_mask_tokens - 1`) in the paper's text; D/8 tokens in the released code's decoder. The IoU
     prediction head is removed: nothing here predicts mask quality.
     """
     decoder = MaskDecoder(
@@ -103,7 +104,7 @@ def build_mask_decoder(
         transformer=TwoWayTransformer(
             depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=num_heads
         ),
-        num_multimask_outputs=num_classes - 1,
+        num_multimask_outputs=num_mask_tokens - 1,
         iou_head_depth=3,
         iou_head_hidden_dim=256,
     )
@@ -124,7 +125,7 @@ def run_two_way_transformer(
       image_embeddings: B x D x h x w.  image_pe: 1 x D x h x w.
       sparse_embeddings: B x T x D prompt tokens.  dense_embeddings: B x D x h x w.
     Returns:
-      hyper_in: B x N x D/8, each class token through its hypernetwork MLP.
+      hyper_in: B x T x D/8, each of the T mask tokens through its hypernetwork MLP.
       src: B x D x h x w, the image embedding after the transformer (SAM's Src).
     """
     batch = image_embeddings.shape[0]

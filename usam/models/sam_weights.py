@@ -56,10 +56,14 @@ def _group_by_module(keys: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """1 x H x W x C absolute position embedding -> 1 x h x w x C, bicubic (antialiased)."""
+LOADING_STYLES = ("usam", "released")
+
+
+def _resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """1 x H x W x C absolute position embedding -> 1 x h x w x C: bicubic, antialiased (ours), or bilinear
+    without antialiasing (`mode="bilinear"`, the released code's)."""
     x = pos_embed.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=grid, mode=mode, align_corners=False, antialias=mode == "bicubic")
     return x.permute(0, 2, 3, 1).to(pos_embed.dtype)
 
 
@@ -96,16 +100,21 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike, style: str = "usam") -> LoadReport:
     """Initialise `model`'s SAM parts from an official SAM checkpoint (e.g. sam_vit_b_01ec64.pth).
 
     The file is read with ``torch.load(weights_only=True)``. ``pos_embed`` is resized to the
-    model's token grid (bicubic) and relative-position tables to the model's rows (linear).
-    Keys the model lacks (the patch embedding for U-SAM, a fourth mask MLP, the IoU head) and
-    mask-decoder head keys of another shape (mask tokens) are skipped; every model tensor not
-    filled from the file is reported as new. Any other shape mismatch, or a SAM part of the
-    model missing from the file, raises ValueError.
+    model's token grid and relative-position tables to the model's rows (linear).
+    Keys the model lacks (the patch embedding for U-SAM, a fourth mask MLP, the IoU head) are
+    skipped. `style` "usam": mask-decoder head keys (mask tokens, hypernetwork MLPs, IoU head,
+    upscaling) load where their shape agrees, and ``pos_embed`` is resized bicubic (antialiased);
+    "released" (as the released code's ``load_from``): every such head key is skipped, and
+    ``pos_embed`` is resized bilinear. Every model tensor not filled from the file is reported as
+    new. Any other shape mismatch, or a SAM part of the model missing from the file, raises
+    ValueError.
     """
+    if style not in LOADING_STYLES:
+        raise ValueError(f"SAM checkpoint loading style must be one of {', '.join(LOADING_STYLES)}, got {style!r}")
     state = _read_state_dict(path)
     own = model.state_dict()
     report = LoadReport()
@@ -116,13 +125,17 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> LoadReport
             report.skipped[key] = "not in this model"
             continue
         target = own[key]
+        if style == "released" and _HEAD_KEY.match(key):
+            report.skipped[key] = "not loaded by the released code (mask-decoder head)"
+            continue
         if value.shape == target.shape:
             updates[key] = value
             report.loaded.append(key)
             continue
         resized = None
         if key.endswith(".pos_embed") and value.ndim == 4 and value.shape[3] == target.shape[3]:
-            resized = _resize_pos_embed(value, tuple(target.shape[1:3]))
+            resized = _resize_pos_embed(value, tuple(target.shape[1:3]),
+                                        "bilinear" if style == "released" else "bicubic")
         elif (
             key.endswith((".rel_pos_h", ".rel_pos_w"))
             and value.ndim == 2

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from usam.models.blocks import CNNEncoder, UpBlock, init_prior_bias
+from usam.models.blocks import CNNEncoder, UpBlock, class_head
 
 
 class UNet(nn.Module):
     """U-Net with U-SAM's CNN encoder (channels C/8 .. C, bottleneck 2C) and four UpBlocks.
 
-    Takes the same inputs as the SAM-style models and ignores the points. The head's bias starts
-    at the log class priors (`init_prior_bias`).
+    Takes the same inputs as the SAM-style models and ignores the points. `head_bias` ("prior",
+    "default" or "none", see `class_head`): the head's bias starts at the log class priors by default.
     """
 
     def __init__(
@@ -21,6 +21,7 @@ class UNet(nn.Module):
         img_size: int = 224,
         points_per_class: int = 0,
         base_channels: int = 256,
+        head_bias: str = "prior",
     ) -> None:
         super().__init__()
         if img_size % 16:
@@ -33,6 +34,7 @@ class UNet(nn.Module):
             "img_size": img_size,
             "points_per_class": points_per_class,
             "base_channels": base_channels,
+            "head_bias": head_bias,
         }
         self.num_classes = num_classes
         self.img_size = img_size
@@ -42,8 +44,7 @@ class UNet(nn.Module):
         self.up3 = UpBlock(c, c // 2, c // 2)
         self.up2 = UpBlock(c // 2, c // 4, c // 4)
         self.up1 = UpBlock(c // 4, c // 8, c // 8)
-        self.head = nn.Conv2d(c // 8, num_classes, kernel_size=1)
-        init_prior_bias(self.head)
+        self.head = class_head(c // 8, num_classes, head_bias)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Nothing is pretrained: every parameter is in "decoder" (the 1e-3 group)."""

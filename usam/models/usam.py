@@ -5,9 +5,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from usam.models.blocks import CNNEncoder, TokenGrid, UpBlock, init_prior_bias
+from usam.models.blocks import CNNEncoder, ConvBNReLU, TokenGrid, UpBlock, class_head
 from usam.models.prompted import PromptedSegmenter
 from usam.models.sam_parts import mask_logits
+
+DECODERS = ("class_tokens", "released")
 
 
 class USAM(PromptedSegmenter):
@@ -16,23 +18,38 @@ class USAM(PromptedSegmenter):
     Encoder: stem + four max-pool/conv blocks give f0 (D/8 x H) .. f3 (D x H/8) and f4
     (`vit_embed_dim` x H/16); f4's 14 x 14 tokens replace SAM's patch embedding and go through
     SAM's ViT (absolute + relative positions, windowed/global attention, neck to D).
-    Decoder: SAM's two-way transformer with one mask token per class; Src (D x H/16) goes up
-    through UP4, UP3, UP2 (skips f3, f2, f1) to Src' (D/8 x H/2); logits l = Mt' . Src'
-    (N x H/2); UP1 (skip f0) and a 1x1 convolution give N x H x W logits.
+    Decoder: SAM's two-way transformer with T mask tokens; Src (D x H/16) goes up through UP4,
+    UP3, UP2 (skips f3, f2, f1) to Src' (D/8 x H/2); l = Mt' . Src' (T x H/2); UP1 (skip f0) and
+    a head give N x H x W logits. `decoder`:
+
+    - "class_tokens" (the paper's text, our default): T = N, one mask token per class; the head is
+      a 1x1 convolution.
+    - "released" (the authors' released code): T = D/8 mask tokens with as many hypernetwork MLPs;
+      UP1 works on D/8 channels; the head is a 3x3 conv-BN-ReLU then a 1x1 convolution to N.
+
+    `head_bias` of the final 1x1 convolution ("prior", "default", "none"; see `class_head`;
+    default: "prior" for class_tokens, "none" for released, as that code has no bias there).
     `skip_connections` (0..4) keeps that many skips, coarsest first (4 = the paper's model).
-    The [0, 1] input goes to the CNN as is (its first BatchNorm normalises). The head's bias
-    starts at the log class priors (`init_prior_bias`).
+    The [0, 1] input goes to the CNN as is (its first BatchNorm normalises).
     """
 
-    def __init__(self, *, name: str = "usam_b", skip_connections: int = 4, **sizes: Any) -> None:
-        """`sizes`: `PromptedSegmenter`'s keyword arguments (classes, input size, points, SAM's sizes)."""
+    def __init__(self, *, name: str = "usam_b", skip_connections: int = 4, decoder: str = "class_tokens",
+                 head_bias: str | None = None, **sizes: Any) -> None:
+        """`sizes`: `PromptedSegmenter`'s keyword arguments (classes, input size, points, SAM's sizes, prompt
+        style)."""
         super().__init__(**sizes)
         if not 0 <= skip_connections <= 4:
             raise ValueError(f"skip_connections must be 0..4, got {skip_connections}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         d, num_classes = self.config["embed_dim"], self.num_classes
         if d % 8:
             raise ValueError(f"embed_dim must be a multiple of 8, got {d}")
-        self.config = {"name": name, **self.config, "skip_connections": skip_connections}
+        head_bias = head_bias or ("none" if decoder == "released" else "prior")
+        self.config = {"name": name, **self.config, "skip_connections": skip_connections, "decoder": decoder,
+                       "head_bias": head_bias}
+        tokens = num_classes if decoder == "class_tokens" else d // 8
+        self.mask_decoder = self.build_mask_decoder(tokens)
         del self.mask_decoder.output_upscaling  # replaced by the UP4..UP2 path below
         self.cnn = CNNEncoder(in_channels=1, embed_dim=d, out_channels=self.config["vit_embed_dim"])
         self.image_encoder = self.build_image_encoder(in_chans=1)
@@ -42,9 +59,9 @@ class USAM(PromptedSegmenter):
         self.up4 = UpBlock(d, d if self.skips[0] else 0, d // 2)
         self.up3 = UpBlock(d // 2, d // 2 if self.skips[1] else 0, d // 4)
         self.up2 = UpBlock(d // 4, d // 4 if self.skips[2] else 0, d // 8)
-        self.up1 = UpBlock(num_classes, d // 8 if self.skips[3] else 0, d // 8)
-        self.head = nn.Conv2d(d // 8, num_classes, kernel_size=1)
-        init_prior_bias(self.head)
+        self.up1 = UpBlock(tokens, d // 8 if self.skips[3] else 0, d // 8)
+        head = class_head(d // 8, num_classes, head_bias)
+        self.head = head if decoder == "class_tokens" else nn.Sequential(ConvBNReLU(d // 8, d // 8), head)
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.cnn, self.image_encoder]
