@@ -95,12 +95,16 @@ def test_table2_dry_run_prints_one_command_per_system_and_seed(data_dir, tmp_pat
 
 @pytest.mark.parametrize("argv_tail, message", [
     (["--systems", "vnet,nonet"], "--systems: unknown system nonet"),
-    (["--recipe", "paper"], "--recipe paper: this build's usam fit has one recipe"),
     (["--seeds", "0"], "--seeds must be >= 1"),
 ])
 def test_bad_options_fail_with_one_line(data_dir, tmp_path, capsys, argv_tail, message):
-    if argv_tail[0] == "--recipe" and "recipe" in table.field_names():
-        pytest.skip("usam fit has recipes in this build: the table passes --recipe on")
     assert usam_main(["table", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--dry-run", *argv_tail]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_every_system_trains_with_the_recipe_given(data_dir, tmp_path, capsys):
+    assert usam_main(["table", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--systems", "vnet,unet",
+                      "--recipe", "paper", "--dry-run"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "usam" in line and " fit " in line]
+    assert len(commands) == 2 * 3 and all("--recipe paper" in line for line in commands)  # 3 seeds by default

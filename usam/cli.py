@@ -131,9 +131,8 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default="table2",
                         help="table2 or table3 (the systems of the seed paper's Table 2 or 3), all (every registered "
                         "model), or comma-separated names from `usam models` (default table2)")
-    parser.add_argument("--recipe", default="usam",
-                        help="training recipe, the same for every system; this build's usam fit has one: usam (its "
-                        "defaults, the authors' released code); passed on as usam fit --recipe where fit has it")
+    parser.add_argument("--recipe", default="usam", choices=TrainConfig.__dataclass_fields__["recipe"].metadata["choices"],
+                        help="usam fit's --recipe, the same for every system (docs/reproduction.md; default usam)")
     parser.add_argument("--out", default="results",
                         help="results folder: table.md, table.csv, table.png and runs/<system>/seed<k> "
                         "(default results)")

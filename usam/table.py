@@ -34,7 +34,6 @@ from usam.config import (
     RESUMABLE_CHANGES,
     TrainConfig,
     build_config,
-    field_names,
     read_toml,
     tomllib,
 )
@@ -120,8 +119,7 @@ def fit_options(args: argparse.Namespace, system: str, seed: int, prompted: dict
                                "out": str(run_folder(args.out, system, seed).resolve())}
     if not prompted[system]:
         options["points"] = 0
-    if "recipe" in field_names():  # usam fit has recipes: the table trains every system with the same one
-        options["recipe"] = args.recipe
+    options["recipe"] = args.recipe  # every system trains with the same recipe
     for key in ("max_steps", "batch_size", "device"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -364,8 +362,6 @@ def run_table(args: argparse.Namespace, parse_eval_args: Callable[[list[str]], a
     """`usam table`; raises ValueError (one line) for a user error. `parse_eval_args`: see `evaluate_row`."""
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.recipe != "usam" and "recipe" not in field_names():
-        raise ValueError(f"--recipe {args.recipe}: this build's usam fit has one recipe, usam (its defaults)")
     plan = plan_rows(args.systems)
     for missing in plan.unavailable:
         print(f"{missing}: not available in this build")

@@ -100,7 +100,7 @@ class SAMed(PromptFreeSegmenter):
             block.attn.qkv = LoRAQKV(block.attn.qkv, lora_rank)  # only its lora_* layers train
         self.prompt_encoder = build_prompt_encoder(embed_dim=embed_dim, img_size=img_size)
         self.prompt_encoder.no_mask_embed.requires_grad_(True)
-        self.mask_decoder = build_mask_decoder(embed_dim=embed_dim, num_classes=num_classes, depth=decoder_depth,
+        self.mask_decoder = build_mask_decoder(embed_dim=embed_dim, num_mask_tokens=num_classes, depth=decoder_depth,
                                                mlp_dim=decoder_mlp_dim, num_heads=decoder_num_heads)
 
     def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
