@@ -72,10 +72,10 @@ class CaseNotes:
 
 @contextlib.contextmanager
 def quiet_library_loggers(debug: bool = False) -> Iterator[None]:
-    """pydicom logs each warning it issues too, and nibabel logs what it fixes in a header (some of it quotes
-    header values): while raw files are read both loggers stay silent (unless --debug), even where a handler is
+    """pydicom logs each warning it issues too, and nibabel logs what it fixes in a header through a handler of
+    its own (some of it quotes header values): while raw files are read these loggers stay silent (unless --debug), even where a handler is
     configured."""
-    loggers = [logging.getLogger(name) for name in ("pydicom", "nibabel")]
+    loggers = [logging.getLogger(name) for name in ("pydicom", "nibabel", "nibabel.global")]
     before = [logger.disabled for logger in loggers]
     for logger in loggers:
         logger.disabled = not debug

@@ -5,7 +5,7 @@ Values collected from raw/:
   Modified Dates Option is not "keep" (as care_dataset.deid.annex_e resolves it), every free-text
   value (LT, ST, UT) and every text value of an overlay group (60xx), whatever the table says,
   at any sequence depth, and every string value of a private tag (UN values too when they decode
-  to printable latin-1 text). Only text VRs count (CS code strings and binary numbers are not
+  to printable latin-1 text) but private creators (the vendor dictionary a block is read by). Only text VRs count (CS code strings and binary numbers are not
   searched).
   A value that breaks its value representation (control characters, or not the form of AS, DA, DT, TM,
   UI) comes from a damaged element whose length swallowed the elements after it: it is not searched
@@ -158,7 +158,7 @@ def _element_strings(elem) -> list[str]:
 
 def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> None:
     for tag in list(ds.keys()):
-        if tag.element == 0 or tag.group == 0x0002:
+        if tag.element == 0 or tag.group == 0x0002 or tag.is_private_creator:
             continue
         try:
             elem = ds[tag]
