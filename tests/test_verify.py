@@ -210,3 +210,18 @@ def test_nrrd_and_metaimage_header_text_is_collected(tmp_path):
     (out / "classes.json").write_text(json.dumps({"1": "Tumour outlined by Dr Fennimore"}))
     assert [(leak.path, leak.category) for leak in scan_for_leaks(out, values)] == [
         ("classes.json", "image header text")]
+
+
+def test_a_damaged_element_is_not_searched_but_what_it_swallowed_is_where_intact(tmp_path):
+    raw = tmp_path / "raw"
+    ds = _dicom(raw / "Quill_1961" / "IM1")
+    # a damaged length: ReferringPhysicianName swallowed the bytes of the ImagePositionPatient after it
+    ds.ReferringPhysicianName = "\x00\x002\x00DS\x1c\x00246.09375\\-258.09375\\-339.5"
+    ds.save_as(raw / "Quill_1961" / "IM1", enforce_file_format=True)
+    values = collect_identifying_values(raw)
+    assert not [v for v in values if "258.09375" in v]
+    assert values.get("Quillfeather^Marguerite") == "DICOM PatientName"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cases.json").write_text('{"origin": [-246.09375, -258.09375, -339.5]}')  # geometry, not identity
+    assert scan_for_leaks(out, values) == []

@@ -70,7 +70,7 @@ from care_dataset.version import __version__
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 TEXT_VALUE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: in no DICOM character repertoire
 ESCAPE_ONLY = {0x1B: None}  # ISO 2022 character set switches
 FREE_TEXT_CONTROLS = {0x1B: None, 0x09: None, 0x0A: None, 0x0C: None, 0x0D: None}
 _TIME = r"\d{2}(?::?\d{2}(?::?\d{2}(?:\.\d{1,6})?)?)?"
@@ -229,7 +229,8 @@ def is_damaged_value(text: str, vr: str) -> bool:
     return bool(text) and form is not None and not form.fullmatch(text)
 
 
-def _has_damaged_value(elem) -> bool:
+def has_damaged_value(elem) -> bool:
+    """Whether any value of a decoded element breaks its VR (`is_damaged_value`): the element is damaged."""
     return elem.VR in TEXT_VALUE_VRS and any(is_damaged_value(str(v), elem.VR) for v in _values(elem.value))
 
 
@@ -251,7 +252,7 @@ def _clean(ds: Dataset, ctx: DeidContext) -> None:
             _drop_undecodable(ds, tag, ctx, exc)
             continue
         action = element_action(ctx.table, int(tag), elem.VR)
-        if action == "K" and _has_damaged_value(elem):
+        if action == "K" and has_damaged_value(elem):
             _drop_damaged(ds, tag, ctx)
         elif action == "X":
             del ds[tag]

@@ -7,8 +7,8 @@ Values collected from raw/:
   at any sequence depth, and every string value of a private tag (UN values too when they decode
   to printable latin-1 text) but private creators (the vendor dictionary a block is read by). Only text VRs count (CS code strings and binary numbers are not
   searched).
-  A value that breaks its value representation (control characters, or not the form of AS, DA, DT, TM,
-  UI) comes from a damaged element whose length swallowed the elements after it: it is not searched
+  An element one of whose values breaks its value representation (control characters, or not the form
+  of AS, DA, DT, TM, UI) is damaged (its length swallowed the elements after it): it is not searched
   (care-anonymize removes such an element; what it swallowed is searched where it is intact). Nor is
   a numbers-only value of a public tag DICOM does not define (a damaged tag number: its numbers are
   geometry the copy holds under the right tag; care-anonymize removes such elements).
@@ -49,7 +49,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from care_dataset.deid.annex_e import AnnexETable, load_basic_profile
-from care_dataset.deid.anonymize import (element_action, is_damaged_value, is_non_dicom_name, is_overlay_group,
+from care_dataset.deid.anonymize import (element_action, has_damaged_value, is_non_dicom_name, is_overlay_group,
                                          iter_case_files, read_dicom)
 from care_dataset.deid.pseudonyms import STANDARD_UID_ROOT
 from care_dataset.raw.volume import NIFTI_SUFFIXES, itk_path
@@ -140,7 +140,7 @@ def _element_strings(elem) -> list[str]:
         if isinstance(item, (bytes, bytearray)):
             continue
         text = str(item).strip()
-        if not text or is_damaged_value(text, elem.VR):
+        if not text:
             continue
         if elem.VR == "PN":
             out.append(text)
@@ -178,6 +178,8 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             category = f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}"
         else:
             continue
+        if has_damaged_value(elem):
+            continue
         undefined = not (tag.is_private or dictionary_has_tag(tag) or repeater_has_tag(tag))
         for text in _element_strings(elem):
             if not (undefined and _numbers_only(text)):
@@ -190,11 +192,12 @@ def _changed_by_deid(table: AnnexETable, tag: BaseTag, vr: str) -> bool:
 
 
 def _collect_raw_text(raw: Any, found: dict[str, str]) -> None:
-    """The text runs of an element pydicom cannot decode: it may still hold identifying text."""
+    """The printable ASCII runs of an element pydicom cannot decode: it may still hold identifying text. Other
+    bytes are binary data its damaged length swallowed (pixels, numbers), whose runs recur in any copy of them."""
     value = raw.value if isinstance(raw.value, bytes) else b""
     if len(value) <= MAX_RAW_TEXT_BYTES:
-        for part in re.split(rb"[\x00-\x1f\\\\]+", value):
-            _add(found, part.decode("latin-1"), f"DICOM attribute {raw.tag} (undecodable)")
+        for part in re.split(rb"[^\x20-\x7e]+|\\", value):
+            _add(found, part.decode("ascii"), f"DICOM attribute {raw.tag} (undecodable)")
 
 
 def _add(found: dict[str, str], value: str, category: str) -> None:
