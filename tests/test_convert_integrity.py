@@ -19,6 +19,7 @@ from care_dataset.cli import anonymize_main, convert_main
 from care_dataset.convert.case import CaseError, load_case
 from care_dataset.convert.pipeline import convert_dataset
 from care_dataset.format import reader
+from care_dataset.raw.dicom import scan_dicom
 from care_dataset.raw.discover import discover_cases, loose_files_problem
 from care_dataset.raw.profiles import load_profile
 from real_profiles import LIVER_COLON, LIVER_SPINE
@@ -291,3 +292,20 @@ def test_predict_refuses_a_path_that_is_not_utf8_with_a_reason(tmp_path):
     path.write_bytes(b"not read")
     with pytest.raises(InputError, match=r"not valid UTF-8: rename it$"):
         read_image(path)
+
+
+@needs_ge
+def test_a_slice_whose_header_holds_an_unknown_vr_is_set_aside(tmp_path):
+    series = tmp_path / "ct"
+    shutil.copytree(GE / "ct-3slice", series)
+    third = pydicom.dcmread(series / "03.dcm")
+    third.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    third.save_as(series / "03.dcm", enforce_file_format=True)
+    data = bytearray((series / "03.dcm").read_bytes())
+    at = data.index(b"\x08\x00\x08\x00CS")  # ImageType, explicit VR: its VR bytes damaged
+    data[at + 4:at + 6] = b"C\xc3"
+    (series / "03.dcm").write_bytes(bytes(data))
+    scan = scan_dicom(series)
+    assert scan.set_aside == {"unreadable file(s) (no parseable DICOM header: stray or damaged)": 1}
+    assert [len(s.files) for s in scan.series] == [2] and scan.num_files == 2
+    assert read_image(series).GetSize() == (512, 512, 2)

@@ -225,3 +225,18 @@ def test_a_damaged_element_is_not_searched_but_what_it_swallowed_is_where_intact
     out.mkdir()
     (out / "cases.json").write_text('{"origin": [-246.09375, -258.09375, -339.5]}')  # geometry, not identity
     assert scan_for_leaks(out, values) == []
+
+
+def test_a_long_element_of_an_unknown_vr_is_read_without_failing(tmp_path):
+    raw = tmp_path / "raw"
+    ds = _dicom(raw / "Quill_1961" / "IM1")
+    other = Dataset()
+    other.PatientID = "OTHER-" + "7" * 5000  # a long item: the element's value is read only when asked for
+    ds.OtherPatientIDsSequence = Sequence([other])
+    ds.save_as(raw / "Quill_1961" / "IM1", enforce_file_format=True)
+    data = bytearray((raw / "Quill_1961" / "IM1").read_bytes())
+    at = data.index(b"\x10\x00\x02\x10SQ")
+    data[at + 4:at + 6] = b"S\x0e"  # a VR DICOM does not define, as a flipped byte leaves it
+    (raw / "Quill_1961" / "IM1").write_bytes(bytes(data))
+    values = collect_identifying_values(raw)
+    assert values.get("MRN0047711") == "DICOM PatientID"

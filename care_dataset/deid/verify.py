@@ -164,7 +164,7 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             elem = ds[tag]
         except Exception:  # noqa: BLE001 - damaged, or of an unknown VR: pydicom cannot decode the element
             if tag.is_private or _changed_by_deid(table, tag, dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"):
-                _collect_raw_text(ds.get_item(tag), found)
+                _collect_raw_text(ds.get_item(tag, keep_deferred=True), found)  # a deferred value is over 1 KiB
             continue
         if elem.VR == "SQ":
             for item in elem.value or []:

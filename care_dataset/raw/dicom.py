@@ -352,27 +352,14 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
             continue
         if ds is None:
             continue
+        try:
+            why = _add_file(ds, path, groups, skipped)
+        except Exception:  # noqa: BLE001 - an element pydicom decodes only on access: unknown VR, wrong length
+            set_aside[UNREADABLE] = set_aside.get(UNREADABLE, 0) + 1
+            continue
         num_files += 1
-        if multiframe.is_multi_frame_ct(ds):
-            _add_frames(ds, path, groups, skipped)
-            continue
-        if not _is_image(ds):
-            skipped["non-image object"] = skipped.get("non-image object", 0) + 1
-            continue
-        if _is_localizer(ds):
-            skipped["localizer image"] = skipped.get("localizer image", 0) + 1
-            continue
-        if problem := _header_problem(ds):
-            skipped[problem] = skipped.get(problem, 0) + 1
-            continue
-        shape_key = (
-            str(ds.SeriesInstanceUID), int(ds.Rows), int(ds.Columns),
-            tuple(round(float(v), 3) for v in ds.ImageOrientationPatient),
-            tuple(round(float(v), 4) for v in ds.PixelSpacing),
-        )
-        headers, files = groups.setdefault(shape_key, ([], []))
-        headers.append(ds)
-        files.append(path)
+        if why is not None:
+            skipped[why] = skipped.get(why, 0) + 1
     series, rejected = [], []
     for headers, files in groups.values():
         built = _build_series(headers, files)
@@ -383,6 +370,29 @@ def scan_dicom(root: Path, exclude: set[Path] = frozenset()) -> DicomScan:
             series.append(built)
     series.sort(key=lambda s: (s.modality != "CT", s.sort_key, -s.size[2], str(s.files[0])))
     return DicomScan(series=series, skipped=skipped, num_files=num_files, set_aside=set_aside, rejected=rejected)
+
+
+def _add_file(ds: pydicom.Dataset, path: Path, groups: dict, skipped: dict[str, int]) -> str | None:
+    """One header into ``scan_dicom``'s ``groups`` (the frames of a multi-frame CT through ``_add_frames``), or
+    why it is skipped."""
+    if multiframe.is_multi_frame_ct(ds):
+        _add_frames(ds, path, groups, skipped)
+        return None
+    if not _is_image(ds):
+        return "non-image object"
+    if _is_localizer(ds):
+        return "localizer image"
+    if problem := _header_problem(ds):
+        return problem
+    shape_key = (
+        str(ds.SeriesInstanceUID), int(ds.Rows), int(ds.Columns),
+        tuple(round(float(v), 3) for v in ds.ImageOrientationPatient),
+        tuple(round(float(v), 4) for v in ds.PixelSpacing),
+    )
+    headers, files = groups.setdefault(shape_key, ([], []))
+    headers.append(ds)
+    files.append(path)
+    return None
 
 
 def _add_frames(ds: pydicom.Dataset, path: Path, groups: dict, skipped: dict[str, int]) -> None:
