@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +233,19 @@ def flip_pixel_bytes(case: Path, files: CaseFiles, rng: random.Random) -> Outcom
     target = rng.choice(files.data)
     data = read_payload(target)
     start = min(header_end(data, target) + 16, len(data) - 1)
-    write_payload(target, flip_bytes(data, start, len(data), rng))
-    return f"pixels of {describe(files, target)}", role_of(files, target) if nrrd_is_gzip(data) else None
+    flipped = flip_bytes(data, start, len(data), rng)
+    write_payload(target, flipped)
+    damaged = nrrd_is_gzip(data) and gzip_stream_changed(data[start - 16:], flipped[start - 16:])
+    return f"pixels of {describe(files, target)}", role_of(files, target) if damaged else None
+
+
+def gzip_stream_changed(before: bytes, after: bytes) -> bool:
+    """Whether a gzip stream no longer gives the same data with a valid checksum: a flipped bit in the unused
+    parts of a deflate block header changes nothing a reader sees."""
+    try:
+        return gzip.decompress(after) != gzip.decompress(before)
+    except (OSError, EOFError, zlib.error):
+        return True
 
 
 def edit_dicom(files: CaseFiles, rng: random.Random, edit: Callable[[pydicom.Dataset], None]) -> int:
@@ -854,7 +866,7 @@ def convert_results(cases: list[FuzzCase], where: Path, run: Run, batch: Path, f
     private = json.loads((where / "private_map.json").read_text()) if (where / "private_map.json").exists() else {}
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else []
     ok_ids = {e["case_id"] for e in report if e.get("status") == "converted"}
-    failed = failure_lines(run.stderr + run.stdout, names, ("FAILED",))
+    failed = failure_lines(run.stderr + "\n" + run.stdout, names, ("FAILED",))
     note_warnings("care-convert", run, names, batch.name, findings)
     converted = {}
     for case in cases:

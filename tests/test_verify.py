@@ -240,3 +240,17 @@ def test_a_long_element_of_an_unknown_vr_is_read_without_failing(tmp_path):
     (raw / "Quill_1961" / "IM1").write_bytes(bytes(data))
     values = collect_identifying_values(raw)
     assert values.get("MRN0047711") == "DICOM PatientID"
+
+
+def test_a_kept_value_under_a_damaged_tag_number_is_not_a_leak(tmp_path):
+    raw = tmp_path / "raw"
+    for i, name in enumerate(("IM1", "IM2")):
+        ds = _dicom(raw / "Quill_1961" / name)
+        ds.Manufacturer = "TOSHIBA"
+        if i == 0:  # Manufacturer's tag number damaged into one DICOM does not define, and a name beside it
+            del ds.Manufacturer
+            ds.add_new(0x00081670, "LO", "TOSHIBA")
+            ds.add_new(0x00081672, "LO", "Nurse Pellinore")
+        ds.save_as(raw / "Quill_1961" / name, enforce_file_format=True)
+    values = collect_identifying_values(raw)
+    assert "TOSHIBA" not in values and values.get("Nurse Pellinore") == "DICOM attribute (0008,1672)"

@@ -9,9 +9,11 @@ Values collected from raw/:
   searched).
   An element one of whose values breaks its value representation (control characters, or not the form
   of AS, DA, DT, TM, UI) is damaged (its length swallowed the elements after it): it is not searched
-  (care-anonymize removes such an element; what it swallowed is searched where it is intact). Nor is
-  a numbers-only value of a public tag DICOM does not define (a damaged tag number: its numbers are
-  geometry the copy holds under the right tag; care-anonymize removes such elements).
+  (care-anonymize removes such an element; what it swallowed is searched where it is intact). A value
+  under a public tag DICOM does not define (a damaged tag number; care-anonymize removes such elements)
+  is searched unless it is numbers only or an attribute care-anonymize keeps holds it elsewhere in raw/
+  (the tag number of a Manufacturer or a position, damaged). Runs of printable ASCII under 6
+  characters in an undecodable element are not searched (they occur by chance in binary data).
   Person names are also split on "^" and "=" into components; dates (DA, and the date part of
   DT) are also searched as YYYY-MM-DD, YYYY/MM/DD and YYYY.MM.DD.
 - every folder and file name under raw/ (each path component and its stem without extensions);
@@ -36,7 +38,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,7 @@ DOTTED_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)+")  # UIDs and decimals: a mat
 NUMBER_BYTES = b"0123456789."
 NUMBER_SEPARATORS = re.compile(r"[\s,;()\[\]]+")
 GENERIC_WORDS = frozenset("""
-ct mr pt us cr dx mg nm ot sc rt seg sr pr ko doc
+ct mr pt us cr dx mg nm ot sc rt seg sr pr ko doc text
 yes no none null true false unknown other anonymous anonymized removed empty na n a
 original derived primary secondary axial coronal sagittal oblique localizer scout topogram
 helical spiral mode body filter standard soft bone lung head feet first ffs hfs ffp hfp
@@ -156,7 +158,23 @@ def _element_strings(elem) -> list[str]:
     return out
 
 
-def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> None:
+@dataclass
+class _RawValues:
+    """What the DICOM headers under raw/ hold: identifying values (value -> category), the values of attributes
+    care-anonymize keeps, and values under public tags DICOM does not define. These count only when no kept
+    attribute holds them: a damaged tag number moves a kept value (a Manufacturer) there."""
+
+    found: dict[str, str]
+    kept: set[str] = field(default_factory=set)
+    undefined: dict[str, str] = field(default_factory=dict)
+
+    def add_undefined(self) -> None:
+        for value, category in self.undefined.items():
+            if value not in self.kept:
+                _add(self.found, value, category)
+
+
+def _collect_dataset(ds: Dataset, table: AnnexETable, values: _RawValues) -> None:
     for tag in list(ds.keys()):
         if tag.element == 0 or tag.group == 0x0002 or tag.is_private_creator:
             continue
@@ -164,26 +182,28 @@ def _collect_dataset(ds: Dataset, table: AnnexETable, found: dict[str, str]) -> 
             elem = ds[tag]
         except Exception:  # noqa: BLE001 - damaged, or of an unknown VR: pydicom cannot decode the element
             if tag.is_private or _changed_by_deid(table, tag, dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"):
-                _collect_raw_text(ds.get_item(tag, keep_deferred=True), found)  # a deferred value is over 1 KiB
+                _collect_raw_text(ds.get_item(tag, keep_deferred=True), values.found)  # deferred: over 1 KiB
             continue
         if elem.VR == "SQ":
             for item in elem.value or []:
-                _collect_dataset(item, table, found)
-            continue
-        if elem.VR not in TEXT_VRS and not (tag.is_private and elem.VR == "UN"):
-            continue
-        if tag.is_private:
-            category = "DICOM private tag"
-        elif _changed_by_deid(table, tag, elem.VR):
-            category = f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}"
-        else:
-            continue
-        if has_damaged_value(elem):
-            continue
-        undefined = not (tag.is_private or dictionary_has_tag(tag) or repeater_has_tag(tag))
-        for text in _element_strings(elem):
-            if not (undefined and _numbers_only(text)):
-                _add(found, text, category)
+                _collect_dataset(item, table, values)
+        elif (elem.VR in TEXT_VRS or (tag.is_private and elem.VR == "UN")) and not has_damaged_value(elem):
+            _collect_element(tag, elem, table, values)
+
+
+def _collect_element(tag: BaseTag, elem, table: AnnexETable, values: _RawValues) -> None:
+    texts = _element_strings(elem)
+    if tag.is_private:
+        for text in texts:
+            _add(values.found, text, "DICOM private tag")
+    elif not (dictionary_has_tag(tag) or repeater_has_tag(tag)):
+        category = f"DICOM attribute {tag}"
+        values.undefined.update((t.strip(), category) for t in texts if not _numbers_only(t))
+    elif _changed_by_deid(table, tag, elem.VR):
+        for text in texts:
+            _add(values.found, text, f"DICOM {elem.keyword or keyword_for_tag(tag) or 'attribute ' + str(tag)}")
+    else:
+        values.kept.update(t.strip() for t in texts)
 
 
 def _changed_by_deid(table: AnnexETable, tag: BaseTag, vr: str) -> bool:
@@ -197,7 +217,8 @@ def _collect_raw_text(raw: Any, found: dict[str, str]) -> None:
     value = raw.value if isinstance(raw.value, bytes) else b""
     if len(value) <= MAX_RAW_TEXT_BYTES:
         for part in re.split(rb"[^\x20-\x7e]+|\\", value):
-            _add(found, part.decode("ascii"), f"DICOM attribute {raw.tag} (undecodable)")
+            if len(part.strip()) >= MIN_BINARY_LENGTH:  # shorter runs occur by chance in binary data
+                _add(found, part.decode("ascii"), f"DICOM attribute {raw.tag} (undecodable)")
 
 
 def _add(found: dict[str, str], value: str, category: str) -> None:
@@ -274,6 +295,7 @@ def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) 
     table = table or load_basic_profile()
     raw_dir = Path(raw_dir)
     found: dict[str, str] = {}
+    dicom_values = _RawValues(found)
     for path in iter_case_files(raw_dir):
         rel = path.relative_to(raw_dir)
         for i, part in enumerate(rel.parts):
@@ -299,7 +321,8 @@ def collect_identifying_values(raw_dir: Path, table: AnnexETable | None = None) 
             except Exception:  # noqa: BLE001 - a broken file is still covered by its name
                 ds = None
             if ds is not None:
-                _collect_dataset(ds, table, found)
+                _collect_dataset(ds, table, dicom_values)
+    dicom_values.add_undefined()
     return found
 
 
