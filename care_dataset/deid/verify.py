@@ -235,9 +235,9 @@ def _nifti_strings(path: Path) -> list[str]:
     header = nib.load(str(path)).header
     keys = set(header.keys())
     out = []
-    for field in NIFTI_TEXT_FIELDS:
-        if field in keys:
-            raw = np.asarray(header[field]).tobytes().split(b"\x00", 1)[0]
+    for name in NIFTI_TEXT_FIELDS:
+        if name in keys:
+            raw = np.asarray(header[name]).tobytes().split(b"\x00", 1)[0]
             out.append(raw.decode("latin-1"))
     return out
 
