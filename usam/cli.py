@@ -108,6 +108,16 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         f"empty, or written by usam predict (it keeps a {OVERLAY_MARKER} list of its files), so no other file "
         "is ever deleted",
     )
+    parser.add_argument(
+        "--propagate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --points (on by default then): segment the whole volume by carrying each class's clicks slice "
+        "by slice up and down from the clicked slices (docs/evaluation.md, Propagation); --no-propagate: only "
+        "the clicked slices",
+    )
+    parser.add_argument("--min-area", type=int, default=20,
+                        help="propagation stops where a class covers fewer model-input pixels (default 20)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 

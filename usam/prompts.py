@@ -127,6 +127,12 @@ def _interior_points(region: np.ndarray, k: int) -> np.ndarray:
     return np.array([(r - 1 + top, c - 1 + left) for r, c in picks], dtype=np.int64)
 
 
+def interior_points(region: np.ndarray, k: int) -> np.ndarray:
+    """k (x, y) = (column, row) float32 points deep inside the H x W boolean `region` (non-empty), placed as the
+    deterministic ``interior`` evaluation points are (`_interior_points`)."""
+    return _interior_points(region, k)[:, ::-1].astype(np.float32)
+
+
 def _raster_points(region: np.ndarray, m: int) -> np.ndarray:
     """m (row, col) pixels of `region` as the released code's evaluation takes them: pixel i * step in raster
     (row-major) order, i = 0 .. m - 1, step = pixels // m (step 0 repeats the first pixel)."""
