@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from usam.cli import main
+from usam.evaluate import EvalCase
 from usam.inference import InferenceSettings, segment_slices
 from usam.interactive import CLICKED, PROPAGATED, FeatureCache, SliceClicks, propagate, reach_lines, slice_ranges
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
 from usam.prompts import CanonicalGrid, slots_from_clicks
+from usam.simulate import InteractionProtocol, chosen_slices, noc, simulate_case
 
 SIZE = 64
 WINDOW = (-125.0, 275.0)
@@ -265,3 +267,34 @@ def test_predict_propagates_on_a_real_ct_and_writes_the_input_grid(tmp_path, tin
     assert main([*args, "--out", str(tmp_path / "again.nii.gz")]) == 0
     again = sitk.ReadImage(str(tmp_path / "again.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(result), sitk.GetArrayFromImage(again))
+
+
+def _eval_case(hu: np.ndarray, truth: np.ndarray) -> EvalCase:
+    n = len(hu)
+    scored = np.flatnonzero(truth.reshape(n, -1).any(axis=1))
+    return EvalCase("case", hu, truth, np.arange(n), (2.5, 0.8, 0.8), scored, np.ones(len(scored), bool), None)
+
+
+def test_chosen_slices_take_the_largest_then_spread_over_the_extent():
+    areas = np.array([0, 0, 5, 9, 20, 9, 5, 3, 0])
+    assert chosen_slices(areas, 1) == [4]
+    assert chosen_slices(areas, 3) == [4, 2, 7]
+    assert chosen_slices(np.zeros(4), 2) == []
+
+
+def test_simulated_user_corrections_remove_the_false_positive_slice_by_slice():
+    """Stand-in: a same-intensity distractor on slices 10..15 is class 1 wherever class 1 is prompted; each
+    corrective click is a negative click on its largest remaining 3-D component's largest cross-section."""
+    hu, truth = patient()
+    hu[10:16, 50:58, 40:48] = 100
+    protocol = InteractionProtocol(clicked_slices=1, clicks=1, corrections=7)
+    model = RegionGrower()
+    steps = simulate_case(model, SETTINGS, _eval_case(hu, truth), protocol, 16, torch.device("cpu"))
+    dice = [result.dice[1] for result, _ in steps]
+    clicks = [int(counts.sum()) for _, counts in steps]
+    assert len(steps) == 8 and clicks[:7] == [1, 2, 3, 4, 5, 6, 7]
+    assert all(b > a for a, b in zip(dice[:6], dice[1:7])) and dice[6] == 1.0 and dice[7] == 1.0
+    assert model.encodes == len(hu)  # corrections reuse every slice's image features
+    assert noc(steps, 1, 0.99) == 7 and noc(steps, 1, 0.5) == 1
+    again = simulate_case(RegionGrower(), SETTINGS, _eval_case(hu, truth), protocol, 16, torch.device("cpu"))
+    assert [r.dice[1] for r, _ in again] == dice

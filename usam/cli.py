@@ -77,6 +77,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output folder (default: <checkpoint>/../eval_<split>_points<k>, _full added "
                              "for --volume full)")
+    parser.add_argument("--interaction", choices=("sparse",), default=None,
+                        help="also run a simulated user (docs/evaluation.md, Simulated user): a few clicked slices "
+                             "per class propagated through each volume, then corrective clicks")
+    parser.add_argument("--clicked-slices", type=int, default=1, help="--interaction: slices clicked per class")
+    parser.add_argument("--clicks", type=int, default=1, help="--interaction: points per clicked slice")
+    parser.add_argument("--corrections", type=int, default=0, help="--interaction: corrective clicks per case")
+    parser.add_argument("--min-area", type=int, default=20,
+                        help="--interaction: model-input pixels below which propagation stops (default 20)")
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +216,13 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from usam import evaluate  # deferred: the model zoo and its libraries load only for the command that runs
 
-    return evaluate.run_eval(args)
+    interaction = None
+    if args.interaction:
+        from usam import simulate  # deferred: the simulated user loads only for --interaction
+
+        interaction = simulate.InteractionProtocol(args.clicked_slices, args.clicks, args.corrections,
+                                                   args.min_area)
+    return evaluate.run_eval(args, interaction)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -372,6 +372,14 @@ def _from_model(coordinate: np.ndarray, length: int, size: int, corner_aligned: 
     return (coordinate + 0.5) * length / size - 0.5
 
 
+def pixel_to_model(row_col: np.ndarray, height: int, width: int, size: int = 224, corner_aligned: bool = False
+                   ) -> np.ndarray:
+    """N x 2 (row, column) pixels of a canonical H x W slice -> N x 2 float32 (x, y) on the size x size input."""
+    row_col = np.atleast_2d(np.asarray(row_col, dtype=np.float64))
+    return np.stack([_to_model(row_col[:, 1], width, size, corner_aligned),
+                     _to_model(row_col[:, 0], height, size, corner_aligned)], axis=1).astype(np.float32)
+
+
 def voxel_to_model(
     indices: np.ndarray, image: sitk.Image, size: int = 224, corner_aligned: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
