@@ -160,13 +160,18 @@ def test_a_corrective_click_runs_no_image_side_again():
     hu, _ = patient()
     model = RegionGrower()
     cache = FeatureCache(model, SETTINGS, hu, batch_size=4)
-    propagate(cache, one_click(12))
+    first = propagate(cache, one_click(12))
     assert model.encodes == len(hu) == cache.encoded  # every slice encoded once (reached or unprompted)
+    assert first.decodes >= len(hu)
     clicks = one_click(12)
     clicks[6] = SliceClicks(negative={1: [np.array((26.0, 28.0), np.float32)]})
     second = propagate(cache, clicks)
     assert model.encodes == len(hu)  # the correction decoded prompts only
     assert not (second.labels[6] == 1).any()
+    # only slices whose prompt changed are decoded again: 6 twice (first with its negative click alone, then with
+    # the points propagated into it), 5 and 4 (no longer reached: unprompted)
+    assert second.decodes == 4
+    assert propagate(cache, clicks).decodes == 0
 
 
 def test_usam_tiny_decodes_cached_features_as_its_forward_does():

@@ -18,7 +18,8 @@ every other class's there), and propagation continues from the corrected slice.
 
 The image side of each slice (`encode_image`: the CNN path and the ViT) does not depend on prompts: a
 `FeatureCache` runs it once per slice and keeps the features, so a corrective click re-runs only the prompt
-decoder (`decode_prompts`). A model without that split (prompt-free, or a stand-in) is run whole each time.
+decoder (`decode_prompts`), and only on the slices whose prompt changed (it keeps the logits of every slice and
+prompt decoded). A model without that split (prompt-free, or a stand-in) is run whole each time.
 Deterministic: no randomness anywhere, and slices are decoded in batches grouped so that a slice's prompts
 never depend on another slice's.
 """
@@ -77,9 +78,10 @@ def _slice_of(features: Any, i: int) -> Any:
 
 
 class FeatureCache:
-    """The image side of every slice of one volume, computed once on demand and kept on the device.
+    """The image side of every slice of one volume, computed once on demand and kept on the device, and the
+    logits of every (slice, prompt) decoded.
 
-    `encoded` counts the slices whose image side has run. With a model lacking `encode_image` the cache holds the
+    `encoded` counts the slices whose image side has run, `decoded` those the prompt decoder ran on. With a model lacking `encode_image` the cache holds the
     model inputs (B x 1 x S x S) and `decode` runs the whole model.
     """
 
@@ -89,7 +91,8 @@ class FeatureCache:
         self.device, self.batch_size = torch.device(device), batch_size
         self.split = hasattr(model, "encode_image") and hasattr(model, "decode_prompts")
         self.cache: dict[int, Any] = {}
-        self.encoded = 0
+        self.logits: dict[tuple, torch.Tensor] = {}  # (slice, prompt bytes) -> C x S x S
+        self.encoded = self.decoded = 0
 
     def features(self, slices: list[int]) -> Any:
         """Features of canonical `slices` (in that order) as one batch, encoding those not yet cached."""
@@ -111,16 +114,27 @@ class FeatureCache:
 
     def decode(self, slices: list[int], points: torch.Tensor | None, point_labels: torch.Tensor | None
                ) -> torch.Tensor:
-        """Float32 logits B x C x S x S of canonical `slices` with points B x K' x 2 and labels B x K' (or None)."""
-        features = self.features(slices)
-        if points is not None:
-            points, point_labels = points.to(self.device), point_labels.to(self.device)
-        with self._context():
-            if self.split:
-                logits = self.model.decode_prompts(features, points, point_labels)
-            else:
-                logits = self.model(features, points, point_labels)
-        return logits.float()
+        """Float32 logits B x C x S x S of canonical `slices` with points B x K' x 2 and labels B x K' (or None).
+
+        A slice decoded before with the same prompt is not decoded again: its logits are kept (`decoded` counts
+        the slices the decoder actually ran on)."""
+        keys = [(s,) if points is None else (s, points[i].numpy().tobytes(), point_labels[i].numpy().tobytes())
+                for i, s in enumerate(slices)]
+        missing = [i for i, key in enumerate(keys) if key not in self.logits]
+        if missing:
+            chosen = [slices[i] for i in missing]
+            features = self.features(chosen)
+            p = None if points is None else points[missing].to(self.device)
+            lab = None if points is None else point_labels[missing].to(self.device)
+            with self._context():
+                if self.split:
+                    logits = self.model.decode_prompts(features, p, lab)
+                else:
+                    logits = self.model(features, p, lab)
+            for j, i in enumerate(missing):
+                self.logits[keys[i]] = logits[j].float()
+            self.decoded += len(missing)
+        return torch.stack([self.logits[key] for key in keys])
 
     def _context(self) -> Any:
         """Inference mode, and bf16 autocast on CUDA (as `usam.inference.forward_logits`)."""
@@ -137,7 +151,8 @@ def _inference(device: torch.device) -> Iterator[None]:
 @dataclass
 class Propagation:
     """`propagate`'s result: `labels` (slices, H, W) uint8 on the slices' own grid; `reached[c][s]` how class c
-    reached canonical slice s (CLICKED or PROPAGATED); `decodes` prompt-decoder runs (slices)."""
+    reached canonical slice s (CLICKED or PROPAGATED); `decodes` the slices the prompt decoder ran on (a slice decoded
+    with the same prompt in an earlier call on the same cache is not decoded again)."""
 
     labels: np.ndarray
     reached: dict[int, dict[int, str]]
@@ -152,7 +167,6 @@ class _State:
     positive: dict[int, dict[int, list[np.ndarray]]] = field(default_factory=dict)
     reached: dict[int, dict[int, str]] = field(default_factory=dict)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    decodes: int = 0
 
 
 def _slice_prompt(state: _State, s: int, num_classes: int, k: int, settings: InferenceSettings
@@ -200,7 +214,6 @@ def _decode(cache: FeatureCache, state: _State, slices: Iterable[int]) -> None:
             for i, s in enumerate(chosen):
                 negatives = state.clicks[s].negatives() if s in state.clicks else []
                 state.logits[s] = _remove_negatives(logits[i], negatives)
-            state.decodes += len(chosen)
 
 
 def _area(state: _State, s: int, c: int) -> np.ndarray:
@@ -260,7 +273,7 @@ def propagate(cache: FeatureCache, clicks: Mapping[int, SliceClicks], min_area: 
     `min_area`: pixels at model resolution below which a class stops travelling. `travel` False: only the clicked
     slices are segmented, the others stay background. Returns `Propagation`.
     """
-    settings, n = cache.settings, len(cache.hu)
+    settings, n, decoded = cache.settings, len(cache.hu), cache.decoded
     state = _State(clicks)
     fronts = _start(state)
     if not travel:
@@ -276,7 +289,8 @@ def propagate(cache: FeatureCache, clicks: Mapping[int, SliceClicks], min_area: 
             _decode(cache, state, dropped)
         fronts = [f for f in entering if f[1] in state.reached[f[0]]]
     labels = _labels(cache, state, unprompted_rest=travel)
-    return Propagation(labels, {c: dict(sorted(v.items())) for c, v in sorted(state.reached.items())}, state.decodes)
+    reached = {c: dict(sorted(v.items())) for c, v in sorted(state.reached.items())}
+    return Propagation(labels, reached, cache.decoded - decoded)
 
 
 def _labels(cache: FeatureCache, state: _State, unprompted_rest: bool) -> np.ndarray:
@@ -289,7 +303,6 @@ def _labels(cache: FeatureCache, state: _State, unprompted_rest: bool) -> np.nda
         logits = cache.decode(chosen, None, None)
         for i, s in enumerate(chosen):
             state.logits[s] = logits[i]
-        state.decodes += len(chosen)
     done = sorted(state.logits)
     for batch in iter_batches(len(done), cache.batch_size):
         chosen = done[batch]
