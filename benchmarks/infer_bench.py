@@ -12,8 +12,9 @@ is randomly initialised (timings do not depend on the weights). Prints both and 
     python benchmarks/infer_bench.py --interactive [--slices 40] [--size 512] [--model usam_b] [--device cpu]
 
 Interactive (`usam.interactive`), in one run on one volume: the full volume from one click (every slice's
-image side encoded, clicks propagated, the rest unprompted), then one corrective (negative) click with the image
-features reused (prompt decoder only) and without (a fresh cache: every slice encoded again). Prints the three
+image side encoded, clicks propagated, the rest unprompted), then one corrective (negative) click with the cache
+reused (image features and decoded logits: the prompt decoder runs only where a prompt changed) and without (a
+fresh cache: every slice encoded and decoded again). Prints the three
 times and the ratio without / with reuse. The random model makes the propagation's reach arbitrary (min area 1);
 both corrective runs take the same clicks, so they do the same decoder work.
 """
