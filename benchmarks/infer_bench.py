@@ -8,6 +8,15 @@ device side in batches, bf16 autocast on CUDA, logits resized back, argmax, writ
 Baseline, in the same process on the same volume: what the original U-SAM test loop does per slice,
 batch 1 in fp32: scipy.ndimage.zoom (cubic) to 224, forward, argmax, zoom back (nearest). The model
 is randomly initialised (timings do not depend on the weights). Prints both and their ratio.
+
+    python benchmarks/infer_bench.py --interactive [--slices 40] [--size 512] [--model usam_b] [--device cpu]
+
+Interactive (`usam.interactive`), in one run on one volume: the full volume from one click (every slice's
+image side encoded, clicks propagated, the rest unprompted), then one corrective (negative) click with the cache
+reused (image features and decoded logits: the prompt decoder runs only where a prompt changed) and without (a
+fresh cache: every slice encoded and decoded again). Prints the three
+times and the ratio without / with reuse. The random model makes the propagation's reach arbitrary (min area 1);
+both corrective runs take the same clicks, so they do the same decoder work.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from scipy import ndimage
 from usam.data import window_normalize
 from usam.models.registry import create_model
 from usam.inference import InferenceSettings, choose_device, forward_logits
+from usam.interactive import FeatureCache, SliceClicks, propagate
 from usam.outputs import write_image_atomic
 from usam.predict import canonical_hu, labels_on_original_grid, predict_canonical, read_image
 
@@ -88,6 +98,46 @@ def run_baseline(model, settings, source: Path, out: Path, slices: int, device: 
     return io_seconds + time.perf_counter() - start, loop_seconds
 
 
+def run_interactive(model, settings, hu: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Seconds: 'full' (one click, fresh cache), 'reuse' and 'no_reuse' (one more, negative, click)."""
+    middle, centre = len(hu) // 2, np.array([settings.img_size / 2] * 2, np.float32)
+    clicks = {middle: SliceClicks(positive={1: [centre]})}
+    corrected = {**clicks, middle + 1: SliceClicks(negative={1: [centre + 8]})}
+    times = {}
+    start = time.perf_counter()
+    cache = FeatureCache(model, settings, hu, device, batch_size)
+    propagate(cache, clicks, min_area=1)
+    synchronize(device)
+    times["full"] = time.perf_counter() - start
+    encoded = cache.encoded
+    start = time.perf_counter()
+    propagate(cache, corrected, min_area=1)
+    synchronize(device)
+    times["reuse"] = time.perf_counter() - start
+    assert cache.encoded == encoded, "the corrective click encoded slices again"
+    start = time.perf_counter()
+    propagate(FeatureCache(model, settings, hu, device, batch_size), corrected, min_area=1)
+    synchronize(device)
+    times["no_reuse"] = time.perf_counter() - start
+    return times
+
+
+def main_interactive(args: argparse.Namespace, model, settings, device: torch.device, name: str) -> None:
+    hu = sitk.GetArrayFromImage(synthetic_ct(args.slices, args.size))
+    forward_logits(model, torch.zeros(1, 1, settings.img_size, settings.img_size), None, None, device)  # warm-up
+    times = run_interactive(model, settings, hu, args.batch_size, device)
+    print(f"device: {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"volume: {args.slices} x {args.size} x {args.size} int16, model {args.model}, batch {args.batch_size}")
+    print(f"full volume from one click: {times['full']:.2f} s")
+    print(f"corrective click, image features reused: {times['reuse']:.2f} s")
+    print(f"corrective click, image side run again:  {times['no_reuse']:.2f} s")
+    print(f"reuse speed-up: {times['no_reuse'] / times['reuse']:.1f}x")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"bench": "interactive", "device": name, "model": args.model, "slices": args.slices,
+                                **{f"seconds_{k}": v for k, v in times.items()}}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=100)
@@ -100,6 +150,8 @@ def main() -> None:
                         help="slices the baseline runs (default: all); its time is scaled to --slices")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also append the figures as one JSON line here")
+    parser.add_argument("--interactive", action="store_true",
+                        help="time a corrective click with and without image-feature reuse (module docstring)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +160,9 @@ def main() -> None:
     model = create_model(args.model, num_classes=3).to(device).eval()
     settings = InferenceSettings(("background", "normal rectum", "tumor"), (-125.0, 275.0),
                                  int(model.config["img_size"]), int(model.config.get("points_per_class", 0)))
+    if args.interactive:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
+        return main_interactive(args, model, settings, device, name)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = tmp / "ct.nii.gz"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from care_dataset.format import reader
 from converted_folders import PHANTOM_CLASSES, make_converted_folder
@@ -25,6 +26,7 @@ from usam.data import (
     slices_with_class,
     window_normalize,
 )
+from usam.models.registry import create_model
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
@@ -237,3 +239,30 @@ def test_make_converted_folder_is_readable(converted):
     sample = dataset.sample("train", 0)
     assert sample["image"].dtype == np.int16 and (sample["label"] > 0).any()
     assert json.loads((converted / "dataset.json").read_text())["checksums"]["all"]
+
+
+def test_negative_training_points_lie_just_outside_the_foreground_and_a_prompted_model_takes_them(converted):
+    dataset = reader.open_dataset(converted)
+    ids = dataset.case_ids("train")
+    data = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=Augmentation(), seed=7,
+                        negative_points=2)
+    negatives = 0
+    for index in range(len(data)):
+        item = data[(0, index)]
+        assert item["points"].shape == (8, 2) and item["point_labels"].shape == (8,)
+        label = item["label"].numpy()
+        near = ndimage.binary_dilation(label > 0, iterations=5) & (label == 0)
+        for (x, y), flag in zip(item["points"].numpy()[6:], item["point_labels"].numpy()[6:]):
+            if flag == 0:
+                assert near[int(round(y)), int(round(x))]
+                negatives += 1
+            else:
+                assert flag == -1 and not label.any()
+    assert negatives > 0
+    validation = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=None, negative_points=2)
+    assert validation[0]["points"].shape == (6, 2)  # deterministic items carry no negatives
+    model = create_model("usam_tiny", num_classes=3)
+    batch = [data[(0, i)] for i in range(2)]
+    logits = model(torch.stack([b["image"] for b in batch]), torch.stack([b["points"] for b in batch]),
+                   torch.stack([b["point_labels"] for b in batch]))
+    assert logits.shape == (2, 3, 224, 224)

@@ -442,3 +442,25 @@ def test_cli_full_on_whole_scans_records_the_protocol(whole_scans, tiny_checkpoi
     assert summary["num_slices"] == 4  # pooled: the slices holding a label
     assert default_out_name("test", 3, "full") == "eval_test_points3_full"
     assert default_out_name("test", 3, "labelled") == "eval_test_points3"
+
+
+def test_interaction_sparse_records_curve_noc_and_references(converted, tiny_checkpoint, tmp_path, capsys):
+    from usam.cli import main
+
+    out = tmp_path / "interactive"
+    assert main(["eval", "--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                 "--out", str(out), "--interaction", "sparse", "--clicked-slices", "2", "--clicks", "2",
+                 "--corrections", "2", "--min-area", "1"]) == 0
+    assert (out / "interaction_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    section = json.loads((out / "metrics.json").read_text())["interaction"]
+    assert section["protocol"]["clicked_slices"] == 2 and section["protocol"]["corrections"] == 2
+    assert [step["corrections"] for step in section["curve"]] == [0, 1, 2]
+    assert set(section["noc"]) == {"0.80", "0.90"}
+    assert set(section["unprompted"]["dice"]) == set(section["oracle_per_slice"]["dice"]) == set(CLASSES[1:])
+    assert set(section["cases"]) == {"care_000000000001", "care_000000000002", "care_000000000003"}
+    for steps in section["cases"].values():
+        assert len(steps) == 3 and steps[0]["total_clicks"] <= steps[-1]["total_clicks"] <= steps[0]["total_clicks"] + 2
+    assert "interaction normal rectum: Dice" in capsys.readouterr().out
+    assert main(["eval", "--data", str(converted), "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                 "--out", str(tmp_path / "bad"), "--interaction", "sparse", "--clicks", "4"]) == 2
+    assert "--clicks 4: this model has 3 prompt slot(s) per class" in capsys.readouterr().err

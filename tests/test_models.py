@@ -418,3 +418,49 @@ def test_released_prompt_style_has_no_class_identity(name):
                                    model(images, points[:, [3, 4, 5, 0, 1, 2]], point_labels), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="prompt_style must be one of classwise, released"):
         create_model(name, prompt_style="other")
+
+
+def _reference_forward(model, images, points, point_labels):
+    """The forward pass as one piece (before encode_image/decode_prompts existed), for comparison."""
+    from usam.models.sam_parts import mask_logits
+
+    if model.config["name"].startswith("sam"):
+        embeddings = model.image_encoder(model.preprocess(images))
+        hyper_in, src = model.decode(embeddings, points, point_labels)
+        logits = mask_logits(hyper_in, model.mask_decoder.output_upscaling(src))
+        return torch.nn.functional.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    f4, (f0, f1, f2, f3) = model.cnn(images)
+    hyper_in, src = model.decode(model.image_encoder(f4), points, point_labels)
+    x = model.up2(model.up3(model.up4(src, f3), f2), f1)
+    return model.head(model.up1(mask_logits(hyper_in, x), f0))
+
+
+@pytest.mark.parametrize("name,options", [
+    ("usam_tiny", {}), ("sam_tiny", {}), ("usam_tiny", {"decoder": "released", "prompt_style": "released"}),
+], ids=["usam_tiny", "sam_tiny", "usam_tiny-released"])
+def test_forward_is_decode_prompts_of_encode_image_exactly(name, options):
+    torch.manual_seed(3)
+    model = create_model(name, **options).eval()
+    images = torch.rand(2, 1, SIZE, SIZE)
+    points = torch.rand(2, model.num_points, 2) * SIZE
+    point_labels = torch.tensor([[1, -1, 1, 1, 1, -1], [1, 1, 1, -1, -1, -1]])
+    with torch.no_grad():
+        features = model.encode_image(images)
+        for p, lab in ((points, point_labels), (None, None)):
+            whole = model(images, p, lab)
+            assert torch.equal(whole, model.decode_prompts(features, p, lab))
+            assert torch.equal(whole, _reference_forward(model, images, p, lab))
+        one = model.decode_prompts(features.select(slice(1, 2)), points[1:], point_labels[1:])
+        assert torch.allclose(one, model(images[1:], points[1:], point_labels[1:]), atol=1e-5)
+
+
+def test_extra_slots_take_negative_clicks_and_refuse_positive_ones():
+    torch.manual_seed(0)
+    model = create_model("usam_tiny").eval()
+    images = torch.rand(1, 1, SIZE, SIZE)
+    points = torch.rand(1, model.num_points + 1, 2) * SIZE
+    labels = torch.tensor([[1, 1, 1, -1, -1, -1, 0]])
+    with torch.no_grad():
+        assert not torch.equal(model(images, points, labels), model(images, points[:, :-1], labels[:, :-1]))
+    with pytest.raises(ValueError, match="negative clicks"):
+        model(images, points, torch.tensor([[1, 1, 1, -1, -1, -1, 1]]))

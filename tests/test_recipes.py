@@ -243,3 +243,11 @@ def test_predict_builds_released_prompts_from_clicks():
     classwise = prompts_from_points(spec, image, dataclasses.replace(settings, prompt_style="classwise",
                                                                      point_order="xy"))
     assert classwise[2][1].tolist() == [1, -1, -1, -1, -1, -1] and classwise[2][0][0].tolist() == [10.0, 20.0]
+
+
+def test_fit_with_negative_points_trains_and_records_the_option(data_dir, tmp_path, capsys):
+    out = tmp_path / "negatives"
+    assert usam_main(["fit", "--data", str(data_dir), "--out", str(out), "--negative-points", "2", *TINY]) == 0
+    assert read_toml(out / "config.toml")["negative_points"] == 2
+    with pytest.raises(ValueError, match="negative_points must be >= 0"):
+        build_config({"data": "x", "points": 0, "negative_points": 1}).validate()

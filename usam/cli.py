@@ -77,6 +77,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output folder (default: <checkpoint>/../eval_<split>_points<k>, _full added "
                              "for --volume full)")
+    parser.add_argument("--interaction", choices=("sparse",), default=None,
+                        help="also run a simulated user (docs/evaluation.md, Simulated user): a few clicked slices "
+                             "per class propagated through each volume, then corrective clicks")
+    parser.add_argument("--clicked-slices", type=int, default=1, help="--interaction: slices clicked per class")
+    parser.add_argument("--clicks", type=int, default=1, help="--interaction: points per clicked slice")
+    parser.add_argument("--corrections", type=int, default=0, help="--interaction: corrective clicks per case")
+    parser.add_argument("--min-area", type=int, default=20,
+                        help="--interaction: model-input pixels below which propagation stops (default 20)")
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +116,16 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         f"empty, or written by usam predict (it keeps a {OVERLAY_MARKER} list of its files), so no other file "
         "is ever deleted",
     )
+    parser.add_argument(
+        "--propagate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --points (on by default then): segment the whole volume by carrying each class's clicks slice "
+        "by slice up and down from the clicked slices (docs/evaluation.md, Propagation); --no-propagate: only "
+        "the clicked slices",
+    )
+    parser.add_argument("--min-area", type=int, default=20,
+                        help="propagation stops where a class covers fewer model-input pixels (default 20)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
@@ -198,7 +216,13 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from usam import evaluate  # deferred: the model zoo and its libraries load only for the command that runs
 
-    return evaluate.run_eval(args)
+    interaction = None
+    if args.interaction:
+        from usam import simulate  # deferred: the simulated user loads only for --interaction
+
+        interaction = simulate.InteractionProtocol(args.clicked_slices, args.clicks, args.corrections,
+                                                   args.min_area)
+    return evaluate.run_eval(args, interaction)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -64,6 +64,10 @@ class TrainConfig:
     window: list = option([-125.0, 275.0], "HU window LOW HIGH (default -125 275)", nargs=2, metavar=("LOW", "HIGH"))
     points: int = option(3, "point prompts per present class, sampled after augmentation (the paper uses 0, 1, 3 "
                             "or 5)")
+    negative_points: int = option(0, "Negative point prompts (SAM's background label 0) per training slice, after "
+                                     "the class slots: random pixels of the ring up to 5 px outside the "
+                                     "foreground, where false positives are likely; padded (-1) where there is "
+                                     "none. 0: none (validation never has any).")
     prompt_style: str = option("classwise", "How prompts are built: classwise (ours: an absent class's slots "
                                             "padded, a class embedding on points) or released (every slot a "
                                             "point, absent classes filled from a present one, no class "
@@ -143,6 +147,8 @@ class TrainConfig:
             (len(self.window) == 2 and float(self.window[0]) < float(self.window[1]),
              f"window must be two numbers low < high, got {self.window}"),
             (self.points >= 0, f"points must be >= 0, got {self.points}"),
+            (self.negative_points >= 0 and (self.points > 0 or not self.negative_points),
+             f"negative_points must be >= 0, and 0 for an unprompted model (points 0), got {self.negative_points}"),
             (0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}"),
             (finite(self.max_rotation_deg) and self.max_rotation_deg >= 0,
              f"max_rotation_deg must be finite and >= 0, got {self.max_rotation_deg}"),

@@ -273,6 +273,7 @@ class SliceDataset(torch.utils.data.Dataset):
         protocol: PromptProtocol = DEFAULT_PROTOCOL,
         clahe: bool = False,
         kernel: str = "bilinear",
+        negative_points: int = 0,
     ) -> None:
         self.source = source
         self.case_ids = list(case_ids)
@@ -287,6 +288,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.protocol = protocol
         self.clahe = clahe
         self.kernel = kernel
+        self.negative_points = negative_points
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -307,12 +309,36 @@ class SliceDataset(torch.utils.data.Dataset):
         image, label_t = resample_slice(image_hu, label, matrix, self.window, self.size, clip, self.kernel)
         points, point_labels = sample_points(label_t.numpy(), self.num_classes, self.points_per_class, rng,
                                              self.protocol)
+        if self.negative_points and rng is not None:
+            extra, extra_labels = negative_points(label_t.numpy(), self.negative_points, rng, self.protocol.axis_order)
+            points, point_labels = np.concatenate([points, extra]), np.concatenate([point_labels, extra_labels])
         return {
             "image": image,
             "label": label_t,
             "points": torch.from_numpy(points),
             "point_labels": torch.from_numpy(point_labels),
         }
+
+
+NEGATIVE_RING = 5  # pixels: how far outside the foreground negative training points are drawn
+
+
+def negative_points(label: np.ndarray, count: int, rng: np.random.Generator, axis_order: str = "xy"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """`count` negative points (label 0) of an S x S label slice: random pixels of the ring up to NEGATIVE_RING
+    pixels outside its foreground, distinct unless the ring is smaller; padding (-1 at (0, 0)) where the slice
+    has no foreground. Returns (count x 2 float32 in `axis_order`, count int64)."""
+    foreground = label > 0
+    ring = ndimage.binary_dilation(foreground, iterations=NEGATIVE_RING) & ~foreground
+    points = np.zeros((count, 2), np.float32)
+    labels = np.full(count, -1, np.int64)
+    flat = np.flatnonzero(ring)
+    if len(flat):
+        chosen = rng.choice(flat, size=count, replace=len(flat) < count)
+        row_col = np.stack(np.unravel_index(chosen, label.shape), axis=1)
+        points[:] = row_col[:, ::-1] if axis_order == "xy" else row_col
+        labels[:] = 0
+    return points, labels
 
 
 def slices_with_class(dataset: SliceDataset) -> list[np.ndarray]:

@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     clicks = work / "clicks.json"
     write_clicks(label_path, clicks, per_class=3)
     prediction = work / "new_patient_prediction.nii.gz"
+    # every slice showing a class is clicked: no propagation, the other slices stay background
     run("usam", "predict", "--checkpoint", run_dir / "best", "--image", case_dir, "--points", clicks,
-        "--out", prediction, "--overlays", work / "new_patient_overlays")
+        "--no-propagate", "--out", prediction, "--overlays", work / "new_patient_overlays")
 
     scores = dice_table(prediction, label_path)
     metrics = json.loads((work / "eval" / "metrics.json").read_text())

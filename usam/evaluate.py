@@ -59,7 +59,7 @@ from usam.metrics import (
 )
 from usam.models.checkpoints import load_checkpoint
 from usam.outputs import check_parent_creatable, error_reason, write_folder_files
-from usam.overlays import save_case_grid
+from usam.overlays import save_case_grid, save_interaction_curve
 from usam.prompts import PADDING_LABEL, PromptProtocol, sample_points
 
 PAPER_PROTOCOL = "paper: Dice/IoU pooled over the slices of the split holding a label, at {size} x {size}"
@@ -508,6 +508,18 @@ def checkpoint_provenance(config: Mapping[str, Any]) -> dict[str, Any]:
             **({"selection_warning": SELECTION_WARNING} if split == "test" else {})}
 
 
+def print_interaction(section: Mapping[str, Any], class_names: tuple[str, ...], console: Any) -> None:
+    """One line per class: Dice after the initial clicks and after the corrections, NoC, the references."""
+    for name in class_names[1:]:
+        first, last = section["curve"][0]["dice"][name], section["curve"][-1]["dice"][name]
+        noc = ", ".join(f"NoC@{tau} {_value(section['noc'][tau][name])}" for tau in section["noc"])
+        console.print(f"interaction {name}: Dice {_value(first)} -> {_value(last)} after "
+                      f"{len(section['curve']) - 1} correction(s); {noc}; unprompted "
+                      f"{_value(section['unprompted']['dice'][name])}, oracle per slice "
+                      f"{_value(section['oracle_per_slice']['dice'][name])}", soft_wrap=True, markup=False,
+                      highlight=False)
+
+
 def print_tables(summary: Mapping[str, Any], console: Any) -> None:
     prompt = (f"{summary['points_per_class']} point(s) per class, {summary['prompt_style']} prompts, "
               f"{summary['eval_points']} points, {summary['point_order']}" if summary["prompted"] else "unprompted")
@@ -551,6 +563,7 @@ def print_tables(summary: Mapping[str, Any], console: Any) -> None:
 
 
 OUTPUT_FILES = ("metrics.json", "cases.csv", "summary.csv", "cases_grid.png")
+CURVE_FILE = "interaction_curve.png"  # with --interaction
 
 
 def check_output_folder(out: Path, data: Path, checkpoint: Path) -> None:
@@ -574,18 +587,21 @@ def render_outputs(folder: Path, evaluation: Evaluation, summary: Mapping[str, A
     (folder / OUTPUT_FILES[2]).write_text(summary_csv(summary), encoding="utf-8")
     save_case_grid(grid_rows(evaluation, dataset), evaluation.settings.class_names,
                    evaluation.settings.window, folder / OUTPUT_FILES[3])
+    if "interaction" in summary:
+        save_interaction_curve(summary["interaction"], evaluation.settings.class_names, folder / CURVE_FILE)
 
 
 def write_outputs(evaluation: Evaluation, summary: Mapping[str, Any], dataset: Any, out: Path) -> list[Path]:
     """metrics.json, cases.csv, summary.csv, cases_grid.png into `out`, all or nothing
     (`usam.outputs.write_folder_files`: other files already in `out` are kept). Raises InputError, one line."""
     out = Path(out)
+    names = OUTPUT_FILES + ((CURVE_FILE,) if "interaction" in summary else ())
     try:
-        write_folder_files(out, OUTPUT_FILES, partial(render_outputs, evaluation=evaluation, summary=summary,
-                                                      dataset=dataset))
+        write_folder_files(out, names, partial(render_outputs, evaluation=evaluation, summary=summary,
+                                               dataset=dataset))
     except OSError as error:
         raise InputError(f"--out {out}: could not write ({error_reason(error)})") from None
-    return [out / name for name in OUTPUT_FILES]
+    return [out / name for name in names]
 
 
 # ---------------------------------------------------------------- command line
@@ -621,8 +637,30 @@ def evaluation_protocol(args: argparse.Namespace, settings: InferenceSettings, k
     return protocol
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """`usam eval`; returns the exit status (0 ok, 2 bad input)."""
+def volume_means(evaluation: Evaluation) -> dict[str, Any]:
+    """Mean per-volume Dice and HD95 (mm) per class over the cases: the interaction section's reference figures."""
+    names = evaluation.settings.class_names
+    return {metric: {names[c]: _number(_per_volume(evaluation, key)[names[c]]["mean"]) for c in range(1, len(names))}
+            for metric, key in (("dice", "dice"), ("hd95_mm", "hd95"))}
+
+
+def interaction_section(interaction: Any, evaluation: Evaluation, model: nn.Module, dataset: Any,
+                        args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """--interaction: the simulated user's section beside the unprompted and oracle-per-slice figures on the same
+    cases (the oracle: every slice prompted from its truth with the model's points per class)."""
+    settings = evaluation.settings
+    runs = {}
+    for name, k in (("unprompted", 0), ("oracle_per_slice", settings.points_per_class)):
+        same = evaluation.points_per_class == k and evaluation.protocol == settings.protocol()
+        runs[name] = evaluation if same else evaluate_split(model, settings, dataset, args.split, k,
+                                                            args.batch_size, device, volume=args.volume)
+    section = interaction.run(model, settings, dataset, args.split, args.batch_size, device, args.volume)
+    return {**section, **{name: volume_means(run) for name, run in runs.items()}}
+
+
+def run_eval(args: argparse.Namespace, interaction: Any | None = None) -> int:
+    """`usam eval`; returns the exit status (0 ok, 2 bad input). `interaction`: a simulated user
+    (`usam.simulate.InteractionProtocol`, from --interaction) whose section metrics.json gains."""
     console = Console()
     try:
         if args.batch_size < 1:
@@ -656,6 +694,11 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"(use 0..{settings.points_per_class})"
             )
         protocol = evaluation_protocol(args, settings, k)
+        if interaction is not None:
+            try:
+                interaction.check(settings.points_per_class)
+            except ValueError as error:
+                raise InputError(str(error)) from None
         out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / default_out_name(args.split, k,
                                                                                                        args.volume)
         check_output_folder(out, Path(args.data), Path(args.checkpoint))
@@ -675,6 +718,9 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"usam eval: {error}", file=sys.stderr)
             return 2
     summary = report(evaluation, str(config["model"].get("name", "model")), checkpoint_provenance(config))
+    if interaction is not None:
+        summary["interaction"] = interaction_section(interaction, evaluation, model, dataset, args, device)
+        print_interaction(summary["interaction"], settings.class_names, console)
     print_tables(summary, console)
     try:
         written = write_outputs(evaluation, summary, dataset, out)

@@ -140,3 +140,24 @@ def save_slice_overlays(
         _save(figure, path)
         written.append(path)
     return written
+
+
+def save_interaction_curve(interaction: dict, class_names: Sequence[str], path: Path) -> None:
+    """PNG: mean per-volume Dice per class against the mean total clicks per case (`usam.simulate`), with the
+    unprompted and oracle-per-slice Dice as dashed and dotted lines where given."""
+    figure = Figure(figsize=(6, 4))
+    ax = figure.subplots()
+    clicks = [step["mean_total_clicks"] for step in interaction["curve"]]
+    for c, name in enumerate(class_names[1:], start=1):
+        dice = [np.nan if step["dice"][name] is None else step["dice"][name] for step in interaction["curve"]]
+        ax.plot(clicks, dice, marker="o", color=class_color(c), label=name)
+        for key, style in (("unprompted", "--"), ("oracle_per_slice", ":")):
+            value = interaction.get(key, {}).get("dice", {}).get(name)
+            if value is not None:
+                ax.axhline(value, linestyle=style, color=class_color(c), linewidth=1, label=f"{name}, {key}")
+    ax.set_xlabel("total clicks per case (mean)")
+    ax.set_ylabel("per-volume Dice (mean)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    _save(figure, Path(path))

@@ -37,6 +37,7 @@ from care_dataset.raw.dicom import (
 from care_dataset.raw.image import to_canonical
 from care_dataset.raw.volume import PathNameError, VolumeFileError, itk_path, read_volume_file
 from usam.inference import InferenceSettings, InputError, choose_device, inference_settings, segment_slices
+from usam.interactive import FeatureCache, Propagation, SliceClicks, propagate, reach_lines
 from usam.models.checkpoints import checkpoint_digest, load_checkpoint
 from usam.outputs import DICOM_FORMATS, check_output_path, check_overlay_folder, write_prediction
 from usam.prompts import (
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from usam.dicom_outputs import SourceSeries
 
 COORDINATE_KINDS = ("voxel", "itksnap", "world")
+CLICK_LABELS = ("positive", "negative")
 
 
 # ---------------------------------------------------------------- reading and geometry
@@ -262,6 +264,9 @@ def validate_points(spec: Any, source: str = "points") -> dict[str, Any]:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in position)
         ):
             raise InputError(f"{source}: point {n} position must be three finite numbers, got {position!r}")
+        if point.get("label", "positive") not in CLICK_LABELS:
+            raise InputError(f"{source}: point {n} label must be one of {', '.join(CLICK_LABELS)}, "
+                             f"got {point.get('label')!r}")
     return {"coordinates": kind, "points": [dict(p) for p in points]}
 
 
@@ -289,13 +294,25 @@ def class_index(value: Any, class_names: tuple[str, ...]) -> int:
 def prompts_from_points(
     spec: Mapping[str, Any], image: sitk.Image, settings: InferenceSettings, source: str = "points"
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Clicks -> {canonical slice: (points K x 2 float32 model-input (x, y), labels K int64)}.
+    """Positive clicks -> {canonical slice: (points K x 2 float32 model-input (x, y), labels K int64)}
+    (`clicks_from_points`; a slice holding only negative clicks is left out)."""
+    clicks = clicks_from_points(spec, image, settings, source)
+    protocol = settings.protocol()
+    return {s: slots_from_clicks(clicks[s].positive, settings.num_classes, settings.points_per_class, protocol)
+            for s in sorted(clicks) if clicks[s].positive}
+
+
+def clicks_from_points(
+    spec: Mapping[str, Any], image: sitk.Image, settings: InferenceSettings, source: str = "points"
+) -> dict[int, SliceClicks]:
+    """Clicks -> {canonical slice: SliceClicks}, (x, y) model-input points per class, positive and negative.
 
     'voxel': 0-based (i, j, k) indices of `image`, as SimpleITK and nibabel count; 'itksnap': the
     1-based voxel coordinates ITK-SNAP's cursor inspector shows; 'world': physical (x, y, z) mm in
     ITK's LPS convention. Per slice, class c fills its slots (c - 1) * k .. c * k - 1 in click order; unused
     slots are padding (a checkpoint trained with the released prompt style gets every slot filled, in its axis
-    order: `usam.prompts.slots_from_clicks`). Errors name ``source`` (the points file) and the point.
+    order: `usam.prompts.slots_from_clicks`); at most k positive clicks per class and slice, negative clicks
+    ('"label": "negative"') without limit. Errors name ``source`` (the points file) and the point.
     """
     spec = validate_points(spec, source)
     k = settings.points_per_class
@@ -327,17 +344,20 @@ def prompts_from_points(
     except ValueError as error:
         raise InputError(f"{source}: {error}") from None
     grid = CanonicalGrid.of(image)
-    clicks: dict[int, dict[int, list[np.ndarray]]] = {}
+    clicks: dict[int, SliceClicks] = {}
     for n, (cls, s, point) in enumerate(zip(classes, slices.tolist(), xy)):
-        chosen = clicks.setdefault(s, {}).setdefault(int(cls), [])
+        on_slice = clicks.setdefault(s, SliceClicks())
+        if spec["points"][n].get("label", "positive") == "negative":
+            on_slice.negative.setdefault(int(cls), []).append(point)
+            continue
+        chosen = on_slice.positive.setdefault(int(cls), [])
         if len(chosen) == k:
             raise InputError(
                 f"{source}: point {n}: more than {k} points for class {settings.class_names[cls]!r} on axial slice "
                 f"{grid.slice_name(s)} (0-based; the model has {k} slots per class)"
             )
         chosen.append(point)
-    protocol = settings.protocol()
-    return {s: slots_from_clicks(clicks[s], settings.num_classes, k, protocol) for s in sorted(clicks)}
+    return {s: clicks[s] for s in sorted(clicks)}
 
 
 # ---------------------------------------------------------------- the whole volume
@@ -364,6 +384,32 @@ def predict_canonical(
     return labels
 
 
+def predict_clicked(
+    model: nn.Module,
+    settings: InferenceSettings,
+    hu: np.ndarray,
+    clicks: dict[int, SliceClicks],
+    propagation: bool,
+    min_area: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[np.ndarray, Propagation | None]:
+    """Canonical (slices, H, W) HU and clicks -> (labels of the same shape, the propagation or None).
+
+    With `propagation` the clicks travel to the whole volume (`usam.interactive.propagate`); without it only the
+    clicked slices are segmented, the others stay 0 (through `predict_canonical`, unless negative clicks need the
+    extra slots and their removal).
+    """
+    has_negatives = any(c.negative for c in clicks.values())
+    if not propagation and not has_negatives:
+        protocol = settings.protocol()
+        prompts = {s: slots_from_clicks(clicks[s].positive, settings.num_classes, settings.points_per_class,
+                                        protocol) for s in sorted(clicks)}
+        return predict_canonical(model, settings, hu, prompts, batch_size, device), None
+    result = propagate(FeatureCache(model, settings, hu, device, batch_size), clicks, min_area, travel=propagation)
+    return result.labels, (result if propagation else None)
+
+
 def predict_volume(
     model: nn.Module,
     config: Mapping[str, Any],
@@ -371,19 +417,25 @@ def predict_volume(
     points: Mapping[str, Any] | None = None,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
+    propagation: bool = False,
+    min_area: int = 20,
 ) -> sitk.Image:
     """Segment `image` (3-D CT in HU); returns a uint8 label image on exactly its grid.
 
     points: None for unprompted inference on every axial slice, or a points structure
-    ({"coordinates": "voxel" | "itksnap" | "world", "points": [{"class", "position"}, ...]}),
-    in which case only the slices holding clicks are segmented and the others stay 0.
+    ({"coordinates": "voxel" | "itksnap" | "world", "points": [{"class", "position", "label"?}, ...]}),
+    in which case only the slices holding clicks are segmented and the others stay 0, or, with `propagation`,
+    the clicks travel to the whole volume (`predict_clicked`; `min_area` in model-input pixels).
     """
     settings = inference_settings(config)
     device = torch.device(device)
     model = model.to(device).eval()
     canonical, hu = canonical_hu(image)
-    prompts = prompts_from_points(points, image, settings) if points is not None else None
-    labels = predict_canonical(model, settings, hu, prompts, batch_size, device)
+    if points is None:
+        labels = predict_canonical(model, settings, hu, None, batch_size, device)
+    else:
+        clicks = clicks_from_points(points, image, settings)
+        labels = predict_clicked(model, settings, hu, clicks, propagation, min_area, batch_size, device)[0]
     return labels_on_original_grid(labels, canonical, image)
 
 
@@ -402,6 +454,11 @@ def run_predict(args: argparse.Namespace) -> int:
             check_overlay_folder(overlays, out)
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.min_area < 1:
+            raise InputError(f"--min-area must be >= 1 pixel, got {args.min_area}")
+        if args.propagate and not args.points:
+            raise InputError("--propagate carries clicks to the whole volume: give the clicks with --points")
+        propagation = args.points is not None and args.propagate is not False
         device = choose_device(args.device)
         spec = load_points(args.points) if args.points else None
         notes: list[str] = []
@@ -415,11 +472,16 @@ def run_predict(args: argparse.Namespace) -> int:
         settings = inference_settings(config)
         model = model.to(device).eval()
         canonical, hu = canonical_hu(image)
-        prompts = prompts_from_points(spec, image, settings, args.points) if spec is not None else None
+        clicks = clicks_from_points(spec, image, settings, args.points) if spec is not None else None
     except InputError as error:
         print(f"usam predict: {error}", file=sys.stderr)
         return 2
-    labels = predict_canonical(model, settings, hu, prompts, args.batch_size, device)
+    prompts, reached = clicks, None
+    if clicks is None:
+        labels = predict_canonical(model, settings, hu, None, args.batch_size, device)
+    else:
+        labels, reached = predict_clicked(model, settings, hu, clicks, propagation, args.min_area,
+                                          args.batch_size, device)
     result = labels_on_original_grid(labels, canonical, image)
     try:
         if source is not None:
@@ -431,12 +493,17 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     counts = np.bincount(labels.reshape(-1), minlength=settings.num_classes)
     run = "unprompted on every slice" if prompts is None else f"prompted on {len(prompts)} slice(s)"
+    if reached is not None:
+        run = f"clicked on {len(prompts)} slice(s), propagated from them, unprompted where no class reached"
     for note in notes:
         console.print(f"usam predict: {note}")
     what = f" ({DICOM_FORMATS[out_format]} referencing {len(series.headers)} slices)" if source is not None else ""
     console.print(f"usam predict: {hu.shape[0]} slices, {run}, on {device.type}; wrote {out}{what}")
     for c in range(1, settings.num_classes):
         console.print(f"  {settings.class_names[c]}: {int(counts[c])} voxels")
+    if reached is not None:
+        for line in reach_lines(reached, CanonicalGrid.of(image), settings.class_names):
+            console.print(f"  {line}")
     if drawn is not None:
         if drawn:
             console.print(f"  overlays: {len(drawn)} PNG(s) in {overlays}")

@@ -127,6 +127,12 @@ def _interior_points(region: np.ndarray, k: int) -> np.ndarray:
     return np.array([(r - 1 + top, c - 1 + left) for r, c in picks], dtype=np.int64)
 
 
+def interior_points(region: np.ndarray, k: int) -> np.ndarray:
+    """k (x, y) = (column, row) float32 points deep inside the H x W boolean `region` (non-empty), placed as the
+    deterministic ``interior`` evaluation points are (`_interior_points`)."""
+    return _interior_points(region, k)[:, ::-1].astype(np.float32)
+
+
 def _raster_points(region: np.ndarray, m: int) -> np.ndarray:
     """m (row, col) pixels of `region` as the released code's evaluation takes them: pixel i * step in raster
     (row-major) order, i = 0 .. m - 1, step = pixels // m (step 0 repeats the first pixel)."""
@@ -364,6 +370,14 @@ def _from_model(coordinate: np.ndarray, length: int, size: int, corner_aligned: 
     if corner_aligned:
         return coordinate * max(length - 1, 1) / (size - 1)
     return (coordinate + 0.5) * length / size - 0.5
+
+
+def pixel_to_model(row_col: np.ndarray, height: int, width: int, size: int = 224, corner_aligned: bool = False
+                   ) -> np.ndarray:
+    """N x 2 (row, column) pixels of a canonical H x W slice -> N x 2 float32 (x, y) on the size x size input."""
+    row_col = np.atleast_2d(np.asarray(row_col, dtype=np.float64))
+    return np.stack([_to_model(row_col[:, 1], width, size, corner_aligned),
+                     _to_model(row_col[:, 0], height, size, corner_aligned)], axis=1).astype(np.float32)
 
 
 def voxel_to_model(

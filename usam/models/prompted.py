@@ -126,17 +126,27 @@ class PromptedSegmenter(nn.Module):
         size = self.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (1, size, size):
             raise ValueError(f"images must be B x 1 x {size} x {size}, got {tuple(images.shape)}")
+        self.check_prompts(images.shape[0], points, point_labels)
+
+    def check_prompts(self, batch: int, points: torch.Tensor | None, point_labels: torch.Tensor | None) -> None:
+        """Raise ValueError on prompts that do not match the model's contract: points B x K' x 2 and point_labels
+        B x K' with K' = K (the class slots) or K' > K, the slots after K being extra negative clicks (label 0,
+        SAM's background point; or -1, padding). Extra slots carry no class embedding."""
         if (points is None) != (point_labels is None):
             raise ValueError("points and point_labels must be given together")
         if points is None or points.shape[1] == 0:
             return
-        expected = (images.shape[0], self.num_points)
-        if tuple(points.shape) != (*expected, 2) or tuple(point_labels.shape) != expected:
+        k = self.num_points
+        shapes_ok = (points.ndim == 3 and points.shape[0] == batch and points.shape[2] == 2
+                     and points.shape[1] >= k and tuple(point_labels.shape) == tuple(points.shape[:2]))
+        if not shapes_ok:
             raise ValueError(
                 f"points must be B x K x 2 and point_labels B x K with K = (num_classes - 1) * "
-                f"points_per_class = {self.num_points}; got {tuple(points.shape)} and "
-                f"{tuple(point_labels.shape)}"
+                f"points_per_class = {self.num_points} (or more slots: extra negative clicks); got "
+                f"{tuple(points.shape)} and {tuple(point_labels.shape)}"
             )
+        if points.shape[1] > k and bool((point_labels[:, k:] > 0).any()):
+            raise ValueError(f"slots after the first {k} are for negative clicks: label 0 (or -1 padding)")
 
     def embed_prompts(
         self, points: torch.Tensor | None, point_labels: torch.Tensor | None, batch: int
@@ -159,9 +169,9 @@ class PromptedSegmenter(nn.Module):
             sparse, dense = encoder(points=(points, point_labels), boxes=None, masks=None)
         if self.class_embed is None:
             return sparse, dense
-        is_point = (point_labels >= 0).unsqueeze(-1).to(self.class_embed.dtype)
+        k = self.num_points
+        is_point = (point_labels[:, :k] >= 0).unsqueeze(-1).to(self.class_embed.dtype)
         class_tokens = self.class_embed[self.slot_classes].unsqueeze(0) * is_point
-        k = points.shape[1]
         sparse = torch.cat([sparse[:, :k] + class_tokens, sparse[:, k:]], dim=1)
         return sparse, dense
 

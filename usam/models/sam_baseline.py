@@ -1,6 +1,7 @@
 """The paper's "initial approach": SAM itself with one mask token per class."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,18 @@ from usam.models.sam_parts import mask_logits
 # SAM's RGB normalisation, applied to the grey slice repeated over three channels.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class SAMFeatures:
+    """The SAM baseline's image side for B slices: the ViT's embeddings (B x D x H/16 x W/16) and the input's
+    H x W. `select(index)` keeps the slices `index` names."""
+
+    embeddings: Tensor
+    size: tuple[int, int]
+
+    def select(self, index: Any) -> "SAMFeatures":
+        return SAMFeatures(self.embeddings[index], self.size)
 
 
 class SAMBaseline(PromptedSegmenter):
@@ -44,10 +57,20 @@ class SAMBaseline(PromptedSegmenter):
         """B x 1 x H x W in [0, 1] -> B x 3 x H x W normalised as SAM expects."""
         return (images.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
+    def encode_image(self, images: Tensor) -> SAMFeatures:
+        """images B x 1 x H x W in [0, 1] -> the prompt-independent ViT embeddings (D x H/16)."""
+        self.check_inputs(images, None, None)
+        return SAMFeatures(self.image_encoder(self.preprocess(images)), tuple(images.shape[-2:]))
+
+    def decode_prompts(self, features: SAMFeatures, points: Tensor | None = None,
+                       point_labels: Tensor | None = None) -> Tensor:
+        """`encode_image`'s features, points B x K' x 2, point_labels B x K' -> B x N x H x W logits."""
+        self.check_prompts(features.embeddings.shape[0], points, point_labels)
+        hyper_in, src = self.decode(features.embeddings, points, point_labels)
+        logits = mask_logits(hyper_in, self.mask_decoder.output_upscaling(src))
+        return F.interpolate(logits, size=features.size, mode="bilinear", align_corners=False)
+
     def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x H x W in [0, 1], points B x K x 2, point_labels B x K -> B x N x H x W."""
         self.check_inputs(images, points, point_labels)
-        image_embeddings = self.image_encoder(self.preprocess(images))
-        hyper_in, src = self.decode(image_embeddings, points, point_labels)
-        logits = mask_logits(hyper_in, self.mask_decoder.output_upscaling(src))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decode_prompts(self.encode_image(images), points, point_labels)

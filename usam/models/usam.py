@@ -1,6 +1,7 @@
 """U-SAM: a CNN encoder feeding SAM's ViT, SAM's prompt encoder and two-way decoder, U-Net decoder."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -10,6 +11,18 @@ from usam.models.prompted import PromptedSegmenter
 from usam.models.sam_parts import mask_logits
 
 DECODERS = ("class_tokens", "released")
+
+
+@dataclass(frozen=True)
+class USAMFeatures:
+    """U-SAM's image side for a batch of B slices (D = `embed_dim`, H x W the input): the CNN skips f0 (D/8 x H)
+    .. f3 (D x H/8) and the ViT's image embeddings (D x H/16). `select(index)` keeps the slices `index` names."""
+
+    skips: tuple[Tensor, Tensor, Tensor, Tensor]
+    embeddings: Tensor
+
+    def select(self, index: Any) -> "USAMFeatures":
+        return USAMFeatures(tuple(f[index] for f in self.skips), self.embeddings[index])
 
 
 class USAM(PromptedSegmenter):
@@ -66,14 +79,25 @@ class USAM(PromptedSegmenter):
     def encoder_modules(self) -> list[nn.Module]:
         return [self.cnn, self.image_encoder]
 
-    def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
-        """images B x 1 x H x W in [0, 1], points B x K x 2, point_labels B x K -> B x N x H x W."""
-        self.check_inputs(images, points, point_labels)
-        f4, (f0, f1, f2, f3) = self.cnn(images)
-        image_embeddings = self.image_encoder(f4)
-        hyper_in, src = self.decode(image_embeddings, points, point_labels)
+    def encode_image(self, images: Tensor) -> USAMFeatures:
+        """images B x 1 x H x W in [0, 1] -> the prompt-independent features (CNN skips, ViT embeddings)."""
+        self.check_inputs(images, None, None)
+        f4, skips = self.cnn(images)
+        return USAMFeatures(tuple(skips), self.image_encoder(f4))
+
+    def decode_prompts(self, features: USAMFeatures, points: Tensor | None = None,
+                       point_labels: Tensor | None = None) -> Tensor:
+        """`encode_image`'s features, points B x K' x 2, point_labels B x K' -> B x N x H x W logits."""
+        self.check_prompts(features.embeddings.shape[0], points, point_labels)
+        f0, f1, f2, f3 = features.skips
+        hyper_in, src = self.decode(features.embeddings, points, point_labels)
         x = self.up4(src, f3)
         x = self.up3(x, f2)
         x = self.up2(x, f1)
         logits = mask_logits(hyper_in, x)
         return self.head(self.up1(logits, f0))
+
+    def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
+        """images B x 1 x H x W in [0, 1], points B x K x 2, point_labels B x K -> B x N x H x W."""
+        self.check_inputs(images, points, point_labels)
+        return self.decode_prompts(self.encode_image(images), points, point_labels)
