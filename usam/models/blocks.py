@@ -115,3 +115,14 @@ class TokenGrid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 2, 3, 1)
+
+
+def split_trainable(model: nn.Module, encoder_modules: list[nn.Module]) -> dict[str, list[nn.Parameter]]:
+    """A model's trainable parameters as the optimiser groups: "encoder" (those of `encoder_modules`, the
+    smaller learning rate) and "decoder" (the rest); frozen parameters are in neither."""
+    encoder_ids = {id(p) for m in encoder_modules for p in m.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"encoder": [], "decoder": []}
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            groups["encoder" if id(parameter) in encoder_ids else "decoder"].append(parameter)
+    return groups

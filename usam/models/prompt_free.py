@@ -6,6 +6,8 @@ from typing import Any
 from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
+from usam.models.blocks import split_trainable
+
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, relu: bool = True, bias: bool = True,
             **options: Any) -> Convolution:
@@ -45,12 +47,7 @@ class PromptFreeSegmenter(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: "encoder" (`encoder_modules`, trained with --lr-encoder), "decoder" (the rest)."""
-        encoder_ids = {id(p) for m in self.encoder_modules() for p in m.parameters()}
-        groups: dict[str, list[nn.Parameter]] = {"encoder": [], "decoder": []}
-        for parameter in self.parameters():
-            if parameter.requires_grad:
-                groups["encoder" if id(parameter) in encoder_ids else "decoder"].append(parameter)
-        return groups
+        return split_trainable(self, self.encoder_modules())
 
     def check_images(self, images: Tensor) -> None:
         """Raise ValueError unless images is B x 1 x img_size x img_size."""

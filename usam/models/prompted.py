@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from usam.models.blocks import split_trainable
 from usam.models.sam_parts import (
     PATCH_SIZE,
     build_image_encoder,
@@ -202,9 +203,4 @@ class PromptedSegmenter(nn.Module):
         smaller learning rate in the authors' code (1e-4); "decoder": everything else that
         trains (1e-3). The frozen prompt encoder is in neither.
         """
-        encoder_ids = {id(p) for m in self.encoder_modules() for p in m.parameters()}
-        groups: dict[str, list[nn.Parameter]] = {"encoder": [], "decoder": []}
-        for parameter in self.parameters():
-            if parameter.requires_grad:
-                groups["encoder" if id(parameter) in encoder_ids else "decoder"].append(parameter)
-        return groups
+        return split_trainable(self, self.encoder_modules())
