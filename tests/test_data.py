@@ -266,3 +266,32 @@ def test_negative_training_points_lie_just_outside_the_foreground_and_a_prompted
     logits = model(torch.stack([b["image"] for b in batch]), torch.stack([b["points"] for b in batch]),
                    torch.stack([b["point_labels"] for b in batch]))
     assert logits.shape == (2, 3, 224, 224)
+
+
+def test_propagation_training_prompts_come_from_a_neighbour_and_dropped_classes_become_background(converted):
+    """Neighbour prompts lie in the class of an adjacent stored slice (through the same augmentation), the
+    target staying this slice's; a dropped class has padding slots and no pixels in the target."""
+    dataset = reader.open_dataset(converted)
+    ids = dataset.case_ids("train")
+    plain = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=Augmentation(), seed=7)
+    neighbour = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=Augmentation(), seed=7,
+                             neighbour_prompts=1.0)
+    dropped = SliceDataset(dataset, ids, num_classes=3, points_per_class=3, augment=Augmentation(), seed=7,
+                           prompt_dropout=1.0)
+    outside_own_class = 0
+    for index in range(len(plain)):
+        base, near, gone = plain[(0, index)], neighbour[(0, index)], dropped[(0, index)]
+        assert torch.equal(near["label"], base["label"]) and torch.equal(near["image"], base["image"])
+        case_id, position = neighbour.slices[index]
+        labels = dataset.read_labels(case_id)
+        adjacent = [labels[p] for p in (position - 1, position + 1) if 0 <= p < len(labels)]
+        for slot, ((x, y), flag) in enumerate(zip(near["points"].numpy(), near["point_labels"].numpy())):
+            c = 1 + slot // 3
+            if flag != 1:
+                continue
+            in_own = base["label"][int(round(y)), int(round(x))] == c
+            in_adjacent = any((a == c).any() for a in adjacent)
+            assert in_own or in_adjacent
+            outside_own_class += int(not in_own)
+        assert (gone["point_labels"] == -1).all() and not gone["label"].any()
+    assert outside_own_class > 0  # some prompts did come from a neighbour, outside this slice's class

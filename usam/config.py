@@ -68,6 +68,14 @@ class TrainConfig:
                                      "the class slots: random pixels of the ring up to 5 px outside the "
                                      "foreground, where false positives are likely; padded (-1) where there is "
                                      "none. 0: none (validation never has any).")
+    neighbour_prompts: float = option(0.0, "Probability that a class's training points come from an adjacent "
+                                           "stored slice holding it, as propagated prompts do "
+                                           "(usam.interactive); the target stays this slice's, so a class "
+                                           "absent here is learnt to be left out. Classwise prompts only.")
+    prompt_dropout: float = option(0.0, "Probability that a class prompted on a training slice loses its points "
+                                        "and counts as background there, so the model segments only what it is "
+                                        "prompted for (clicks decide which classes a slice holds). Classwise "
+                                        "prompts only.")
     prompt_style: str = option("classwise", "How prompts are built: classwise (ours: an absent class's slots "
                                             "padded, a class embedding on points) or released (every slot a "
                                             "point, absent classes filled from a present one, no class "
@@ -149,6 +157,10 @@ class TrainConfig:
             (self.points >= 0, f"points must be >= 0, got {self.points}"),
             (self.negative_points >= 0 and (self.points > 0 or not self.negative_points),
              f"negative_points must be >= 0, and 0 for an unprompted model (points 0), got {self.negative_points}"),
+            *[(0.0 <= value <= 1.0 and (not value or (self.points > 0 and self.prompt_style == "classwise")),
+               f"{name} must be in [0, 1], and 0 unless points > 0 and prompt_style classwise, got {value}")
+              for name, value in (("neighbour_prompts", self.neighbour_prompts),
+                                  ("prompt_dropout", self.prompt_dropout))],
             (0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}"),
             (finite(self.max_rotation_deg) and self.max_rotation_deg >= 0,
              f"max_rotation_deg must be finite and >= 0, got {self.max_rotation_deg}"),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import DistributedSampler
 
-from usam.prompts import DEFAULT_PROTOCOL, PromptProtocol, sample_points
+from usam.prompts import DEFAULT_PROTOCOL, PADDING_LABEL, PromptProtocol, sample_points
 
 DEFAULT_WINDOW: tuple[float, float] = (-125.0, 275.0)
 MODEL_SIZE = 224
@@ -184,19 +184,31 @@ def resample_slice(
     then the transform on that grid (the released code transforms before it resizes).
     """
     if clahe_clip is None and kernel == "bilinear":
-        return _resample_hu(image_hu, label, matrix, window, size)
-    image = window_normalize(image_hu, window)
-    if clahe_clip is not None:
-        image = clahe(image, clahe_clip)
-    if kernel == "bilinear":  # the [0, 1] image through the same steps, its window (0, 1) changing nothing
-        return _resample_hu(image, label, matrix, (0.0, 1.0), size)
-    image, label = zoom_slice(image, label, size)
-    image_t = torch.from_numpy(image)[None, None]
-    if matrix is not None:
-        image_t = F.grid_sample(image_t, affine_grid(np.asarray(matrix, dtype=np.float64), size), mode="bilinear",
-                                padding_mode="border", align_corners=False)
-        label = None if label is None else _warp_label(label, matrix, size).numpy()
-    return image_t[0], None if label is None else torch.from_numpy(np.asarray(label, dtype=np.uint8))
+        image_t = _resample_hu(image_hu, matrix, window, size)
+    else:
+        image = window_normalize(image_hu, window)
+        if clahe_clip is not None:
+            image = clahe(image, clahe_clip)
+        if kernel == "bilinear":  # the [0, 1] image through the same steps, its window (0, 1) changing nothing
+            image_t = _resample_hu(image, matrix, (0.0, 1.0), size)
+        else:
+            image_t = torch.from_numpy(zoom_slice(image, None, size)[0])[None, None]
+            if matrix is not None:
+                image_t = F.grid_sample(image_t, affine_grid(np.asarray(matrix, dtype=np.float64), size),
+                                        mode="bilinear", padding_mode="border", align_corners=False)
+            image_t = image_t[0]
+    return image_t, None if label is None else resample_label(label, matrix, size, kernel)
+
+
+def resample_label(label: np.ndarray, matrix: np.ndarray | None = None, size: int = MODEL_SIZE,
+                   kernel: str = "bilinear") -> torch.Tensor:
+    """A label slice (H, W) through `resample_slice`'s steps: (size, size) uint8, nearest (pixel centres; or the
+    order-0 zoom for kernel "cubic"), then through ``matrix`` (0 outside the input)."""
+    if matrix is None or kernel == "cubic":
+        label = resize_labels(torch.from_numpy(np.array(label))[None], size, kernel)[0].to(torch.uint8)
+        if matrix is None:
+            return label
+    return _warp_label(label.numpy() if isinstance(label, torch.Tensor) else label, matrix, size)
 
 
 def _warp_label(label: np.ndarray, matrix: np.ndarray, size: int) -> torch.Tensor:
@@ -210,28 +222,17 @@ def _warp_label(label: np.ndarray, matrix: np.ndarray, size: int) -> torch.Tenso
     return out_label.to(torch.uint8)
 
 
-def _resample_hu(
-    image_hu: np.ndarray,
-    label: np.ndarray | None,
-    matrix: np.ndarray | None,
-    window: tuple[float, float],
-    size: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`resample_slice` without CLAHE, bilinear: clip to the window, one resampling, scale."""
+def _resample_hu(image_hu: np.ndarray, matrix: np.ndarray | None, window: tuple[float, float], size: int
+                 ) -> torch.Tensor:
+    """`resample_slice`'s image without CLAHE, bilinear: clip to the window, one resampling, scale."""
     if matrix is None:
-        out_image = preprocess_slices(np.asarray(image_hu)[None], window, size)[0]
-        out_label = None if label is None else resize_labels(torch.from_numpy(np.array(label))[None], size)[0]
-        return out_image, None if out_label is None else out_label.to(torch.uint8)
+        return preprocess_slices(np.asarray(image_hu)[None], window, size)[0]
     low, high = float(window[0]), float(window[1])
     clipped = torch.from_numpy(np.asarray(image_hu).astype(np.float32)).clamp_(low, high)
-    matrix = np.asarray(matrix, dtype=np.float64)
-    grid = affine_grid(matrix, size)
+    grid = affine_grid(np.asarray(matrix, dtype=np.float64), size)
     out_image = F.grid_sample(clipped[None, None], grid, mode="bilinear", padding_mode="border",
                               align_corners=False)[0]
-    out_image = out_image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
-    if label is None:
-        return out_image, None
-    return out_image, _warp_label(label, matrix, size)
+    return out_image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -256,6 +257,12 @@ class SliceDataset(torch.utils.data.Dataset):
     (``usam.prompts.sample_points`` with no rng); both as `protocol` builds them. ``clahe``: CLAHE with a
     clip limit drawn from ``CLAHE_CLIP_RANGE`` per training sample, ``CLAHE_EVAL_CLIP`` otherwise;
     ``kernel``: the resize kernel (module docstring).
+
+    Training for propagation (`usam.interactive`; classwise prompts, random points only): with probability
+    ``neighbour_prompts`` a class's points come from an adjacent stored slice of the case where that slice holds
+    the class (as a propagated prompt does), the target staying this slice's truth, so a class absent here must
+    be left out; then with probability ``prompt_dropout`` a prompted class loses its points and its pixels count
+    as background, so the model segments only the classes it is prompted for.
     """
 
     def __init__(
@@ -274,6 +281,8 @@ class SliceDataset(torch.utils.data.Dataset):
         clahe: bool = False,
         kernel: str = "bilinear",
         negative_points: int = 0,
+        neighbour_prompts: float = 0.0,
+        prompt_dropout: float = 0.0,
     ) -> None:
         self.source = source
         self.case_ids = list(case_ids)
@@ -289,6 +298,9 @@ class SliceDataset(torch.utils.data.Dataset):
         self.clahe = clahe
         self.kernel = kernel
         self.negative_points = negative_points
+        self.neighbour_prompts = neighbour_prompts
+        self.prompt_dropout = prompt_dropout
+        self._case_labels: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -297,10 +309,20 @@ class SliceDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         case_id, position = self.slices[index]
         image_hu, label = self.source.read_slice(case_id, position)
-        return self.transform(image_hu, label, epoch, index)
+        neighbours = self._neighbour_labels(case_id, position) if self.neighbour_prompts else ()
+        return self.transform(image_hu, label, epoch, index, neighbours)
 
-    def transform(self, image_hu: np.ndarray, label: np.ndarray, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        """Window, CLAHE, augment + resize, then sample points from the final label."""
+    def _neighbour_labels(self, case_id: str, position: int) -> tuple[np.ndarray, ...]:
+        """The labels of the stored slices before and after `position` in its case (one at either end)."""
+        if case_id not in self._case_labels:
+            self._case_labels[case_id] = self.source.read_labels(case_id)
+        labels = self._case_labels[case_id]
+        return tuple(labels[p] for p in (position - 1, position + 1) if 0 <= p < len(labels))
+
+    def transform(self, image_hu: np.ndarray, label: np.ndarray, epoch: int, index: int,
+                  neighbours: tuple[np.ndarray, ...] = ()) -> dict[str, torch.Tensor]:
+        """Window, CLAHE, augment + resize, then sample points from the final label (and, training for
+        propagation, from a neighbour's label: `neighbours`, the adjacent stored slices' labels)."""
         rng = sample_generator(self.seed, epoch, index) if self.random_points else None
         matrix = sampling_matrix(*self.augment.draw(rng)) if self.augment is not None else None
         clip = None
@@ -309,6 +331,8 @@ class SliceDataset(torch.utils.data.Dataset):
         image, label_t = resample_slice(image_hu, label, matrix, self.window, self.size, clip, self.kernel)
         points, point_labels = sample_points(label_t.numpy(), self.num_classes, self.points_per_class, rng,
                                              self.protocol)
+        if rng is not None and (self.neighbour_prompts or self.prompt_dropout):
+            label_t = self._propagation_prompts(points, point_labels, label_t, neighbours, matrix, rng)
         if self.negative_points and rng is not None:
             extra, extra_labels = negative_points(label_t.numpy(), self.negative_points, rng, self.protocol.axis_order)
             points, point_labels = np.concatenate([points, extra]), np.concatenate([point_labels, extra_labels])
@@ -318,6 +342,26 @@ class SliceDataset(torch.utils.data.Dataset):
             "points": torch.from_numpy(points),
             "point_labels": torch.from_numpy(point_labels),
         }
+
+
+    def _propagation_prompts(self, points: np.ndarray, point_labels: np.ndarray, label_t: torch.Tensor,
+                             neighbours: tuple[np.ndarray, ...], matrix: np.ndarray | None,
+                             rng: np.random.Generator) -> torch.Tensor:
+        """Neighbour prompts and prompt dropout (class docstring), class by class; `points` and `point_labels`
+        change in place. Returns the target, the dropped classes set to background."""
+        k = self.points_per_class
+        for c in range(1, self.num_classes):
+            group = slice((c - 1) * k, c * k)
+            if neighbours and rng.random() < self.neighbour_prompts:
+                neighbour = neighbours[int(rng.integers(len(neighbours)))]
+                region = resample_label(neighbour, matrix, self.size, self.kernel).numpy() == c
+                if region.any():
+                    points[group], point_labels[group] = sample_points(region.astype(np.uint8), 2, k, rng,
+                                                                       self.protocol)
+            if (point_labels[group] != PADDING_LABEL).any() and rng.random() < self.prompt_dropout:
+                points[group], point_labels[group] = 0.0, PADDING_LABEL
+                label_t = torch.where(label_t == c, torch.zeros_like(label_t), label_t)
+        return label_t
 
 
 NEGATIVE_RING = 5  # pixels: how far outside the foreground negative training points are drawn

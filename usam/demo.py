@@ -2,17 +2,20 @@
 
     python -m usam.demo --workdir demo [--cases 12] [--size 256] [--epochs 8]
 
-care-synth -> care-convert -> care-verify -> care-publish -> usam fit (tiny model) -> usam eval ->
-usam predict on a new synthetic patient with 3 clicks per class on every slice that shows the class,
-then the Dice of that prediction against the patient's annotation. Each step is the installed command a
-user would type; it is printed before it runs. Steps whose output already exists are not redone.
+care-synth -> care-convert -> care-verify -> care-publish -> usam fit (tiny model) -> usam eval (clicks on every
+slice, and a simulated user clicking one slice per class) -> usam predict on a new synthetic patient, with 3 clicks
+per class on every slice that shows the class and with 3 clicks per class on one slice, propagated; then the Dice
+of those predictions against the patient's annotation. Each step is the installed command a user would type; it
+is printed before it runs. Steps whose output already exists are not redone.
 
 Training is from scratch (no SAM checkpoint), so every parameter group gets the same learning rate
 3e-3 (the 1e-4 encoder default protects pretrained weights, of which there are none here) at batch 8;
 the model heads start from the class priors (usam.models.blocks.init_prior_bias). The tumour is about
 0.1 % of a batch's pixels: with the paper's plain sampling and unweighted loss this short run never
 predicts it, so the demo over-samples slices by class (--class-balance 0.5) and weights the tumour 5x
-in the cross-entropy (--class-weights 1 1 5); see docs/training.md. The synthetic CT
+in the cross-entropy (--class-weights 1 1 5); see docs/training.md. For few clicks it trains for
+propagation (--neighbour-prompts 0.5 --prompt-dropout 0.3: prompts from adjacent slices, and classes segmented
+only when prompted; docs/evaluation.md#propagation). The synthetic CT
 is 256 px in-plane: its field of view is drawn in millimetres, so anatomy keeps its size and only
 the conversion gets cheaper (slices are resampled to 224 px for the model anyway).
 """
@@ -33,7 +36,8 @@ import SimpleITK as sitk
 from rich.console import Console
 from rich.table import Table
 
-from usam.prompts import sample_points
+from usam.prompts import interior_points
+from usam.simulate import chosen_slices
 
 console = Console()
 CLASS_NAMES = ("normal rectum", "tumor")
@@ -42,6 +46,12 @@ FROM_SCRATCH = ["--batch-size", "8", "--lr-encoder", "3e-3", "--lr-decoder", "3e
 CLASS_BALANCE = ["--class-balance", "0.5"]
 CLASS_WEIGHTS = ["--class-weights", "1", "1", "5"]
 RARE_CLASS_RECIPE = CLASS_BALANCE + CLASS_WEIGHTS
+# training for few clicks (usam.interactive): half of a class's training prompts come from an adjacent slice, as
+# propagated prompts do, and 30 % of prompted classes lose their prompt and their target, so the model segments
+# what the clicks ask for and propagation carries it through the volume
+PROPAGATION_TRAINING = ["--neighbour-prompts", "0.5", "--prompt-dropout", "0.3"]
+# the simulated user of the demo's sparse evaluation: one slice per class, 3 points, then up to 4 corrections
+SPARSE_EVAL = ["--interaction", "sparse", "--clicked-slices", "1", "--clicks", "3", "--corrections", "4"]
 
 
 def run(*command: str | Path) -> None:
@@ -62,24 +72,27 @@ def find_label_file(case_dir: Path) -> Path:
                 if p.is_file() and any(t in p.name.lower() for t in ("seg", "label")) and p.suffix != ".txt")
 
 
-def write_clicks(label_path: Path, clicks_path: Path, per_class: int) -> None:
-    """Simulated user clicks: ``per_class`` voxel positions per class on every axial slice that shows it.
+def write_clicks(label_path: Path, clicks_path: Path, per_class: int, clicked_slices: int | None = None) -> None:
+    """Simulated user clicks: ``per_class`` voxel positions per class on every axial slice that shows it, or (with
+    `clicked_slices`) on that many slices per class, chosen as ``usam eval --interaction sparse`` chooses them
+    (`usam.simulate.chosen_slices`: the largest cross-section first).
 
-    Deterministic (``usam.prompts.sample_points`` without a generator: points far from the boundary),
-    in voxel indices of the original label volume, i.e. the CT's own grid as ITK-SNAP shows it.
+    Deterministic (``usam.prompts.interior_points``: points far from the boundary), in voxel indices of the
+    original label volume, i.e. the CT's own grid as ITK-SNAP shows it.
     """
     label = sitk.ReadImage(str(label_path))
     canonical = sitk.DICOMOrient(label, "LPS")
     array = sitk.GetArrayFromImage(canonical)
     points = []
-    for k in np.flatnonzero(array.any(axis=(1, 2))):
-        xy, labels = sample_points(array[k].astype(np.uint8), num_classes=3, k=per_class, rng=None)
-        for slot, ((x, y), flag) in enumerate(zip(xy, labels)):
-            if flag != 1:
-                continue
-            world = canonical.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
-            index = label.TransformPhysicalPointToIndex(world)
-            points.append({"class": int(1 + slot // per_class), "position": [int(i) for i in index]})
+    for c in range(1, len(CLASS_NAMES) + 1):
+        areas = (array == c).sum(axis=(1, 2))
+        holding = np.flatnonzero(areas)
+        slices = holding if clicked_slices is None else chosen_slices(areas, clicked_slices)
+        for k in sorted(int(s) for s in slices):
+            for x, y in interior_points(array[k] == c, per_class):
+                world = canonical.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
+                index = label.TransformPhysicalPointToIndex(world)
+                points.append({"class": c, "position": [int(i) for i in index]})
     clicks_path.write_text(json.dumps({"coordinates": "voxel", "points": points}, indent=1))
 
 
@@ -92,6 +105,25 @@ def dice_table(prediction_path: Path, label_path: Path) -> dict[str, float]:
         # absent in both: undefined (NaN), never counted as perfect or as zero (docs/evaluation.md)
         scores[name] = float(2 * (p & t).sum() / (p.sum() + t.sum())) if p.any() or t.any() else float("nan")
     return scores
+
+
+def results_table(work: Path, label_path: Path, every_slice: Path, one_slice: Path) -> Table:
+    """Per-volume Dice of the test split (`usam eval` with and without the simulated user) and of the new patient."""
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    oracle, sparse = metrics["clinical_protocol"]["dice"], metrics["interaction"]["curve"][0]["dice"]
+    table = Table(title="Held-out synthetic patients: per-volume Dice, 3 clicks per class on the slices named")
+    table.add_column("patients")
+    table.add_column("clicked slices")
+    for name in CLASS_NAMES:
+        table.add_column(name, justify="right")
+    cases = f"test split ({metrics['num_cases']})"
+    table.add_row(f"{cases}, mean ± std", "every slice holding the class",
+                  *(f"{oracle[n]['mean']:.3f} ± {oracle[n]['std']:.3f}" for n in CLASS_NAMES))
+    table.add_row(f"{cases}, mean", "1 per class, propagated", *(f"{sparse[n]:.3f}" for n in CLASS_NAMES))
+    for clicks, how in ((every_slice, "every slice holding the class"), (one_slice, "1 per class, propagated")):
+        scores = dice_table(clicks.with_suffix(".nii.gz"), label_path)
+        table.add_row("new patient", how, *(f"{scores[n]:.3f}" for n in CLASS_NAMES))
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,33 +156,23 @@ def main(argv: list[str] | None = None) -> int:
         run("care-publish", out, care)
     if not (run_dir / "best").exists():
         run("usam", "fit", "--data", care, "--model", args.model, "--out", run_dir, "--epochs", args.epochs,
-            *FROM_SCRATCH, *RARE_CLASS_RECIPE, "--workers", 1)
+            *FROM_SCRATCH, *RARE_CLASS_RECIPE, *PROPAGATION_TRAINING, "--workers", 1)
     run("usam", "eval", "--data", out, "--checkpoint", run_dir / "best", "--split", "test",
-        "--out", work / "eval")
+        "--out", work / "eval", *SPARSE_EVAL)
 
     new_patient = work / "new_patient"
     if not new_patient.exists():
         run("care-synth", new_patient, "--cases", 1, "--seed", 2024, "--size", args.size, "--no-messy")
     case_dir = next(p for p in new_patient.iterdir() if p.is_dir())
     label_path = find_label_file(case_dir)
-    clicks = work / "clicks.json"
-    write_clicks(label_path, clicks, per_class=3)
-    prediction = work / "new_patient_prediction.nii.gz"
-    # every slice showing a class is clicked: no propagation, the other slices stay background
-    run("usam", "predict", "--checkpoint", run_dir / "best", "--image", case_dir, "--points", clicks,
-        "--no-propagate", "--out", prediction, "--overlays", work / "new_patient_overlays")
-
-    scores = dice_table(prediction, label_path)
-    metrics = json.loads((work / "eval" / "metrics.json").read_text())
-    held_out = metrics["clinical_protocol"]["dice"]
-    table = Table(title="Held-out synthetic patients, 3 clicks per class per slice: per-volume Dice")
-    table.add_column("patients")
-    for name in CLASS_NAMES:
-        table.add_column(name, justify="right")
-    table.add_row(f"test split ({metrics['num_cases']}), mean ± std",
-                  *(f"{held_out[n]['mean']:.3f} ± {held_out[n]['std']:.3f}" for n in CLASS_NAMES))
-    table.add_row("new patient", *(f"{scores[n]:.3f}" for n in CLASS_NAMES))
-    console.print(table)
+    every_slice, one_slice = work / "new_patient_every_slice", work / "new_patient_one_slice"
+    write_clicks(label_path, every_slice.with_suffix(".json"), per_class=3)
+    write_clicks(label_path, one_slice.with_suffix(".json"), per_class=3, clicked_slices=1)
+    # every slice showing a class clicked: no propagation needed; one slice per class: propagated through the scan
+    for clicks, how in ((every_slice, "--no-propagate"), (one_slice, "--propagate")):
+        run("usam", "predict", "--checkpoint", run_dir / "best", "--image", case_dir, "--points",
+            clicks.with_suffix(".json"), how, "--out", clicks.with_suffix(".nii.gz"), "--overlays", clicks)
+    console.print(results_table(work, label_path, every_slice, one_slice))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {work}")
     return 0
 

@@ -271,7 +271,8 @@ def plan_batches(config: TrainConfig, data: TrainingData, model: nn.Module, ddp:
     common = dict(num_classes=len(data.class_names), points_per_class=config.points, window=tuple(config.window),
                   size=input_size, protocol=config.prompt_protocol(), clahe=config.clahe, kernel=config.resize)
     train_set = SliceDataset(data.source, data.train_ids, augment=augment, random_points=True, seed=config.seed,
-                             negative_points=config.negative_points, **common)
+                             negative_points=config.negative_points, neighbour_prompts=config.neighbour_prompts,
+                             prompt_dropout=config.prompt_dropout, **common)
     val_set = SliceDataset(data.source, data.val_ids, augment=None, **common)
     rank_batch = config.batch_size if config.batch_scope == "per_device" else config.batch_size // ddp.world_size
     class_slices = slices_with_class(train_set) if config.class_balance > 0 else None
