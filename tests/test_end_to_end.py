@@ -19,14 +19,17 @@ import torch
 
 from care_dataset.cli import convert_main, publish_main, synth_main
 from usam.cli import main as usam_main
-from usam.demo import FROM_SCRATCH, PROPAGATION_TRAINING, RARE_CLASS_RECIPE, dice_table, find_label_file, write_clicks
+from usam.demo import (FROM_SCRATCH, PROPAGATION_TRAINING, RARE_CLASS_RECIPE, dice_table, find_label_file,
+                       write_clicks, write_end_corrections)
 from usam.models.checkpoints import read_checkpoint_config, save_checkpoint
 from usam.models.registry import create_model
 
 TRAIN_STEPS = 160
-# Per-volume Dice of the rectum against the new patient's raw label file, clicks on its largest cross-section only
-# (3 points), after TRAIN_STEPS steps; the full demo reaches 0.96.
-ONE_SLICE_RECTUM_DICE_FLOOR = 0.7
+# Per-volume Dice of the rectum against the new patient's raw label file after TRAIN_STEPS steps, clicks on its
+# largest cross-section only (3 points): propagated (measured 0.72 here), and with a negative click past each end
+# where the prediction ran past it (0.81). The full demo reaches 0.82 and 0.96.
+ONE_SLICE_RECTUM_DICE_FLOOR = 0.6
+CORRECTED_RECTUM_DICE_FLOOR = 0.7
 
 
 def eval_mean_dice(data: Path, checkpoint: Path, out: Path) -> dict:
@@ -102,16 +105,18 @@ def one_clicked_slice_segments_a_new_patient(tmp_path: Path, checkpoint: Path) -
     print(f"one clicked slice per class, new patient: Dice {scores}")
     assert scores["normal rectum"] >= ONE_SLICE_RECTUM_DICE_FLOOR
 
-    # a negative click on the rectum predicted on a slice away from the clicked one removes that region there
-    k = int(holding[0]) if int(holding[0]) not in rectum_slices else int(holding[-1])
-    region = labels[k] == 1
-    assert region.any()
-    row, col = (int(v) for v in np.argwhere(region)[len(np.argwhere(region)) // 2])
-    points = json.loads(clicks.read_text())
-    points["points"].append({"class": 1, "position": [col, row, k], "label": "negative"})
-    clicks.write_text(json.dumps(points))
+    # where the rectum ran past its ends (into the unlabelled sigmoid or anal canal), a negative click on the first
+    # slice past each end: the region there becomes background and propagation stops
+    corrected_clicks = tmp_path / "corrected.json"
+    added = write_end_corrections(prediction, label_path, clicks, corrected_clicks)
     corrected = tmp_path / "corrected.nii.gz"
-    assert usam_main([*predict, "--points", str(clicks), "--out", str(corrected)]) == 0
+    assert usam_main([*predict, "--points", str(corrected_clicks), "--out", str(corrected)]) == 0
     after = sitk.GetArrayFromImage(sitk.ReadImage(str(corrected)))
-    assert after[k, row, col] != 1
-    assert (after[k] == 1).sum() < region.sum()
+    negatives = [p for p in json.loads(corrected_clicks.read_text())["points"] if p.get("label") == "negative"]
+    assert len(negatives) == added
+    for point in negatives:
+        i, j, k = point["position"]
+        assert labels[k, j, i] == 1 and not (after[k] == 1).any()
+    corrected_scores = dice_table(corrected, label_path)
+    print(f"... plus {added} negative click(s) past the rectum's ends: Dice {corrected_scores}")
+    assert corrected_scores["normal rectum"] >= max(scores["normal rectum"], CORRECTED_RECTUM_DICE_FLOOR)

@@ -26,7 +26,7 @@ from usam.interactive import CLICKED, PROPAGATED, FeatureCache, SliceClicks, pro
 from usam.models.checkpoints import save_checkpoint
 from usam.models.registry import create_model
 from usam.prompts import CanonicalGrid, slots_from_clicks
-from usam.simulate import InteractionProtocol, chosen_slices, noc, simulate_case
+from usam.simulate import InteractionProtocol, chosen_slices, correction, noc, simulate_case
 
 SIZE = 64
 WINDOW = (-125.0, 275.0)
@@ -156,6 +156,58 @@ def test_negative_click_removes_a_false_positive_and_neighbours_repropagate():
     assert after.reached == before.reached
 
 
+class TumourSecondGuess(RegionGrower):
+    """RegionGrower whose tumour logit is second best wherever it labels the rectum."""
+
+    def decode_prompts(self, features, points=None, point_labels=None) -> torch.Tensor:
+        logits = super().decode_prompts(features, points, point_labels)
+        logits[:, 2] += (logits[:, 1] > 0) * 5.0
+        return logits
+
+
+def test_negative_click_past_a_structures_end_stops_propagation_but_not_on_the_users_own_click():
+    """The tube goes on, bright but unlabelled, on slices 20..23 (as the sigmoid above the rectum): propagation runs
+    into it. A negative click on slice 20 makes that region background (not the second-best class) although
+    propagated points lie in it, so the rectum is not carried further; on the clicked slice 12 the user's own
+    positive click shields its region."""
+    hu, truth = patient()
+    hu[20:24][(hu[19] == 100)[None].repeat(4, axis=0)] = 100
+    cache = FeatureCache(TumourSecondGuess(), SETTINGS, hu)
+    before = propagate(cache, one_click(12))
+    assert {20, 21, 22, 23} <= set(before.reached[1]) and (before.labels[20] == 1).any()
+    clicks = one_click(12)
+    row, col = np.argwhere(before.labels[20] == 1)[0]
+    clicks[20] = SliceClicks(negative={1: [np.array((col, row), np.float32)]})
+    clicks[12].negative[1] = [np.array((26.0, 30.0), np.float32)]
+    after = propagate(cache, clicks)
+    assert (after.labels[20] == 0).all()
+    assert not {21, 22, 23} & set(after.reached[1])
+    assert np.array_equal(after.labels[4:20], before.labels[4:20])
+    assert dice(after.labels == 1, truth == 1) > dice(before.labels == 1, truth == 1)
+
+
+def test_simulated_user_clicks_region_errors_not_boundaries():
+    """A false-positive rim around the true region and a missed rim inside it are boundary errors: no click. A
+    separate false-positive blob gets a negative click, a missed region on a slice a positive one."""
+    truth = np.zeros((3, SIZE, SIZE), np.uint8)
+    truth[:, 20:40, 20:40] = 1
+    rim = np.zeros_like(truth)
+    rim[:, 18:42, 18:42] = 1
+    shrunk = np.zeros_like(truth)
+    shrunk[:, 23:37, 23:37] = 1
+    scored = np.arange(3)
+    for pred in (rim, shrunk):
+        assert correction(pred, truth, scored, {}, SETTINGS) is None
+    blob = rim.copy()
+    blob[1, 50:60, 50:60] = 1
+    clicks: dict[int, SliceClicks] = {}
+    assert correction(blob, truth, scored, clicks, SETTINGS) == (1, 1, False)
+    assert len(clicks[1].negative[1]) == 1
+    missed = rim.copy()
+    missed[2] = 0
+    assert correction(missed, truth, scored, {}, SETTINGS) == (2, 1, True)
+
+
 def test_a_corrective_click_runs_no_image_side_again():
     hu, _ = patient()
     model = RegionGrower()
@@ -171,7 +223,10 @@ def test_a_corrective_click_runs_no_image_side_again():
     # only slices whose prompt changed are decoded again: 6 twice (first with its negative click alone, then with
     # the points propagated into it), 5 and 4 (no longer reached: unprompted)
     assert second.decodes == 4
-    assert propagate(cache, clicks).decodes == 0
+    kept = len(cache.labels)  # labels of every (slice, prompt) seen: 6, 5 and 4 are new, the rest not resized again
+    third = propagate(cache, clicks)
+    assert third.decodes == 0 and len(cache.labels) == kept and np.array_equal(third.labels, second.labels)
+    assert np.array_equal(propagate(FeatureCache(RegionGrower(), SETTINGS, hu), clicks).labels, second.labels)
 
 
 def test_usam_tiny_decodes_cached_features_as_its_forward_does():

@@ -96,6 +96,29 @@ def write_clicks(label_path: Path, clicks_path: Path, per_class: int, clicked_sl
     clicks_path.write_text(json.dumps({"coordinates": "voxel", "points": points}, indent=1))
 
 
+def write_end_corrections(prediction_path: Path, label_path: Path, clicks_path: Path, corrected_path: Path) -> int:
+    """A simulated user's corrections of a propagated prediction: where a class runs past its first or last axial
+    slice in the truth, one negative click on the first slice past that end, at the deepest pixel of the class's
+    predicted region there. Writes `clicks_path`'s clicks plus those to `corrected_path`; returns how many."""
+    label = sitk.ReadImage(str(label_path))
+    canonical = sitk.DICOMOrient(label, "LPS")
+    truth = sitk.GetArrayFromImage(canonical)
+    predicted = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(prediction_path)), "LPS"))
+    clicks = json.loads(clicks_path.read_text())
+    added = 0
+    for c in range(1, len(CLASS_NAMES) + 1):
+        holding = np.flatnonzero((truth == c).any(axis=(1, 2)))
+        for k in (holding[0] - 1, holding[-1] + 1) if len(holding) else ():
+            if 0 <= k < len(predicted) and (predicted[k] == c).any():
+                x, y = interior_points(predicted[k] == c, 1)[0]
+                world = canonical.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
+                position = [int(i) for i in label.TransformPhysicalPointToIndex(world)]
+                clicks["points"].append({"class": c, "position": position, "label": "negative"})
+                added += 1
+    corrected_path.write_text(json.dumps(clicks, indent=1))
+    return added
+
+
 def dice_table(prediction_path: Path, label_path: Path) -> dict[str, float]:
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_path)))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
@@ -107,8 +130,15 @@ def dice_table(prediction_path: Path, label_path: Path) -> dict[str, float]:
     return scores
 
 
-def results_table(work: Path, label_path: Path, every_slice: Path, one_slice: Path) -> Table:
-    """Per-volume Dice of the test split (`usam eval` with and without the simulated user) and of the new patient."""
+def predict(checkpoint: Path, case_dir: Path, clicks: Path, propagation: str) -> None:
+    """usam predict with the clicks `clicks`.json, writing `clicks`.nii.gz and overlays in the folder `clicks`."""
+    run("usam", "predict", "--checkpoint", checkpoint, "--image", case_dir, "--points", clicks.with_suffix(".json"),
+        propagation, "--out", clicks.with_suffix(".nii.gz"), "--overlays", clicks)
+
+
+def results_table(work: Path, label_path: Path, new_patient: list[tuple[str, Path]]) -> Table:
+    """Per-volume Dice of the test split (`usam eval` with clicks on every slice, and its simulated user clicking one
+    slice per class) and of the new patient's predictions `new_patient` ((clicks, prediction path without suffix))."""
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     oracle, sparse = metrics["clinical_protocol"]["dice"], metrics["interaction"]["curve"][0]["dice"]
     table = Table(title="Held-out synthetic patients: per-volume Dice, 3 clicks per class on the slices named")
@@ -120,8 +150,8 @@ def results_table(work: Path, label_path: Path, every_slice: Path, one_slice: Pa
     table.add_row(f"{cases}, mean ± std", "every slice holding the class",
                   *(f"{oracle[n]['mean']:.3f} ± {oracle[n]['std']:.3f}" for n in CLASS_NAMES))
     table.add_row(f"{cases}, mean", "1 per class, propagated", *(f"{sparse[n]:.3f}" for n in CLASS_NAMES))
-    for clicks, how in ((every_slice, "every slice holding the class"), (one_slice, "1 per class, propagated")):
-        scores = dice_table(clicks.with_suffix(".nii.gz"), label_path)
+    for how, prediction in new_patient:
+        scores = dice_table(prediction.with_suffix(".nii.gz"), label_path)
         table.add_row("new patient", how, *(f"{scores[n]:.3f}" for n in CLASS_NAMES))
     return table
 
@@ -165,14 +195,20 @@ def main(argv: list[str] | None = None) -> int:
         run("care-synth", new_patient, "--cases", 1, "--seed", 2024, "--size", args.size, "--no-messy")
     case_dir = next(p for p in new_patient.iterdir() if p.is_dir())
     label_path = find_label_file(case_dir)
-    every_slice, one_slice = work / "new_patient_every_slice", work / "new_patient_one_slice"
+    every_slice, one_slice, corrected = (work / f"new_patient_{name}" for name in ("every_slice", "one_slice",
+                                                                                   "corrected"))
     write_clicks(label_path, every_slice.with_suffix(".json"), per_class=3)
     write_clicks(label_path, one_slice.with_suffix(".json"), per_class=3, clicked_slices=1)
     # every slice showing a class clicked: no propagation needed; one slice per class: propagated through the scan
     for clicks, how in ((every_slice, "--no-propagate"), (one_slice, "--propagate")):
-        run("usam", "predict", "--checkpoint", run_dir / "best", "--image", case_dir, "--points",
-            clicks.with_suffix(".json"), how, "--out", clicks.with_suffix(".nii.gz"), "--overlays", clicks)
-    console.print(results_table(work, label_path, every_slice, one_slice))
+        predict(run_dir / "best", case_dir, clicks, how)
+    # where propagation ran past a class's end (into the unlabelled sigmoid or anal canal): a negative click there
+    added = write_end_corrections(one_slice.with_suffix(".nii.gz"), label_path, one_slice.with_suffix(".json"),
+                                  corrected.with_suffix(".json"))
+    predict(run_dir / "best", case_dir, corrected, "--propagate")
+    console.print(results_table(work, label_path, [
+        ("every slice holding the class", every_slice), ("1 per class, propagated", one_slice),
+        (f"1 per class, propagated, + {added} negative click(s) past its ends", corrected)]))
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; everything is under {work}")
     return 0
 

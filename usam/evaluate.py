@@ -40,6 +40,7 @@ from usam.inference import (
     InferenceSettings,
     InputError,
     choose_device,
+    class_argmax,
     config_value,
     forward_logits,
     inference_settings,
@@ -253,7 +254,7 @@ def predict_case(model: nn.Module, settings: InferenceSettings, case: EvalCase, 
             points, point_labels = model_prompts(truth_small, num_classes, points_per_class, settings.points_per_class,
                                                  protocol)
         logits = forward_logits(model, x, points, point_labels, device)
-        pool_slices(pooled, logits.argmax(dim=1), truth_small.to(logits.device), case.pooled[batch], num_classes)
+        pool_slices(pooled, class_argmax(logits), truth_small.to(logits.device), case.pooled[batch], num_classes)
         pred[batch] = logits_to_labels(logits, height, width, settings.corner_aligned).cpu().numpy()
         if progress is not None:
             progress(batch.stop - batch.start)

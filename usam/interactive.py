@@ -13,8 +13,10 @@ Slices no class reached get the unprompted prediction (null prompts).
 
 Negative clicks enter the model as extra slots after the K class slots, label 0 (SAM's background point;
 `PromptedSegmenter.check_prompts`). Whatever the model makes of them, the connected region of the clicked class
-holding a negative click is then removed from that slice's prediction (post-processing: its logit is set below
-every other class's there), and propagation continues from the corrected slice.
+holding a negative click then becomes background on that slice (post-processing: the background logit is raised
+above every class's there), unless it holds one of the user's own positive clicks of that class on that slice (a
+contradiction: the model's output stands); propagated points do not shield a region, so a negative click where
+propagation ran past a structure's end stops it there. Propagation continues from the corrected slice.
 
 The image side of each slice (`encode_image`: the CNN path and the ViT) does not depend on prompts: a
 `FeatureCache` runs it once per slice and keeps the features, so a corrective click re-runs only the prompt
@@ -35,7 +37,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from usam.inference import InferenceSettings, iter_batches, logits_to_labels, model_input
+from usam.inference import InferenceSettings, class_argmax, iter_batches, logits_to_labels, model_input
 from usam.prompts import AXIS_NAMES, CanonicalGrid, interior_points, slots_from_clicks
 
 CLICKED = "clicked"
@@ -92,6 +94,7 @@ class FeatureCache:
         self.split = hasattr(model, "encode_image") and hasattr(model, "decode_prompts")
         self.cache: dict[int, Any] = {}
         self.logits: dict[tuple, torch.Tensor] = {}  # (slice, prompt bytes) -> C x S x S
+        self.labels: dict[tuple, np.ndarray] = {}  # `_State.keys` -> the slice's H x W uint8 labels
         self.encoded = self.decoded = 0
 
     def features(self, slices: list[int]) -> Any:
@@ -167,6 +170,8 @@ class _State:
     positive: dict[int, dict[int, list[np.ndarray]]] = field(default_factory=dict)
     reached: dict[int, dict[int, str]] = field(default_factory=dict)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    # what each slice's logits depend on: (slice, prompt bytes, the classes the user clicked there); (slice,) unprompted
+    keys: dict[int, tuple] = field(default_factory=dict)
 
 
 def _slice_prompt(state: _State, s: int, num_classes: int, k: int, settings: InferenceSettings
@@ -183,19 +188,25 @@ def _slice_prompt(state: _State, s: int, num_classes: int, k: int, settings: Inf
     return points, labels
 
 
-def _remove_negatives(logits: torch.Tensor, negatives: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+def _remove_negatives(logits: torch.Tensor, negatives: list[tuple[int, np.ndarray]],
+                      clicked: Mapping[int, list[np.ndarray]]) -> torch.Tensor:
     """C x S x S logits with, for each negative click (class c, (x, y)), the connected class-c region holding the
-    click pushed below every other class there."""
+    click made background (its background logit raised above every class's), unless the region holds one of the user's own positive clicks of c
+    on this slice (`clicked`; the two clicks then contradict each other and the model's output stands)."""
     size = logits.shape[-1]
-    for c, xy in negatives:
-        predicted = (logits.argmax(0) == c).cpu().numpy()
+
+    def pixel(xy: np.ndarray) -> tuple[int, int]:
         col, row = (int(np.clip(np.rint(v), 0, size - 1)) for v in xy)
-        components, _ = ndimage.label(predicted)
-        if not components[row, col]:
+        return row, col
+
+    for c, xy in negatives:
+        components, _ = ndimage.label((class_argmax(logits, 0) == c).cpu().numpy())
+        region = components[pixel(xy)]
+        if not region or any(components[pixel(p)] == region for p in clicked.get(c, [])):
             continue
-        region = torch.from_numpy(components == components[row, col]).to(logits.device)
         logits = logits.clone()
-        logits[c] = torch.where(region, logits.min() - 1.0, logits[c])
+        logits[0] = torch.where(torch.from_numpy(components == region).to(logits.device), logits.max() + 1.0,
+                                logits[0])
     return logits
 
 
@@ -212,13 +223,15 @@ def _decode(cache: FeatureCache, state: _State, slices: Iterable[int]) -> None:
             labels = torch.from_numpy(np.stack([prompts[s][1] for s in chosen]))
             logits = cache.decode(chosen, points, labels)
             for i, s in enumerate(chosen):
-                negatives = state.clicks[s].negatives() if s in state.clicks else []
-                state.logits[s] = _remove_negatives(logits[i], negatives)
+                on_slice = state.clicks.get(s, SliceClicks())
+                state.logits[s] = _remove_negatives(logits[i], on_slice.negatives(), on_slice.positive)
+                state.keys[s] = (s, points[i].numpy().tobytes(), labels[i].numpy().tobytes(),
+                                 tuple(sorted(on_slice.positive)))
 
 
 def _area(state: _State, s: int, c: int) -> np.ndarray:
     """Slice s's predicted class-c region at model resolution (S x S bool)."""
-    return (state.logits[s].argmax(0) == c).cpu().numpy()
+    return (class_argmax(state.logits[s], 0) == c).cpu().numpy()
 
 
 def _start(state: _State) -> list[tuple[int, int, int]]:
@@ -294,7 +307,8 @@ def propagate(cache: FeatureCache, clicks: Mapping[int, SliceClicks], min_area: 
 
 
 def _labels(cache: FeatureCache, state: _State, unprompted_rest: bool) -> np.ndarray:
-    """(slices, H, W) uint8: prompted slices from their logits, the others unprompted (or background)."""
+    """(slices, H, W) uint8: prompted slices from their logits, the others unprompted (or background). Labels are
+    kept in the cache by `_State.keys`, so a slice whose logits did not change is not resized again."""
     n, height, width = cache.hu.shape
     out = np.zeros((n, height, width), dtype=np.uint8)
     rest = [s for s in range(n) if s not in state.logits] if unprompted_rest else []
@@ -302,12 +316,16 @@ def _labels(cache: FeatureCache, state: _State, unprompted_rest: bool) -> np.nda
         chosen = rest[batch]
         logits = cache.decode(chosen, None, None)
         for i, s in enumerate(chosen):
-            state.logits[s] = logits[i]
-    done = sorted(state.logits)
-    for batch in iter_batches(len(done), cache.batch_size):
-        chosen = done[batch]
+            state.logits[s], state.keys[s] = logits[i], (s,)
+    todo = [s for s in sorted(state.logits) if state.keys[s] not in cache.labels]
+    for batch in iter_batches(len(todo), cache.batch_size):
+        chosen = todo[batch]
         logits = torch.stack([state.logits[s] for s in chosen])
-        out[chosen] = logits_to_labels(logits, height, width, cache.settings.corner_aligned).cpu().numpy()
+        labels = logits_to_labels(logits, height, width, cache.settings.corner_aligned).cpu().numpy()
+        for i, s in enumerate(chosen):
+            cache.labels[state.keys[s]] = labels[i]
+    for s in state.logits:
+        out[s] = cache.labels[state.keys[s]]
     return out
 
 

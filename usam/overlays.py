@@ -143,21 +143,25 @@ def save_slice_overlays(
 
 
 def save_interaction_curve(interaction: dict, class_names: Sequence[str], path: Path) -> None:
-    """PNG: mean per-volume Dice per class against the mean total clicks per case (`usam.simulate`), with the
-    unprompted and oracle-per-slice Dice as dashed and dotted lines where given."""
-    figure = Figure(figsize=(6, 4))
-    ax = figure.subplots()
+    """PNG: mean per-volume Dice (left) and HD95 (right) per class against the mean total clicks per case
+    (`usam.simulate`), with the unprompted and oracle-per-slice figures as dashed and dotted lines where given."""
+    figure = Figure(figsize=(10, 4))
     clicks = [step["mean_total_clicks"] for step in interaction["curve"]]
-    for c, name in enumerate(class_names[1:], start=1):
-        dice = [np.nan if step["dice"][name] is None else step["dice"][name] for step in interaction["curve"]]
-        ax.plot(clicks, dice, marker="o", color=class_color(c), label=name)
-        for key, style in (("unprompted", "--"), ("oracle_per_slice", ":")):
-            value = interaction.get(key, {}).get("dice", {}).get(name)
-            if value is not None:
-                ax.axhline(value, linestyle=style, color=class_color(c), linewidth=1, label=f"{name}, {key}")
-    ax.set_xlabel("total clicks per case (mean)")
-    ax.set_ylabel("per-volume Dice (mean)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    for ax, metric, axis_label in zip(figure.subplots(1, 2), ("dice", "hd95_mm"),
+                                      ("per-volume Dice (mean)", "HD95 mm (mean over cases where defined)")):
+        for c, name in enumerate(class_names[1:], start=1):
+            values = [np.nan if step[metric][name] is None else step[metric][name] for step in interaction["curve"]]
+            ax.plot(clicks, values, marker="o", color=class_color(c), label=name)
+            for key, style in (("unprompted", "--"), ("oracle_per_slice", ":")):
+                value = interaction.get(key, {}).get(metric, {}).get(name)
+                if value is not None:
+                    ax.axhline(value, linestyle=style, color=class_color(c), linewidth=1, label=f"{name}, {key}")
+        ax.set_xlabel("total clicks per case (mean)")
+        ax.set_ylabel(axis_label)
+        if metric == "dice":
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
     figure.tight_layout()
     _save(figure, Path(path))

@@ -5,7 +5,10 @@ evenly over its extent), K points on each from the truth at model resolution (`u
 the clicks propagate through the stored slices (`usam.interactive.propagate`). Then up to C corrections: one
 click at the centre of the largest 3-D error component of the scored slices (misses and false positives of every
 class; the centre: the deepest pixel of the component's largest cross-section), positive for a miss (where the
-class still has a free slot on that slice, else the next component), negative for a false positive. Per-volume
+class still has a free slot on that slice, else the next component), negative for a false positive that does not
+touch the class's truth on that slice (a region where the class is not; a false-positive rim of a true region is
+a boundary error, which a negative click, removing the region it lands on, cannot fix: the next component is
+taken). Per-volume
 Dice and HD95 after the initial clicks and after each correction; NoC@tau: the clicks (initial plus corrections)
 after which a case's class Dice first reaches tau, C corrections' worth where it never does. Deterministic.
 """
@@ -106,13 +109,18 @@ def correction(pred: np.ndarray, truth: np.ndarray, scored: np.ndarray, clicks: 
         z = int(np.argmax(mask.reshape(len(mask), -1).sum(axis=1)))
         s = int(scored[z])
         on_slice = clicks.setdefault(s, SliceClicks())
-        if miss and len(on_slice.positive.get(c, [])) >= k:
+        if (miss and len(on_slice.positive.get(c, [])) >= k) or _touches(mask[z], (pred[z] if miss else truth[z]) == c):
             continue
         row_col = interior_points(mask[z], 1)[0][::-1]
         xy = pixel_to_model(row_col[None], height, width, size, settings.corner_aligned)[0]
         (on_slice.positive if miss else on_slice.negative).setdefault(c, []).append(xy)
         return s, c, miss
     return None
+
+
+def _touches(region: np.ndarray, other: np.ndarray) -> bool:
+    """Whether two H x W masks share a pixel or an edge."""
+    return bool((ndimage.binary_dilation(region) & other).any())
 
 
 def _class_clicks(clicks: Mapping[int, SliceClicks], num_classes: int) -> np.ndarray:

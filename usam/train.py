@@ -46,7 +46,7 @@ from care_dataset.format.published import manifest_path, open_any
 from care_dataset.format.splits import carve_validation
 from usam.config import RESUMABLE_CHANGES, SELECTION_WARNING, TrainConfig, read_toml, to_toml
 from usam.data import MODEL_SIZE, Augmentation, EpochSampler, SliceDataset, slices_with_class
-from usam.inference import choose_device
+from usam.inference import choose_device, class_argmax
 from usam.metrics import confusion_tensor, dice_from_confusion, foreground_mean
 from usam.models.checkpoints import load_weights, read_checkpoint_config, recover_checkpoint, save_checkpoint
 from usam.models.registry import create_model, list_models, takes_option
@@ -377,7 +377,7 @@ class LogWindow:
 
     def add(self, logits: torch.Tensor, target: torch.Tensor, losses: tuple[torch.Tensor, ...]) -> None:
         self.losses += torch.stack([loss.detach() for loss in losses]).double()
-        self.confusion += confusion_tensor(logits.detach().argmax(dim=1), target, self.confusion.shape[0])
+        self.confusion += confusion_tensor(class_argmax(logits.detach()), target, self.confusion.shape[0])
         self.steps += 1
 
     def close(self, run: TrainingRun, used_lr: dict[str, float]) -> dict[str, Any]:
@@ -408,7 +408,7 @@ def validate(run: TrainingRun, val_loader: DataLoader) -> dict[str, Any]:
         images, points, labels, target = batch_to_device(batch, run)
         with autocast(run):
             logits = run.model(images, points, labels)
-        confusion += confusion_tensor(logits.argmax(dim=1), target, run.num_classes)
+        confusion += confusion_tensor(class_argmax(logits), target, run.num_classes)
         loss_sum += torch.stack([loss_terms(logits, target, run)[0].double() * len(images),
                                  torch.tensor(float(len(images)), dtype=torch.float64, device=run.device)])
     all_reduce_sum(confusion, run.ddp)
