@@ -343,7 +343,6 @@ class SliceDataset(torch.utils.data.Dataset):
             "point_labels": torch.from_numpy(point_labels),
         }
 
-
     def _propagation_prompts(self, points: np.ndarray, point_labels: np.ndarray, label_t: torch.Tensor,
                              neighbours: tuple[np.ndarray, ...], matrix: np.ndarray | None,
                              rng: np.random.Generator) -> torch.Tensor:

@@ -4,9 +4,10 @@
 
 care-synth -> care-convert -> care-verify -> care-publish -> usam fit (tiny model) -> usam eval (clicks on every
 slice, and a simulated user clicking one slice per class) -> usam predict on a new synthetic patient, with 3 clicks
-per class on every slice that shows the class and with 3 clicks per class on one slice, propagated; then the Dice
-of those predictions against the patient's annotation. Each step is the installed command a user would type; it
-is printed before it runs. Steps whose output already exists are not redone.
+per class on every slice that shows the class, with 3 clicks per class on one slice, propagated, and with those plus
+a negative click past each end the propagation overran; then the Dice of those predictions against the patient's
+annotation. Each step is the installed command a user would type; it is printed before it runs. Steps whose output
+already exists are not redone.
 
 Training is from scratch (no SAM checkpoint), so every parameter group gets the same learning rate
 3e-3 (the 1e-4 encoder default protects pretrained weights, of which there are none here) at batch 8;
@@ -72,6 +73,12 @@ def find_label_file(case_dir: Path) -> Path:
                 if p.is_file() and any(t in p.name.lower() for t in ("seg", "label")) and p.suffix != ".txt")
 
 
+def voxel_index(canonical: sitk.Image, image: sitk.Image, x: float, y: float, k: int) -> list[int]:
+    """Pixel (x, y) of axial slice k of `canonical` (``DICOMOrient(image, "LPS")``) -> `image`'s voxel index."""
+    world = canonical.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
+    return [int(i) for i in image.TransformPhysicalPointToIndex(world)]
+
+
 def write_clicks(label_path: Path, clicks_path: Path, per_class: int, clicked_slices: int | None = None) -> None:
     """Simulated user clicks: ``per_class`` voxel positions per class on every axial slice that shows it, or (with
     `clicked_slices`) on that many slices per class, chosen as ``usam eval --interaction sparse`` chooses them
@@ -90,9 +97,7 @@ def write_clicks(label_path: Path, clicks_path: Path, per_class: int, clicked_sl
         slices = holding if clicked_slices is None else chosen_slices(areas, clicked_slices)
         for k in sorted(int(s) for s in slices):
             for x, y in interior_points(array[k] == c, per_class):
-                world = canonical.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
-                index = label.TransformPhysicalPointToIndex(world)
-                points.append({"class": c, "position": [int(i) for i in index]})
+                points.append({"class": c, "position": voxel_index(canonical, label, x, y, k)})
     clicks_path.write_text(json.dumps({"coordinates": "voxel", "points": points}, indent=1))
 
 
@@ -111,9 +116,8 @@ def write_end_corrections(prediction_path: Path, label_path: Path, clicks_path: 
         for k in (holding[0] - 1, holding[-1] + 1) if len(holding) else ():
             if 0 <= k < len(predicted) and (predicted[k] == c).any():
                 x, y = interior_points(predicted[k] == c, 1)[0]
-                world = canonical.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(k)))
-                position = [int(i) for i in label.TransformPhysicalPointToIndex(world)]
-                clicks["points"].append({"class": c, "position": position, "label": "negative"})
+                clicks["points"].append({"class": c, "position": voxel_index(canonical, label, x, y, k),
+                                         "label": "negative"})
                 added += 1
     corrected_path.write_text(json.dumps(clicks, indent=1))
     return added
