@@ -7,8 +7,6 @@ from torch import nn
 from usam.models.blocks import split_trainable
 from usam.models.sam_parts import (
     PATCH_SIZE,
-    build_image_encoder,
-    build_mask_decoder,
     build_prompt_encoder,
     run_two_way_transformer,
 )
@@ -48,8 +46,8 @@ class PromptedSegmenter(nn.Module):
         prompt_style: str = "classwise",
     ) -> None:
         """Sizes of SAM's parts (ViT-B's by default) and the prompt style. The subclass builds the mask
-        decoder first (`build_mask_decoder`, with its count of mask tokens) and the ViT (`build_image_encoder`)
-        where its place in the architecture needs it."""
+        decoder first (`usam.models.sam_parts.mask_decoder_of` its config, with its count of mask tokens) and the
+        ViT (`image_encoder_of`) where its place in the architecture needs it."""
         super().__init__()
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
@@ -86,31 +84,6 @@ class PromptedSegmenter(nn.Module):
             if points_per_class:
                 slot_classes = slot_classes // points_per_class
             self.register_buffer("slot_classes", slot_classes, persistent=False)
-
-    def build_mask_decoder(self, num_mask_tokens: int) -> nn.Module:
-        """SAM's two-way mask decoder with this model's sizes and `num_mask_tokens` mask tokens."""
-        c = self.config
-        return build_mask_decoder(
-            embed_dim=c["embed_dim"],
-            num_mask_tokens=num_mask_tokens,
-            depth=c["decoder_depth"],
-            mlp_dim=c["decoder_mlp_dim"],
-            num_heads=c["decoder_num_heads"],
-        )
-
-    def build_image_encoder(self, in_chans: int) -> nn.Module:
-        """SAM's ViT with this model's sizes, taking `in_chans` channels and giving `embed_dim` channels."""
-        c = self.config
-        return build_image_encoder(
-            img_size=c["img_size"],
-            in_chans=in_chans,
-            embed_dim=c["vit_embed_dim"],
-            depth=c["vit_depth"],
-            num_heads=c["vit_num_heads"],
-            global_attn_indexes=tuple(c["vit_global_attn_indexes"]),
-            window_size=c["vit_window_size"],
-            out_chans=c["embed_dim"],
-        )
 
     @property
     def num_points(self) -> int:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usam.models.prompted import PromptedSegmenter
-from usam.models.sam_parts import mask_logits
+from usam.models.sam_parts import image_encoder_of, mask_decoder_of, mask_logits
 
 # SAM's RGB normalisation, applied to the grey slice repeated over three channels.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -41,8 +41,8 @@ class SAMBaseline(PromptedSegmenter):
         """`sizes`: `PromptedSegmenter`'s keyword arguments (classes, input size, points, SAM's sizes)."""
         super().__init__(**sizes)
         self.config = {"name": name, **self.config}
-        self.mask_decoder = self.build_mask_decoder(self.num_classes)  # one mask token per class
-        self.image_encoder = self.build_image_encoder(in_chans=3)
+        self.mask_decoder = mask_decoder_of(self.config, self.num_classes)  # one mask token per class
+        self.image_encoder = image_encoder_of(self.config, in_chans=3)
         self.register_buffer(
             "pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False
         )

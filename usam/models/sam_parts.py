@@ -5,8 +5,10 @@ import importlib
 import importlib.util
 import sys
 import traceback
+from collections.abc import Mapping
 from functools import partial
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +79,21 @@ def build_image_encoder(
     )
 
 
+def image_encoder_of(config: Mapping[str, Any], in_chans: int) -> ImageEncoderViT:
+    """SAM's ViT with the sizes of a SAM-based model's `config` (img_size, embed_dim, vit_embed_dim, vit_depth,
+    vit_num_heads, vit_global_attn_indexes, vit_window_size), taking `in_chans` channels, giving embed_dim."""
+    return build_image_encoder(
+        img_size=config["img_size"],
+        in_chans=in_chans,
+        embed_dim=config["vit_embed_dim"],
+        depth=config["vit_depth"],
+        num_heads=config["vit_num_heads"],
+        global_attn_indexes=tuple(config["vit_global_attn_indexes"]),
+        window_size=config["vit_window_size"],
+        out_chans=config["embed_dim"],
+    )
+
+
 def build_prompt_encoder(*, embed_dim: int, img_size: int) -> PromptEncoder:
     """SAM's prompt encoder for an `img_size` square input, frozen (requires_grad False)."""
     grid = img_size // PATCH_SIZE
@@ -110,6 +127,18 @@ def build_mask_decoder(
     )
     del decoder.iou_prediction_head
     return decoder
+
+
+def mask_decoder_of(config: Mapping[str, Any], num_mask_tokens: int) -> MaskDecoder:
+    """SAM's mask decoder with the sizes of a SAM-based model's `config` (embed_dim, decoder_depth,
+    decoder_mlp_dim, decoder_num_heads) and `num_mask_tokens` mask tokens."""
+    return build_mask_decoder(
+        embed_dim=config["embed_dim"],
+        num_mask_tokens=num_mask_tokens,
+        depth=config["decoder_depth"],
+        mlp_dim=config["decoder_mlp_dim"],
+        num_heads=config["decoder_num_heads"],
+    )
 
 
 def run_two_way_transformer(

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from usam.models.prompt_free import PromptFreeSegmenter
 from usam.models.sam_parts import (
-    build_image_encoder,
-    build_mask_decoder,
     build_prompt_encoder,
+    image_encoder_of,
+    mask_decoder_of,
     mask_logits,
     run_two_way_transformer,
 )
@@ -91,17 +91,13 @@ class SAMed(PromptFreeSegmenter):
         )
         if lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-        self.image_encoder = build_image_encoder(
-            img_size=img_size, in_chans=3, embed_dim=vit_embed_dim, depth=vit_depth, num_heads=vit_num_heads,
-            global_attn_indexes=tuple(vit_global_attn_indexes), window_size=vit_window_size, out_chans=embed_dim,
-        )
+        self.image_encoder = image_encoder_of(self.config, in_chans=3)
         self.image_encoder.requires_grad_(False)
         for block in self.image_encoder.blocks:
             block.attn.qkv = LoRAQKV(block.attn.qkv, lora_rank)  # only its lora_* layers train
         self.prompt_encoder = build_prompt_encoder(embed_dim=embed_dim, img_size=img_size)
         self.prompt_encoder.no_mask_embed.requires_grad_(True)
-        self.mask_decoder = build_mask_decoder(embed_dim=embed_dim, num_mask_tokens=num_classes, depth=decoder_depth,
-                                               mlp_dim=decoder_mlp_dim, num_heads=decoder_num_heads)
+        self.mask_decoder = mask_decoder_of(self.config, num_classes)
 
     def forward(self, images: Tensor, points: Tensor | None = None, point_labels: Tensor | None = None) -> Tensor:
         """images B x 1 x S x S in [0, 1] -> B x N x S x S logits."""

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from usam.models.blocks import CNNEncoder, ConvBNReLU, TokenGrid, UpBlock, class_head
 from usam.models.prompted import PromptedSegmenter
-from usam.models.sam_parts import mask_logits
+from usam.models.sam_parts import image_encoder_of, mask_decoder_of, mask_logits
 
 DECODERS = ("class_tokens", "released")
 
@@ -62,10 +62,10 @@ class USAM(PromptedSegmenter):
         self.config = {"name": name, **self.config, "skip_connections": skip_connections, "decoder": decoder,
                        "head_bias": head_bias}
         tokens = num_classes if decoder == "class_tokens" else d // 8
-        self.mask_decoder = self.build_mask_decoder(tokens)
+        self.mask_decoder = mask_decoder_of(self.config, tokens)
         del self.mask_decoder.output_upscaling  # replaced by the UP4..UP2 path below
         self.cnn = CNNEncoder(in_channels=1, embed_dim=d, out_channels=self.config["vit_embed_dim"])
-        self.image_encoder = self.build_image_encoder(in_chans=1)
+        self.image_encoder = image_encoder_of(self.config, in_chans=1)
         self.image_encoder.patch_embed = TokenGrid()
         # skips[i] is True when UP(4 - i) concatenates f(3 - i)
         self.skips = [i < skip_connections for i in range(4)]
