@@ -62,7 +62,7 @@ def _legend(class_names: Sequence[str]) -> list[Patch]:
     return [Patch(color=class_color(c), label=name) for c, name in enumerate(class_names) if c > 0]
 
 
-def _save(figure: Figure, path: Path) -> None:
+def save_png(figure: Figure, path: Path) -> None:
     """Render to PNG through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
@@ -104,7 +104,7 @@ def save_case_grid(
         a.set_axis_off()
     figure.legend(handles=_legend(class_names), loc="lower center", ncol=len(class_names) - 1, fontsize=9)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def save_slice_overlays(
@@ -137,7 +137,7 @@ def save_slice_overlays(
         figure.legend(handles=_legend(class_names), loc="lower center", ncol=len(class_names) - 1, fontsize=9)
         figure.tight_layout(rect=(0, 0.06, 1, 1))
         path = directory / f"slice_{axis}{int(number):04d}.png"
-        _save(figure, path)
+        save_png(figure, path)
         written.append(path)
     return written
 
@@ -164,4 +164,4 @@ def save_interaction_curve(interaction: dict, class_names: Sequence[str], path: 
             ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     figure.tight_layout()
-    _save(figure, Path(path))
+    save_png(figure, Path(path))

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from care_dataset.files import atomic_file, write_text_atomic
+from care_dataset.files import write_text_atomic
 from usam import evaluate
 from usam.config import (
     RESUMABLE_CHANGES,
@@ -40,6 +39,7 @@ from usam.config import (
 from usam.models.checkpoints import read_checkpoint_config
 from usam.models.prompted import PromptedSegmenter
 from usam.models.registry import list_models, model_class
+from usam.overlays import save_png
 from usam.train import CONFIG_FILE, RUN_FILE, TRAIN_STATE_FILE, read_run_record, train
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.toml")
@@ -339,7 +339,6 @@ def table_csv(results: list[Result], plan: Plan) -> str:
 def save_chart(results: list[Result], path: Path) -> None:
     """Mean Dice per row: ours (error bar: std over seeds) beside the paper's."""
     fig = Figure(figsize=(max(6.0, 0.9 * len(results) + 2), 4.5))
-    FigureCanvasAgg(fig)
     ax = fig.subplots()
     x = np.arange(len(results))
     ours = [0.0 if math.isnan(r.mean["mean_dice"]) else r.mean["mean_dice"] for r in results]
@@ -351,8 +350,7 @@ def save_chart(results: list[Result], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------- command line

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
@@ -41,7 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from care_dataset.files import atomic_file, creation_problem, write_text_atomic
+from care_dataset.files import creation_problem, write_text_atomic
 from care_dataset.format.published import manifest_path, open_any
 from care_dataset.format.splits import carve_validation
 from usam.config import RESUMABLE_CHANGES, SELECTION_WARNING, TrainConfig, read_toml, to_toml
@@ -50,6 +49,7 @@ from usam.inference import choose_device, class_argmax
 from usam.metrics import confusion_tensor, dice_from_confusion, foreground_mean
 from usam.models.checkpoints import load_weights, read_checkpoint_config, recover_checkpoint, save_checkpoint
 from usam.models.registry import create_model, list_models, takes_option
+from usam.overlays import save_png
 
 TRAIN_STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
@@ -576,7 +576,6 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
     fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
     ax_loss, ax_dice = fig.subplots(1, 2)
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
@@ -591,8 +590,7 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     ax_dice.set_ylim(0, 1)
     ax_dice.legend()
     fig.tight_layout()
-    with atomic_file(png_path) as tmp:
-        fig.savefig(tmp, dpi=100)
+    save_png(fig, png_path)
 
 
 def checkpoint_config(config: TrainConfig, data: TrainingData, step: int, epoch: int,
