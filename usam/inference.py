@@ -4,6 +4,7 @@ the device, model input from HU slices, the forward pass in batches, labels from
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,11 +161,17 @@ def forward_logits(
     if points is not None:
         points = points.to(device, non_blocking=True)
         point_labels = point_labels.to(device, non_blocking=True)
-    with torch.inference_mode(), torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-    ):
+    with inference_context(device):
         logits = model(images, points, point_labels)
     return logits.float()
+
+
+@contextmanager
+def inference_context(device: torch.device) -> Iterator[None]:
+    """Inference mode, and bf16 autocast on CUDA."""
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        yield
 
 
 def class_argmax(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -27,8 +27,7 @@ never depend on another slice's.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -37,7 +36,14 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from usam.inference import InferenceSettings, class_argmax, iter_batches, logits_to_labels, model_input
+from usam.inference import (
+    InferenceSettings,
+    class_argmax,
+    inference_context,
+    iter_batches,
+    logits_to_labels,
+    model_input,
+)
 from usam.prompts import AXIS_NAMES, CanonicalGrid, interior_points, slots_from_clicks
 
 CLICKED = "clicked"
@@ -140,15 +146,8 @@ class FeatureCache:
         return torch.stack([self.logits[key] for key in keys])
 
     def _context(self) -> Any:
-        """Inference mode, and bf16 autocast on CUDA (as `usam.inference.forward_logits`)."""
-        return _inference(self.device)
-
-
-@contextmanager
-def _inference(device: torch.device) -> Iterator[None]:
-    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                                enabled=device.type == "cuda"):
-        yield
+        """`usam.inference.inference_context`, as `usam.inference.forward_logits` runs the model."""
+        return inference_context(self.device)
 
 
 @dataclass
