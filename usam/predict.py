@@ -294,9 +294,15 @@ def class_index(value: Any, class_names: tuple[str, ...]) -> int:
 def prompts_from_points(
     spec: Mapping[str, Any], image: sitk.Image, settings: InferenceSettings, source: str = "points"
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Positive clicks -> {canonical slice: (points K x 2 float32 model-input (x, y), labels K int64)}
-    (`clicks_from_points`; a slice holding only negative clicks is left out)."""
-    clicks = clicks_from_points(spec, image, settings, source)
+    """The points file's positive clicks as model prompts: `click_prompts` of `clicks_from_points`."""
+    return click_prompts(clicks_from_points(spec, image, settings, source), settings)
+
+
+def click_prompts(clicks: Mapping[int, SliceClicks], settings: InferenceSettings
+                  ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Positive clicks -> {canonical slice: (points K x 2 float32 model-input (x, y), labels K int64)}, the slots
+    filled as the checkpoint's prompt style says (`usam.prompts.slots_from_clicks`); a slice holding only negative
+    clicks is left out."""
     protocol = settings.protocol()
     return {s: slots_from_clicks(clicks[s].positive, settings.num_classes, settings.points_per_class, protocol)
             for s in sorted(clicks) if clicks[s].positive}
@@ -402,10 +408,7 @@ def predict_clicked(
     """
     has_negatives = any(c.negative for c in clicks.values())
     if not propagation and not has_negatives:
-        protocol = settings.protocol()
-        prompts = {s: slots_from_clicks(clicks[s].positive, settings.num_classes, settings.points_per_class,
-                                        protocol) for s in sorted(clicks)}
-        return predict_canonical(model, settings, hu, prompts, batch_size, device), None
+        return predict_canonical(model, settings, hu, click_prompts(clicks, settings), batch_size, device), None
     result = propagate(FeatureCache(model, settings, hu, device, batch_size), clicks, min_area, travel=propagation)
     return result.labels, (result if propagation else None)
 
