@@ -174,13 +174,10 @@ def _classwise_slots(label: np.ndarray, num_classes: int, k: int, rng: np.random
         return row_col, labels
     for cls in range(1, num_classes):
         region = label == cls
-        count = int(region.sum())
-        if count == 0:
+        if not region.any():
             continue
         if rng is not None:
-            flat = np.flatnonzero(region)
-            chosen = rng.choice(flat, size=k, replace=count < k)
-            picks = np.stack(np.unravel_index(chosen, label.shape), axis=1)
+            picks = _random_points(region, k, rng)
         elif placement == "raster":
             m = _candidate_count(num_classes - 1)
             picks = _group(_raster_points(region, m), num_classes - 1)[_GROUP_PICKS[k]]
