@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import DistributedSampler
 
-from usam.prompts import DEFAULT_PROTOCOL, PADDING_LABEL, PromptProtocol, sample_points
+from usam.prompts import DEFAULT_PROTOCOL, PADDING_LABEL, PromptProtocol, random_pixels, sample_points
 
 DEFAULT_WINDOW: tuple[float, float] = (-125.0, 275.0)
 MODEL_SIZE = 224
@@ -375,10 +375,8 @@ def negative_points(label: np.ndarray, count: int, rng: np.random.Generator, axi
     ring = ndimage.binary_dilation(foreground, iterations=NEGATIVE_RING) & ~foreground
     points = np.zeros((count, 2), np.float32)
     labels = np.full(count, -1, np.int64)
-    flat = np.flatnonzero(ring)
-    if len(flat):
-        chosen = rng.choice(flat, size=count, replace=len(flat) < count)
-        row_col = np.stack(np.unravel_index(chosen, label.shape), axis=1)
+    if ring.any():
+        row_col = random_pixels(ring, count, rng)
         points[:] = row_col[:, ::-1] if axis_order == "xy" else row_col
         labels[:] = 0
     return points, labels

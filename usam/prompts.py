@@ -141,7 +141,7 @@ def _raster_points(region: np.ndarray, m: int) -> np.ndarray:
     return np.stack([rows[chosen], cols[chosen]], axis=1).astype(np.int64)
 
 
-def _random_points(region: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+def random_pixels(region: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     """m uniform random (row, col) pixels of `region`, distinct unless it has fewer than m pixels."""
     flat = np.flatnonzero(region)
     chosen = rng.choice(flat, size=m, replace=len(flat) < m)
@@ -156,7 +156,7 @@ def _candidate_count(num_foreground: int) -> int:
 def _candidates(region: np.ndarray, m: int, rng: np.random.Generator | None, placement: str) -> np.ndarray:
     """m candidate (row, col) pixels of a class: random with `rng`, else placed as `placement` says."""
     if rng is not None:
-        return _random_points(region, m, rng)
+        return random_pixels(region, m, rng)
     return _raster_points(region, m) if placement == "raster" else _interior_points(region, m)
 
 
@@ -177,7 +177,7 @@ def _classwise_slots(label: np.ndarray, num_classes: int, k: int, rng: np.random
         if not region.any():
             continue
         if rng is not None:
-            picks = _random_points(region, k, rng)
+            picks = random_pixels(region, k, rng)
         elif placement == "raster":
             m = _candidate_count(num_classes - 1)
             picks = _group(_raster_points(region, m), num_classes - 1)[_GROUP_PICKS[k]]
