@@ -349,11 +349,14 @@ class SliceDataset(torch.utils.data.Dataset):
         """Neighbour prompts and prompt dropout (class docstring), class by class; `points` and `point_labels`
         change in place. Returns the target, the dropped classes set to background."""
         k = self.points_per_class
+        resampled: dict[int, np.ndarray] = {}  # each neighbour resampled once, for whichever classes draw it
         for c in range(1, self.num_classes):
             group = slice((c - 1) * k, c * k)
             if neighbours and rng.random() < self.neighbour_prompts:
-                neighbour = neighbours[int(rng.integers(len(neighbours)))]
-                region = resample_label(neighbour, matrix, self.size, self.kernel).numpy() == c
+                n = int(rng.integers(len(neighbours)))
+                if n not in resampled:
+                    resampled[n] = resample_label(neighbours[n], matrix, self.size, self.kernel).numpy()
+                region = resampled[n] == c
                 if region.any():
                     points[group], point_labels[group] = sample_points(region.astype(np.uint8), 2, k, rng,
                                                                        self.protocol)
